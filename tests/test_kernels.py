@@ -1,0 +1,213 @@
+"""kernels/cross_entropy.py against its fp32 PyTorch reference.
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 on tiny shapes. Triton reads that flag when
+@triton.jit decorates a function, which for its own library happens when triton is imported. So
+this file sets the flag before importing triton when it comes first in a CPU-only process (a CPU
+process cannot run compiled Triton anyway); when triton was imported earlier without it, or on a
+GPU machine, the CPU tests run again in a fresh interpreter process instead.
+Tolerances (relative, on the norm of the difference): fp32 loss and gradients 1e-5; bf16/fp16
+loss 1e-3 and gradients 1e-2 against the fp32 reference on the same (rounded) inputs.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels.cross_entropy as cross_entropy  # noqa: E402  (after the flag)
+
+IGNORE = -100
+IN_PROCESS = cross_entropy._interpreted() and not torch.cuda.is_available()
+interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without TRITON_INTERPRET=1; "
+                                                         "test_cpu_tests_in_a_fresh_interpreter runs these")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the CPU tests run in this process")
+def test_cpu_tests_in_a_fresh_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+@pytest.fixture
+def ce(monkeypatch):
+    """The module with small vocabulary tiles and logits chunks of a few rows, so tiny shapes still
+    cross tile and chunk boundaries (and tails) as the anchor shape does."""
+    monkeypatch.setattr(cross_entropy, "BLOCK_V", 32)
+    monkeypatch.setattr(cross_entropy, "LOGITS_CHUNK_BYTES", 5 * 64 * 4)
+    return cross_entropy
+
+
+def make_inputs(n, c, v, masked_share, dtype=torch.float32, seed=0, device="cpu"):
+    """Fresh random hidden, weight and labels; a seeded generator keeps a failure reproducible."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, c, generator=gen).to(device, dtype)
+    weight = (torch.randn(v, c, generator=gen) / c**0.5).to(device, dtype)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < masked_share] = IGNORE
+    return hidden, weight, labels.to(device)
+
+
+def loss_and_grads(loss_fn, hidden, weight, labels, scale=1.0, dtype=None):
+    """Loss and the gradients of scale * loss, with inputs optionally cast to dtype first."""
+    hidden = hidden.detach().to(dtype or hidden.dtype).requires_grad_()
+    weight = weight.detach().to(dtype or weight.dtype).requires_grad_()
+    loss = loss_fn(hidden, weight, labels, ignore_index=IGNORE)
+    (loss * scale).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def assert_rel_close(actual, expected, tol, what):
+    err = (actual.double() - expected.double()).norm()
+    assert err <= tol * expected.double().norm() + 1e-12, f"{what}: relative error {err / expected.double().norm():.2e} > {tol}"
+
+
+@interpreted
+@pytest.mark.parametrize("n, c, v, masked_share", [
+    (1, 16, 1, 0.0),     # one token, one word: the loss is exactly 0
+    (1, 16, 50, 0.0),
+    (37, 24, 257, 0.5),  # 257 words: 8 full tiles of 32 and a tail of 1
+    (37, 16, 50, 0.0),   # none masked: no compaction
+    (64, 16, 33, 0.9),
+])
+def test_fp32_matches_reference(ce, n, c, v, masked_share):
+    inputs = make_inputs(n, c, v, masked_share, seed=n * v)
+    ours = loss_and_grads(ce.fused_masked_linear_cross_entropy, *inputs)
+    ref = loss_and_grads(ce.reference_masked_linear_cross_entropy, *inputs)
+    for got, want, what in zip(ours, ref, ("loss", "grad hidden", "grad weight")):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert_rel_close(got, want, 1e-5, what)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_fp32_reference(ce, dtype):
+    hidden, weight, labels = make_inputs(37, 24, 257, 0.5, dtype=dtype, seed=1)
+    loss, grad_h, grad_w = loss_and_grads(ce.fused_masked_linear_cross_entropy, hidden, weight, labels)
+    ref = loss_and_grads(ce.reference_masked_linear_cross_entropy, hidden, weight, labels, dtype=torch.float32)
+    assert loss.dtype == torch.float32 and grad_h.dtype == grad_w.dtype == dtype
+    assert_rel_close(loss, ref[0], 1e-3, "loss")
+    assert_rel_close(grad_h, ref[1], 1e-2, "grad hidden")
+    assert_rel_close(grad_w, ref[2], 1e-2, "grad weight")
+
+
+@interpreted
+def test_all_masked_gives_zero_loss_and_zero_grads(ce):
+    hidden, weight, labels = make_inputs(7, 16, 50, 1.0)
+    loss, grad_h, grad_w = loss_and_grads(ce.fused_masked_linear_cross_entropy, hidden, weight, labels)
+    assert loss.item() == 0.0
+    assert grad_h.shape == hidden.shape and grad_w.shape == weight.shape
+    assert not grad_h.any() and not grad_w.any()
+
+
+@interpreted
+def test_masked_rows_get_zero_grad_and_int32_labels_work(ce):
+    hidden, weight, labels = make_inputs(20, 16, 50, 0.5, seed=3)
+    _, grad_h, _ = loss_and_grads(ce.fused_masked_linear_cross_entropy, hidden, weight, labels.int())
+    assert not grad_h[labels == IGNORE].any() and grad_h[labels != IGNORE].abs().sum(1).all()
+
+
+@interpreted
+def test_grad_output_scales_both_gradients(ce):
+    """Gradient accumulation: the caller multiplies the loss; backward must honour the factor."""
+    inputs = make_inputs(37, 16, 50, 0.5, seed=4)
+    _, grad_h, grad_w = loss_and_grads(ce.fused_masked_linear_cross_entropy, *inputs, scale=0.25)
+    _, ref_h, ref_w = loss_and_grads(ce.reference_masked_linear_cross_entropy, *inputs, scale=0.25)
+    assert_rel_close(grad_h, ref_h, 1e-5, "grad hidden")
+    assert_rel_close(grad_w, ref_w, 1e-5, "grad weight")
+
+
+@interpreted
+def test_frozen_weight_and_no_grad(ce):
+    hidden, weight, labels = make_inputs(9, 16, 50, 0.3, seed=5)
+    ref = ce.reference_masked_linear_cross_entropy(hidden, weight, labels)
+    with torch.no_grad():
+        assert_rel_close(ce.fused_masked_linear_cross_entropy(hidden, weight, labels), ref, 1e-5, "loss")
+    hidden.requires_grad_()
+    ce.fused_masked_linear_cross_entropy(hidden, weight, labels).backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+@interpreted
+def test_second_backward_is_refused(ce):
+    hidden, weight, labels = make_inputs(5, 16, 50, 0.0)
+    loss = ce.fused_masked_linear_cross_entropy(hidden.requires_grad_(), weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
+@interpreted
+@pytest.mark.parametrize("change, error, message", [
+    (lambda h, w, y: (h, w, torch.where(y == 0, 50, y)), ValueError, "outside"),
+    (lambda h, w, y: (h, w, torch.full_like(y, -1)), ValueError, "outside"),
+    (lambda h, w, y: (h[:, :8], w, y), ValueError, "shape"),
+    (lambda h, w, y: (h, w, y[:-1]), ValueError, "shape"),
+    (lambda h, w, y: (h[0], w, y), ValueError, "expected"),
+    (lambda h, w, y: (h, w[:0], y), ValueError, "V > 0"),
+    (lambda h, w, y: (h, w.double(), y), TypeError, "dtype"),
+    (lambda h, w, y: (h.double(), w.double(), y), TypeError, "dtype"),
+    (lambda h, w, y: (h, w, y.float()), TypeError, "int64"),
+    (lambda h, w, y: (h, w.to("meta"), y), ValueError, "device"),
+])
+def test_bad_input_raises_a_clear_error(ce, change, error, message):
+    hidden, weight, labels = make_inputs(6, 16, 50, 0.0)
+    labels[0] = 0
+    with pytest.raises(error, match=message):
+        ce.fused_masked_linear_cross_entropy(*change(hidden, weight, labels))
+
+
+@interpreted
+def test_cpu_without_interpreter_says_what_to_do(ce, monkeypatch):
+    monkeypatch.setattr(ce, "_interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA device.*TRITON_INTERPRET=1.*--kernels=torch"):
+        ce.fused_masked_linear_cross_entropy(*make_inputs(4, 16, 50, 0.0))
+
+
+@interpreted
+def test_chunk_rows_fit_the_budget_and_stay_balanced(ce):
+    anchor_row = 50304 * 2  # bf16 logits row of GPT-2's vocabulary, padded to 64
+    budget = 128 * 2**20
+    rows = ce._chunk_rows(8192, anchor_row, budget)
+    assert rows % 64 == 0 and rows * anchor_row <= budget
+    assert 8192 - (-(-8192 // rows) - 1) * rows > rows // 2  # the last chunk is not a sliver
+    assert ce._chunk_rows(3, anchor_row, 1) == 1
+
+
+# GPU: realistic shapes with the compiled kernel.
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or cross_entropy._interpreted(),
+                         reason="needs CUDA (and triton imported without TRITON_INTERPRET)")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_matches_reference(dtype):
+    inputs = make_inputs(4096, 768, 50257, 0.5, dtype=dtype, seed=6, device="cuda")
+    loss, grad_h, grad_w = loss_and_grads(cross_entropy.fused_masked_linear_cross_entropy, *inputs)
+    ref = loss_and_grads(cross_entropy.reference_masked_linear_cross_entropy, *inputs, dtype=torch.float32)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_rel_close(loss, ref[0], min(tol, 1e-3), "loss")
+    assert_rel_close(grad_h, ref[1], tol, "grad hidden")
+    assert_rel_close(grad_w, ref[2], tol, "grad weight")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_anchor_shape_peak_memory():
+    """The target: at most 256 MiB extra at 16,384 x 768 x 50,257, bf16, half masked."""
+    hidden, weight, labels = make_inputs(16384, 768, 50257, 0.5, dtype=torch.bfloat16, device="cuda")
+    hidden.requires_grad_(), weight.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    cross_entropy.fused_masked_linear_cross_entropy(hidden, weight, labels).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 256 * 2**20, f"peak extra memory {extra / 2**20:.0f} MiB"
