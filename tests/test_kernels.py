@@ -97,6 +97,19 @@ def test_half_precision_matches_fp32_reference(ce, dtype):
 
 
 @interpreted
+def test_autocast_runs_in_its_dtype_and_returns_fp32_grads(ce):
+    inputs = make_inputs(37, 16, 50, 0.5, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grad_h, grad_w = loss_and_grads(ce.fused_masked_linear_cross_entropy, *inputs)
+    ref = loss_and_grads(ce.reference_masked_linear_cross_entropy, *inputs, dtype=torch.float32)
+    exact = loss_and_grads(ce.fused_masked_linear_cross_entropy, *inputs)
+    assert grad_h.dtype == grad_w.dtype == torch.float32 and loss.item() != exact[0].item()  # bf16 inside
+    assert_rel_close(loss, ref[0], 1e-3, "loss")
+    assert_rel_close(grad_h, ref[1], 1e-2, "grad hidden")
+    assert_rel_close(grad_w, ref[2], 1e-2, "grad weight")
+
+
+@interpreted
 def test_all_masked_gives_zero_loss_and_zero_grads(ce):
     hidden, weight, labels = make_inputs(7, 16, 50, 1.0)
     loss, grad_h, grad_w = loss_and_grads(ce.fused_masked_linear_cross_entropy, hidden, weight, labels)
@@ -204,6 +217,8 @@ def test_gpu_anchor_shape_peak_memory():
     """The target: at most 256 MiB extra at 16,384 x 768 x 50,257, bf16, half masked."""
     hidden, weight, labels = make_inputs(16384, 768, 50257, 0.5, dtype=torch.bfloat16, device="cuda")
     hidden.requires_grad_(), weight.requires_grad_()
+    cross_entropy.fused_masked_linear_cross_entropy(hidden, weight, labels).backward()  # compile, cuBLAS workspace
+    hidden.grad = weight.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
