@@ -148,10 +148,11 @@ class _FusedMaskedLinearCrossEntropy(torch.autograd.Function):
     """Gradients come from the forward and backward scales them in place, so backward runs once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_bytes, block_v):
+    def forward(ctx, hidden, weight, labels, ignore_index, grad_enabled, chunk_bytes, block_v):
         rows, n_kept = _kept_rows(labels, weight.shape[0], ignore_index)
         ctx.n_kept, ctx.rows, ctx.hidden_shape = n_kept, rows, hidden.shape
-        need_grad_h, need_grad_w = ctx.needs_input_grad[:2]
+        # needs_input_grad stays True under torch.no_grad; eval must not pay for gradients.
+        need_grad_h, need_grad_w = [grad_enabled and need for need in ctx.needs_input_grad[:2]]
         if n_kept == 0:
             ctx.grads = (hidden.new_zeros(0, hidden.shape[1]) if need_grad_h else None,
                          torch.zeros_like(weight) if need_grad_w else None)
@@ -176,7 +177,7 @@ class _FusedMaskedLinearCrossEntropy(torch.autograd.Function):
                 grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, ctx.rows, grad_hidden)
         if grad_w is not None:
             grad_weight = grad_w.mul_(scale)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def _autocast(hidden, weight):
@@ -201,4 +202,5 @@ def fused_masked_linear_cross_entropy(hidden, weight, labels, ignore_index=-100)
     """
     hidden, weight = _autocast(hidden, weight)
     _check_inputs(hidden, weight, labels)
-    return _FusedMaskedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, LOGITS_CHUNK_BYTES, BLOCK_V)
+    return _FusedMaskedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, torch.is_grad_enabled(),
+                                                LOGITS_CHUNK_BYTES, BLOCK_V)

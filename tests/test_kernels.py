@@ -136,14 +136,21 @@ def test_grad_output_scales_both_gradients(ce):
 
 
 @interpreted
-def test_frozen_weight_and_no_grad(ce):
+def test_frozen_weight_and_no_grad(ce, monkeypatch):
+    """Evaluation (no_grad) and a frozen head must not pay for the gradients they do not need."""
     hidden, weight, labels = make_inputs(9, 16, 50, 0.3, seed=5)
     ref = ce.reference_masked_linear_cross_entropy(hidden, weight, labels)
+    needed = []
+    compute = ce._loss_and_grads
+    monkeypatch.setattr(ce, "_loss_and_grads", lambda h, w, y, need_h, need_w, *rest: (
+        needed.append((need_h, need_w)) or compute(h, w, y, need_h, need_w, *rest)))
+    hidden.requires_grad_(), weight.requires_grad_()
     with torch.no_grad():
         assert_rel_close(ce.fused_masked_linear_cross_entropy(hidden, weight, labels), ref, 1e-5, "loss")
-    hidden.requires_grad_()
+    weight.requires_grad_(False)
     ce.fused_masked_linear_cross_entropy(hidden, weight, labels).backward()
     assert hidden.grad is not None and weight.grad is None
+    assert needed == [(False, False), (True, False)]
 
 
 @interpreted
