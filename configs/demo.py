@@ -1,0 +1,19 @@
+# The demo: a tiny GPT learns the built-in synthetic instruction tasks from scratch on a CPU.
+#   torchrun --nproc_per_node=2 train_sft.py configs/demo.py
+data_path = "demo"
+tokenizer = "byte"
+max_seq_len = 64
+n_layer = 4
+n_head = 4
+n_embd = 128
+batch_size = 32
+gradient_accumulation_steps = 1
+learning_rate = 3e-3
+warmup_steps = 50
+lr_scheduler = "cosine"
+min_lr_ratio = 0.1
+max_steps = 1500
+log_interval = 100
+eval_interval = 500
+eval_exact_match = 500
+output_dir = "out/demo"

@@ -1,0 +1,195 @@
+"""The trainer end to end: options, distributed equivalence, resume, precision safeguards, export.
+
+Runs train_sft.py as a real process (python or torchrun with gloo) on a tiny model and a small
+JSONL file, and reads metrics.jsonl."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_seq_len=48", "--batch_size=4",
+        "--learning_rate=3e-3", "--log_interval=1", "--seed=7"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Reverse-a-word pairs: small, varied lengths, so batches carry different padding."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for _ in range(240):
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
+            f.write(json.dumps({"prompt": f"reverse {word}", "response": word[::-1]}) + "\n")
+    return str(path)
+
+
+def run(args, tmp_path, nproc=1, check=True):
+    """Runs the trainer in a fresh process; returns the completed process."""
+    cache = ["--cache_dir=" + str(tmp_path / "cache")] if not any(a.startswith("--cache_dir") for a in args) else []
+    if nproc == 1:
+        cmd = [sys.executable, "train_sft.py"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train_sft.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd + TINY + cache + list(args), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_sft.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_sft.parse_options(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name, (default, _) in train_sft.OPTIONS.items():
+        assert f"--{name}" in text and repr(default) in text
+
+
+def test_options_are_typed_and_named_in_errors(tmp_path):
+    cfg, explicit = train_sft.parse_options(["--max_steps=5", "--compile", "--packing=false", "--learning_rate=1"])
+    assert cfg["max_steps"] == 5 and cfg["compile"] is True and cfg["packing"] is False
+    assert cfg["learning_rate"] == 1.0 and explicit == {"max_steps", "compile", "packing", "learning_rate"}
+    bad = {"--max_step=5": "unknown option --max_step", "--max_steps=five": "--max_steps must be int",
+           "--compile=maybe": "--compile must be true or false", "--dtype=fp8": "--dtype must be one of",
+           "--batch_size": "--batch_size needs a value"}
+    for arg, message in bad.items():
+        with pytest.raises(train_sft.OptionError, match=message):
+            train_sft.parse_options([arg])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(train_sft.OptionError, match="nope.py does not exist"):
+        train_sft.parse_options([str(tmp_path / "nope.py")])
+    broken = tmp_path / "broken.py"
+    broken.write_text("n_layer = (\n")
+    with pytest.raises(train_sft.OptionError, match="broken.py failed to run: SyntaxError"):
+        train_sft.parse_options([str(broken)])
+    unknown = tmp_path / "unknown.py"
+    unknown.write_text("n_layers = 3\n")
+    with pytest.raises(train_sft.OptionError, match="unknown.py sets unknown option 'n_layers'"):
+        train_sft.parse_options([str(unknown)])
+    typed = tmp_path / "typed.py"
+    typed.write_text("n_layer = 'three'\n")
+    with pytest.raises(train_sft.OptionError, match="typed.py: --n_layer must be int"):
+        train_sft.parse_options([str(typed)])
+    good = tmp_path / "good.py"
+    good.write_text("import math\nn_layer = 3\nlearning_rate = math.sqrt(4e-8)\n")
+    cfg, explicit = train_sft.parse_options([str(good), "--n_layer=5"])
+    assert cfg["n_layer"] == 5 and cfg["learning_rate"] == pytest.approx(2e-4) and "learning_rate" in explicit
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, data_file):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = run([f"--data_path={data_file}", f"--output_dir={blocker}/run"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert f"--output_dir={blocker}/run cannot be written" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_lr_schedule_shapes():
+    cfg = {"warmup_steps": 10, "lr_scheduler": "cosine", "min_lr_ratio": 0.1}
+    assert train_sft.lr_multiplier(0, cfg, 110) == pytest.approx(0.1)
+    assert train_sft.lr_multiplier(9, cfg, 110) == pytest.approx(1.0)
+    assert train_sft.lr_multiplier(60, cfg, 110) == pytest.approx(0.55)
+    assert train_sft.lr_multiplier(110, cfg, 110) == pytest.approx(0.1)
+    assert train_sft.lr_multiplier(60, dict(cfg, lr_scheduler="linear"), 110) == pytest.approx(0.55)
+    assert train_sft.lr_multiplier(60, dict(cfg, lr_scheduler="constant"), 110) == 1.0
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path, data_file):
+    """2 ranks x accumulation 2 see the same micro-batches as 1 rank x accumulation 4."""
+    common = [f"--data_path={data_file}", "--max_steps=4", "--dropout=0.0"]
+    run(common + ["--gradient_accumulation_steps=4", f"--output_dir={tmp_path}/one"], tmp_path)
+    run(common + ["--gradient_accumulation_steps=2", f"--output_dir={tmp_path}/two"], tmp_path, nproc=2)
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(one) == [1, 2, 3, 4] and sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
+    assert one[4] < one[1]  # it trained
+
+
+def test_resume_gives_the_uninterrupted_losses(tmp_path, data_file):
+    common = [f"--data_path={data_file}", "--max_steps=6", "--dropout=0.1", "--checkpoint_interval=3",
+              "--keep_checkpoints=5", "--eval_exact_match=4"]
+    full = tmp_path / "full"
+    run(common + [f"--output_dir={full}"], tmp_path)
+    assert sorted(os.listdir(full)) == ["ckpt-00000003.pt", "ckpt-00000006.pt", "hf", "metrics.jsonl"]
+    # Interrupted after step 3: a run directory holding only what existed then.
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "ckpt-00000003.pt", part)
+    with open(full / "metrics.jsonl") as f, open(part / "metrics.jsonl", "w") as g:
+        g.writelines(line for line in f if json.loads(line)["step"] <= 3)
+    proc = run(["--resume", f"--output_dir={part}"], tmp_path)
+    assert "resumed from" in proc.stdout
+    full_losses, resumed = train_losses(full), train_losses(part)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert all(resumed[s] == full_losses[s] for s in (4, 5, 6)), (resumed, full_losses)
+    # The exported model is the same as the uninterrupted run's.
+    from safetensors.torch import load_file
+    a, b = load_file(full / "hf" / "model.safetensors"), load_file(part / "hf" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_model(tmp_path, data_file):
+    out = tmp_path / "run"
+    run([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={out}"], tmp_path)
+    proc = run(["--resume", "--n_layer=3", f"--output_dir={out}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "has n_layer=2 but n_layer=3 was requested" in proc.stderr
+    proc = run([f"--init_from={out}", "--n_embd=64", f"--data_path={data_file}", f"--output_dir={tmp_path}/b"],
+               tmp_path, check=False)
+    assert proc.returncode == 2 and "has n_embd=32 but n_embd=64 was requested" in proc.stderr
+
+
+def test_float16_skips_overflowing_steps(tmp_path, data_file):
+    proc = run([f"--data_path={data_file}", "--max_steps=3", "--dtype=float16", "--initial_scale_power=60",
+                f"--output_dir={tmp_path}/fp16"], tmp_path)
+    assert "gradient overflow in float16, optimizer step skipped" in proc.stdout
+
+
+def test_nonfinite_loss_stops_the_run(tmp_path, data_file):
+    good = tmp_path / "good"
+    run([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={good}"], tmp_path)
+    checkpoint = torch.load(good / "ckpt-00000001.pt", weights_only=False)
+    checkpoint["model"]["transformer.ln_f.weight"].fill_(float("nan"))
+    torch.save(checkpoint, tmp_path / "broken.pt")
+    proc = run([f"--init_from={tmp_path}/broken.pt", f"--data_path={data_file}", "--max_steps=10",
+                "--max_nonfinite_steps=2", f"--output_dir={tmp_path}/nan"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "loss was NaN/Inf for 2 steps in a row" in proc.stderr
+
+
+def test_lora_trains_only_the_factors(tmp_path, data_file):
+    out = tmp_path / "lora"
+    run([f"--data_path={data_file}", "--max_steps=2", "--lora_dim=4", "--only_optimize_lora",
+         "--learning_rate=1e-2", f"--output_dir={out}"], tmp_path)
+    state = torch.load(out / "ckpt-00000002.pt", weights_only=False)
+    trained = state["optimizer"]["state"]
+    n_lora = sum(1 for k in state["model"] if "lora_" in k)
+    assert n_lora > 0 and len(trained) == n_lora

@@ -1,0 +1,661 @@
+"""
+Supervised fine-tuning (SFT) of a GPT on prompt/response pairs: step 1 of the DeepSpeed-Chat
+recipe in one file that reads top to bottom.
+
+    python train_sft.py [config.py] [--key=value ...]
+    torchrun --nproc_per_node=2 train_sft.py configs/demo.py
+    python train_sft.py --help
+
+Order of business: options -> distributed setup -> data -> model -> optimizer -> training loop
+(with eval and checkpoints) -> final eval and export. Loss is token-weighted over the whole
+optimizer step, across micro-batches and ranks, so a run's numbers do not depend on how the
+batch is split.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import Batches, get_tokenizer, prepare_data
+from model import GPT, GPTConfig, apply_lora, merge_lora, only_optimize_lora
+
+# -----------------------------------------------------------------------------
+# Options: name -> (default, meaning). A config file (python) may set any of them, then
+# --key=value on the command line overrides. Types follow the defaults.
+OPTIONS = {
+    # data
+    "data_path": ("demo", "comma-separated JSON/JSONL files, each optionally path:weight; 'demo' = built-in task"),
+    "eval_data_path": ("", "explicit eval file; empty = split off data_split's eval share"),
+    "data_split": ("98,2", "train,eval proportions when there is no eval_data_path"),
+    "data_format": ("auto", "auto | prompt_response | prompt_chosen | messages"),
+    "tokenizer": ("gpt2", "gpt2 | byte (256 byte tokens, for tiny CPU runs)"),
+    "max_seq_len": (512, "most tokens in one sample, end-of-text included"),
+    "truncate_prompt": (False, "cut over-long prompts from the left instead of dropping the sample"),
+    "loss_on_prompt": (False, "train on prompt tokens too (DeepSpeed-Chat's behaviour, for comparison)"),
+    "skip_bad_rows": (False, "skip and count malformed rows instead of stopping"),
+    "packing": (False, "pack several samples per row (no attention between them) instead of padding"),
+    "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),
+    # model
+    "init_from": ("scratch", "scratch | a Hugging Face GPT-2 directory | a checkpoint file or run directory"),
+    "n_layer": (12, "layers (scratch only)"),
+    "n_head": (12, "attention heads (scratch only)"),
+    "n_embd": (768, "width (scratch only)"),
+    "bias": (True, "biases in Linear and LayerNorm (scratch only)"),
+    "attn_window": (0, "0 = full causal attention; w > 0 = attend to the last w positions only"),
+    "dropout": (0.0, "dropout probability"),
+    "gradient_checkpointing": (False, "recompute each block's activations in the backward to save memory"),
+    "lora_dim": (0, "LoRA rank; 0 = no LoRA"),
+    "lora_scaling": (1.0, "LoRA output scale numerator (delta is scaled by lora_scaling / lora_dim)"),
+    "lora_module_name": ("h.", "LoRA wraps Linear layers whose name contains this (comma-separated patterns)"),
+    "only_optimize_lora": (False, "train the LoRA factors only; the base weights stay frozen"),
+    "kernels": ("torch", "loss implementation: torch | triton (fused masked linear + cross-entropy, CUDA)"),
+    # optimization
+    "batch_size": (8, "micro-batch size per device"),
+    "gradient_accumulation_steps": (1, "micro-batches per optimizer step on each device"),
+    "learning_rate": (1e-4, "peak learning rate"),
+    "lora_learning_rate": (0.0, "learning rate of the LoRA factors; 0 = learning_rate"),
+    "weight_decay": (0.0, "AdamW weight decay, applied to matrices only"),
+    "beta1": (0.9, "AdamW beta1"),
+    "beta2": (0.95, "AdamW beta2"),
+    "grad_clip": (1.0, "clip the global gradient norm to this; 0 = off"),
+    "lr_scheduler": ("cosine", "cosine | linear | constant, after warmup"),
+    "warmup_steps": (0, "optimizer steps of linear warmup"),
+    "min_lr_ratio": (0.0, "cosine and linear decay end at learning_rate * min_lr_ratio"),
+    "num_train_epochs": (1, "epochs, when max_steps is 0"),
+    "max_steps": (0, "optimizer steps; 0 = derive from num_train_epochs"),
+    "neftune_alpha": (0.0, "NEFTune noise on token embeddings during training; 0 = off"),
+    # system
+    "device": ("auto", "auto | cpu | cuda"),
+    "dtype": ("float32", "float32 | bfloat16 | float16 (float16 uses dynamic loss scaling)"),
+    "initial_scale_power": (16, "float16: the loss scale starts at 2**initial_scale_power"),
+    "max_nonfinite_steps": (3, "stop after this many optimizer steps in a row with a NaN/Inf loss"),
+    "compile": (False, "torch.compile the model"),
+    "seed": (1337, "random seed (model init, data order, dropout)"),
+    # logging, eval, checkpoints
+    "output_dir": ("out", "checkpoints, metrics.jsonl and the exported Hugging Face model"),
+    "resume": (False, "continue the run in output_dir from its latest checkpoint"),
+    "log_interval": (10, "optimizer steps between log lines"),
+    "eval_interval": (0, "optimizer steps between evals; 0 = only at the end"),
+    "eval_exact_match": (0, "eval: greedy-generate this many eval responses and score exact match; 0 = off"),
+    "checkpoint_interval": (0, "optimizer steps between checkpoints; 0 = only at the end"),
+    "keep_checkpoints": (2, "how many of the latest checkpoints to keep in output_dir"),
+    "tensorboard": (False, "also log to TensorBoard in output_dir/tensorboard (needs the tensorboard package)"),
+}
+CHOICES = {
+    "data_format": ("auto", "prompt_response", "prompt_chosen", "messages"),
+    "tokenizer": ("gpt2", "byte"),
+    "kernels": ("torch", "triton"),
+    "lr_scheduler": ("cosine", "linear", "constant"),
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("float32", "bfloat16", "float16"),
+}
+# Options that shape the model: a checkpoint to start from must agree with them.
+MODEL_OPTIONS = ("tokenizer", "n_layer", "n_head", "n_embd", "bias", "lora_dim", "lora_scaling", "lora_module_name")
+# Options that a resumed run may change; every other one is the checkpoint's.
+RESUME_MAY_CHANGE = ("resume", "max_steps", "num_train_epochs", "log_interval", "eval_interval", "eval_exact_match",
+                     "checkpoint_interval", "keep_checkpoints", "tensorboard", "device", "compile", "kernels",
+                     "output_dir", "cache_dir")
+
+
+class OptionError(ValueError):
+    """A bad option, config file or output directory: the message says which and why."""
+
+
+def usage():
+    lines = [__doc__.strip(), "", "Options (--key=value; booleans also as --key):"]
+    for name, (default, meaning) in OPTIONS.items():
+        lines.append(f"  --{name:<28} {meaning} [default: {default!r}]")
+    return "\n".join(lines)
+
+
+def convert(name, value, source):
+    """Turns a string or config-file value into the type of the option's default."""
+    default = OPTIONS[name][0]
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise OptionError(f"{source}: --{name} must be true or false, got {value!r}")
+    if isinstance(default, (int, float)) and isinstance(value, str):
+        try:
+            value = type(default)(value)
+        except ValueError:
+            raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}") from None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(default):
+        raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise OptionError(f"{source}: --{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    return value
+
+
+def parse_options(argv):
+    """Defaults, then an optional python config file, then --key=value overrides.
+
+    Returns (options as a dict, the names set explicitly by a file or the command line)."""
+    cfg = {name: default for name, (default, _) in OPTIONS.items()}
+    explicit = set()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage())
+            sys.exit(0)
+        if not arg.startswith("--"):
+            for name, value in read_config_file(arg).items():
+                cfg[name] = convert(name, value, arg)
+                explicit.add(name)
+            continue
+        name, has_value, value = arg[2:].partition("=")
+        if name not in OPTIONS:
+            raise OptionError(f"unknown option --{name} (python train_sft.py --help lists them)")
+        if not has_value:
+            if not isinstance(OPTIONS[name][0], bool):
+                raise OptionError(f"--{name} needs a value: --{name}=...")
+            value = "true"
+        cfg[name] = convert(name, value, "command line")
+        explicit.add(name)
+    return cfg, explicit
+
+
+def read_config_file(path):
+    """Runs a python config file and returns the options it assigns; any other name is an error."""
+    if not os.path.isfile(path):
+        raise OptionError(f"config file {path} does not exist")
+    scope = {}
+    try:
+        exec(compile(open(path).read(), path, "exec"), scope)
+    except Exception as e:
+        raise OptionError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
+    values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
+              and not isinstance(v, type(os))}
+    for name in values:
+        if name not in OPTIONS:
+            raise OptionError(f"config file {path} sets unknown option {name!r}")
+    return values
+
+
+# -----------------------------------------------------------------------------
+# Setup: distributed, device, precision, output directory
+
+
+def setup_distributed(cfg):
+    """Initialises torch.distributed when launched by torchrun; returns (rank, local_rank, world_size, device)."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
+                               (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device=cuda but no CUDA device is available")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        # torchrun sets OMP_NUM_THREADS=1; otherwise share the cores between local processes.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, local_rank, world, device
+
+
+def check_output_dir(path):
+    """Fails before training, not after an hour of it, when the output directory is not writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OptionError(f"--output_dir={path} cannot be written: {e.strerror}") from None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Model and optimizer
+
+
+def find_checkpoint(path):
+    """A checkpoint file, or the latest ckpt-*.pt inside a run directory; None if there is none."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.startswith("ckpt-") and n.endswith(".pt"))
+        return os.path.join(path, names[-1]) if names else None
+    return path if os.path.isfile(path) else None
+
+
+def adopt_checkpoint_options(cfg, explicit, saved, path, names):
+    """A checkpoint fixes these options: requested values must agree with it, the rest are taken from it."""
+    for name in names:
+        if name in explicit and cfg[name] != saved[name]:
+            raise OptionError(f"checkpoint {path} has {name}={saved[name]!r} but {name}={cfg[name]!r} was "
+                              f"requested (to put new LoRA on a trained model, start from its hf/ export)")
+        cfg[name] = saved[name]
+
+
+def build_model(cfg, vocab_size, checkpoint):
+    """A checkpoint (its own config), a Hugging Face GPT-2 directory, or scratch; then LoRA."""
+    if checkpoint is not None:
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        if cfg["lora_dim"]:
+            add_lora(model, cfg)
+        model.load_state_dict(checkpoint["model"])
+        return model
+    if cfg["init_from"] == "scratch":
+        model = GPT(GPTConfig(block_size=cfg["max_seq_len"], vocab_size=vocab_size, n_layer=cfg["n_layer"],
+                              n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
+                              bias=cfg["bias"], attn_window=cfg["attn_window"],
+                              gradient_checkpointing=cfg["gradient_checkpointing"]))
+    else:
+        model = GPT.from_pretrained(cfg["init_from"], dropout=cfg["dropout"], attn_window=cfg["attn_window"],
+                                    gradient_checkpointing=cfg["gradient_checkpointing"])
+        if model.config.vocab_size < vocab_size:
+            raise OptionError(f"--init_from={cfg['init_from']} has vocab_size {model.config.vocab_size}, "
+                              f"smaller than tokenizer {cfg['tokenizer']}'s {vocab_size}")
+    if cfg["lora_dim"]:
+        add_lora(model, cfg)
+    return model
+
+
+def add_lora(model, options):
+    wrapped = apply_lora(model, options["lora_dim"], lora_scaling=options["lora_scaling"],
+                         module_name=options["lora_module_name"])
+    if wrapped == 0:
+        raise OptionError(f"--lora_module_name={options['lora_module_name']!r} matches no Linear layer")
+
+
+def make_optimizer(model, cfg, fused):
+    """AdamW; weight decay on matrices only; LoRA factors may have their own learning rate."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_lora = "lora_" in name
+        lr = cfg["lora_learning_rate"] if is_lora and cfg["lora_learning_rate"] > 0 else cfg["learning_rate"]
+        decay = cfg["weight_decay"] if p.dim() >= 2 else 0.0
+        groups.setdefault((lr, decay), []).append(p)
+    param_groups = [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
+
+
+def lr_multiplier(step, cfg, total_steps):
+    """Linear warmup, then cosine, linear or constant down to min_lr_ratio (step counts from 0)."""
+    if step < cfg["warmup_steps"]:
+        return (step + 1) / cfg["warmup_steps"]
+    if cfg["lr_scheduler"] == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, total_steps - cfg["warmup_steps"]))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg["lr_scheduler"] == "cosine" else 1 - progress
+    return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * shape
+
+
+def add_neftune_noise(model, alpha):
+    """NEFTune: uniform noise of scale alpha / sqrt(T * C) on the token embeddings while training."""
+    def hook(module, inputs, output):
+        if module.training:
+            scale = alpha / math.sqrt(output.size(-2) * output.size(-1))
+            output = output + torch.empty_like(output).uniform_(-scale, scale)
+        return output
+    model.transformer.wte.register_forward_hook(hook)
+
+
+def peak_flops(device):
+    """Dense bf16 peak of known GPUs, for MFU; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12)):
+        if key in name:
+            return flops
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Eval
+
+
+@torch.no_grad()
+def evaluate(model, eval_set, cfg, device, autocast, rank, world):
+    """Token-weighted loss over the whole eval set (every rank takes every world-th sample)."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    indices = list(range(rank, len(eval_set), world))
+    for start in range(0, len(indices), cfg["batch_size"]):
+        idx, labels = pad_batch([eval_set[i] for i in indices[start:start + cfg["batch_size"]]], device)
+        n = (labels != -100).sum()
+        if n == 0:
+            continue
+        with autocast:
+            loss = model(idx, labels)
+        loss_sum += loss.double() * n
+        tokens += n
+    stats = torch.stack([loss_sum, tokens])
+    if world > 1:
+        dist.all_reduce(stats)
+    model.train()
+    loss = (stats[0] / stats[1].clamp(min=1)).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(stats[1].item())}
+
+
+def pad_batch(samples, device):
+    """Right-pads (input_ids, labels) pairs into (B, T) tensors; padding is never trained."""
+    width = max(len(x) for x, _ in samples)
+    idx = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full((len(samples), width), -100, dtype=torch.long)
+    for row, (x, y) in enumerate(samples):
+        idx[row, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+        labels[row, :len(y)] = torch.as_tensor(y, dtype=torch.long)
+    return idx.to(device), labels.to(device)
+
+
+@torch.no_grad()
+def exact_match(model, eval_set, count, eot, device, autocast, rank, world):
+    """Share of eval prompts whose greedy continuation equals the reference response exactly."""
+    model.eval()
+    indices = list(range(min(count, len(eval_set))))[rank::world]
+    hits = torch.zeros(2, dtype=torch.float64, device=device)
+    for start in range(0, len(indices), 64):
+        pairs = [eval_set.prompt_and_response(i) for i in indices[start:start + 64]]
+        with autocast:
+            outputs = model.generate([p for p, _ in pairs], max_new_tokens=max(len(r) for _, r in pairs),
+                                     temperature=0.0, eos_id=eot)
+        for (_, reference), out in zip(pairs, outputs):
+            hits[0] += float(out + [eot] == reference)
+        hits[1] += len(pairs)
+    if world > 1:
+        dist.all_reduce(hits)
+    model.train()
+    return {"exact_match": (hits[0] / hits[1].clamp(min=1)).item()}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and logs
+
+
+def save_checkpoint(output_dir, step, state, keep):
+    """Atomic (a temporary file, then a rename): a crash never leaves a half-written checkpoint.
+    Keeps the latest `keep` checkpoints."""
+    path = os.path.join(output_dir, f"ckpt-{step:08d}.pt")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    old = sorted(n for n in os.listdir(output_dir) if n.startswith("ckpt-") and n.endswith(".pt"))[:-keep]
+    for name in old:
+        os.remove(os.path.join(output_dir, name))
+    return path
+
+
+def load_checkpoint(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise OptionError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+    state["path"] = path
+    return state
+
+
+class MetricsLog:
+    """One JSON object per line in output_dir/metrics.jsonl (appended across resumes), and TensorBoard."""
+
+    def __init__(self, output_dir, tensorboard):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise OptionError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+
+def export_hf(model, cfg, output_dir):
+    """The final model in Hugging Face GPT-2 format (LoRA merged), plus what sample.py needs to chat."""
+    hf_dir = os.path.join(output_dir, "hf")
+    model.save_pretrained(hf_dir)
+    with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
+        json.dump({"tokenizer": cfg["tokenizer"]}, f, indent=1)
+    return hf_dir
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def main(argv):
+    cfg, explicit = parse_options(argv)
+    rank, local_rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    check_output_dir(cfg["output_dir"])
+
+    # A checkpoint to resume (the whole run's state) or to start from (the model's shape and weights).
+    checkpoint = None
+    if cfg["resume"]:
+        path = find_checkpoint(cfg["output_dir"])
+        if path is None:
+            raise OptionError(f"--resume: no ckpt-*.pt checkpoint in --output_dir={cfg['output_dir']}")
+        checkpoint = load_checkpoint(path)
+        names = [n for n in OPTIONS if n not in RESUME_MAY_CHANGE]
+        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, names)
+    elif cfg["init_from"] != "scratch" and not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):
+        path = find_checkpoint(cfg["init_from"])
+        if path is None:
+            raise OptionError(f"--init_from={cfg['init_from']}: neither a Hugging Face GPT-2 directory "
+                              f"(config.json) nor a checkpoint")
+        checkpoint = load_checkpoint(path)
+        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, MODEL_OPTIONS)
+    seed_everything(cfg["seed"])
+
+    # Data: tokenized once per machine and cached; every rank draws its own micro-batches.
+    tokenizer = get_tokenizer(cfg["tokenizer"])
+    train_set, eval_set = prepare_data(
+        cfg["data_path"], cfg["tokenizer"], cfg["max_seq_len"], eval_data_path=cfg["eval_data_path"],
+        data_split=cfg["data_split"], data_format=cfg["data_format"], loss_on_prompt=cfg["loss_on_prompt"],
+        truncate_prompt=cfg["truncate_prompt"], skip_bad_rows=cfg["skip_bad_rows"], seed=cfg["seed"],
+        cache_dir=cfg["cache_dir"], log=log)
+    batches = Batches(train_set, cfg["batch_size"], rank=rank, world_size=world, seed=cfg["seed"],
+                      packing=cfg["packing"])
+    accum = cfg["gradient_accumulation_steps"]
+    total_steps = cfg["max_steps"] or cfg["num_train_epochs"] * batches.batches_per_epoch // accum
+    if total_steps < 1:
+        raise OptionError(f"{len(train_set)} training samples make no full optimizer step of "
+                          f"{world} ranks x {accum} micro-batches x {cfg['batch_size']}")
+
+    # Model: padded vocabulary (a multiple of 64 runs faster), LoRA, precision, the loss kernel.
+    vocab_size = -(-tokenizer.n_vocab // 64) * 64
+    model = build_model(cfg, vocab_size, checkpoint)
+    if cfg["only_optimize_lora"]:
+        if not cfg["lora_dim"]:
+            raise OptionError("--only_optimize_lora needs --lora_dim > 0")
+        only_optimize_lora(model)
+    if cfg["kernels"] == "triton":
+        if device.type != "cuda":
+            raise OptionError("--kernels=triton needs a CUDA device; use --kernels=torch on CPU")
+        from kernels import fused_masked_linear_cross_entropy
+        model.loss_fn = fused_masked_linear_cross_entropy
+    if cfg["neftune_alpha"] > 0:
+        add_neftune_noise(model, cfg["neftune_alpha"])
+    model.to(device)
+    raw_model = model
+    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
+    dtype = getattr(torch, cfg["dtype"])
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** cfg["initial_scale_power"],
+                                  enabled=dtype == torch.float16)
+    step = 0
+    if cfg["resume"]:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        batches.load_state_dict(checkpoint["batches"])
+        set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
+        step = checkpoint["step"]
+        log(f"resumed from {checkpoint['path']} at step {step}")
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    checkpoint = None  # free the host memory it holds
+
+    n_params = raw_model.num_params()
+    flops_per_token = raw_model.flops_per_token(cfg["max_seq_len"])
+    peak = peak_flops(device)
+    log(f"model: {n_params / 1e6:.2f}M parameters, {sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trained; "
+        f"{world} rank(s) x {accum} x {cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}")
+    metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"]) if master else None
+
+    def run_eval():
+        result = evaluate(raw_model, eval_set, cfg, device, autocast, rank, world)
+        if cfg["eval_exact_match"]:
+            result |= exact_match(raw_model, eval_set, cfg["eval_exact_match"], tokenizer.eot_token, device,
+                                  autocast, rank, world)
+        if master:
+            metrics.write({"step": step, **result})
+            log(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return result
+
+    def checkpoint_now():
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if master:
+            path = save_checkpoint(cfg["output_dir"], step, {
+                "step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "batches": batches.state_dict(), "rng": rngs,
+                "options": cfg, "model_config": vars(raw_model.config).copy()}, cfg["keep_checkpoints"])
+            tqdm.write(f"checkpoint step {step} -> {path}")
+
+    progress = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="sft")
+    nonfinite_in_a_row = 0
+    window_tokens, window_start = 0, time.perf_counter()
+    while step < total_steps:
+        # Fetch the step's micro-batches first: the loss is normalised by the trained tokens of the
+        # whole step on all ranks, so splitting a batch differently cannot change the result.
+        micro = [batches.next_batch() for _ in range(accum)]
+        trained = torch.tensor(float(sum((b["labels"] != -100).sum().item() for b in micro)), device=device)
+        if world > 1:
+            dist.all_reduce(trained)
+        trained = trained.clamp(min=1)
+
+        lr = cfg["learning_rate"] * lr_multiplier(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr / cfg["learning_rate"]
+        step_loss = torch.zeros((), device=device)
+        for i, b in enumerate(micro):
+            idx, labels = b["input_ids"].to(device), b["labels"].to(device)
+            segments = b["segment_ids"].to(device) if b["segment_ids"] is not None else None
+            # DDP averages gradients over ranks; the loss weight undoes that and applies the token share.
+            weight = (labels != -100).sum() * world / trained
+            sync = i == accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                loss = model(idx, labels, segment_ids=segments)
+            scaler.scale(loss * weight).backward()
+            step_loss += loss.detach().float() * weight / world
+            window_tokens += idx.numel() * world
+        if world > 1:
+            dist.all_reduce(step_loss)
+
+        if not torch.isfinite(step_loss):
+            nonfinite_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            log(f"step {step}: loss is {step_loss.item()}, optimizer step skipped "
+                f"({nonfinite_in_a_row} in a row)")
+            if nonfinite_in_a_row >= cfg["max_nonfinite_steps"]:
+                raise RuntimeError(f"loss was NaN/Inf for {nonfinite_in_a_row} steps in a row at step {step}: "
+                                   f"stopping instead of training on garbage (lower --learning_rate, "
+                                   f"use --dtype=bfloat16, or check the data and init weights)")
+            step += 1
+            progress.update(1)
+            continue
+        nonfinite_in_a_row = 0
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled() and scaler.get_scale() < scale_before:
+            log(f"step {step}: gradient overflow in float16, optimizer step skipped; "
+                f"loss scale {scale_before:g} -> {scaler.get_scale():g}")
+        step += 1
+        progress.update(1)
+
+        if step % cfg["log_interval"] == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                      "tokens_per_s": window_tokens / elapsed, "epoch": batches.epoch,
+                      "padding": batches.padding_fraction}
+            if peak:
+                record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * world)
+            if device.type == "cuda":
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if master:
+                metrics.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in record.items()))
+            window_tokens, window_start = 0, time.perf_counter()
+        pause = time.perf_counter()  # eval and checkpoints do not count against tokens/s
+        if cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and step < total_steps:
+            run_eval()
+        if cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step < total_steps:
+            checkpoint_now()
+        window_start += time.perf_counter() - pause
+    progress.close()
+
+    result = run_eval()
+    checkpoint_now()
+    if master:
+        log(f"exported Hugging Face model -> {export_hf(raw_model, cfg, cfg['output_dir'])}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except OptionError as e:
+        print(f"train_sft.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
