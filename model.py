@@ -89,7 +89,7 @@ def causal_mask(T, window, device):
     """(T, T) bool, True where query i may attend key j: j <= i, and i - j < window when window > 0."""
     i = torch.arange(T, device=device)[:, None]
     j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & ((i - j < window) if window > 0 else True)
+    return (j <= i) & (i - j < window) if window > 0 else j <= i
 
 
 def packed_positions_and_mask(segment_ids, window):
@@ -273,13 +273,15 @@ class GPT(nn.Module):
             seq, pad, caches, T = seq[:, crop:], (pad - crop).clamp(min=0), None, self.config.block_size
         if caches is None:
             hs = self.config.n_embd // self.config.n_head
-            caches = [KVCache(B, self.config.n_head, max(capacity, T), hs, self.lm_head.weight)
+            caches = [KVCache(B, self.config.n_head, capacity, hs, self.lm_head.weight)
                       for _ in range(self.config.n_layer)]
         start = caches[0].length
         q = torch.arange(start, T, device=seq.device)[:, None]  # (Tq, 1) query indices
         k = torch.arange(T, device=seq.device)[None, :]  # (1, T) key indices
         mask = causal_mask(T, self.config.attn_window, seq.device)[start:]  # (Tq, T)
-        mask = (mask & (k >= pad[:, None, None])) | (q == k)  # (B, Tq, T); pads see themselves, never NaN
+        # (B, Tq, T): padding is never attended to; a padding query sees itself, because some attention
+        # backends return NaN for a row with nothing to attend to, and NaN would leak through the cache
+        mask = (mask & (k >= pad[:, None, None])) | (q == k)
         pos = (q.view(1, -1) - pad[:, None]).clamp(min=0)  # (B, Tq)
         x = self._trunk(seq[:, start:], pos, mask[:, None], caches)  # (B, Tq, C)
         return self.lm_head(x[:, -1]), caches
@@ -296,7 +298,7 @@ class GPT(nn.Module):
         hf = read_hf_config(path / "config.json")
         config = GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
                            n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
-                           dropout=0.0, bias=True)
+                           dropout=0.0)
         model = cls(replace(config, **overrides))
         weights_file, tensors = read_hf_weights(path)
         ours = model.state_dict()
@@ -307,14 +309,14 @@ class GPT(nn.Module):
                 continue  # the head is tied to wte; attn.bias is an old causal-mask buffer, not a weight
             if key not in ours:
                 raise ValueError(f"{weights_file}: unexpected tensor {name!r}: not part of a GPT-2 LM")
-            tensor = tensor.t() if key.endswith(HF_TRANSPOSED) else tensor
-            if tensor.shape != ours[key].shape:
-                raise ValueError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)} but "
-                                 f"{path / 'config.json'} (n_embd={config.n_embd}, vocab_size={config.vocab_size}, "
-                                 f"n_positions={config.block_size}) needs {tuple(ours[key].shape)}"
-                                 + (" (shown as nn.Linear, transposed from HF's Conv1D)" if key.endswith(HF_TRANSPOSED) else ""))
+            transposed = key.endswith(HF_TRANSPOSED)
+            want = tuple(ours[key].shape[::-1] if transposed else ours[key].shape)  # in the file's layout
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)} but the config "
+                                 f"(n_embd={config.n_embd}, vocab_size={config.vocab_size}, n_positions="
+                                 f"{config.block_size}, from {path / 'config.json'} and overrides) needs {want}")
             with torch.no_grad():
-                ours[key].copy_(tensor)
+                ours[key].copy_(tensor.t() if transposed else tensor)
             loaded.add(key)
         missing = sorted(set(ours) - loaded - {"lm_head.weight"})
         if missing:
@@ -322,6 +324,7 @@ class GPT(nn.Module):
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         return model
 
+    @torch.no_grad()
     def save_pretrained(self, path):
         """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads.
 
@@ -450,10 +453,11 @@ def apply_lora(model, lora_dim, lora_scaling=1.0, lora_dropout=0.0, module_name=
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and any(p in name for p in patterns)]
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tied = [name for name, m in targets if id(m.weight) in embeddings]
+    if tied:  # checked before wrapping anything, so a refused call leaves the model as it was
+        raise ValueError(f"LoRA on {tied} would also change the token embedding tied to it; "
+                         "choose a module_name pattern that excludes it")
     for name, linear in targets:
-        if id(linear.weight) in embeddings:
-            raise ValueError(f"LoRA on {name!r} would also change the token embedding tied to it; "
-                             "choose a module_name pattern that excludes it")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LoRALinear(linear, lora_dim, lora_scaling, lora_dropout))
     return len(targets)
