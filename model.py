@@ -30,6 +30,20 @@ class GPTConfig:
 
 # ----------------------------------------------------------------------------- loss seam
 
+def _chunk_loss_and_grads(hc, yc, weight, acc, want_h, want_w):
+    """Summed loss of one row chunk and its gradients for hc and weight (None where not wanted).
+    A function of its own so the chunk's (rows, V) logits are freed when it returns."""
+    logits = (hc @ weight.t()).to(acc)  # (rows, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (rows,)
+    loss = (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+    if not (want_h or want_w):
+        return loss, None, None
+    dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place ...
+    dlogits[torch.arange(len(yc), device=yc.device), yc] -= 1.0  # ... minus the one-hot target
+    dlogits = dlogits.to(hc.dtype)
+    return loss, dlogits @ weight if want_h else None, dlogits.t() @ hc if want_w else None
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss and gradients computed together, one row chunk at a time, so that only one (chunk, V) block
     of logits is ever alive and the backward keeps just the (n, C) and (V, C) gradients."""
@@ -43,18 +57,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
         for s in range(0, h.size(0), chunk_size):
-            hc, yc = h[s:s + chunk_size], y[s:s + chunk_size]
-            logits = (hc @ weight.t()).to(acc)  # (chunk, V): the only big tensor, dropped after this chunk
-            lse = torch.logsumexp(logits, dim=-1)
-            loss_sum += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            if want_h or want_w:
-                dlogits = (logits - lse[:, None]).exp_()  # softmax ...
-                dlogits[torch.arange(len(yc), device=yc.device), yc] -= 1.0  # ... minus the one-hot target
-                dlogits = dlogits.to(h.dtype)
-                if want_h:
-                    grad_h[s:s + chunk_size] = dlogits @ weight
-                if want_w:
-                    grad_w += dlogits.t() @ hc
+            loss, gh, gw = _chunk_loss_and_grads(h[s:s + chunk_size], y[s:s + chunk_size], weight, acc, want_h, want_w)
+            loss_sum += loss
+            if want_h:
+                grad_h[s:s + chunk_size] = gh
+            if want_w:
+                grad_w += gw
         ctx.save_for_backward(keep, grad_h, grad_w)
         ctx.hidden_shape, ctx.n, ctx.weight_dtype = hidden.shape, h.size(0), weight.dtype
         return loss_sum / ctx.n
