@@ -3,6 +3,7 @@
 Every model here is tiny and random; transformers builds its reference models locally, nothing is downloaded.
 """
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -18,6 +19,16 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are so small that per-op overhead dominates; more threads only add contention
+    (measured: 8 s with one thread versus 15-50 s with two on a busy 2-core box). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_gpt(seed=0, **overrides):
@@ -162,6 +173,18 @@ def test_missing_tensor_is_named(hf_dir, tmp_path):
     del tensors["transformer.h.1.mlp.c_fc.weight"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model.safetensors: missing tensors.*transformer.h.1.mlp.c_fc.weight"):
+        GPT.from_pretrained(tmp_path)
+
+
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("this ran while loading weights",))
+
+
+def test_pytorch_model_bin_is_never_unpickled_as_code(hf_dir, tmp_path):
+    (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    torch.save({"wte.weight": RunsCodeWhenUnpickled()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError):
         GPT.from_pretrained(tmp_path)
 
 
