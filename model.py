@@ -131,7 +131,6 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head, self.dropout = config.n_head, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -182,6 +181,9 @@ HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        if config.n_embd % config.n_head or config.attn_window < 0:
+            raise ValueError(f"need n_embd a multiple of n_head and attn_window >= 0, got n_embd={config.n_embd}, "
+                             f"n_head={config.n_head}, attn_window={config.attn_window}")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -410,7 +412,8 @@ def read_hf_weights(path):
         return path / "model.safetensors", load_file(path / "model.safetensors")
     if (path / "pytorch_model.bin").is_file():
         return path / "pytorch_model.bin", torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (sharded checkpoints are not supported)")
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin "
+                            "(sharded checkpoints are not supported)")
 
 
 def _write_atomically(file, write):

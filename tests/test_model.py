@@ -163,7 +163,8 @@ def test_non_gpt2_config_is_refused(hf_dir, tmp_path, fields, message):
 
 def test_shape_mismatch_names_tensor_and_shapes(hf_dir, tmp_path):
     edit_config(copy_hf_dir(hf_dir, tmp_path), vocab_size=100)
-    with pytest.raises(ValueError, match=r"model.safetensors: tensor '.*wte.weight' has shape \(97, 32\).*needs \(100, 32\)"):
+    message = r"model.safetensors: tensor '.*wte.weight' has shape \(97, 32\).*needs \(100, 32\)"
+    with pytest.raises(ValueError, match=message):
         GPT.from_pretrained(tmp_path)
 
 
@@ -186,6 +187,12 @@ def test_pytorch_model_bin_is_never_unpickled_as_code(hf_dir, tmp_path):
     torch.save({"wte.weight": RunsCodeWhenUnpickled()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(pickle.UnpicklingError):
         GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [dict(n_head=5), dict(attn_window=-1)])
+def test_bad_config_is_refused(bad):
+    with pytest.raises(ValueError, match="n_head"):
+        GPT(GPTConfig(**{**TINY, **bad}))
 
 
 def test_sequence_longer_than_block_size_is_refused():
@@ -340,7 +347,8 @@ def test_lora_merge_equals_lora_and_unmerge_restores_weights():
         merge_lora(model)
         merge_lora(model)  # a second merge must not add the delta again
         assert max_abs_diff(model(idx), lora_out) < 1e-5
-        assert max_abs_diff(model.transformer.h[0].attn.c_attn.weight, before["transformer.h.0.attn.c_attn.weight"]) > 1e-3
+        c_attn = "transformer.h.0.attn.c_attn.weight"
+        assert max_abs_diff(model.state_dict()[c_attn], before[c_attn]) > 1e-3  # merged into the weight
         unmerge_lora(model)
         assert max_abs_diff(model(idx), lora_out) < 1e-5
     for k, v in model.state_dict().items():
