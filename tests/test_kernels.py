@@ -1,37 +1,19 @@
 """kernels/cross_entropy.py against its fp32 PyTorch reference.
 
-On CPU the Triton kernel runs under TRITON_INTERPRET=1 on tiny shapes. Triton reads that flag when
-@triton.jit decorates a function, which for its own library happens when triton is imported. So
-this file sets the flag before importing triton when it comes first in a CPU-only process (a CPU
-process cannot run compiled Triton anyway); when triton was imported earlier without it, or on a
-GPU machine, the CPU tests run again in a fresh interpreter process instead.
+Without a GPU the Triton kernel runs on the CPU under TRITON_INTERPRET=1 (tests/conftest.py sets
+it before triton is imported) on tiny shapes; with one, the same tests run compiled on the GPU.
 Tolerances (relative, on the norm of the difference): fp32 loss and gradients 1e-5; bf16/fp16
 loss 1e-3 and gradients 1e-2 against the fp32 reference on the same (rounded) inputs.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import kernels.cross_entropy as cross_entropy  # noqa: E402  (after the flag)
+import kernels.cross_entropy as cross_entropy
 
 IGNORE = -100
-IN_PROCESS = cross_entropy._interpreted() and not torch.cuda.is_available()
-interpreted = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported without TRITON_INTERPRET=1; "
-                                                         "test_cpu_tests_in_a_fresh_interpreter runs these")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the CPU tests run in this process")
-def test_cpu_tests_in_a_fresh_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__],
-                            env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not cross_entropy._interpreted():
+    raise RuntimeError("no CUDA and triton was imported without TRITON_INTERPRET=1 (see tests/conftest.py)")
 
 
 @pytest.fixture
@@ -43,7 +25,7 @@ def ce(monkeypatch):
     return cross_entropy
 
 
-def make_inputs(n, c, v, masked_share, dtype=torch.float32, seed=0, device="cpu"):
+def make_inputs(n, c, v, masked_share, dtype=torch.float32, seed=0, device=DEVICE):
     """Fresh random hidden, weight and labels; a seeded generator keeps a failure reproducible."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, c, generator=gen).to(device, dtype)
@@ -67,7 +49,6 @@ def assert_rel_close(actual, expected, tol, what):
     assert err <= tol * expected.double().norm() + 1e-12, f"{what}: relative error {err / expected.double().norm():.2e} > {tol}"
 
 
-@interpreted
 @pytest.mark.parametrize("n, c, v, masked_share", [
     (1, 16, 1, 0.0),     # one token, one word: the loss is exactly 0
     (1, 16, 50, 0.0),
@@ -84,7 +65,6 @@ def test_fp32_matches_reference(ce, n, c, v, masked_share):
         assert_rel_close(got, want, 1e-5, what)
 
 
-@interpreted
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_fp32_reference(ce, dtype):
     hidden, weight, labels = make_inputs(37, 24, 257, 0.5, dtype=dtype, seed=1)
@@ -96,10 +76,9 @@ def test_half_precision_matches_fp32_reference(ce, dtype):
     assert_rel_close(grad_w, ref[2], 1e-2, "grad weight")
 
 
-@interpreted
 def test_autocast_runs_in_its_dtype_and_returns_fp32_grads(ce):
     inputs = make_inputs(37, 16, 50, 0.5, seed=2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss, grad_h, grad_w = loss_and_grads(ce.fused_masked_linear_cross_entropy, *inputs)
     ref = loss_and_grads(ce.reference_masked_linear_cross_entropy, *inputs, dtype=torch.float32)
     exact = loss_and_grads(ce.fused_masked_linear_cross_entropy, *inputs)
@@ -109,7 +88,6 @@ def test_autocast_runs_in_its_dtype_and_returns_fp32_grads(ce):
     assert_rel_close(grad_w, ref[2], 1e-2, "grad weight")
 
 
-@interpreted
 def test_all_masked_gives_zero_loss_and_zero_grads(ce):
     hidden, weight, labels = make_inputs(7, 16, 50, 1.0)
     loss, grad_h, grad_w = loss_and_grads(ce.fused_masked_linear_cross_entropy, hidden, weight, labels)
@@ -118,14 +96,12 @@ def test_all_masked_gives_zero_loss_and_zero_grads(ce):
     assert not grad_h.any() and not grad_w.any()
 
 
-@interpreted
 def test_masked_rows_get_zero_grad_and_int32_labels_work(ce):
     hidden, weight, labels = make_inputs(20, 16, 50, 0.5, seed=3)
     _, grad_h, _ = loss_and_grads(ce.fused_masked_linear_cross_entropy, hidden, weight, labels.int())
     assert not grad_h[labels == IGNORE].any() and grad_h[labels != IGNORE].abs().sum(1).all()
 
 
-@interpreted
 def test_grad_output_scales_both_gradients(ce):
     """Gradient accumulation: the caller multiplies the loss; backward must honour the factor."""
     inputs = make_inputs(37, 16, 50, 0.5, seed=4)
@@ -135,7 +111,6 @@ def test_grad_output_scales_both_gradients(ce):
     assert_rel_close(grad_w, ref_w, 1e-5, "grad weight")
 
 
-@interpreted
 def test_frozen_weight_and_no_grad(ce, monkeypatch):
     """Evaluation (no_grad) and a frozen head must not pay for the gradients they do not need."""
     hidden, weight, labels = make_inputs(9, 16, 50, 0.3, seed=5)
@@ -153,7 +128,6 @@ def test_frozen_weight_and_no_grad(ce, monkeypatch):
     assert needed == [(False, False), (True, False)]
 
 
-@interpreted
 def test_second_backward_is_refused(ce):
     hidden, weight, labels = make_inputs(5, 16, 50, 0.0)
     loss = ce.fused_masked_linear_cross_entropy(hidden.requires_grad_(), weight, labels)
@@ -162,7 +136,6 @@ def test_second_backward_is_refused(ce):
         loss.backward()
 
 
-@interpreted
 @pytest.mark.parametrize("change, error, message", [
     (lambda h, w, y: (h, w, torch.where(y == 0, 50, y)), ValueError, "outside"),
     (lambda h, w, y: (h, w, torch.full_like(y, -1)), ValueError, "outside"),
@@ -182,14 +155,12 @@ def test_bad_input_raises_a_clear_error(ce, change, error, message):
         ce.fused_masked_linear_cross_entropy(*change(hidden, weight, labels))
 
 
-@interpreted
 def test_cpu_without_interpreter_says_what_to_do(ce, monkeypatch):
     monkeypatch.setattr(ce, "_interpreted", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA device.*TRITON_INTERPRET=1.*--kernels=torch"):
-        ce.fused_masked_linear_cross_entropy(*make_inputs(4, 16, 50, 0.0))
+        ce.fused_masked_linear_cross_entropy(*make_inputs(4, 16, 50, 0.0, device="cpu"))
 
 
-@interpreted
 def test_chunk_rows_fit_the_budget_and_stay_balanced(ce):
     anchor_row = 50304 * 2  # bf16 logits row of GPT-2's vocabulary, padded to 64
     budget = 128 * 2**20
@@ -201,8 +172,7 @@ def test_chunk_rows_fit_the_budget_and_stay_balanced(ce):
 
 # GPU: realistic shapes with the compiled kernel.
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or cross_entropy._interpreted(),
-                         reason="needs CUDA (and triton imported without TRITON_INTERPRET)")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @pytest.mark.gpu

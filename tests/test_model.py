@@ -4,19 +4,15 @@ Every model here is tiny and random; transformers builds its reference models lo
 """
 import json
 import pickle
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import (GPT, GPTConfig, LoRALinear, apply_lora, causal_mask, linear_cross_entropy,  # noqa: E402
+from model import (GPT, GPTConfig, LoRALinear, apply_lora, causal_mask, linear_cross_entropy,
                    merge_lora, only_optimize_lora, unmerge_lora)
-
-transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file, save_file  # noqa: E402
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
 
