@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import Batches, get_tokenizer, prepare_data
+from data import DEFAULT_TEMPLATE, Batches, get_tokenizer, prepare_data
 from model import GPT, GPTConfig, apply_lora, merge_lora, only_optimize_lora
 
 # -----------------------------------------------------------------------------
@@ -43,7 +43,9 @@ OPTIONS = {
     "truncate_prompt": (False, "cut over-long prompts from the left instead of dropping the sample"),
     "loss_on_prompt": (False, "train on prompt tokens too (DeepSpeed-Chat's behaviour, for comparison)"),
     "skip_bad_rows": (False, "skip and count malformed rows instead of stopping"),
+    "template": (DEFAULT_TEMPLATE, "how a prompt and response become text: {prompt} and {response} placeholders"),
     "packing": (False, "pack several samples per row (no attention between them) instead of padding"),
+    "group_by_length": (True, "batch samples of similar length together (less padding); false = fully random"),
     "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),
     # model
     "init_from": ("scratch", "scratch | a Hugging Face GPT-2 directory | a checkpoint file or run directory"),
@@ -255,11 +257,15 @@ def find_checkpoint(path):
 
 
 def adopt_checkpoint_options(cfg, explicit, saved, path, names):
-    """A checkpoint fixes these options: requested values must agree with it, the rest are taken from it."""
+    """A checkpoint fixes these options: requested values must agree with it, the rest are taken
+    from it (on resume, the options in RESUME_MAY_CHANGE may be set anew on the command line)."""
     for name in names:
+        if name in explicit and name in RESUME_MAY_CHANGE and cfg["resume"]:
+            continue
         if name in explicit and cfg[name] != saved[name]:
-            raise OptionError(f"checkpoint {path} has {name}={saved[name]!r} but {name}={cfg[name]!r} was "
-                              f"requested (to put new LoRA on a trained model, start from its hf/ export)")
+            hint = " (to put new LoRA on a trained model, start from its hf/ export)" if "lora" in name else ""
+            raise OptionError(f"checkpoint {path} has {name}={saved[name]!r} but {name}={cfg[name]!r} "
+                              f"was requested{hint}")
         cfg[name] = saved[name]
 
 
@@ -452,7 +458,7 @@ def export_hf(model, cfg, output_dir):
     hf_dir = os.path.join(output_dir, "hf")
     model.save_pretrained(hf_dir)
     with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
-        json.dump({"tokenizer": cfg["tokenizer"]}, f, indent=1)
+        json.dump({"tokenizer": cfg["tokenizer"], "template": cfg["template"]}, f, indent=1)
     return hf_dir
 
 
@@ -474,8 +480,7 @@ def main(argv):
         if path is None:
             raise OptionError(f"--resume: no ckpt-*.pt checkpoint in --output_dir={cfg['output_dir']}")
         checkpoint = load_checkpoint(path)
-        names = [n for n in OPTIONS if n not in RESUME_MAY_CHANGE]
-        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, names)
+        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, list(OPTIONS))
     elif cfg["init_from"] != "scratch" and not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):
         path = find_checkpoint(cfg["init_from"])
         if path is None:
@@ -489,11 +494,12 @@ def main(argv):
     tokenizer = get_tokenizer(cfg["tokenizer"])
     train_set, eval_set = prepare_data(
         cfg["data_path"], cfg["tokenizer"], cfg["max_seq_len"], eval_data_path=cfg["eval_data_path"],
-        data_split=cfg["data_split"], data_format=cfg["data_format"], loss_on_prompt=cfg["loss_on_prompt"],
+        data_split=cfg["data_split"], data_format=cfg["data_format"], template=cfg["template"],
+        loss_on_prompt=cfg["loss_on_prompt"],
         truncate_prompt=cfg["truncate_prompt"], skip_bad_rows=cfg["skip_bad_rows"], seed=cfg["seed"],
         cache_dir=cfg["cache_dir"], log=log)
     batches = Batches(train_set, cfg["batch_size"], rank=rank, world_size=world, seed=cfg["seed"],
-                      packing=cfg["packing"])
+                      packing=cfg["packing"], group_by_length=cfg["group_by_length"])
     accum = cfg["gradient_accumulation_steps"]
     total_steps = cfg["max_steps"] or cfg["num_train_epochs"] * batches.batches_per_epoch // accum
     if total_steps < 1:
