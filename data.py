@@ -649,10 +649,10 @@ class Batches:
 
     def next_batch(self):
         """{"input_ids", "labels", "segment_ids"}; moves to the next, reshuffled epoch when one ends."""
-        if self.step >= self.batches_per_epoch:
-            self._start_epoch(self.epoch + 1)
         rows = self._plan[self.step * self.world_size + self.rank]
         self.step += 1
+        if self.step == self.batches_per_epoch:  # so epoch and batches_per_epoch describe the next batch
+            self._start_epoch(self.epoch + 1)
         return self._collate(rows)
 
     def _collate(self, rows):
