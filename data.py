@@ -84,6 +84,9 @@ def get_tokenizer(name):
 
 # DeepSpeed-Chat's step 1 renders " Human: {prompt} Assistant:" and the response as " {response}".
 DEFAULT_TEMPLATE = " Human: {prompt} Assistant: {response}"
+# For the byte-level demo: one token of template instead of twenty, so a tiny model's compute goes to
+# the task ("add 3+4=" -> "7"). A model must be prompted with the template it was trained with.
+DEMO_TEMPLATE = "{prompt}={response}"
 
 
 def split_template(template):
@@ -438,7 +441,7 @@ def _split_indices(file_ranges, weights, data_split, seed, has_eval_files):
         copies, fraction = divmod(weights[k], 1)
         extra = rng.choice(ids, round(fraction * len(ids)), replace=False)
         train += [ids] * int(copies) + [np.sort(extra)]
-    return np.concatenate(train).astype(np.int64), np.concatenate(evaluation + [[]]).astype(np.int64)
+    return np.concatenate(train).astype(np.int64), np.concatenate(evaluation).astype(np.int64)
 
 
 def build_cache(out_dir, train_sources, eval_sources, enc, settings, log=print):
@@ -567,6 +570,8 @@ def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", d
         _barrier()
         data_path, eval_data_path = (os.path.join(cache_dir, "demo", f) for f in ("train.jsonl", "eval.jsonl"))
     train_sources, eval_sources = parse_sources(data_path), parse_sources(eval_data_path)
+    if not train_sources:
+        raise ValueError("data_path names no file; give FILE[:WEIGHT],... or 'demo'")
     if any(w != 1 for _, w in eval_sources):
         raise ValueError("blend weights apply to training files only, not to eval_data_path")
     settings = {"tokenizer": tokenizer_name, "eot_token": enc.eot_token, "template": template,

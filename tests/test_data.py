@@ -430,6 +430,7 @@ def test_demo_task_is_deterministic_held_out_short_and_correct(tmp_path):
         task, _, arg = row["prompt"].partition(" ")
         assert answers[task](arg.replace(" in ", " ")) == row["response"]
         assert len(data.DEFAULT_TEMPLATE.format(**row).encode()) + 1 < 64
+        assert len(data.DEMO_TEMPLATE.format(**row).encode()) + 1 <= 24
 
 
 def test_demo_data_path(tmp_path):
