@@ -416,17 +416,25 @@ def cache_key(train_sources, eval_sources, settings):
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _split_indices(file_ranges, weights, data_split, seed, has_eval_files):
+def eval_share(data_split):
+    """The share of samples held out for eval: "98,2" -> 0.02 (DeepSpeed-Chat writes splits this way)."""
+    try:
+        train_part, eval_part = (float(x) for x in data_split.split(","))
+    except ValueError:
+        train_part = eval_part = -1.0
+    if min(train_part, eval_part) < 0 or train_part + eval_part <= 0:
+        raise ValueError(f"data_split must be two shares like '98,2', got {data_split!r}")
+    return eval_part / (train_part + eval_part)
+
+
+def _split_indices(file_ranges, weights, eval_fraction, seed, has_eval_files):
     """(train index, eval index) into the samples: split each training file, then blend by weight.
 
-    Without eval files, each training file gives a seeded random share of its samples to eval
-    (data_split "98,2": 2%). A weight w gives floor(w) copies of a file's training samples plus a
-    seeded random fraction: "a:2,b:1" trains on each sample of a twice per epoch, "big:0.1" on a tenth.
+    Without eval files, each training file gives a seeded random eval_fraction of its samples to
+    eval. A weight w gives floor(w) copies of a file's training samples plus a seeded random
+    fraction: "a:2,b:1" trains on each sample of a twice per epoch, "big:0.1" on a tenth of big.
     """
     rng = np.random.default_rng(seed)
-    parts = [float(x) for x in data_split.split(",")]
-    if len(parts) != 2 or min(parts) < 0 or sum(parts) <= 0:
-        raise ValueError(f"data_split must be two shares like '98,2', got {data_split!r}")
     train, evaluation = [], []
     for k, (first, end) in enumerate(file_ranges):
         ids = np.arange(first, end)
@@ -435,7 +443,7 @@ def _split_indices(file_ranges, weights, data_split, seed, has_eval_files):
             continue
         if not has_eval_files:
             ids = rng.permutation(ids)
-            n_eval = round(len(ids) * parts[1] / sum(parts))
+            n_eval = round(len(ids) * eval_fraction)
             evaluation.append(np.sort(ids[:n_eval]))
             ids = np.sort(ids[n_eval:])
         copies, fraction = divmod(weights[k], 1)
@@ -458,21 +466,22 @@ def build_cache(out_dir, train_sources, eval_sources, enc, settings, log=print):
         counts["bad_rows"] += skipped
         for _, turns in examples:
             counts["rows"] += 1
-            sample = fit_length(*tokenize_turns(turns, enc, settings["template"], settings["loss_on_prompt"]),
+            fitted = fit_length(*tokenize_turns(turns, enc, settings["template"], settings["loss_on_prompt"]),
                                 settings["max_seq_len"], settings["truncate_prompt"])
-            if sample is None:
+            if fitted is None:
                 counts["dropped_too_long"] += 1
                 continue
-            counts["truncated"] += sample[3] == "truncated"
-            starts.append(len(tokens) + sample[2])
-            tokens.extend(sample[0])
-            mask.extend(sample[1])
+            sample_tokens, sample_mask, response_start, outcome = fitted
+            counts["truncated"] += outcome == "truncated"
+            starts.append(len(tokens) + response_start)
+            tokens.extend(sample_tokens)
+            mask.extend(sample_mask)
             offsets.append(len(tokens))
         file_ranges.append((first, len(starts)))
         if first == len(starts):
             log(f"data: warning: every sample of {path} is longer than max_seq_len={settings['max_seq_len']}")
     train_index, eval_index = _split_indices(file_ranges, [w for _, w in train_sources],
-                                             settings["data_split"], settings["seed"], bool(eval_sources))
+                                             eval_share(settings["data_split"]), settings["seed"], bool(eval_sources))
     if len(train_index) == 0:
         raise ValueError(f"no training samples left ({counts}); raise max_seq_len or use truncate_prompt")
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
@@ -561,7 +570,7 @@ def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", d
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if data_format not in ("auto",) + FORMATS:
         raise ValueError(f"unknown data_format {data_format!r}; use auto or one of {', '.join(FORMATS)}")
-    split_template(template)  # fail early on a bad template
+    split_template(template), eval_share(data_split)  # fail early on a bad template or split
     enc = get_tokenizer(tokenizer_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if data_path == "demo":  # the demo task, with its held-out eval file
@@ -587,7 +596,7 @@ def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", d
                          for name in ("train", "eval"))
     log(f"data: {'built' if built else 'reused'} cache {cache_path}")
     log(f"data: {_describe('train', train.stats)}; {_describe('eval', evaluation.stats)}")
-    log(f"data: {counts['rows']:,} rows read, {counts['dropped_too_long']} dropped as longer than "
+    log(f"data: {counts['rows']:,} valid rows, {counts['dropped_too_long']} dropped as longer than "
         f"max_seq_len={max_seq_len}, {counts['truncated']} prompts truncated, {counts['bad_rows']} bad rows skipped")
     return train, evaluation
 
