@@ -518,14 +518,17 @@ class SFTDataset:
         self.offsets, self.response_starts = arrays["offsets"], arrays["response_starts"]
         self.index = np.asarray(index)
         self.eot_token, self.max_seq_len = eot_token, max_seq_len
-        starts, ends = self.offsets[self.index], self.offsets[self.index + 1]
-        self.lengths = (ends - starts - 1).astype(np.int64)
-        trained_so_far = np.concatenate([[0], np.cumsum(self.loss_mask, dtype=np.int64)])
-        trained = int((trained_so_far[ends] - trained_so_far[starts + 1]).sum())  # targets only: skip token 0
-        positions = int(self.lengths.sum())
-        self.stats = {"samples": len(self), "tokens": positions + len(self), "trained_tokens": trained,
-                      "trained_share": trained / max(positions, 1), "mean_len": float(self.lengths.mean() + 1)
-                      if len(self) else 0.0, "max_len": int(self.lengths.max() + 1) if len(self) else 0, **counts}
+        self.lengths = np.diff(self.offsets)[self.index] - 1
+        self.stats = {**self._token_stats(), **counts}
+
+    def _token_stats(self):
+        """Samples, tokens, and the share of input positions whose target is trained."""
+        first = self.offsets[:-1]  # a sample's first token is never a target, so it is not counted
+        trained = np.add.reduceat(self.loss_mask, first, dtype=np.int64) - self.loss_mask[first]
+        positions, n = int(self.lengths.sum()), len(self)
+        return {"samples": n, "tokens": positions + n, "trained_tokens": int(trained[self.index].sum()),
+                "trained_share": int(trained[self.index].sum()) / max(positions, 1),
+                "mean_len": positions / n + 1 if n else 0.0, "max_len": int(self.lengths.max()) + 1 if n else 0}
 
     def __len__(self):
         return len(self.index)
@@ -549,6 +552,7 @@ class SFTDataset:
 
 
 def _barrier():
+    """Wait for the other ranks when running under torch.distributed; nothing to do otherwise."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -570,7 +574,8 @@ def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", d
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if data_format not in ("auto",) + FORMATS:
         raise ValueError(f"unknown data_format {data_format!r}; use auto or one of {', '.join(FORMATS)}")
-    split_template(template), eval_share(data_split)  # fail early on a bad template or split
+    split_template(template)  # fail early on a bad template or split, before any tokenizing
+    eval_share(data_split)
     enc = get_tokenizer(tokenizer_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if data_path == "demo":  # the demo task, with its held-out eval file
