@@ -616,15 +616,18 @@ class Batches:
     packing), never on world_size: rank r takes micro-batches r, r+W, r+2W, ..., so two ranks see
     exactly what one rank would see in two steps, and a run can resume on another number of ranks.
     A micro-batch is a list of rows and a row a list of sample indices (one unless packing).
+    group_by_length=False keeps batches fully random: on data whose length reveals the task (the
+    demo), length-grouped batches hold one task each and train much worse.
     """
 
     MEGA_CHUNK = 64  # length-grouping sorts windows of 64 batches: similar lengths, still random
 
-    def __init__(self, dataset, batch_size, *, rank=0, world_size=1, seed=1337, packing=False, shuffle=True):
+    def __init__(self, dataset, batch_size, *, rank=0, world_size=1, seed=1337, packing=False, shuffle=True,
+                 group_by_length=True):
         if not 0 <= rank < world_size or batch_size < 1:
             raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1, got {rank}, {world_size}, {batch_size}")
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.seed, self.packing, self.shuffle = seed, packing, shuffle
+        self.seed, self.packing, self.shuffle, self.group_by_length = seed, packing, shuffle, group_by_length
         self.padding_positions = self.total_positions = 0
         self._start_epoch(0)
 
@@ -645,7 +648,7 @@ class Batches:
         if self.packing:
             rows = self._pack(order)
         else:
-            if self.shuffle:  # sort windows by length so a batch pads little
+            if self.shuffle and self.group_by_length:  # sort windows by length so a batch pads little
                 chunks = [order[i:i + B * self.MEGA_CHUNK] for i in range(0, n, B * self.MEGA_CHUNK)]
                 order = np.concatenate([c[np.argsort(-self.dataset.lengths[c], kind="stable")] for c in chunks])
             rows = [[i] for i in order.tolist()]

@@ -286,6 +286,13 @@ def test_padded_batches_pad_with_eot_and_ignore_index(varied):
         assert (x[n:] == EOT_BYTE).all() and (y[n:] == -100).all()
 
 
+def test_length_grouping_reduces_padding_and_can_be_turned_off(varied):
+    grouped, mixed = Batches(varied, 4, seed=0), Batches(varied, 4, seed=0, group_by_length=False)
+    take(grouped, 10)
+    take(mixed, 10)
+    assert grouped.padding_fraction < 0.5 * mixed.padding_fraction
+
+
 def test_packing_marks_samples_and_padding_as_separate_segments(varied):
     batches = Batches(varied, 2, seed=0, packing=True)
     by_inputs = {tuple(varied[i][0].tolist()): varied[i][1].tolist() for i in range(len(varied))}
