@@ -327,7 +327,7 @@ def _add(rng):
 
 
 def _count(rng):
-    letters, letter = _word(rng, "abc", 4, 8), rng.choice("abc")
+    letters, letter = _word(rng, "abc", 3, 7), rng.choice("abc")
     return f"count {letter} in {letters}", str(letters.count(letter))
 
 
@@ -339,7 +339,7 @@ def _upper(rng):
 DEMO_TASKS = (_reverse, _sort, _add, _count, _upper)
 
 
-def demo_examples(train_per_task=4000, eval_per_task=100, seed=0):
+def demo_examples(train_per_task=6000, eval_per_task=100, seed=0):
     """(train rows, eval rows) of the demo task; no eval prompt occurs in train.
 
     Every answer is fully determined by its prompt, so greedy exact match is a fair score.
