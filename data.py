@@ -486,6 +486,7 @@ def build_cache(out_dir, train_sources, eval_sources, enc, settings, log=print):
         raise ValueError(f"no training samples left ({counts}); raise max_seq_len or use truncate_prompt")
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is for every user of the machine
     arrays = {"tokens": np.asarray(tokens, dtype=np.uint16 if enc.n_vocab <= 2**16 else np.uint32),
               "loss_mask": np.asarray(mask, dtype=np.uint8), "offsets": np.asarray(offsets),
               "response_starts": np.asarray(starts), "train_index": train_index, "eval_index": eval_index}
