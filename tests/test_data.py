@@ -1,0 +1,454 @@
+"""Tests for data.py: tokenizers offline, exact labels per format, length policy, cache keys,
+packing, sharding, resume, bad input and the demo task. Byte-level tokenizer unless GPT-2 is the point."""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import Batches, DataError, get_tokenizer, prepare_data, render_prompt
+
+EOT_BYTE = 256
+PROMPT = " Human: {} Assistant:"  # DEFAULT_TEMPLATE's prompt part, written out independently
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def prepare(tmp_path, files, max_seq_len=64, **kwargs):
+    """prepare_data with the byte tokenizer, a private cache and logs collected in .logs."""
+    logs = []
+    kwargs.setdefault("data_split", "100,0")
+    train, evaluation = prepare_data(files, "byte", max_seq_len, cache_dir=str(tmp_path / "cache"),
+                                     log=logs.append, **kwargs)
+    train.logs = logs
+    return train, evaluation
+
+
+def expected(segments):
+    """(input_ids, labels) for byte tokens of [(text, trained), ...], EOT written as None."""
+    tokens, trained = [], []
+    for text, is_trained in segments:
+        ids = [EOT_BYTE] if text is None else list(text.encode())
+        tokens += ids
+        trained += [is_trained] * len(ids)
+    labels = [t if m else -100 for t, m in zip(tokens[1:], trained[1:])]
+    return tokens[:-1], labels
+
+
+def rows(n, prefix="q"):
+    return [{"prompt": f"{prefix}{i}", "response": f"answer {i}"} for i in range(n)]
+
+
+# -- tokenizers -------------------------------------------------------------------------------
+
+def test_gpt2_tokenizer_is_offline_and_exact(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the tokenizer tried to use the network")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(data, "_tokenizers", {})
+    enc = get_tokenizer("gpt2")
+    assert enc.encode("Hello world") == [15496, 995]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256] and enc.eot_token == 50256
+    assert enc.n_vocab == 50257
+
+
+def test_gpt2_tokenizer_missing_vocab_says_run_setup(monkeypatch, tmp_path):
+    monkeypatch.setenv("SFT_GPT2_VOCAB", str(tmp_path / "missing.tiktoken"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(data, "_tokenizers", {})
+    with pytest.raises(FileNotFoundError, match="bash setup.sh"):
+        get_tokenizer("gpt2")
+
+
+def test_gpt2_tokenizer_falls_back_to_tiktoken_cache(monkeypatch, tmp_path):
+    cache = tmp_path / "tiktoken"
+    cache.mkdir()
+    shutil.copy(os.path.join(data.HERE, ".cache", "r50k_base.tiktoken"),
+                cache / hashlib.sha1(data.GPT2_VOCAB_URL.encode()).hexdigest())
+    monkeypatch.setenv("SFT_GPT2_VOCAB", str(tmp_path / "missing.tiktoken"))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    monkeypatch.setattr(data, "_tokenizers", {})
+    assert get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
+
+
+def test_byte_tokenizer():
+    enc = get_tokenizer("byte")
+    assert enc.encode_ordinary("hé") == [104, 195, 169]
+    assert enc.eot_token == EOT_BYTE and enc.n_vocab == 257
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        get_tokenizer("gpt5")
+
+
+# -- formats and exact labels -----------------------------------------------------------------
+
+def test_render_prompt_is_deepspeed_chat_style():
+    assert render_prompt("Hi?") == " Human: Hi? Assistant:"
+    assert render_prompt("x", "Q: {prompt}\nA:{response}") == "Q: x\nA:"
+
+
+@pytest.mark.parametrize("response_key", ["response", "chosen"])
+def test_prompt_response_labels(tmp_path, response_key):
+    path = write(tmp_path / "a.jsonl", [{"prompt": "hi", response_key: "yo", "rejected": "no"}])
+    train, _ = prepare(tmp_path, path)
+    input_ids, labels = train[0]
+    assert input_ids.tolist() == list(b" Human: hi Assistant: yo")
+    assert labels.tolist() == [-100] * 20 + [32, 121, 111, EOT_BYTE]  # " yo" and EOT trained
+
+
+def test_json_list_gives_the_same_samples(tmp_path):
+    items = rows(3)
+    jsonl = write(tmp_path / "a.jsonl", items)
+    (tmp_path / "a.json").write_text(json.dumps(items, indent=2))
+    a, _ = prepare(tmp_path, jsonl)
+    b, _ = prepare(tmp_path, str(tmp_path / "a.json"))
+    assert [x.tolist() + y.tolist() for x, y in (a[i] for i in range(3))] == \
+           [x.tolist() + y.tolist() for x, y in (b[i] for i in range(3))]
+
+
+def test_multi_turn_trains_on_every_assistant_turn_only(tmp_path):
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                         {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                         {"role": "assistant", "content": "d"}]}
+    train, _ = prepare(tmp_path, write(tmp_path / "chat.jsonl", [chat]))
+    input_ids, labels = train[0]
+    want = expected([(PROMPT.format("Be brief.\na"), False), (" b", True), (None, True),
+                     (PROMPT.format("c"), False), (" d", True), (None, True)])
+    assert (input_ids.tolist(), labels.tolist()) == want
+    prompt, response = train.prompt_and_response(0)
+    assert prompt == list((PROMPT.format("Be brief.\na") + " b").encode()) + [EOT_BYTE] + list(PROMPT.format("c").encode())
+    assert response == [32, ord("d"), EOT_BYTE]
+
+
+def test_gpt2_prompt_and_response_are_tokenized_separately(tmp_path):
+    path = write(tmp_path / "a.jsonl", [{"prompt": "What is 2+2?", "response": "4"}])
+    train, _ = prepare_data(path, "gpt2", 64, data_split="100,0", cache_dir=str(tmp_path / "c"), log=lambda s: None)
+    enc = get_tokenizer("gpt2")
+    prompt_ids = enc.encode(render_prompt("What is 2+2?"))
+    response_ids = enc.encode(" 4") + [50256]
+    input_ids, labels = train[0]
+    assert input_ids.tolist() == (prompt_ids + response_ids)[:-1]
+    assert labels.tolist() == [-100] * (len(prompt_ids) - 1) + response_ids
+    assert train.prompt_and_response(0) == (prompt_ids, response_ids)
+
+
+def test_loss_on_prompt_trains_everything_like_deepspeed_chat(tmp_path):
+    train, _ = prepare(tmp_path, write(tmp_path / "a.jsonl", rows(2)), loss_on_prompt=True)
+    input_ids, labels = train[0]
+    tokens = list(b" Human: q0 Assistant: answer 0") + [EOT_BYTE]
+    assert input_ids.tolist() == tokens[:-1] and labels.tolist() == tokens[1:]
+    assert train.stats["trained_share"] == 1.0
+
+
+# -- length policy ----------------------------------------------------------------------------
+
+def test_overlong_sample_is_dropped_and_counted(tmp_path):
+    path = write(tmp_path / "a.jsonl", [{"prompt": "abcdefghij", "response": "yo"}, {"prompt": "a", "response": "b"}])
+    train, _ = prepare(tmp_path, path, max_seq_len=25)
+    assert len(train) == 1 and train.stats["dropped_too_long"] == 1 and train.stats["truncated"] == 0
+    assert any("1 dropped" in line for line in train.logs)
+
+
+def test_truncation_cuts_the_prompt_from_the_left_and_keeps_eot(tmp_path):
+    path = write(tmp_path / "a.jsonl", [{"prompt": "abcdefghij", "response": "yo"}])  # 33 tokens
+    train, _ = prepare(tmp_path, path, max_seq_len=25, truncate_prompt=True)
+    tokens, _ = train.tokens_and_mask(0)
+    assert len(tokens) == 25 and tokens[-1] == EOT_BYTE
+    assert bytes(tokens[:-1].tolist()) == b"Human: abcdefghij Assistant: yo"[-24:]
+    assert train[0][1].tolist() == [-100] * 20 + [32, 121, 111, EOT_BYTE]
+    assert train.stats["truncated"] == 1 and train.stats["dropped_too_long"] == 0
+
+
+def test_response_that_cannot_fit_is_dropped_even_with_truncation(tmp_path):
+    path = write(tmp_path / "a.jsonl", [{"prompt": "a", "response": "x" * 9}, {"prompt": "a", "response": "x" * 8}])
+    train, _ = prepare(tmp_path, path, max_seq_len=11, truncate_prompt=True)  # " xxxxxxxx"+EOT = 10 tokens fits
+    assert len(train) == 1 and train.stats["dropped_too_long"] == 1
+    tokens, _ = train.tokens_and_mask(0)
+    assert tokens.tolist() == [ord(":")] + list(b" " + b"x" * 8) + [EOT_BYTE]  # one prompt token is kept
+
+
+# -- splits and blending ----------------------------------------------------------------------
+
+def test_split_is_deterministic_by_seed_and_disjoint(tmp_path):
+    path = write(tmp_path / "a.jsonl", rows(50))
+    train, evaluation = prepare(tmp_path, path, data_split="80,20")
+    again, _ = prepare(tmp_path, path, data_split="80,20")
+    other, _ = prepare(tmp_path, path, data_split="80,20", seed=7)
+    assert len(train) == 40 and len(evaluation) == 10
+    assert set(train.index.tolist()).isdisjoint(evaluation.index.tolist())
+    assert train.index.tolist() == again.index.tolist() != other.index.tolist()
+
+
+def test_blend_weights_multiply_samples_per_epoch(tmp_path):
+    a, b = write(tmp_path / "a.jsonl", rows(5, "a")), write(tmp_path / "b.jsonl", rows(4, "b"))
+    train, _ = prepare(tmp_path, f"{a}:2,{b}:1")
+    assert len(train) == 2 * 5 + 4
+    train, _ = prepare(tmp_path, f"{a}:0.4,{b}")
+    assert len(train) == 2 + 4
+
+
+def test_explicit_eval_file(tmp_path):
+    train, evaluation = prepare(tmp_path, write(tmp_path / "a.jsonl", rows(5)),
+                                eval_data_path=write(tmp_path / "e.jsonl", rows(3, "e")), data_split="98,2")
+    assert len(train) == 5 and len(evaluation) == 3
+    assert bytes(evaluation[0][0].tolist()).startswith(b" Human: e0")
+
+
+# -- cache ------------------------------------------------------------------------------------
+
+def test_cache_is_reused_and_rebuilt_when_any_key_input_changes(tmp_path):
+    a = write(tmp_path / "a.jsonl", rows(20))
+    b = write(tmp_path / "b.jsonl", rows(4, "b"))
+    base = dict(data_path=a, tokenizer_name="byte", max_seq_len=64, data_split="90,10")
+
+    def cache_dirs(**change):
+        prepare_data(**{**base, **change}, cache_dir=str(tmp_path / "cache"), log=lambda s: None)
+        return {d for d in os.listdir(tmp_path / "cache") if d != "demo"}
+
+    seen = cache_dirs()
+    assert cache_dirs() == seen  # nothing changed: reused
+    shutil.copy(a, tmp_path / "renamed.jsonl")
+    assert cache_dirs(data_path=str(tmp_path / "renamed.jsonl")) == seen  # keyed by content, not name
+    changes = [dict(tokenizer_name="gpt2"), dict(template="Q: {prompt}\nA: {response}"), dict(max_seq_len=63),
+               dict(truncate_prompt=True), dict(loss_on_prompt=True), dict(data_format="prompt_response"),
+               dict(data_split="80,20"), dict(seed=1), dict(skip_bad_rows=True), dict(data_path=f"{a}:2"),
+               dict(data_path=f"{a},{b}"), dict(eval_data_path=b)]
+    for change in changes:
+        now = cache_dirs(**change)
+        assert len(now) == len(seen) + 1, change
+        seen = now
+    with open(a, "a") as f:  # same name, new content
+        f.write(json.dumps({"prompt": "new", "response": "row"}) + "\n")
+    assert len(cache_dirs()) == len(seen) + 1
+
+
+def test_only_local_rank_zero_builds(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.jsonl", rows(3))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(FileNotFoundError):  # nothing built, no process group to wait on
+        prepare(tmp_path, path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    prepare(tmp_path, path)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert len(prepare(tmp_path, path)[0]) == 3
+
+
+def _two_rank_prepare(rank, path, cache_dir, init_file, out):
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    train, _ = prepare_data(path, "byte", 64, data_split="100,0", cache_dir=cache_dir, log=lambda s: None)
+    np.save(f"{out}{rank}.npy", train[2][0])
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_wait_for_the_cache_at_a_barrier(tmp_path):
+    path = write(tmp_path / "a.jsonl", rows(3))
+    torch.multiprocessing.spawn(_two_rank_prepare, nprocs=2,
+                                args=(path, str(tmp_path / "cache"), str(tmp_path / "init"), str(tmp_path / "out")))
+    assert np.load(tmp_path / "out0.npy").tolist() == np.load(tmp_path / "out1.npy").tolist() \
+        == list(b" Human: q2 Assistant: answer 2")
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def varied(tmp_path):
+    """40 distinct samples of 25 to 63 byte tokens."""
+    items = [{"prompt": f"p{i}", "response": "r" * (1 + (i * 7) % 37)} for i in range(40)]
+    return prepare(tmp_path, write(tmp_path / "v.jsonl", items), max_seq_len=64)[0]
+
+
+def sample_of_row(row):
+    """A padded input row without its trailing EOT padding (inputs never end in EOT themselves)."""
+    ids = row.tolist()
+    while ids and ids[-1] == EOT_BYTE:
+        ids.pop()
+    return tuple(ids)
+
+
+def test_padded_batches_pad_with_eot_and_ignore_index(varied):
+    batch = Batches(varied, 4, shuffle=False).next_batch()  # samples 0..3 in order
+    lengths = [len(varied[i][0]) for i in range(4)]
+    assert batch["segment_ids"] is None and batch["input_ids"].shape == (4, max(lengths))
+    for i, (x, y) in enumerate(zip(batch["input_ids"], batch["labels"])):
+        n = lengths[i]
+        assert x[:n].tolist() == varied[i][0].tolist() and y[:n].tolist() == varied[i][1].tolist()
+        assert (x[n:] == EOT_BYTE).all() and (y[n:] == -100).all()
+
+
+def test_length_grouping_reduces_padding_and_can_be_turned_off(varied):
+    grouped, mixed = Batches(varied, 4, seed=0), Batches(varied, 4, seed=0, group_by_length=False)
+    take(grouped, 10)
+    take(mixed, 10)
+    assert grouped.padding_fraction < 0.5 * mixed.padding_fraction
+
+
+def test_packing_marks_samples_and_padding_as_separate_segments(varied):
+    batches = Batches(varied, 2, seed=0, packing=True)
+    by_inputs = {tuple(varied[i][0].tolist()): varied[i][1].tolist() for i in range(len(varied))}
+    seen = []
+    for _ in range(batches.batches_per_epoch):
+        batch = batches.next_batch()
+        assert batch["input_ids"].shape[1] == 63
+        for x, y, seg in zip(batch["input_ids"], batch["labels"], batch["segment_ids"]):
+            steps = seg[1:] - seg[:-1]
+            assert seg[0] == 0 and steps.ge(0).all() and steps.le(1).all()  # contiguous, in order
+            for s in range(int(seg.max()) + 1):
+                inputs, labels = tuple(x[seg == s].tolist()), y[seg == s].tolist()
+                if inputs in by_inputs:
+                    assert labels == by_inputs[inputs]
+                    seen.append(inputs)
+                else:  # only the last segment may be padding: all EOT, nothing trained
+                    assert s == seg.max() and set(inputs) == {EOT_BYTE} and set(labels) == {-100}
+    assert sorted(seen) == sorted(by_inputs)  # every sample exactly once per epoch
+    assert 0 < batches.padding_fraction < 0.5
+
+
+def take(batches, n):
+    return [batches.next_batch() for _ in range(n)]
+
+
+def same(a, b):
+    return all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+               for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_same_seed_same_batches_other_seed_other_batches(varied, packing):
+    assert same(take(Batches(varied, 4, seed=3, packing=packing), 25), take(Batches(varied, 4, seed=3, packing=packing), 25))
+    assert not same(take(Batches(varied, 4, seed=3, packing=packing), 5), take(Batches(varied, 4, seed=4, packing=packing), 5))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_ranks_take_interleaved_global_batches_independent_of_world_size(varied, packing):
+    one = Batches(varied, 3, seed=1, packing=packing)
+    ranks = [Batches(varied, 3, rank=r, world_size=2, seed=1, packing=packing) for r in range(2)]
+    for epoch in range(3):
+        assert one.epoch == ranks[0].epoch == ranks[1].epoch == epoch
+        steps, tail = ranks[0].batches_per_epoch, ranks[0].dropped_batches
+        assert 2 * steps + tail == one.batches_per_epoch
+        for _ in range(steps):
+            assert same(take(one, 2), [ranks[0].next_batch(), ranks[1].next_batch()])
+        take(one, tail)  # the tail two ranks cannot share is dropped, not carried over
+
+
+def test_ranks_get_disjoint_samples(varied):
+    ranks = [Batches(varied, 4, rank=r, world_size=3, seed=1) for r in range(3)]
+    shards = [{sample_of_row(x) for b in take(r, r.batches_per_epoch) for x in b["input_ids"]} for r in ranks]
+    assert all(shards[i].isdisjoint(shards[j]) for i in range(3) for j in range(i + 1, 3))
+    assert ranks[0].dropped_batches == 10 % 3 and sum(map(len, shards)) == 9 * 4
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_gives_identical_next_batches(varied, packing):
+    run = Batches(varied, 4, seed=5, packing=packing)
+    take(run, 7)
+    state = run.state_dict()
+    resumed = Batches(varied, 4, seed=5, packing=packing)
+    resumed.load_state_dict(state)
+    assert same(take(run, 15), take(resumed, 15))  # across the epoch boundary too
+    assert resumed.epoch == run.epoch >= 1
+
+
+def test_resume_on_another_world_size(varied):
+    run = Batches(varied, 2, seed=5)
+    take(run, 6)
+    state, expected_pair = run.state_dict(), take(run, 2)
+    ranks = [Batches(varied, 2, rank=r, world_size=2, seed=5) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(state)
+    assert same(expected_pair, [ranks[0].next_batch(), ranks[1].next_batch()])
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+GOOD = b'{"prompt": "a", "response": "b"}\n'
+BAD_FILES = {
+    "malformed": (GOOD + b'{"prompt": "a",\n', 2, "malformed JSON"),
+    "missing": (GOOD + b'{"prompt": "a", "chosen": "b"}\n', 2, "missing field 'response'"),
+    "wrong_type": (b'{"prompt": 3, "response": "b"}\n', 1, "must be a string, got 3"),
+    "empty_response": (GOOD * 2 + b'{"prompt": "a", "response": "  "}\n', 3, "'response' is empty"),
+    "utf8": (GOOD + b'\n{"prompt": "\xff", "response": "b"}\n', 3, "invalid UTF-8"),
+    "empty_file": (b"\n", 1, "empty"),
+    "unknown_format": (b'{"question": "a", "answer": "b"}\n', 1, "unknown format"),
+    "not_object": (GOOD + b'["a", "b"]\n', 2, "expected a JSON object"),
+    "list_malformed": (b'[\n' + GOOD[:-1] + b',\n{"prompt": "a" "response": "b"}\n]', 3, "malformed JSON"),
+    "list_missing": (b'[\n' + GOOD[:-1] + b',\n\n{"prompt": "a"}\n]', 4, "missing field 'response'"),
+    "list_utf8": (b'[\n' + GOOD[:-1] + b',\n{"prompt": "\xff", "response": "b"}]', 3, "invalid UTF-8"),
+    "chat_role": (b'{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n',
+                  1, "expected role 'assistant', got 'bot'"),
+    "chat_end": (b'{"messages": [{"role": "user", "content": "a"}]}\n', 1, "must end with an assistant"),
+    "chat_empty_answer": (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}\n',
+                          1, "messages[1].'content' is empty"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_input_names_file_line_and_problem(tmp_path, name):
+    content, line, problem = BAD_FILES[name]
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        prepare(tmp_path, str(path))
+    assert f"{path}:{line}: " in str(error.value) and problem in str(error.value)
+
+
+def test_skip_bad_rows_skips_counts_and_logs(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(GOOD + b'{"prompt": "a",\n' + GOOD + b'{"prompt": "a"}\n{"prompt": "\xff", "response": "b"}\n'
+                     + b'{"prompt": "a", "response": ""}\n' + GOOD)
+    train, _ = prepare(tmp_path, str(path), skip_bad_rows=True)
+    assert len(train) == 3 and train.stats["bad_rows"] == 4
+    assert any(f"{path}:2:" in line for line in train.logs) and any("4 bad rows" in line for line in train.logs)
+
+
+def test_bad_options_are_rejected(tmp_path):
+    path = write(tmp_path / "a.jsonl", rows(2))
+    for kwargs, message in [(dict(data_format="csv"), "unknown data_format"), (dict(template="{response}"), "template"),
+                            (dict(data_split="98"), "data_split"), (dict(max_seq_len=1), "max_seq_len")]:
+        with pytest.raises(ValueError, match=message):
+            prepare(tmp_path, path, **kwargs)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        prepare(tmp_path, str(tmp_path / "nope.jsonl"))
+
+
+# -- demo task and command line ---------------------------------------------------------------
+
+def test_demo_task_is_deterministic_held_out_short_and_correct(tmp_path):
+    first = data.write_demo(str(tmp_path / "one"))
+    second = data.write_demo(str(tmp_path / "two"))
+    assert [open(p).read() for p in first] == [open(p).read() for p in second]
+    train, evaluation = ([json.loads(line) for line in open(p)] for p in first)
+    assert len(train) >= 20000 and len(evaluation) >= 500
+    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in evaluation)
+    answers = {"reverse": lambda w: w[::-1], "sort": lambda d: "".join(sorted(d)), "upper": str.upper,
+               "add": lambda s: str(sum(map(int, s.split("+")))), "count": lambda s: str(s[2:].count(s[0]))}
+    for row in train + evaluation:
+        task, _, arg = row["prompt"].partition(" ")
+        assert answers[task](arg.replace(" in ", " ")) == row["response"]
+        assert len(data.DEFAULT_TEMPLATE.format(**row).encode()) + 1 < 64
+        assert len(data.DEMO_TEMPLATE.format(**row).encode()) + 1 <= 24
+
+
+def test_demo_data_path(tmp_path):
+    train, evaluation = prepare(tmp_path, "demo")
+    assert len(train) >= 20000 and len(evaluation) >= 500 and train.stats["max_len"] < 64
+
+
+def test_inspect_command_shows_trained_tokens(tmp_path):
+    path = write(tmp_path / "a.jsonl", [{"prompt": "hi", "response": "yo"}])
+    out = subprocess.run([sys.executable, os.path.join(data.HERE, "data.py"), "inspect", f"--data_path={path}",
+                          "--tokenizer=byte", f"--cache_dir={tmp_path / 'cache'}", "--batch_size=1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert " Human: hi Assistant:[[ yo<|endoftext|>]]" in out
+    assert "train 1 samples" in out and "trained share" in out and "padding share" in out
