@@ -85,7 +85,7 @@ def get_tokenizer(name):
 # DeepSpeed-Chat's step 1 renders " Human: {prompt} Assistant:" and the response as " {response}".
 DEFAULT_TEMPLATE = " Human: {prompt} Assistant: {response}"
 # For the byte-level demo: one token of template instead of twenty, so a tiny model's compute goes to
-# the task ("add 3+4=" -> "7"). A model must be prompted with the template it was trained with.
+# the task ("reverse abc=" -> "cba"). A model must be prompted with the template it was trained with.
 DEMO_TEMPLATE = "{prompt}={response}"
 
 
@@ -321,14 +321,15 @@ def _sort(rng):
     return f"sort {digits}", "".join(sorted(digits))
 
 
-def _add(rng):
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"add {a}+{b}", str(a + b)
+def _shift(rng):
+    """Caesar shift by one letter (z wraps to a): a per-letter rule, as upper-casing is."""
+    word = _word(rng)
+    return f"shift {word}", "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)
 
 
-def _count(rng):
-    letters, letter = _word(rng, "abc", 3, 7), rng.choice("abc")
-    return f"count {letter} in {letters}", str(letters.count(letter))
+def _double(rng):
+    word = _word(rng, lo=2, hi=5)
+    return f"double {word}", "".join(c + c for c in word)
 
 
 def _upper(rng):
@@ -336,7 +337,7 @@ def _upper(rng):
     return f"upper {word}", word.upper()
 
 
-DEMO_TASKS = (_reverse, _sort, _add, _count, _upper)
+DEMO_TASKS = (_reverse, _sort, _shift, _double, _upper)
 
 
 def demo_examples(train_per_task=6000, eval_per_task=100, seed=0):

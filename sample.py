@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from data import get_tokenizer, render_prompt
+from data import DEFAULT_TEMPLATE, get_tokenizer, render_prompt
 from model import GPT, GPTConfig, apply_lora
 
 OPTIONS = {
@@ -49,11 +49,11 @@ def parse_args(argv):
 
 
 def load_model(path):
-    """Returns (model, tokenizer name or None) from a run directory, checkpoint or HF directory."""
+    """Returns (model, what it was trained with: {"tokenizer", "template"} or {}) from a run
+    directory, a checkpoint file, or a Hugging Face directory (ours carry sft_config.json)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         meta = os.path.join(path, "sft_config.json")
-        tokenizer = json.load(open(meta))["tokenizer"] if os.path.isfile(meta) else None
-        return GPT.from_pretrained(path), tokenizer
+        return GPT.from_pretrained(path), json.load(open(meta)) if os.path.isfile(meta) else {}
     from train_sft import find_checkpoint
     checkpoint_path = find_checkpoint(path)
     if checkpoint_path is None:
@@ -65,7 +65,7 @@ def load_model(path):
         apply_lora(model, options["lora_dim"], lora_scaling=options["lora_scaling"],
                    module_name=options["lora_module_name"])
     model.load_state_dict(checkpoint["model"])
-    return model, options["tokenizer"]
+    return model, {"tokenizer": options["tokenizer"], "template": options["template"]}
 
 
 def main(argv):
@@ -73,9 +73,10 @@ def main(argv):
     torch.manual_seed(args["seed"])
     device = "cuda" if args["device"] == "auto" and torch.cuda.is_available() else args["device"]
     device = "cpu" if device == "auto" else device
-    model, trained_tokenizer = load_model(args["model"])
+    model, trained_with = load_model(args["model"])
     model.to(device).eval()
-    tokenizer = get_tokenizer(args["tokenizer"] or trained_tokenizer or "gpt2")
+    tokenizer = get_tokenizer(args["tokenizer"] or trained_with.get("tokenizer", "gpt2"))
+    template = trained_with.get("template", DEFAULT_TEMPLATE)
 
     def respond(context):
         ids = tokenizer.encode(context, allowed_special="all")[-model.config.block_size + 1:]
@@ -84,7 +85,7 @@ def main(argv):
         return tokenizer.decode(new)
 
     if args["prompt"]:
-        print(respond(render_prompt(args["prompt"])))
+        print(respond(render_prompt(args["prompt"], template)))
         return
     history = ""  # earlier turns, so the model sees the conversation
     while True:
@@ -94,7 +95,7 @@ def main(argv):
             break
         if not user:
             break
-        context = history + render_prompt(user)
+        context = history + render_prompt(user, template)
         reply = respond(context)
         print(f"model> {reply}")
         history = context + reply + tokenizer.decode([tokenizer.eot_token])

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import time
 
@@ -283,8 +284,11 @@ def build_model(cfg, vocab_size, checkpoint):
                               bias=cfg["bias"], attn_window=cfg["attn_window"],
                               gradient_checkpointing=cfg["gradient_checkpointing"]))
     else:
-        model = GPT.from_pretrained(cfg["init_from"], dropout=cfg["dropout"], attn_window=cfg["attn_window"],
-                                    gradient_checkpointing=cfg["gradient_checkpointing"])
+        try:
+            model = GPT.from_pretrained(cfg["init_from"], dropout=cfg["dropout"], attn_window=cfg["attn_window"],
+                                        gradient_checkpointing=cfg["gradient_checkpointing"])
+        except (OSError, ValueError) as e:  # from_pretrained's messages name the file and the field
+            raise OptionError(f"--init_from={cfg['init_from']}: {e}") from None
         if model.config.vocab_size < vocab_size:
             raise OptionError(f"--init_from={cfg['init_from']} has vocab_size {model.config.vocab_size}, "
                               f"smaller than tokenizer {cfg['tokenizer']}'s {vocab_size}")
@@ -344,6 +348,13 @@ def peak_flops(device):
         if key in name:
             return flops
     return None
+
+
+def peak_memory_gib(device):
+    """Peak tensor memory on a GPU; on a CPU, this process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 # -----------------------------------------------------------------------------
@@ -470,7 +481,7 @@ def main(argv):
     cfg, explicit = parse_options(argv)
     rank, local_rank, world, device = setup_distributed(cfg)
     master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     check_output_dir(cfg["output_dir"])
 
     # A checkpoint to resume (the whole run's state) or to start from (the model's shape and weights).
@@ -491,15 +502,17 @@ def main(argv):
     seed_everything(cfg["seed"])
 
     # Data: tokenized once per machine and cached; every rank draws its own micro-batches.
-    tokenizer = get_tokenizer(cfg["tokenizer"])
-    train_set, eval_set = prepare_data(
-        cfg["data_path"], cfg["tokenizer"], cfg["max_seq_len"], eval_data_path=cfg["eval_data_path"],
-        data_split=cfg["data_split"], data_format=cfg["data_format"], template=cfg["template"],
-        loss_on_prompt=cfg["loss_on_prompt"],
-        truncate_prompt=cfg["truncate_prompt"], skip_bad_rows=cfg["skip_bad_rows"], seed=cfg["seed"],
-        cache_dir=cfg["cache_dir"], log=log)
-    batches = Batches(train_set, cfg["batch_size"], rank=rank, world_size=world, seed=cfg["seed"],
-                      packing=cfg["packing"], group_by_length=cfg["group_by_length"])
+    try:  # a data problem (DataError included) is bad input: its message names the file, line or option
+        tokenizer = get_tokenizer(cfg["tokenizer"])
+        train_set, eval_set = prepare_data(
+            cfg["data_path"], cfg["tokenizer"], cfg["max_seq_len"], eval_data_path=cfg["eval_data_path"],
+            data_split=cfg["data_split"], data_format=cfg["data_format"], template=cfg["template"],
+            loss_on_prompt=cfg["loss_on_prompt"], truncate_prompt=cfg["truncate_prompt"],
+            skip_bad_rows=cfg["skip_bad_rows"], seed=cfg["seed"], cache_dir=cfg["cache_dir"], log=log)
+        batches = Batches(train_set, cfg["batch_size"], rank=rank, world_size=world, seed=cfg["seed"],
+                          packing=cfg["packing"], group_by_length=cfg["group_by_length"])
+    except (OSError, ValueError) as e:
+        raise OptionError(str(e)) from None
     accum = cfg["gradient_accumulation_steps"]
     total_steps = cfg["max_steps"] or cfg["num_train_epochs"] * batches.batches_per_epoch // accum
     if total_steps < 1:
@@ -569,7 +582,7 @@ def main(argv):
                 "step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "batches": batches.state_dict(), "rng": rngs,
                 "options": cfg, "model_config": vars(raw_model.config).copy()}, cfg["keep_checkpoints"])
-            tqdm.write(f"checkpoint step {step} -> {path}")
+            log(f"checkpoint step {step} -> {path}")
 
     progress = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="sft")
     nonfinite_in_a_row = 0
@@ -578,10 +591,12 @@ def main(argv):
         # Fetch the step's micro-batches first: the loss is normalised by the trained tokens of the
         # whole step on all ranks, so splitting a batch differently cannot change the result.
         micro = [batches.next_batch() for _ in range(accum)]
-        trained = torch.tensor(float(sum((b["labels"] != -100).sum().item() for b in micro)), device=device)
+        counts = torch.tensor([float(sum((b["labels"] != -100).sum() for b in micro)),
+                               float(sum(b["input_ids"].numel() for b in micro))], device=device)
         if world > 1:
-            dist.all_reduce(trained)
-        trained = trained.clamp(min=1)
+            dist.all_reduce(counts)
+        trained = counts[0].clamp(min=1)
+        window_tokens += counts[1]  # positions processed by all ranks (a tensor: no device sync here)
 
         lr = cfg["learning_rate"] * lr_multiplier(step, cfg, total_steps)
         for group in optimizer.param_groups:
@@ -597,7 +612,6 @@ def main(argv):
                 loss = model(idx, labels, segment_ids=segments)
             scaler.scale(loss * weight).backward()
             step_loss += loss.detach().float() * weight / world
-            window_tokens += idx.numel() * world
         if world > 1:
             dist.all_reduce(step_loss)
 
@@ -629,17 +643,15 @@ def main(argv):
         if step % cfg["log_interval"] == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                      "tokens_per_s": window_tokens / elapsed, "epoch": batches.epoch,
+                      "tokens_per_s": float(window_tokens) / elapsed, "epoch": batches.epoch,
                       "padding": batches.padding_fraction}
             if peak:
                 record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * world)
-            if device.type == "cuda":
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            record["peak_mem_gib"] = peak_memory_gib(device)
             if master:
                 metrics.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in record.items()))
+                log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             window_tokens, window_start = 0, time.perf_counter()
         pause = time.perf_counter()  # eval and checkpoints do not count against tokens/s
         if cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and step < total_steps:
@@ -662,6 +674,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except OptionError as e:
+    except OptionError as e:  # bad input: one sentence, no traceback
         print(f"train_sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)

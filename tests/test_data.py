@@ -431,13 +431,17 @@ def test_demo_task_is_deterministic_held_out_short_and_correct(tmp_path):
     train, evaluation = ([json.loads(line) for line in open(p)] for p in first)
     assert len(train) >= 20000 and len(evaluation) >= 500
     assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in evaluation)
+    shift = str.maketrans("abcdefghijklmnopqrstuvwxyz", "bcdefghijklmnopqrstuvwxyza")
     answers = {"reverse": lambda w: w[::-1], "sort": lambda d: "".join(sorted(d)), "upper": str.upper,
-               "add": lambda s: str(sum(map(int, s.split("+")))), "count": lambda s: str(s[2:].count(s[0]))}
+               "shift": lambda w: w.translate(shift), "double": lambda w: "".join(c * 2 for c in w)}
+    tasks = set()
     for row in train + evaluation:
         task, _, arg = row["prompt"].partition(" ")
-        assert answers[task](arg.replace(" in ", " ")) == row["response"]
+        assert answers[task](arg) == row["response"]
+        tasks.add(task)
         assert len(data.DEFAULT_TEMPLATE.format(**row).encode()) + 1 < 64
         assert len(data.DEMO_TEMPLATE.format(**row).encode()) + 1 <= 24
+    assert tasks == set(answers)
 
 
 def test_demo_data_path(tmp_path):

@@ -193,3 +193,21 @@ def test_lora_trains_only_the_factors(tmp_path, data_file):
     trained = state["optimizer"]["state"]
     n_lora = sum(1 for k in state["model"] if "lora_" in k)
     assert n_lora > 0 and len(trained) == n_lora
+
+
+def test_sample_answers_from_a_run_a_checkpoint_and_the_hf_export(tmp_path, data_file):
+    out = tmp_path / "run"
+    run([f"--data_path={data_file}", "--max_steps=2", "--template={prompt}={response}", f"--output_dir={out}"],
+        tmp_path)
+    hf_meta = json.loads((out / "hf" / "sft_config.json").read_text())
+    assert hf_meta == {"tokenizer": "byte", "template": "{prompt}={response}"}
+    answers = []
+    for model in (out, out / "ckpt-00000002.pt", out / "hf"):
+        proc = subprocess.run([sys.executable, "sample.py", f"--model={model}", "--prompt=reverse abc",
+                               "--max_new_tokens=5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        answers.append(proc.stdout)
+    assert answers[0] == answers[1] == answers[2]  # the same greedy answer, whatever the form of the model
+    proc = subprocess.run([sys.executable, "sample.py", f"--model={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "neither a Hugging Face directory nor holds a checkpoint" in proc.stderr
