@@ -49,8 +49,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     of logits is ever alive and the backward keeps just the (n, C) and (V, C) gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, keep, chunk_size):
-        want_h, want_w = ctx.needs_input_grad[:2]
+    def forward(ctx, hidden, weight, labels, keep, chunk_size, grad_enabled):
+        # needs_input_grad stays True under torch.no_grad: eval must not pay for gradients.
+        want_h, want_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
         h, y = hidden[keep], labels[keep]  # (n, C), (n,): only the rows that count
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp16 inputs, fp64 stays fp64
         loss_sum = torch.zeros((), device=h.device, dtype=acc)
@@ -76,7 +77,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, keep, grad_h * scale.to(grad_h.dtype))
         if grad_w is not None:
             grad_weight = (grad_w * scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=1024):
@@ -88,7 +89,7 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=1
     keep = (labels != ignore_index).nonzero().squeeze(1)  # (n,)
     if keep.numel() == 0:
         return hidden[:0].sum() + weight[:0].sum()  # exactly 0.0; backward gives zero gradients
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, keep, chunk_size)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, keep, chunk_size, torch.is_grad_enabled())
 
 
 # ----------------------------------------------------------------------------- the transformer

@@ -1,8 +1,8 @@
 """
 Generate from a trained model: one prompt, or an interactive chat, in the training template.
 
-    python sample.py --model=out/demo --prompt="reverse: hello"
-    python sample.py --model=out/demo                      # chat; an empty line or Ctrl-D quits
+    python sample.py --model=out/demo --prompt="reverse hello"
+    python sample.py --model=out/demo --history=false      # chat; an empty line or Ctrl-D quits
     python sample.py --model=/path/to/gpt2 --tokenizer=gpt2 --prompt="..." --temperature=0.7 --top_p=0.9
 
 --model is a run directory (its latest checkpoint), a checkpoint file, or a Hugging Face GPT-2
@@ -16,11 +16,13 @@ import sys
 import torch
 
 from data import DEFAULT_TEMPLATE, get_tokenizer, render_prompt
-from model import GPT, GPTConfig, apply_lora
+from model import GPT
+from train_sft import OptionError, build_model, find_checkpoint, load_checkpoint, parse_options
 
 OPTIONS = {
     "model": ("out/demo", "run directory, checkpoint file, or Hugging Face GPT-2 directory"),
     "prompt": ("", "generate one response to this prompt and exit; empty = interactive chat"),
+    "history": (True, "chat: show the model the earlier turns (false for models trained on single turns)"),
     "tokenizer": ("", "gpt2 | byte; empty = what the model was trained with (gpt2 for foreign directories)"),
     "max_new_tokens": (200, "most tokens generated per response"),
     "temperature": (0.0, "0 = greedy; higher = more random"),
@@ -29,23 +31,7 @@ OPTIONS = {
     "seed": (1337, "random seed for sampling"),
     "device": ("auto", "auto | cpu | cuda"),
 }
-
-
-def parse_args(argv):
-    args = {name: default for name, (default, _) in OPTIONS.items()}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__.strip() + "\n\nOptions:\n" + "\n".join(
-                f"  --{n:<16} {m} [default: {d!r}]" for n, (d, m) in OPTIONS.items()))
-            sys.exit(0)
-        name, _, value = arg.lstrip("-").partition("=")
-        if not arg.startswith("--") or name not in OPTIONS:
-            sys.exit(f"sample.py: error: unknown option {arg} (--help lists them)")
-        try:
-            args[name] = type(OPTIONS[name][0])(value)
-        except ValueError:
-            sys.exit(f"sample.py: error: --{name} must be {type(OPTIONS[name][0]).__name__}, got {value!r}")
-    return args
+CHOICES = {"tokenizer": ("", "gpt2", "byte"), "device": ("auto", "cpu", "cuda")}
 
 
 def load_model(path):
@@ -53,26 +39,25 @@ def load_model(path):
     directory, a checkpoint file, or a Hugging Face directory (ours carry sft_config.json)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         meta = os.path.join(path, "sft_config.json")
-        return GPT.from_pretrained(path), json.load(open(meta)) if os.path.isfile(meta) else {}
-    from train_sft import find_checkpoint
+        try:
+            model = GPT.from_pretrained(path)
+        except (OSError, ValueError) as e:  # its messages name the file and the field
+            raise OptionError(f"--model={path}: {e}") from None
+        return model, json.load(open(meta)) if os.path.isfile(meta) else {}
     checkpoint_path = find_checkpoint(path)
     if checkpoint_path is None:
-        sys.exit(f"sample.py: error: --model={path} is neither a Hugging Face directory nor holds a checkpoint")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        raise OptionError(f"--model={path} is neither a Hugging Face directory nor holds a checkpoint")
+    checkpoint = load_checkpoint(checkpoint_path)
     options = checkpoint["options"]
-    model = GPT(GPTConfig(**checkpoint["model_config"]))
-    if options["lora_dim"]:
-        apply_lora(model, options["lora_dim"], lora_scaling=options["lora_scaling"],
-                   module_name=options["lora_module_name"])
-    model.load_state_dict(checkpoint["model"])
-    return model, {"tokenizer": options["tokenizer"], "template": options["template"]}
+    return build_model(options, None, checkpoint), {"tokenizer": options["tokenizer"], "template": options["template"]}
 
 
 def main(argv):
-    args = parse_args(argv)
+    args, _ = parse_options(argv, OPTIONS, CHOICES, __doc__)
     torch.manual_seed(args["seed"])
-    device = "cuda" if args["device"] == "auto" and torch.cuda.is_available() else args["device"]
-    device = "cpu" if device == "auto" else device
+    device = args["device"] if args["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device=cuda but no CUDA device is available")
     model, trained_with = load_model(args["model"])
     model.to(device).eval()
     tokenizer = get_tokenizer(args["tokenizer"] or trained_with.get("tokenizer", "gpt2"))
@@ -98,8 +83,13 @@ def main(argv):
         context = history + render_prompt(user, template)
         reply = respond(context)
         print(f"model> {reply}")
-        history = context + reply + tokenizer.decode([tokenizer.eot_token])
+        if args["history"]:
+            history = context + reply + tokenizer.decode([tokenizer.eot_token])
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except OptionError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

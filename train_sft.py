@@ -114,16 +114,16 @@ class OptionError(ValueError):
     """A bad option, config file or output directory: the message says which and why."""
 
 
-def usage():
-    lines = [__doc__.strip(), "", "Options (--key=value; booleans also as --key):"]
-    for name, (default, meaning) in OPTIONS.items():
+def usage(options, doc):
+    lines = [doc.strip(), "", "Options (--key=value; booleans also as --key):"]
+    for name, (default, meaning) in options.items():
         lines.append(f"  --{name:<28} {meaning} [default: {default!r}]")
     return "\n".join(lines)
 
 
-def convert(name, value, source):
+def convert(name, value, source, options, choices):
     """Turns a string or config-file value into the type of the option's default."""
-    default = OPTIONS[name][0]
+    default = options[name][0]
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -139,39 +139,40 @@ def convert(name, value, source):
         value = float(value)
     if type(value) is not type(default):
         raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}")
-    if name in CHOICES and value not in CHOICES[name]:
-        raise OptionError(f"{source}: --{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    if name in choices and value not in choices[name]:
+        raise OptionError(f"{source}: --{name} must be one of {', '.join(choices[name])}, got {value!r}")
     return value
 
 
-def parse_options(argv):
-    """Defaults, then an optional python config file, then --key=value overrides.
+def parse_options(argv, options=OPTIONS, choices=CHOICES, doc=__doc__):
+    """Defaults, then an optional python config file, then --key=value overrides (sample.py
+    reuses this with its own options).
 
     Returns (options as a dict, the names set explicitly by a file or the command line)."""
-    cfg = {name: default for name, (default, _) in OPTIONS.items()}
+    cfg = {name: default for name, (default, _) in options.items()}
     explicit = set()
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(usage())
+            print(usage(options, doc))
             sys.exit(0)
         if not arg.startswith("--"):
-            for name, value in read_config_file(arg).items():
-                cfg[name] = convert(name, value, arg)
+            for name, value in read_config_file(arg, options).items():
+                cfg[name] = convert(name, value, arg, options, choices)
                 explicit.add(name)
             continue
         name, has_value, value = arg[2:].partition("=")
-        if name not in OPTIONS:
-            raise OptionError(f"unknown option --{name} (python train_sft.py --help lists them)")
+        if name not in options:
+            raise OptionError(f"unknown option --{name} (--help lists them)")
         if not has_value:
-            if not isinstance(OPTIONS[name][0], bool):
+            if not isinstance(options[name][0], bool):
                 raise OptionError(f"--{name} needs a value: --{name}=...")
             value = "true"
-        cfg[name] = convert(name, value, "command line")
+        cfg[name] = convert(name, value, "command line", options, choices)
         explicit.add(name)
     return cfg, explicit
 
 
-def read_config_file(path):
+def read_config_file(path, options):
     """Runs a python config file and returns the options it assigns; any other name is an error."""
     if not os.path.isfile(path):
         raise OptionError(f"config file {path} does not exist")
@@ -183,7 +184,7 @@ def read_config_file(path):
     values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
               and not isinstance(v, type(os))}
     for name in values:
-        if name not in OPTIONS:
+        if name not in options:
             raise OptionError(f"config file {path} sets unknown option {name!r}")
     return values
 
@@ -554,11 +555,12 @@ def main(argv):
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     checkpoint = None  # free the host memory it holds
 
-    n_params = raw_model.num_params()
+    n_params = raw_model.num_params(non_embedding=False)
+    n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
     flops_per_token = raw_model.flops_per_token(cfg["max_seq_len"])
     peak = peak_flops(device)
-    log(f"model: {n_params / 1e6:.2f}M parameters, {sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trained; "
-        f"{world} rank(s) x {accum} x {cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}")
+    log(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained; {world} rank(s) x {accum} x "
+        f"{cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}")
     metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"]) if master else None
 
     def run_eval():

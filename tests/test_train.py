@@ -66,6 +66,12 @@ def test_help_lists_every_option(capsys):
         assert f"--{name}" in text and repr(default) in text
 
 
+def test_readme_documents_every_option():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for name, (default, meaning) in train_sft.OPTIONS.items():
+        assert f"| `{name}` | `{default!r}` | {meaning} |" in readme, name
+
+
 def test_options_are_typed_and_named_in_errors(tmp_path):
     cfg, explicit = train_sft.parse_options(["--max_steps=5", "--compile", "--packing=false", "--learning_rate=1"])
     assert cfg["max_steps"] == 5 and cfg["compile"] is True and cfg["packing"] is False
