@@ -528,9 +528,10 @@ def main(argv):
             raise OptionError("--only_optimize_lora needs --lora_dim > 0")
         only_optimize_lora(model)
     if cfg["kernels"] == "triton":
-        if device.type != "cuda":
-            raise OptionError("--kernels=triton needs a CUDA device; use --kernels=torch on CPU")
-        from kernels import fused_masked_linear_cross_entropy
+        from kernels import fused_masked_linear_cross_entropy, runs_on
+        if not runs_on(device):
+            raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
+                              "use --kernels=torch on CPU")
         model.loss_fn = fused_masked_linear_cross_entropy
     if cfg["neftune_alpha"] > 0:
         add_neftune_noise(model, cfg["neftune_alpha"])
@@ -560,7 +561,8 @@ def main(argv):
     flops_per_token = raw_model.flops_per_token(cfg["max_seq_len"])
     peak = peak_flops(device)
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained; {world} rank(s) x {accum} x "
-        f"{cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}")
+        f"{cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}; "
+        f"loss {raw_model.loss_fn.__module__}.{raw_model.loss_fn.__name__}")
     metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"]) if master else None
 
     def run_eval():

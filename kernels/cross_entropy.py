@@ -96,6 +96,11 @@ def _interpreted():
     return type(_softmax_grad_kernel).__name__ == "InterpretedFunction"
 
 
+def runs_on(device):
+    """Whether the Triton kernel can run on this torch.device: a GPU, or any device under the interpreter."""
+    return device.type == "cuda" or _interpreted()
+
+
 def _kept_rows(labels, vocab_size, ignore_index):
     """Indices of the rows that carry a label; one host sync also checks the label range."""
     kept = labels != ignore_index

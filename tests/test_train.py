@@ -32,15 +32,15 @@ def data_file(tmp_path_factory):
     return str(path)
 
 
-def run(args, tmp_path, nproc=1, check=True):
-    """Runs the trainer in a fresh process; returns the completed process."""
+def run(args, tmp_path, nproc=1, check=True, env=None):
+    """Runs the trainer in a fresh process (environment: ours plus env); returns the completed process."""
     cache = ["--cache_dir=" + str(tmp_path / "cache")] if not any(a.startswith("--cache_dir") for a in args) else []
     if nproc == 1:
         cmd = [sys.executable, "train_sft.py"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "train_sft.py"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(cmd + TINY + cache + list(args), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     if check and proc.returncode != 0:
@@ -217,3 +217,24 @@ def test_sample_answers_from_a_run_a_checkpoint_and_the_hf_export(tmp_path, data
     proc = subprocess.run([sys.executable, "sample.py", f"--model={tmp_path}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and "neither a Hugging Face directory nor holds a checkpoint" in proc.stderr
+
+
+def test_triton_kernel_trains_like_the_torch_loss(tmp_path, data_file):
+    """The fused kernel inside real training steps; without a GPU it runs under Triton's interpreter
+    (tests/conftest.py sets TRITON_INTERPRET=1, which the trainer's process inherits)."""
+    common = [f"--data_path={data_file}", "--max_steps=3", "--eval_exact_match=0"]
+    assert "loss model.linear_cross_entropy" in run(common + ["--kernels=torch", f"--output_dir={tmp_path}/torch"],
+                                                    tmp_path).stdout
+    proc = run(common + ["--kernels=triton", f"--output_dir={tmp_path}/triton"], tmp_path)
+    assert "loss kernels.cross_entropy.fused_masked_linear_cross_entropy" in proc.stdout
+    torch_losses, triton_losses = train_losses(tmp_path / "torch"), train_losses(tmp_path / "triton")
+    assert sorted(triton_losses) == [1, 2, 3]
+    for step, loss in torch_losses.items():
+        assert abs(triton_losses[step] - loss) <= 1e-5 * loss, (step, loss, triton_losses[step])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_triton_kernel_on_cpu_without_interpreter_is_refused(tmp_path, data_file):
+    proc = run([f"--data_path={data_file}", "--kernels=triton", f"--output_dir={tmp_path}/run"], tmp_path,
+               check=False, env={"TRITON_INTERPRET": "0"})
+    assert proc.returncode == 2 and "--kernels=triton needs a CUDA device" in proc.stderr
