@@ -102,6 +102,9 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
 }
+# Numbers are never negative; these must be at least 1 (max_seq_len at least 2).
+AT_LEAST_ONE = ("batch_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "log_interval",
+                "keep_checkpoints", "max_nonfinite_steps", "num_train_epochs")
 # Options that shape the model: a checkpoint to start from must agree with them.
 MODEL_OPTIONS = ("tokenizer", "n_layer", "n_head", "n_embd", "bias", "lora_dim", "lora_scaling", "lora_module_name")
 # Options that a resumed run may change; every other one is the checkpoint's.
@@ -139,6 +142,9 @@ def convert(name, value, source, options, choices):
         value = float(value)
     if type(value) is not type(default):
         raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}")
+    minimum = 2 if name == "max_seq_len" else 1 if name in AT_LEAST_ONE else 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+        raise OptionError(f"{source}: --{name} must be at least {minimum}, got {value!r}")
     if name in choices and value not in choices[name]:
         raise OptionError(f"{source}: --{name} must be one of {', '.join(choices[name])}, got {value!r}")
     return value
@@ -271,8 +277,9 @@ def adopt_checkpoint_options(cfg, explicit, saved, path, names):
         cfg[name] = saved[name]
 
 
-def build_model(cfg, vocab_size, checkpoint):
-    """A checkpoint (its own config), a Hugging Face GPT-2 directory, or scratch; then LoRA."""
+def build_model(cfg, n_vocab, checkpoint):
+    """A checkpoint (its own config), a Hugging Face GPT-2 directory, or scratch; then LoRA.
+    n_vocab is the tokenizer's; from scratch it is padded to a multiple of 64, which runs faster."""
     if checkpoint is not None:
         model = GPT(GPTConfig(**checkpoint["model_config"]))
         if cfg["lora_dim"]:
@@ -280,9 +287,9 @@ def build_model(cfg, vocab_size, checkpoint):
         model.load_state_dict(checkpoint["model"])
         return model
     if cfg["init_from"] == "scratch":
-        model = GPT(GPTConfig(block_size=cfg["max_seq_len"], vocab_size=vocab_size, n_layer=cfg["n_layer"],
-                              n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
-                              bias=cfg["bias"], attn_window=cfg["attn_window"],
+        model = GPT(GPTConfig(block_size=cfg["max_seq_len"], vocab_size=-(-n_vocab // 64) * 64,
+                              n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                              dropout=cfg["dropout"], bias=cfg["bias"], attn_window=cfg["attn_window"],
                               gradient_checkpointing=cfg["gradient_checkpointing"]))
     else:
         try:
@@ -290,9 +297,9 @@ def build_model(cfg, vocab_size, checkpoint):
                                         gradient_checkpointing=cfg["gradient_checkpointing"])
         except (OSError, ValueError) as e:  # from_pretrained's messages name the file and the field
             raise OptionError(f"--init_from={cfg['init_from']}: {e}") from None
-        if model.config.vocab_size < vocab_size:
+        if model.config.vocab_size < n_vocab:
             raise OptionError(f"--init_from={cfg['init_from']} has vocab_size {model.config.vocab_size}, "
-                              f"smaller than tokenizer {cfg['tokenizer']}'s {vocab_size}")
+                              f"smaller than tokenizer {cfg['tokenizer']}'s {n_vocab}")
     if cfg["lora_dim"]:
         add_lora(model, cfg)
     return model
@@ -520,9 +527,11 @@ def main(argv):
         raise OptionError(f"{len(train_set)} training samples make no full optimizer step of "
                           f"{world} ranks x {accum} micro-batches x {cfg['batch_size']}")
 
-    # Model: padded vocabulary (a multiple of 64 runs faster), LoRA, precision, the loss kernel.
-    vocab_size = -(-tokenizer.n_vocab // 64) * 64
-    model = build_model(cfg, vocab_size, checkpoint)
+    # Model: from scratch, a Hugging Face directory or a checkpoint; LoRA, precision, the loss kernel.
+    model = build_model(cfg, tokenizer.n_vocab, checkpoint)
+    if cfg["max_seq_len"] - 1 > model.config.block_size:
+        raise OptionError(f"--max_seq_len={cfg['max_seq_len']} needs {cfg['max_seq_len'] - 1} positions but the "
+                          f"model has {model.config.block_size}")
     if cfg["only_optimize_lora"]:
         if not cfg["lora_dim"]:
             raise OptionError("--only_optimize_lora needs --lora_dim > 0")

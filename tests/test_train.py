@@ -78,7 +78,8 @@ def test_options_are_typed_and_named_in_errors(tmp_path):
     assert cfg["learning_rate"] == 1.0 and explicit == {"max_steps", "compile", "packing", "learning_rate"}
     bad = {"--max_step=5": "unknown option --max_step", "--max_steps=five": "--max_steps must be int",
            "--compile=maybe": "--compile must be true or false", "--dtype=fp8": "--dtype must be one of",
-           "--batch_size": "--batch_size needs a value"}
+           "--batch_size": "--batch_size needs a value", "--batch_size=0": "--batch_size must be at least 1",
+           "--learning_rate=-1e-3": "--learning_rate must be at least 0", "--max_seq_len=1": "at least 2"}
     for arg, message in bad.items():
         with pytest.raises(train_sft.OptionError, match=message):
             train_sft.parse_options([arg])
@@ -238,3 +239,19 @@ def test_triton_kernel_on_cpu_without_interpreter_is_refused(tmp_path, data_file
     proc = run([f"--data_path={data_file}", "--kernels=triton", f"--output_dir={tmp_path}/run"], tmp_path,
                check=False, env={"TRITON_INTERPRET": "0"})
     assert proc.returncode == 2 and "--kernels=triton needs a CUDA device" in proc.stderr
+
+
+def test_init_from_a_hugging_face_directory(tmp_path, data_file):
+    """An unpadded vocabulary (GPT-2's 50257; here the byte tokenizer's 257) loads and trains."""
+    from model import GPT, GPTConfig
+    GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(tmp_path / "hf")
+    run([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", "--max_steps=2",
+         f"--output_dir={tmp_path}/run"], tmp_path)
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2]
+    proc = run([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", "--max_seq_len=100",
+                f"--output_dir={tmp_path}/long"], tmp_path, check=False)
+    assert proc.returncode == 2 and "--max_seq_len=100 needs 99 positions but the model has 64" in proc.stderr
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    proc = run([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", f"--output_dir={tmp_path}/broken"],
+               tmp_path, check=False)
+    assert proc.returncode == 2 and "no model.safetensors or pytorch_model.bin" in proc.stderr
