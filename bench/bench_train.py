@@ -123,7 +123,7 @@ def main():
     result = {"device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "shape": {**SHAPE, "batch": BATCH, "seq": SEQ, "dtype": "bfloat16", "masked_share": 0.5},
               "steps": steps, "warmup": warmup, "rows": rows}
-    out = ROOT / "bench" / "results" / f"train_{device.replace(' ', '_')}.json"
+    out = ROOT / "bench" / "results" / f"train_{device.replace(' ', '_').replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
