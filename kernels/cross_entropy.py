@@ -25,6 +25,9 @@ h and grad_h 12 MiB each, ~215 MiB at the peak; backward adds only the full (N, 
 grad_W is accumulated in W's dtype, not fp32 (147 MiB would break the 256 MiB budget or force
 small, slow chunks): each chunk's GEMM accumulates in fp32 and rounds once, so bf16 grad_W
 carries one rounding per chunk (7 at that shape), well inside bf16's own 1e-2 tolerance.
+fp16 is the exception: grad_W is a sum over every kept row before the 1/n of the mean, which
+overflows fp16's range (65,504) on large batches, so fp16 inputs are computed in fp32 (slower;
+bf16 is the fast path).
 """
 import torch
 import torch.nn.functional as F
@@ -155,7 +158,7 @@ class _FusedMaskedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, grad_enabled, chunk_bytes, block_v):
         rows, n_kept = _kept_rows(labels, weight.shape[0], ignore_index)
-        ctx.n_kept, ctx.rows, ctx.hidden_shape = n_kept, rows, hidden.shape
+        ctx.n_kept, ctx.rows, ctx.hidden_shape, ctx.dtype = n_kept, rows, hidden.shape, weight.dtype
         # needs_input_grad stays True under torch.no_grad; eval must not pay for gradients.
         need_grad_h, need_grad_w = [grad_enabled and need for need in ctx.needs_input_grad[:2]]
         if n_kept == 0:
@@ -165,6 +168,8 @@ class _FusedMaskedLinearCrossEntropy(torch.autograd.Function):
         all_kept = n_kept == hidden.shape[0]
         h = hidden.contiguous() if all_kept else hidden.index_select(0, rows)  # (n, C)
         kept_labels = (labels if all_kept else labels[rows]).long().contiguous()
+        if weight.dtype == torch.float16:  # grad_W sums over all rows, beyond fp16's range: work in fp32
+            h, weight = h.float(), weight.float()
         loss_sum, *ctx.grads = _loss_and_grads(h, weight, kept_labels, need_grad_h, need_grad_w, chunk_bytes, block_v)
         return loss_sum / n_kept
 
@@ -177,11 +182,11 @@ class _FusedMaskedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_output / max(ctx.n_kept, 1)
         grad_hidden = grad_weight = None
         if grad_h is not None:
-            grad_hidden = grad_h.mul_(scale)
+            grad_hidden = grad_h.mul_(scale).to(ctx.dtype)
             if ctx.n_kept < ctx.hidden_shape[0]:  # masked rows get zero gradient
-                grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, ctx.rows, grad_hidden)
+                grad_hidden = grad_hidden.new_zeros(ctx.hidden_shape).index_copy_(0, ctx.rows, grad_hidden)
         if grad_w is not None:
-            grad_weight = grad_w.mul_(scale)
+            grad_weight = grad_w.mul_(scale).to(ctx.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

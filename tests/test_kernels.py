@@ -203,3 +203,16 @@ def test_gpu_anchor_shape_peak_memory():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra <= 256 * 2**20, f"peak extra memory {extra / 2**20:.0f} MiB"
+
+
+def test_fp16_weight_gradient_does_not_overflow(ce):
+    """grad_W sums over every kept row before the mean's 1/n: in fp16 that sum leaves fp16's range
+    although the mean gradient itself is representable."""
+    hidden = torch.full((1000, 16), 100.0, device=DEVICE).half()
+    weight = torch.zeros(50, 16, device=DEVICE).half()
+    labels = torch.zeros(1000, dtype=torch.long, device=DEVICE)
+    loss, grad_h, grad_w = loss_and_grads(ce.fused_masked_linear_cross_entropy, hidden, weight, labels)
+    ref = loss_and_grads(ce.reference_masked_linear_cross_entropy, hidden, weight, labels, dtype=torch.float32)
+    assert torch.isfinite(grad_w).all() and grad_w.dtype == torch.float16
+    assert_rel_close(grad_w, ref[2], 1e-2, "grad weight")
+    assert_rel_close(grad_h, ref[1], 1e-2, "grad hidden")
