@@ -465,7 +465,14 @@ def build_cache(out_dir, train_sources, eval_sources, enc, settings, log=print):
         first = len(starts)
         examples, skipped = read_examples(path, settings["data_format"], settings["skip_bad_rows"], log)
         counts["bad_rows"] += skipped
-        for _, turns in examples:
+        for line, turns in examples:
+            if not render_prompt(turns[0][0], settings["template"]):
+                problem = (f"the prompt renders to nothing with template {settings['template']!r}, so the "
+                           f"response's first token would have nothing to be predicted from")
+                if not settings["skip_bad_rows"]:
+                    raise DataError(path, line, problem)
+                counts["bad_rows"] += 1
+                continue
             counts["rows"] += 1
             fitted = fit_length(*tokenize_turns(turns, enc, settings["template"], settings["loss_on_prompt"]),
                                 settings["max_seq_len"], settings["truncate_prompt"])
@@ -714,6 +721,8 @@ class Batches:
             raise ValueError(f"cannot resume {state} with {len(self.dataset)} samples on {self.world_size} ranks")
         self._start_epoch(state["epoch"])
         self.step = state["position"] // self.world_size
+        if self.step >= self.batches_per_epoch:  # on fewer batches per rank, the rest of that epoch is its tail
+            self._start_epoch(state["epoch"] + 1)
 
 
 # -----------------------------------------------------------------------------

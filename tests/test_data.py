@@ -370,6 +370,21 @@ def test_resume_on_another_world_size(varied):
     assert same(expected_pair, [ranks[0].next_batch(), ranks[1].next_batch()])
 
 
+def test_resume_in_an_epoch_tail_on_more_ranks_starts_the_next_epoch(varied):
+    """20 micro-batches per epoch: on 3 ranks each takes 6 and the last 2 are the dropped tail, so
+    a single-rank run stopped after 18 resumes on 3 ranks at the start of epoch 1."""
+    run = Batches(varied, 2, seed=5)
+    take(run, 18)
+    state = run.state_dict()
+    take(run, 2)
+    next_epoch = take(run, 3)
+    ranks = [Batches(varied, 2, rank=r, world_size=3, seed=5) for r in range(3)]
+    for r in ranks:
+        r.load_state_dict(state)
+    assert all(r.epoch == 1 for r in ranks)
+    assert same(next_epoch, [r.next_batch() for r in ranks])
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 GOOD = b'{"prompt": "a", "response": "b"}\n'
@@ -401,6 +416,15 @@ def test_bad_input_names_file_line_and_problem(tmp_path, name):
     with pytest.raises(DataError) as error:
         prepare(tmp_path, str(path))
     assert f"{path}:{line}: " in str(error.value) and problem in str(error.value)
+
+
+def test_a_prompt_that_renders_to_nothing_is_bad_input(tmp_path):
+    path = write(tmp_path / "a.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "", "response": "b"}])
+    with pytest.raises(DataError, match=f"{path}:2: the prompt renders to nothing"):
+        prepare(tmp_path, path, template="{prompt}{response}")
+    train, _ = prepare(tmp_path, path, template="{prompt}{response}", skip_bad_rows=True)
+    assert len(train) == 1 and train.stats["bad_rows"] == 1
+    assert len(prepare(tmp_path, path)[0]) == 2  # the default template always puts text before the response
 
 
 def test_skip_bad_rows_skips_counts_and_logs(tmp_path):
