@@ -749,9 +749,14 @@ def _parse_options(argv, options):
             sys.exit(f"unknown option {arg!r}; options: " + " ".join(f"--{k}={v}" for k, v in options.items()))
         default = options[key]
         if isinstance(default, bool):
+            if eq and value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                sys.exit(f"--{key} must be true or false, got {value!r}")
             options[key] = not eq or value.lower() in ("1", "true", "yes")
         else:
-            options[key] = type(default)(value)
+            try:
+                options[key] = type(default)(value)
+            except ValueError:
+                sys.exit(f"--{key} must be {type(default).__name__}, got {value!r}")
     return options
 
 
@@ -768,10 +773,13 @@ def main(argv):
         o = _parse_options(argv[1:], inspect_options)
         if not o["data_path"]:
             sys.exit("inspect needs --data_path=FILE (or --data_path=demo --tokenizer=byte)")
-        train, _ = prepare_data(o["data_path"], o["tokenizer"], o["max_seq_len"], eval_data_path=o["eval_data_path"],
-                                data_split=o["data_split"], data_format=o["data_format"], template=o["template"],
-                                loss_on_prompt=o["loss_on_prompt"], truncate_prompt=o["truncate_prompt"],
-                                skip_bad_rows=o["skip_bad_rows"], seed=o["seed"], cache_dir=o["cache_dir"])
+        try:  # bad data is reported as one line that names the file and line, not a traceback
+            train, _ = prepare_data(o["data_path"], o["tokenizer"], o["max_seq_len"], eval_data_path=o["eval_data_path"],
+                                    data_split=o["data_split"], data_format=o["data_format"], template=o["template"],
+                                    loss_on_prompt=o["loss_on_prompt"], truncate_prompt=o["truncate_prompt"],
+                                    skip_bad_rows=o["skip_bad_rows"], seed=o["seed"], cache_dir=o["cache_dir"])
+        except (OSError, ValueError) as e:
+            sys.exit(f"data.py: error: {e}")
         enc, color = get_tokenizer(o["tokenizer"]), sys.stdout.isatty()
         print("trained tokens are " + ("\033[32mgreen\033[0m" if color else "[[in double brackets]]"))
         for i in range(min(o["num_samples"], len(train))):

@@ -246,8 +246,10 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------- generation
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
-        """Continue each prompt; returns the new tokens per prompt, cut before eos_id.
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+                 vocab_limit=None):
+        """Continue each prompt; returns the new tokens per prompt, cut before eos_id. Ids at or above
+        vocab_limit are never produced (a vocabulary padded for speed has rows that are no token).
 
         Prompts of different lengths are left-padded into one batch; padding is masked out and positions
         count from each row's first real token, so a row's tokens do not depend on its batch mates. Once
@@ -266,6 +268,8 @@ class GPT(nn.Module):
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits, caches = self._next_token_logits(seq, pad, caches, capacity)  # (B, V)
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")
             token = sample_next_token(logits, temperature, top_k, top_p)  # (B,)
             new.append(token)
             if eos_id is not None:

@@ -9,7 +9,6 @@ Generate from a trained model: one prompt, or an interactive chat, in the traini
 directory (the hf/ export of a run, or any GPT-2 checkpoint on disk).
 """
 
-import json
 import os
 import sys
 
@@ -17,7 +16,7 @@ import torch
 
 from data import DEFAULT_TEMPLATE, get_tokenizer, render_prompt
 from model import GPT
-from train_sft import OptionError, build_model, find_checkpoint, load_checkpoint, parse_options
+from train_sft import OptionError, build_model, exported_options, find_checkpoint, load_checkpoint, parse_options
 
 OPTIONS = {
     "model": ("out/demo", "run directory, checkpoint file, or Hugging Face GPT-2 directory"),
@@ -32,18 +31,19 @@ OPTIONS = {
     "device": ("auto", "auto | cpu | cuda"),
 }
 CHOICES = {"tokenizer": ("", "gpt2", "byte"), "device": ("auto", "cpu", "cuda")}
+RANGES = {"top_p": (0.01, 1.0), "max_new_tokens": (1, None)}
 
 
 def load_model(path):
     """Returns (model, what it was trained with: {"tokenizer", "template"} or {}) from a run
     directory, a checkpoint file, or a Hugging Face directory (ours carry sft_config.json)."""
     if os.path.isfile(os.path.join(path, "config.json")):
-        meta = os.path.join(path, "sft_config.json")
+        trained_with = exported_options(path)
         try:
-            model = GPT.from_pretrained(path)
+            model = GPT.from_pretrained(path, attn_window=trained_with.get("attn_window", 0))
         except (OSError, ValueError) as e:  # its messages name the file and the field
             raise OptionError(f"--model={path}: {e}") from None
-        return model, json.load(open(meta)) if os.path.isfile(meta) else {}
+        return model, trained_with
     checkpoint_path = find_checkpoint(path)
     if checkpoint_path is None:
         raise OptionError(f"--model={path} is neither a Hugging Face directory nor holds a checkpoint")
@@ -53,7 +53,7 @@ def load_model(path):
 
 
 def main(argv):
-    args, _ = parse_options(argv, OPTIONS, CHOICES, __doc__)
+    args, _ = parse_options(argv, OPTIONS, CHOICES, RANGES, __doc__)
     torch.manual_seed(args["seed"])
     device = args["device"] if args["device"] != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -66,7 +66,8 @@ def main(argv):
     def respond(context):
         ids = tokenizer.encode(context, allowed_special="all")[-model.config.block_size + 1:]
         new = model.generate([ids], args["max_new_tokens"], temperature=args["temperature"],
-                             top_k=args["top_k"] or None, top_p=args["top_p"], eos_id=tokenizer.eot_token)[0]
+                             top_k=args["top_k"] or None, top_p=args["top_p"], eos_id=tokenizer.eot_token,
+                             vocab_limit=tokenizer.n_vocab)[0]
         return tokenizer.decode(new)
 
     if args["prompt"]:

@@ -27,8 +27,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import kernels
 from data import DEFAULT_TEMPLATE, Batches, get_tokenizer, prepare_data
-from model import GPT, GPTConfig, apply_lora, merge_lora, only_optimize_lora
+from model import GPT, GPTConfig, apply_lora, only_optimize_lora
 
 # -----------------------------------------------------------------------------
 # Options: name -> (default, meaning). A config file (python) may set any of them, then
@@ -60,7 +61,7 @@ OPTIONS = {
     "lora_dim": (0, "LoRA rank; 0 = no LoRA"),
     "lora_scaling": (1.0, "LoRA output scale numerator (delta is scaled by lora_scaling / lora_dim)"),
     "lora_module_name": ("h.", "LoRA wraps Linear layers whose name contains this (comma-separated patterns)"),
-    "only_optimize_lora": (False, "train the LoRA factors only; the base weights stay frozen"),
+    "only_optimize_lora": (False, "train the LoRA factors only (wrapped weights are always frozen; this freezes the rest)"),
     "kernels": ("torch", "loss implementation: torch | triton (fused masked linear + cross-entropy, CUDA)"),
     # optimization
     "batch_size": (8, "micro-batch size per device"),
@@ -102,9 +103,11 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
 }
-# Numbers are never negative; these must be at least 1 (max_seq_len at least 2).
-AT_LEAST_ONE = ("batch_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "log_interval",
-                "keep_checkpoints", "max_nonfinite_steps", "num_train_epochs")
+# Allowed ranges (lowest, highest or None), both inclusive; every other number must be at least 0.
+RANGES = {"max_seq_len": (2, None), "dropout": (0, 0.99), "beta1": (0, 0.9999), "beta2": (0, 0.9999),
+          "min_lr_ratio": (0, 1), **{name: (1, None) for name in (
+              "batch_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "log_interval",
+              "keep_checkpoints", "max_nonfinite_steps", "num_train_epochs")}}
 # Options that shape the model: a checkpoint to start from must agree with them.
 MODEL_OPTIONS = ("tokenizer", "n_layer", "n_head", "n_embd", "bias", "lora_dim", "lora_scaling", "lora_module_name")
 # Options that a resumed run may change; every other one is the checkpoint's.
@@ -124,7 +127,7 @@ def usage(options, doc):
     return "\n".join(lines)
 
 
-def convert(name, value, source, options, choices):
+def convert(name, value, source, options, choices, ranges):
     """Turns a string or config-file value into the type of the option's default."""
     default = options[name][0]
     if isinstance(default, bool):
@@ -142,15 +145,17 @@ def convert(name, value, source, options, choices):
         value = float(value)
     if type(value) is not type(default):
         raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}")
-    minimum = 2 if name == "max_seq_len" else 1 if name in AT_LEAST_ONE else 0
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
-        raise OptionError(f"{source}: --{name} must be at least {minimum}, got {value!r}")
+    low, high = ranges.get(name, (0, None))
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_number and (value < low or high is not None and value > high):
+        allowed = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise OptionError(f"{source}: --{name} must be {allowed}, got {value!r}")
     if name in choices and value not in choices[name]:
         raise OptionError(f"{source}: --{name} must be one of {', '.join(choices[name])}, got {value!r}")
     return value
 
 
-def parse_options(argv, options=OPTIONS, choices=CHOICES, doc=__doc__):
+def parse_options(argv, options=OPTIONS, choices=CHOICES, ranges=RANGES, doc=__doc__):
     """Defaults, then an optional python config file, then --key=value overrides (sample.py
     reuses this with its own options).
 
@@ -163,7 +168,7 @@ def parse_options(argv, options=OPTIONS, choices=CHOICES, doc=__doc__):
             sys.exit(0)
         if not arg.startswith("--"):
             for name, value in read_config_file(arg, options).items():
-                cfg[name] = convert(name, value, arg, options, choices)
+                cfg[name] = convert(name, value, arg, options, choices, ranges)
                 explicit.add(name)
             continue
         name, has_value, value = arg[2:].partition("=")
@@ -173,7 +178,7 @@ def parse_options(argv, options=OPTIONS, choices=CHOICES, doc=__doc__):
             if not isinstance(options[name][0], bool):
                 raise OptionError(f"--{name} needs a value: --{name}=...")
             value = "true"
-        cfg[name] = convert(name, value, "command line", options, choices)
+        cfg[name] = convert(name, value, "command line", options, choices, ranges)
         explicit.add(name)
     return cfg, explicit
 
@@ -238,7 +243,10 @@ def seed_everything(seed):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state in plain types and tensors, so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -246,7 +254,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -280,13 +289,16 @@ def adopt_checkpoint_options(cfg, explicit, saved, path, names):
 def build_model(cfg, n_vocab, checkpoint):
     """A checkpoint (its own config), a Hugging Face GPT-2 directory, or scratch; then LoRA.
     n_vocab is the tokenizer's; from scratch it is padded to a multiple of 64, which runs faster."""
-    if checkpoint is not None:
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
+    if checkpoint is not None:  # its shape; these three are the run's choice, not the checkpoint's
+        run_choices = {k: cfg[k] for k in ("dropout", "attn_window", "gradient_checkpointing")}
+        model = GPT(GPTConfig(**{**checkpoint["model_config"], **run_choices}))
         if cfg["lora_dim"]:
             add_lora(model, cfg)
         model.load_state_dict(checkpoint["model"])
         return model
     if cfg["init_from"] == "scratch":
+        if cfg["n_embd"] % cfg["n_head"]:
+            raise OptionError(f"--n_embd={cfg['n_embd']} must be a multiple of --n_head={cfg['n_head']}")
         model = GPT(GPTConfig(block_size=cfg["max_seq_len"], vocab_size=-(-n_vocab // 64) * 64,
                               n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
                               dropout=cfg["dropout"], bias=cfg["bias"], attn_window=cfg["attn_window"],
@@ -405,7 +417,7 @@ def pad_batch(samples, device):
 
 
 @torch.no_grad()
-def exact_match(model, eval_set, count, eot, device, autocast, rank, world):
+def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world):
     """Share of eval prompts whose greedy continuation equals the reference response exactly."""
     model.eval()
     indices = list(range(min(count, len(eval_set))))[rank::world]
@@ -414,9 +426,9 @@ def exact_match(model, eval_set, count, eot, device, autocast, rank, world):
         pairs = [eval_set.prompt_and_response(i) for i in indices[start:start + 64]]
         with autocast:
             outputs = model.generate([p for p, _ in pairs], max_new_tokens=max(len(r) for _, r in pairs),
-                                     temperature=0.0, eos_id=eot)
+                                     temperature=0.0, eos_id=tokenizer.eot_token, vocab_limit=tokenizer.n_vocab)
         for (_, reference), out in zip(pairs, outputs):
-            hits[0] += float(out + [eot] == reference)
+            hits[0] += float(out + [tokenizer.eot_token] == reference)
         hits[1] += len(pairs)
     if world > 1:
         dist.all_reduce(hits)
@@ -443,18 +455,29 @@ def save_checkpoint(output_dir, step, state, keep):
 
 def load_checkpoint(path):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types: no code
     except Exception as e:
         raise OptionError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or not {"options", "model", "model_config"} <= state.keys():
+        raise OptionError(f"{path} is not a train_sft.py checkpoint (for Hugging Face weights, give their directory)")
     state["path"] = path
     return state
 
 
 class MetricsLog:
-    """One JSON object per line in output_dir/metrics.jsonl (appended across resumes), and TensorBoard."""
+    """One JSON object per line in output_dir/metrics.jsonl (appended across resumes), and TensorBoard.
 
-    def __init__(self, output_dir, tensorboard):
+    A resumed run starts from its checkpoint's step, so records after that step (written before a
+    crash) are dropped: they are about to be written again."""
+
+    def __init__(self, output_dir, tensorboard, resumed_step=None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        if resumed_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resumed_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
         self.writer = None
         if tensorboard:
             try:
@@ -472,13 +495,23 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, record["step"])
 
 
+EXPORTED_OPTIONS = ("tokenizer", "template", "attn_window")  # what GPT-2's own config.json cannot say
+
+
 def export_hf(model, cfg, output_dir):
-    """The final model in Hugging Face GPT-2 format (LoRA merged), plus what sample.py needs to chat."""
+    """The final model in Hugging Face GPT-2 format (LoRA merged), plus sft_config.json with the
+    options that sample.py and a later --init_from need to use it as it was trained."""
     hf_dir = os.path.join(output_dir, "hf")
     model.save_pretrained(hf_dir)
     with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
-        json.dump({"tokenizer": cfg["tokenizer"], "template": cfg["template"]}, f, indent=1)
+        json.dump({name: cfg[name] for name in EXPORTED_OPTIONS}, f, indent=1)
     return hf_dir
+
+
+def exported_options(hf_dir):
+    """The sft_config.json of a Hugging Face directory that export_hf wrote; {} for any other."""
+    path = os.path.join(hf_dir, "sft_config.json")
+    return json.load(open(path)) if os.path.isfile(path) else {}
 
 
 # -----------------------------------------------------------------------------
@@ -491,6 +524,9 @@ def main(argv):
     master = rank == 0
     log = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     check_output_dir(cfg["output_dir"])
+    if cfg["kernels"] == "triton" and not kernels.runs_on(device):
+        raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
+                          "use --kernels=torch on CPU")
 
     # A checkpoint to resume (the whole run's state) or to start from (the model's shape and weights).
     checkpoint = None
@@ -507,6 +543,8 @@ def main(argv):
                               f"(config.json) nor a checkpoint")
         checkpoint = load_checkpoint(path)
         adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, MODEL_OPTIONS)
+    elif cfg["init_from"] != "scratch":  # a Hugging Face directory: ours say what they were trained with
+        cfg.update({k: v for k, v in exported_options(cfg["init_from"]).items() if k not in explicit})
     seed_everything(cfg["seed"])
 
     # Data: tokenized once per machine and cached; every rank draws its own micro-batches.
@@ -537,11 +575,7 @@ def main(argv):
             raise OptionError("--only_optimize_lora needs --lora_dim > 0")
         only_optimize_lora(model)
     if cfg["kernels"] == "triton":
-        from kernels import fused_masked_linear_cross_entropy, runs_on
-        if not runs_on(device):
-            raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
-                              "use --kernels=torch on CPU")
-        model.loss_fn = fused_masked_linear_cross_entropy
+        model.loss_fn = kernels.fused_masked_linear_cross_entropy
     if cfg["neftune_alpha"] > 0:
         add_neftune_noise(model, cfg["neftune_alpha"])
     model.to(device)
@@ -572,13 +606,16 @@ def main(argv):
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained; {world} rank(s) x {accum} x "
         f"{cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}; "
         f"loss {raw_model.loss_fn.__module__}.{raw_model.loss_fn.__name__}")
-    metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"]) if master else None
+    metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], step if cfg["resume"] else None) if master else None
 
     def run_eval():
+        if len(eval_set) == 0:
+            log(f"eval step {step}: skipped, the eval set is empty (see --data_split / --eval_data_path)")
+            return {}
         result = evaluate(raw_model, eval_set, cfg, device, autocast, rank, world)
         if cfg["eval_exact_match"]:
-            result |= exact_match(raw_model, eval_set, cfg["eval_exact_match"], tokenizer.eot_token, device,
-                                  autocast, rank, world)
+            result |= exact_match(raw_model, eval_set, cfg["eval_exact_match"], tokenizer, device, autocast,
+                                  rank, world)
         if master:
             metrics.write({"step": step, **result})
             log(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
@@ -611,9 +648,10 @@ def main(argv):
         trained = counts[0].clamp(min=1)
         window_tokens += counts[1]  # positions processed by all ranks (a tensor: no device sync here)
 
-        lr = cfg["learning_rate"] * lr_multiplier(step, cfg, total_steps)
+        multiplier = lr_multiplier(step, cfg, total_steps)
+        lr = cfg["learning_rate"] * multiplier
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr / cfg["learning_rate"]
+            group["lr"] = group["base_lr"] * multiplier
         step_loss = torch.zeros((), device=device)
         for i, b in enumerate(micro):
             idx, labels = b["input_ids"].to(device), b["labels"].to(device)
@@ -628,21 +666,25 @@ def main(argv):
         if world > 1:
             dist.all_reduce(step_loss)
 
-        if not torch.isfinite(step_loss):
+        finite = bool(torch.isfinite(step_loss))
+        if finite:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
+            # float16's scaler skips overflowing steps itself; otherwise NaN/Inf gradients must not reach the weights
+            finite = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+        if not finite:
             nonfinite_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
-            log(f"step {step}: loss is {step_loss.item()}, optimizer step skipped "
+            log(f"step {step}: NaN/Inf loss or gradient (loss {step_loss.item():.4g}), optimizer step skipped "
                 f"({nonfinite_in_a_row} in a row)")
             if nonfinite_in_a_row >= cfg["max_nonfinite_steps"]:
-                raise RuntimeError(f"loss was NaN/Inf for {nonfinite_in_a_row} steps in a row at step {step}: "
+                raise RuntimeError(f"NaN/Inf loss or gradient for {nonfinite_in_a_row} steps in a row at step {step}: "
                                    f"stopping instead of training on garbage (lower --learning_rate, "
                                    f"use --dtype=bfloat16, or check the data and init weights)")
             step += 1
             progress.update(1)
             continue
         nonfinite_in_a_row = 0
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
         scale_before = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
@@ -674,8 +716,8 @@ def main(argv):
         window_start += time.perf_counter() - pause
     progress.close()
 
+    checkpoint_now()  # first, so that nothing in the final eval can cost the trained model
     result = run_eval()
-    checkpoint_now()
     if master:
         log(f"exported Hugging Face model -> {export_hf(raw_model, cfg, cfg['output_dir'])}")
     if world > 1:

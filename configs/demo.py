@@ -1,4 +1,4 @@
-# The demo: a tiny GPT learns the built-in synthetic instruction tasks (reverse, sort, add, count,
+# The demo: a tiny GPT learns the built-in synthetic instruction tasks (reverse, sort, shift, double,
 # upper) from scratch on a CPU, scored by greedy exact match on 500 held-out prompts.
 #   torchrun --nproc_per_node=2 train_sft.py configs/demo.py
 data_path = "demo"

@@ -62,8 +62,8 @@ def test_help_lists_every_option(capsys):
         train_sft.parse_options(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name, (default, _) in train_sft.OPTIONS.items():
-        assert f"--{name}" in text and repr(default) in text
+    for name, (default, meaning) in train_sft.OPTIONS.items():
+        assert f"--{name:<28} {meaning} [default: {default!r}]" in text, name
 
 
 def test_readme_documents_every_option():
@@ -79,7 +79,8 @@ def test_options_are_typed_and_named_in_errors(tmp_path):
     bad = {"--max_step=5": "unknown option --max_step", "--max_steps=five": "--max_steps must be int",
            "--compile=maybe": "--compile must be true or false", "--dtype=fp8": "--dtype must be one of",
            "--batch_size": "--batch_size needs a value", "--batch_size=0": "--batch_size must be at least 1",
-           "--learning_rate=-1e-3": "--learning_rate must be at least 0", "--max_seq_len=1": "at least 2"}
+           "--learning_rate=-1e-3": "--learning_rate must be at least 0", "--max_seq_len=1": "at least 2",
+           "--dropout=2": "--dropout must be between 0 and 0.99"}
     for arg, message in bad.items():
         with pytest.raises(train_sft.OptionError, match=message):
             train_sft.parse_options([arg])
@@ -147,16 +148,17 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, data_file):
     full = tmp_path / "full"
     run(common + [f"--output_dir={full}"], tmp_path)
     assert sorted(os.listdir(full)) == ["ckpt-00000003.pt", "ckpt-00000006.pt", "hf", "metrics.jsonl"]
-    # Interrupted after step 3: a run directory holding only what existed then.
+    # Crashed after logging step 6 but before its checkpoint: the last checkpoint is step 3's, and
+    # metrics.jsonl already holds steps 4-6, which the resumed run must replace, not duplicate.
     part = tmp_path / "part"
     part.mkdir()
     shutil.copy(full / "ckpt-00000003.pt", part)
-    with open(full / "metrics.jsonl") as f, open(part / "metrics.jsonl", "w") as g:
-        g.writelines(line for line in f if json.loads(line)["step"] <= 3)
+    shutil.copy(full / "metrics.jsonl", part)
     proc = run(["--resume", f"--output_dir={part}"], tmp_path)
     assert "resumed from" in proc.stdout
     full_losses, resumed = train_losses(full), train_losses(part)
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    records = [json.loads(line) for line in open(part / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all(resumed[s] == full_losses[s] for s in (4, 5, 6)), (resumed, full_losses)
     # The exported model is the same as the uninterrupted run's.
     from safetensors.torch import load_file
@@ -183,20 +185,20 @@ def test_float16_skips_overflowing_steps(tmp_path, data_file):
 def test_nonfinite_loss_stops_the_run(tmp_path, data_file):
     good = tmp_path / "good"
     run([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={good}"], tmp_path)
-    checkpoint = torch.load(good / "ckpt-00000001.pt", weights_only=False)
+    checkpoint = torch.load(good / "ckpt-00000001.pt", weights_only=True)
     checkpoint["model"]["transformer.ln_f.weight"].fill_(float("nan"))
     torch.save(checkpoint, tmp_path / "broken.pt")
     proc = run([f"--init_from={tmp_path}/broken.pt", f"--data_path={data_file}", "--max_steps=10",
                 "--max_nonfinite_steps=2", f"--output_dir={tmp_path}/nan"], tmp_path, check=False)
     assert proc.returncode != 0
-    assert "loss was NaN/Inf for 2 steps in a row" in proc.stderr
+    assert "NaN/Inf loss or gradient for 2 steps in a row" in proc.stderr
 
 
 def test_lora_trains_only_the_factors(tmp_path, data_file):
     out = tmp_path / "lora"
     run([f"--data_path={data_file}", "--max_steps=2", "--lora_dim=4", "--only_optimize_lora",
          "--learning_rate=1e-2", f"--output_dir={out}"], tmp_path)
-    state = torch.load(out / "ckpt-00000002.pt", weights_only=False)
+    state = torch.load(out / "ckpt-00000002.pt", weights_only=True)
     trained = state["optimizer"]["state"]
     n_lora = sum(1 for k in state["model"] if "lora_" in k)
     assert n_lora > 0 and len(trained) == n_lora
@@ -204,10 +206,10 @@ def test_lora_trains_only_the_factors(tmp_path, data_file):
 
 def test_sample_answers_from_a_run_a_checkpoint_and_the_hf_export(tmp_path, data_file):
     out = tmp_path / "run"
-    run([f"--data_path={data_file}", "--max_steps=2", "--template={prompt}={response}", f"--output_dir={out}"],
-        tmp_path)
+    run([f"--data_path={data_file}", "--max_steps=2", "--template={prompt}={response}", "--attn_window=4",
+         f"--output_dir={out}"], tmp_path)
     hf_meta = json.loads((out / "hf" / "sft_config.json").read_text())
-    assert hf_meta == {"tokenizer": "byte", "template": "{prompt}={response}"}
+    assert hf_meta == {"tokenizer": "byte", "template": "{prompt}={response}", "attn_window": 4}
     answers = []
     for model in (out, out / "ckpt-00000002.pt", out / "hf"):
         proc = subprocess.run([sys.executable, "sample.py", f"--model={model}", "--prompt=reverse abc",
@@ -255,3 +257,17 @@ def test_init_from_a_hugging_face_directory(tmp_path, data_file):
     proc = run([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", f"--output_dir={tmp_path}/broken"],
                tmp_path, check=False)
     assert proc.returncode == 2 and "no model.safetensors or pytorch_model.bin" in proc.stderr
+
+
+def test_init_from_a_checkpoint_takes_its_shape_and_the_runs_own_choices(tmp_path, data_file):
+    base = tmp_path / "base"
+    run([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={base}"], tmp_path)
+    proc = run([f"--init_from={base}", f"--data_path={data_file}", "--max_steps=1", "--dropout=0.2",
+                "--attn_window=3", "--data_split=100,0", f"--output_dir={tmp_path}/next"], tmp_path)
+    assert "skipped, the eval set is empty" in proc.stdout  # rather than a perfect score on nothing
+    config = torch.load(tmp_path / "next" / "ckpt-00000001.pt", weights_only=True)["model_config"]
+    assert (config["n_embd"], config["dropout"], config["attn_window"]) == (32, 0.2, 3)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "foreign.pt")
+    proc = run([f"--init_from={tmp_path}/foreign.pt", f"--data_path={data_file}", f"--output_dir={tmp_path}/f"],
+               tmp_path, check=False)
+    assert proc.returncode == 2 and "foreign.pt is not a train_sft.py checkpoint" in proc.stderr
