@@ -716,10 +716,10 @@ def main(argv):
         window_start += time.perf_counter() - pause
     progress.close()
 
-    checkpoint_now()  # first, so that nothing in the final eval can cost the trained model
-    result = run_eval()
+    checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
     if master:
         log(f"exported Hugging Face model -> {export_hf(raw_model, cfg, cfg['output_dir'])}")
+    result = run_eval()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
