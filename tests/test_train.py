@@ -86,21 +86,20 @@ def test_options_are_typed_and_named_in_errors(tmp_path):
             train_sft.parse_options([arg])
 
 
-def test_config_file_errors_name_the_file(tmp_path):
+@pytest.mark.parametrize("name, text, message", [
+    ("broken", "n_layer = (\n", "broken.py failed to run: SyntaxError"),
+    ("unknown", "n_layers = 3\n", "unknown.py sets unknown option 'n_layers'"),
+    ("typed", "n_layer = 'three'\n", "typed.py: --n_layer must be int"),
+])
+def test_config_file_errors_name_the_file(tmp_path, name, text, message):
+    (tmp_path / f"{name}.py").write_text(text)
+    with pytest.raises(train_sft.OptionError, match=message):
+        train_sft.parse_options([str(tmp_path / f"{name}.py")])
+
+
+def test_config_file_then_command_line(tmp_path):
     with pytest.raises(train_sft.OptionError, match="nope.py does not exist"):
         train_sft.parse_options([str(tmp_path / "nope.py")])
-    broken = tmp_path / "broken.py"
-    broken.write_text("n_layer = (\n")
-    with pytest.raises(train_sft.OptionError, match="broken.py failed to run: SyntaxError"):
-        train_sft.parse_options([str(broken)])
-    unknown = tmp_path / "unknown.py"
-    unknown.write_text("n_layers = 3\n")
-    with pytest.raises(train_sft.OptionError, match="unknown.py sets unknown option 'n_layers'"):
-        train_sft.parse_options([str(unknown)])
-    typed = tmp_path / "typed.py"
-    typed.write_text("n_layer = 'three'\n")
-    with pytest.raises(train_sft.OptionError, match="typed.py: --n_layer must be int"):
-        train_sft.parse_options([str(typed)])
     good = tmp_path / "good.py"
     good.write_text("import math\nn_layer = 3\nlearning_rate = math.sqrt(4e-8)\n")
     cfg, explicit = train_sft.parse_options([str(good), "--n_layer=5"])
