@@ -35,7 +35,7 @@ RANGES = {"top_p": (0.01, 1.0), "max_new_tokens": (1, None)}
 
 
 def load_model(path):
-    """Returns (model, what it was trained with: {"tokenizer", "template"} or {}) from a run
+    """Returns (model, the options it was trained with, such as tokenizer and template, or {}) from a run
     directory, a checkpoint file, or a Hugging Face directory (ours carry sft_config.json)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         trained_with = exported_options(path)
