@@ -666,13 +666,13 @@ def main(argv):
         if world > 1:
             dist.all_reduce(step_loss)
 
-        finite = bool(torch.isfinite(step_loss))
-        if finite:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
-            # float16's scaler skips overflowing steps itself; otherwise NaN/Inf gradients must not reach the weights
-            finite = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
+        # The step's one device sync. float16's scaler skips overflowing gradients itself; otherwise a
+        # NaN/Inf loss or gradient must not reach the weights.
+        finite = bool(torch.isfinite(step_loss) & (torch.isfinite(grad_norm) | scaler.is_enabled()))
         if not finite:
+            scaler.update()  # float16: lowers the loss scale; otherwise nothing
             nonfinite_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
             log(f"step {step}: NaN/Inf loss or gradient (loss {step_loss.item():.4g}), optimizer step skipped "
