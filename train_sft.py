@@ -721,6 +721,9 @@ def main(argv):
         log(f"exported Hugging Face model -> {export_hf(raw_model, cfg, cfg['output_dir'])}")
     result = run_eval()
     if world > 1:
+        # DDP holds a reference to the process group. Dropped later (when main returns), its last
+        # reference would destroy the group while holding the GIL that gloo's threads wait for.
+        del model
         dist.barrier()
         dist.destroy_process_group()
     return result
