@@ -14,7 +14,6 @@ dense bf16); peak is torch.cuda.max_memory_allocated. Writes bench/results/train
 """
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
