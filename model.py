@@ -80,6 +80,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+@torch.compiler.disable  # data-dependent row count: tracing it recompiled, then crashed inside dynamo (torch 2.11, H100)
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=1024):
     """Mean cross-entropy of softmax(hidden @ weight.T) over labels != ignore_index.
 

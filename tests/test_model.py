@@ -469,3 +469,25 @@ def test_residual_projections_get_scaled_init():
     assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 2e-3
     assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / 4) < 5e-4
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_compiled_model_trains_on_a_short_batch_like_eager():
+    """torch.compile with batches of changing size and masked share (the last batch of an epoch is
+    short): the loss runs outside the traced graph and both give the same loss and gradients.
+    Tracing the loss here once crashed inside dynamo on a short batch (torch 2.11, H100)."""
+    eager = tiny_gpt().train()
+    compiled = torch.compile(tiny_gpt().train(), backend="eager")  # dynamo traces, nothing is code-generated
+    gen = torch.Generator().manual_seed(0)
+    for batch, masked in ((4, 10), (4, 3), (3, 20)):
+        idx = torch.randint(0, TINY["vocab_size"], (batch, 16), generator=gen)
+        labels = torch.randint(0, TINY["vocab_size"], (batch, 16), generator=gen)
+        labels[:, :masked] = -100
+        losses = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss = model(idx, labels)
+            loss.backward()
+            losses.append(loss.item())
+        torch.testing.assert_close(losses[0], losses[1])
+        for p, q in zip(eager.parameters(), compiled.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
