@@ -88,11 +88,13 @@ def write_sft_data(path, n_samples):
 
 def trainer(kernels, steps, warmup, workdir):
     """The real train_sft.py in its own process; tokens/s of the steps after warmup, from metrics.jsonl."""
-    data = Path(workdir) / "sft.jsonl"
+    data, eval_data = Path(workdir) / "sft.jsonl", Path(workdir) / "eval.jsonl"
     if not data.exists():
-        write_sft_data(data, BATCH * (steps + warmup + 2))
+        # whole batches only: a short last batch would make torch.compile recompile inside the timed steps
+        write_sft_data(data, BATCH * (steps + warmup))
+        write_sft_data(eval_data, 2)
     out = Path(workdir) / f"out-{kernels}"
-    cmd = [sys.executable, str(ROOT / "train_sft.py"), f"--data_path={data}", "--data_split=100,1",
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), f"--data_path={data}", f"--eval_data_path={eval_data}",
            "--tokenizer=gpt2", f"--max_seq_len={SEQ + 1}", f"--batch_size={BATCH}", "--dtype=bfloat16", "--compile",
            f"--kernels={kernels}", f"--max_steps={steps + warmup}", "--log_interval=1", "--lr_scheduler=constant",
            f"--output_dir={out}", f"--cache_dir={Path(workdir) / 'cache'}"]
