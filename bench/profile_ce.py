@@ -1,0 +1,133 @@
+"""Where the time of fused_masked_linear_cross_entropy goes, at the anchor shape, on one GPU.
+
+    python bench/profile_ce.py
+
+Anchor (../shared/ANCHORS.md): 16,384 tokens, hidden 768, vocabulary 50,257, bf16, half masked.
+Prints, with triton.testing.do_bench medians:
+  - each phase of one logits chunk at the default settings (the logits GEMM, the softmax-gradient
+    kernel, grad_h's GEMM, grad_W's accumulating GEMM) times the number of chunks;
+  - the same three GEMMs over all kept rows at once (no chunking: the matrix-unit floor), with the
+    odd vocabulary and with its largest multiple of 64;
+  - the whole function per logits-chunk budget, vocabulary tile and warp count, with its peak
+    extra memory.
+Writes bench/results/profile_ce_<device>.json.
+"""
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import kernels.cross_entropy as ce  # noqa: E402
+from bench.bench_ce import make_inputs  # noqa: E402
+
+TOKENS, MASKED = 16384, 0.5
+
+
+def bench(fn):
+    import triton.testing
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def tflops(flops, ms):
+    return flops / ms / 1e9
+
+
+def phases(h, weight, labels):
+    """Time each step of one chunk at the default settings and scale by the chunk count."""
+    n, C = h.shape
+    V = weight.shape[0]
+    padded_v = -(-V // 64) * 64
+    rows = ce._chunk_rows(n, padded_v * h.element_size(), ce.LOGITS_CHUNK_BYTES)
+    chunks = -(-n // rows)
+    buffer = torch.empty(rows, padded_v, device="cuda", dtype=h.dtype)
+    logits, h_chunk, y = buffer[:, :V], h[:rows], labels[:rows]
+    losses = torch.empty(rows, device="cuda", dtype=torch.float32)
+    grad_h, grad_w = torch.empty_like(h_chunk), torch.zeros_like(weight)
+    pieces = ce._vocab_pieces(V)
+
+    def logits_gemm():
+        for a, b in pieces:
+            torch.mm(h_chunk, weight[a:b].T, out=logits[:, a:b])
+
+    def softmax():
+        logits_gemm()  # fresh logits: the kernel overwrites them
+        ce._softmax_grad_kernel[(rows,)](logits, y, losses, V, logits.stride(0), BLOCK=ce.BLOCK_V, num_warps=ce.NUM_WARPS)
+
+    def grad_h_gemm():
+        for i, (a, b) in enumerate(pieces):
+            torch.mm(logits[:, a:b], weight[a:b], out=grad_h) if i == 0 else grad_h.addmm_(logits[:, a:b], weight[a:b])
+
+    def grad_w_addmm():
+        for a, b in pieces:
+            grad_w[a:b].addmm_(logits[:, a:b].T, h_chunk)
+
+    out = {"chunk_rows": rows, "chunks": chunks, "logits_gemm_ms": bench(logits_gemm) * chunks}
+    out["softmax_ms"] = bench(softmax) * chunks - out["logits_gemm_ms"]
+    out["grad_h_gemm_ms"] = bench(grad_h_gemm) * chunks
+    out["grad_w_addmm_ms"] = bench(grad_w_addmm) * chunks
+    flops = 2 * rows * V * C * chunks
+    out["gemm_tflops_per_s"] = {k: tflops(flops, out[f"{k}_ms"]) for k in ("logits_gemm", "grad_h_gemm", "grad_w_addmm")}
+    return out
+
+
+def unchunked_gemms(h, weight):
+    """The three GEMMs over all kept rows at once: what the matrix units need, no chunking."""
+    logits = h @ weight.T
+    flops = 2 * h.shape[0] * weight.shape[0] * h.shape[1]
+    times = {"logits": bench(lambda: h @ weight.T), "grad_h": bench(lambda: logits @ weight),
+             "grad_w": bench(lambda: logits.T @ h)}
+    return {"ms": times, "total_ms": sum(times.values()), "tflops_per_s": {k: tflops(flops, v) for k, v in times.items()}}
+
+
+def whole(hidden, weight, labels, chunk_mib, block_v, num_warps):
+    def step():
+        ce._FusedMaskedLinearCrossEntropy.apply(hidden, weight, labels, -100, True, chunk_mib * 2**20, block_v,
+                                                num_warps).backward()
+    hidden.grad = weight.grad = None
+    step()  # compile this kernel variant outside the measurement
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    import triton.testing
+    ms = triton.testing.do_bench(step, grad_to_none=[hidden, weight], return_mode="median")
+    hidden.grad = weight.grad = None
+    return {"chunk_mib": chunk_mib, "block_v": block_v, "num_warps": num_warps, "ms": ms, "peak_extra_mib": peak}
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("profile_ce.py needs a CUDA GPU")
+    hidden, weight, labels = make_inputs(TOKENS, MASKED)
+    rows = (labels != -100).nonzero().squeeze(1)
+    h, y = hidden.detach().index_select(0, rows), labels[rows]
+    w = weight.detach()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+              "tokens": TOKENS, "masked_share": MASKED, "kept_rows": len(rows)}
+    report["compaction_ms"] = bench(lambda: ce._kept_rows(labels, w.shape[0], -100))
+    head = w.shape[0] // 64 * 64
+    report["unchunked_gemms"] = {f"V={w.shape[0]}": unchunked_gemms(h, w), f"V={head}": unchunked_gemms(h, w[:head])}
+    report["phases"] = phases(h, w, y)
+    report["whole"] = [whole(hidden, weight, labels, mib, block, warps) for mib in (96, 128, 144)
+                       for block, warps in ((2048, 16), (4096, 16))]
+    print(json.dumps({k: v for k, v in report.items() if k != "whole"}, indent=1))
+    print(f"{'chunk MiB':>9} {'block':>6} {'warps':>5} {'ms':>7} {'peak MiB':>8}")
+    for r in report["whole"]:
+        print(f"{r['chunk_mib']:>9} {r['block_v']:>6} {r['num_warps']:>5} {r['ms']:>7.3f} {r['peak_extra_mib']:>8.0f}")
+    name = report["device"].replace(" ", "_").replace("/", "_")
+    out = ROOT / "bench" / "results" / f"profile_ce_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
