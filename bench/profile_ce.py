@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton.testing
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -29,7 +30,6 @@ TOKENS, MASKED = 16384, 0.5
 
 
 def bench(fn):
-    import triton.testing
     return triton.testing.do_bench(fn, return_mode="median")
 
 
@@ -59,8 +59,10 @@ def phases(h, weight, labels):
         ce._softmax_grad_kernel[(rows,)](logits, y, losses, V, logits.stride(0), BLOCK=ce.BLOCK_V, num_warps=ce.NUM_WARPS)
 
     def grad_h_gemm():
-        for i, (a, b) in enumerate(pieces):
-            torch.mm(logits[:, a:b], weight[a:b], out=grad_h) if i == 0 else grad_h.addmm_(logits[:, a:b], weight[a:b])
+        (a, b), *rest = pieces
+        torch.mm(logits[:, a:b], weight[a:b], out=grad_h)
+        for a, b in rest:
+            grad_h.addmm_(logits[:, a:b], weight[a:b])
 
     def grad_w_addmm():
         for a, b in pieces:
@@ -97,7 +99,6 @@ def whole(hidden, weight, labels, chunk_mib, block_v, num_warps):
     step()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    import triton.testing
     ms = triton.testing.do_bench(step, grad_to_none=[hidden, weight], return_mode="median")
     hidden.grad = weight.grad = None
     return {"chunk_mib": chunk_mib, "block_v": block_v, "num_warps": num_warps, "ms": ms, "peak_extra_mib": peak}
