@@ -14,6 +14,7 @@ warmup_steps = 0
 num_train_epochs = 16
 dtype = "bfloat16"
 compile = True
+kernels = "triton"        # fused masked loss: 1.31x the tokens/s of "torch" on an H100 (bench/results/train_*.json)
 log_interval = 10
 eval_interval = 500
 checkpoint_interval = 1000
