@@ -5,7 +5,9 @@
 Anchor (../shared/ANCHORS.md): 16,384 tokens, hidden 768, vocabulary 50,257, bf16, half masked.
 Prints, with triton.testing.do_bench medians:
   - each phase of one logits chunk at the default settings (the logits GEMM, the softmax-gradient
-    kernel, grad_h's GEMM, grad_W's accumulating GEMM) times the number of chunks;
+    kernel, grad_h's GEMM, grad_W's accumulating GEMM) times the number of chunks, and the
+    vocabulary tail's GEMMs over all rows;
+  - the GPU time inside kernels per call (torch.profiler), against the measured time;
   - the same three GEMMs over all kept rows at once (no chunking: the matrix-unit floor), with the
     odd vocabulary and with its largest multiple of 64;
   - the whole function per logits-chunk budget, vocabulary tile and warp count, with its peak
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 import triton.testing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,43 +41,61 @@ def tflops(flops, ms):
 
 
 def phases(h, weight, labels):
-    """Time each step of one chunk at the default settings and scale by the chunk count."""
+    """Time each step of one chunk at the default settings and scale by the chunk count; the
+    vocabulary tail's three thin GEMMs run once over all rows."""
     n, C = h.shape
     V = weight.shape[0]
-    padded_v = -(-V // 64) * 64
-    rows = ce._chunk_rows(n, padded_v * h.element_size(), ce.LOGITS_CHUNK_BYTES)
+    head = V // 64 * 64
+    rows = ce._chunk_rows(n, head * h.element_size(), ce.LOGITS_CHUNK_BYTES)
     chunks = -(-n // rows)
-    buffer = torch.empty(rows, padded_v, device="cuda", dtype=h.dtype)
-    logits, h_chunk, y = buffer[:, :V], h[:rows], labels[:rows]
+    logits, h_chunk, y = torch.empty(rows, head, device="cuda", dtype=h.dtype), h[:rows], labels[:rows]
+    w_head, w_tail = weight[:head], weight[head:]
+    tail_logits = h_chunk @ w_tail.T
     losses = torch.empty(rows, device="cuda", dtype=torch.float32)
-    grad_h, grad_w = torch.empty_like(h_chunk), torch.zeros_like(weight)
-    pieces = ce._vocab_pieces(V)
+    grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+    tail_block = triton.next_power_of_2(V - head)
 
     def logits_gemm():
-        for a, b in pieces:
-            torch.mm(h_chunk, weight[a:b].T, out=logits[:, a:b])
+        torch.mm(h_chunk, w_head.T, out=logits)
 
     def softmax():
         logits_gemm()  # fresh logits: the kernel overwrites them
-        ce._softmax_grad_kernel[(rows,)](logits, y, losses, V, logits.stride(0), BLOCK=ce.BLOCK_V, num_warps=ce.NUM_WARPS)
+        ce._softmax_grad_kernel[(rows,)](logits, tail_logits, y, losses, head, V - head, logits.stride(0),
+                                         BLOCK=ce.BLOCK_V, TAIL_BLOCK=tail_block, num_warps=ce.NUM_WARPS)
 
-    def grad_h_gemm():
-        (a, b), *rest = pieces
-        torch.mm(logits[:, a:b], weight[a:b], out=grad_h)
-        for a, b in rest:
-            grad_h.addmm_(logits[:, a:b], weight[a:b])
-
-    def grad_w_addmm():
-        for a, b in pieces:
-            grad_w[a:b].addmm_(logits[:, a:b].T, h_chunk)
+    def tail_gemms():
+        all_tail = h @ w_tail.T
+        grad_h.addmm_(all_tail, w_tail)
+        torch.mm(all_tail.T, h, out=grad_w[head:])
 
     out = {"chunk_rows": rows, "chunks": chunks, "logits_gemm_ms": bench(logits_gemm) * chunks}
     out["softmax_ms"] = bench(softmax) * chunks - out["logits_gemm_ms"]
-    out["grad_h_gemm_ms"] = bench(grad_h_gemm) * chunks
-    out["grad_w_addmm_ms"] = bench(grad_w_addmm) * chunks
-    flops = 2 * rows * V * C * chunks
+    out["grad_h_gemm_ms"] = bench(lambda: torch.mm(logits, w_head, out=grad_h[:rows])) * chunks
+    out["grad_w_addmm_ms"] = bench(lambda: grad_w[:head].addmm_(logits.T, h_chunk)) * chunks
+    out["tail_gemms_ms"] = bench(tail_gemms)
+    flops = 2 * rows * head * C * chunks
     out["gemm_tflops_per_s"] = {k: tflops(flops, out[f"{k}_ms"]) for k in ("logits_gemm", "grad_h_gemm", "grad_w_addmm")}
     return out
+
+
+def kernel_time(hidden, weight, labels):
+    """GPU time inside kernels for one forward + backward, from the profiler: the rest of the
+    measured time is the GPU waiting (on the host sync for the kept-row count, and on launches)."""
+    def step():
+        ce.fused_masked_linear_cross_entropy(hidden, weight, labels).backward()
+        hidden.grad = weight.grad = None
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / 10
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernel_ms_per_step": sum(by_name.values()), "kernels_per_step": len(kernels) / 10,
+            "top_kernels_ms": {name[:90]: ms for name, ms in top}}
 
 
 def unchunked_gemms(h, weight):
@@ -117,8 +138,9 @@ def main():
     head = w.shape[0] // 64 * 64
     report["unchunked_gemms"] = {f"V={w.shape[0]}": unchunked_gemms(h, w), f"V={head}": unchunked_gemms(h, w[:head])}
     report["phases"] = phases(h, w, y)
-    report["whole"] = [whole(hidden, weight, labels, mib, block, warps) for mib in (96, 128, 144)
-                       for block, warps in ((2048, 16), (4096, 16))]
+    report["kernel_time"] = kernel_time(hidden, weight, labels)
+    report["whole"] = [whole(hidden, weight, labels, mib, block, warps) for mib in (128, 144)
+                       for block, warps in ((4096, 8), (4096, 16))]
     print(json.dumps({k: v for k, v in report.items() if k != "whole"}, indent=1))
     print(f"{'chunk MiB':>9} {'block':>6} {'warps':>5} {'ms':>7} {'peak MiB':>8}")
     for r in report["whole"]:

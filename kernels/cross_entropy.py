@@ -2,31 +2,31 @@
 never holds the full (tokens x vocab) logits, beside a plain-PyTorch reference it must match.
 
 Design (fused_masked_linear_cross_entropy):
-1. Compact: keep only the rows whose label is not ignore_index (index_select), so prompt and
-   padding tokens cost no FLOPs and no memory.
-2. Chunk the kept rows so one chunk's logits fit in LOGITS_CHUNK_BYTES (128 MiB). Per chunk:
-     logits = h @ W.T                   cuBLAS, fp32 accumulation, stored in the input dtype
-     _softmax_grad_kernel (Triton)      per row: fp32 online log-sum-exp over vocabulary tiles,
-                                        loss = lse - logit[label], then overwrites the logits in
-                                        place with dlogits = softmax - onehot
-     grad_h = dlogits @ W               cuBLAS, fp32 accumulation
-     grad_W += dlogits.T @ h            cuBLAS, fp32 accumulation, accumulated in W's dtype
-   Each GEMM runs on the vocabulary's largest multiple of 64 plus a thin GEMM for the odd rest
-   (_vocab_pieces): at V=50,257 that is what lets cuBLAS use its fast kernels.
-3. The gradients are computed in the forward (the loss is the last op of the graph, so they are
+1. Compact: one Triton program lists the rows whose label is not ignore_index and checks the label
+   range (_compact_kernel, one host sync for the count); index_select gathers those rows, so
+   prompt and padding tokens cost no FLOPs and no memory.
+2. Split the vocabulary: the head, its largest multiple of 64, goes through cuBLAS chunk by chunk
+   (with an odd vocabulary dimension cuBLAS runs several times slower); the tail (17 columns for
+   GPT-2) gets three thin GEMMs over all kept rows at once.
+3. Chunk the kept rows so one chunk's head logits fit in LOGITS_CHUNK_BYTES. Per chunk:
+     logits = h @ W_head.T              cuBLAS, fp32 accumulation, stored in the input dtype
+     _softmax_grad_kernel (Triton)      per row: fp32 online log-sum-exp over vocabulary tiles
+                                        (head and tail), loss = lse - logit[label], then overwrites
+                                        the logits in place with dlogits = softmax - onehot
+     grad_h = dlogits @ W_head          cuBLAS, fp32 accumulation
+     grad_W_head += dlogits.T @ h       cuBLAS, fp32 accumulation, accumulated in W's dtype
+4. The gradients are computed in the forward (the loss is the last op of the graph, so they are
    needed anyway; this is what Liger does) and stored unscaled; backward multiplies them by
    grad_output / n. So an outside factor (gradient accumulation, fp16 loss scaling) is applied
    the standard way: multiply the returned loss, autograd passes the factor as grad_output.
    Scaling happens in place, so a second backward through the same graph is refused.
 
-Cost at 16,384 tokens x 768 x 50,257 in bf16 with half the labels masked (8,091 kept rows),
-measured on an H100 (bench/profile_ce.py, bench/results/): the three GEMMs are the ~1.9 TFLOP
-floor, 2.75 ms unchunked (660-700 TFLOP/s) and 3.40 ms in 7 chunks (grad_W's read-modify-write
-per chunk, and grad_h's long-K GEMM with a short output); the softmax pass 0.92 ms (one read and
-one write of the bf16 logits, plus a re-read); compaction 0.31 ms (a host sync). About 4.8 ms in
-all, against 9 ms for torch.compile of the plain loss.
-Extra memory: chunk logits 117 MiB (7 chunks of <= 1,216 rows) + grad_W 74 MiB (bf16) + compacted
-h and grad_h 12 MiB each, ~215 MiB at the peak; backward adds only the full (N, C) grad_hidden.
+Cost at 16,384 tokens x 768 x 50,257 in bf16 with half the labels masked (8,091 kept rows) on an
+H100 (bench/profile_ce.py, bench/results/): about 4.4 ms, against 9 ms for torch.compile of the
+plain loss. The three GEMMs are the ~1.9 TFLOP floor (2.8 ms unchunked, 2.7-3.1 ms in 6 chunks),
+the softmax pass 0.9 ms; the rest is the GPU waiting on the host after the count's sync.
+Extra memory: chunk logits 135 MiB (6 chunks of <= 1,408 rows) + grad_W 74 MiB (bf16) + compacted
+h and grad_h 12 MiB each, ~233 MiB at the peak; backward adds only the full (N, C) grad_hidden.
 grad_W is accumulated in W's dtype, not fp32 (147 MiB would break the 256 MiB budget or force
 small, slow chunks): each chunk's GEMM accumulates in fp32 and rounds once, so bf16 grad_W
 carries one rounding per chunk (7 at that shape), well inside bf16's own 1e-2 tolerance.
@@ -39,9 +39,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-LOGITS_CHUNK_BYTES = 128 * 2**20  # memory for one chunk of logits; sets the rows per chunk
+LOGITS_CHUNK_BYTES = 144 * 2**20  # memory for one chunk of logits; sets the rows per chunk
 BLOCK_V = 4096                    # vocabulary tile of the softmax kernel on a GPU ...
-NUM_WARPS = 16                    # ... and its warps per row: the fastest pair measured on an H100
+NUM_WARPS = 8                     # ... and its warps per row: the fastest pair measured on an H100
+COMPACT_BLOCK = 4096              # labels per step of the one-program compaction kernel
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -68,36 +69,85 @@ def _merge_tile(running_max, running_sum, z):
 
 
 @triton.jit
-def _softmax_grad_kernel(logits_ptr, labels_ptr, loss_ptr, V, row_stride, BLOCK: tl.constexpr):
+def _softmax_grad_kernel(logits_ptr, tail_ptr, labels_ptr, loss_ptr, head, tail, row_stride,
+                         BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr):
     """One program per row of a logits chunk: log-sum-exp in fp32 streamed over vocabulary tiles,
     the row's loss, then dlogits = softmax - onehot written over the logits (same dtype).
 
-    Fewer instructions per element made this pass faster at the same bytes (1,216 rows x 50,257
-    on an H100: 0.196 -> 0.140 ms), so exponentials go through exp2 and the full tiles load
-    unmasked; only the last tile is masked. Differences are taken before scaling (never
-    z * log2(e) - max): with one class the loss and gradient are then exactly 0, where a fused
-    multiply-add would leave rounding residue."""
+    A row's logits live in two places: columns [0, head) in the chunk buffer (row_stride apart) and
+    the last `tail` columns in their own small buffer (see _loss_and_grads). Fewer instructions per
+    element made this pass faster at the same bytes (1,216 rows x 50,257 on an H100: 0.196 -> 0.129
+    ms), so exponentials go through exp2, the full tiles load unmasked and each loop issues the
+    next tile's load before it works on the current one. Differences are taken before scaling
+    (never z * log2(e) - max): with one class the loss and gradient are then exactly 0, where a
+    fused multiply-add would leave rounding residue."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
+    tail_row_ptr = tail_ptr + row * tail
     cols = tl.arange(0, BLOCK)
-    full = V // BLOCK * BLOCK
-    running_max, running_sum = -float("inf"), 0.0
-    for start in range(0, full, BLOCK):
-        z = tl.load(row_ptr + start + cols).to(tl.float32)
-        running_max, running_sum = _merge_tile(running_max, running_sum, z)
-    tail = full + cols < V
-    z = tl.load(row_ptr + full + cols, mask=tail, other=-float("inf")).to(tl.float32)
-    running_max, running_sum = _merge_tile(running_max, running_sum, z)
+    full = head // BLOCK * BLOCK
+    in_head = full + cols < head
+    running_max, running_sum = tl.full([], -float("inf"), tl.float32), tl.zeros([], tl.float32)
+    if full > 0:
+        tile = tl.load(row_ptr + cols)
+        for start in range(BLOCK, full, BLOCK):
+            next_tile = tl.load(row_ptr + start + cols)
+            running_max, running_sum = _merge_tile(running_max, running_sum, tile.to(tl.float32))
+            tile = next_tile
+        running_max, running_sum = _merge_tile(running_max, running_sum, tile.to(tl.float32))
+    if full < head:  # a tile with at least one column, or the merge would compute -inf - -inf
+        part = tl.load(row_ptr + full + cols, mask=in_head, other=-float("inf")).to(tl.float32)
+        running_max, running_sum = _merge_tile(running_max, running_sum, part)
+    if TAIL_BLOCK > 0:
+        tail_cols = tl.arange(0, TAIL_BLOCK)
+        tail_z = tl.load(tail_row_ptr + tail_cols, mask=tail_cols < tail, other=-float("inf")).to(tl.float32)
+        running_max, running_sum = _merge_tile(running_max, running_sum, tail_z)
     lse = running_max + tl.log(running_sum)
+
     label = tl.load(labels_ptr + row)
-    tl.store(loss_ptr + row, lse - tl.load(row_ptr + label).to(tl.float32))
-    for start in range(0, full, BLOCK):
-        z = tl.load(row_ptr + start + cols).to(tl.float32)
-        grad = _exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
-        tl.store(row_ptr + start + cols, grad.to(logits_ptr.dtype.element_ty))
-    z = tl.load(row_ptr + full + cols, mask=tail, other=0.0).to(tl.float32)
-    grad = _exp(z - lse) - tl.where(full + cols == label, 1.0, 0.0)
-    tl.store(row_ptr + full + cols, grad.to(logits_ptr.dtype.element_ty), mask=tail)
+    label_logit = tl.where(label < head, tl.load(row_ptr + label, mask=label < head, other=0.0),
+                           tl.load(tail_row_ptr + label - head, mask=label >= head, other=0.0))
+    tl.store(loss_ptr + row, lse - label_logit.to(tl.float32))
+    out_dtype = logits_ptr.dtype.element_ty
+    if full > 0:
+        tile = tl.load(row_ptr + cols)
+        for start in range(BLOCK, full, BLOCK):
+            next_tile = tl.load(row_ptr + start + cols)
+            grad = _exp(tile.to(tl.float32) - lse) - tl.where(start - BLOCK + cols == label, 1.0, 0.0)
+            tl.store(row_ptr + start - BLOCK + cols, grad.to(out_dtype))
+            tile = next_tile
+        grad = _exp(tile.to(tl.float32) - lse) - tl.where(full - BLOCK + cols == label, 1.0, 0.0)
+        tl.store(row_ptr + full - BLOCK + cols, grad.to(out_dtype))
+    if full < head:
+        part = tl.load(row_ptr + full + cols, mask=in_head, other=0.0).to(tl.float32)
+        grad = _exp(part - lse) - tl.where(full + cols == label, 1.0, 0.0)
+        tl.store(row_ptr + full + cols, grad.to(out_dtype), mask=in_head)
+    if TAIL_BLOCK > 0:
+        tail_cols = tl.arange(0, TAIL_BLOCK)
+        tail_z = tl.load(tail_row_ptr + tail_cols, mask=tail_cols < tail, other=0.0).to(tl.float32)
+        tail_grad = _exp(tail_z - lse) - tl.where(head + tail_cols == label, 1.0, 0.0)
+        tl.store(tail_row_ptr + tail_cols, tail_grad.to(out_dtype), mask=tail_cols < tail)
+
+
+@triton.jit
+def _compact_kernel(labels_ptr, rows_ptr, kept_labels_ptr, counts_ptr, N, V, ignore_index, BLOCK: tl.constexpr):
+    """One program streams the labels in order: writes the indices and labels of the rows to keep
+    (label != ignore_index), then counts_ptr[0] = how many, counts_ptr[1] = how many of those are
+    outside [0, V). The host reads both counts with a single sync."""
+    offsets = tl.arange(0, BLOCK)
+    n_kept = tl.zeros([], tl.int32)
+    n_bad = tl.zeros([], tl.int32)
+    for start in range(0, N, BLOCK):
+        index = start + offsets
+        label = tl.load(labels_ptr + index, mask=index < N, other=ignore_index)
+        keep = label != ignore_index
+        slot = n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(rows_ptr + slot, index, mask=keep)
+        tl.store(kept_labels_ptr + slot, label, mask=keep)
+        n_kept += tl.sum(keep.to(tl.int32), axis=0)
+        n_bad += tl.sum((keep & ((label < 0) | (label >= V))).to(tl.int32), axis=0)
+    tl.store(counts_ptr, n_kept)
+    tl.store(counts_ptr + 1, n_bad)
 
 
 def _check_inputs(hidden, weight, labels):
@@ -132,14 +182,21 @@ def runs_on(device):
 
 
 def _kept_rows(labels, vocab_size, ignore_index):
-    """Indices of the rows that carry a label; one host sync also checks the label range."""
-    kept = labels != ignore_index
-    out_of_range = kept & ((labels < 0) | (labels >= vocab_size))
-    n_bad, n_kept = torch.stack([out_of_range.sum(), kept.sum()]).tolist()
+    """The indices of the rows that carry a label (label != ignore_index), in order, and those
+    labels as int64. One kernel, one host sync: it reads the count and checks the label range."""
+    n = labels.shape[0]
+    if n == 0:  # an empty tensor has no pointer to hand to a kernel
+        return labels.new_empty(0, dtype=torch.int64), labels.new_empty(0, dtype=torch.int64)
+    rows = torch.empty(n, device=labels.device, dtype=torch.int64)
+    kept_labels = torch.empty(n, device=labels.device, dtype=torch.int64)
+    counts = torch.empty(2, device=labels.device, dtype=torch.int32)
+    _compact_kernel[(1,)](labels, rows, kept_labels, counts, n, vocab_size, ignore_index, BLOCK=COMPACT_BLOCK)
+    n_kept, n_bad = counts.tolist()
     if n_bad:
-        bad = labels[out_of_range][:5].tolist()
+        kept = labels != ignore_index
+        bad = labels[kept & ((labels < 0) | (labels >= vocab_size))][:5].tolist()
         raise ValueError(f"{n_bad} labels outside [0, {vocab_size}) and not ignore_index={ignore_index}, e.g. {bad}")
-    return kept.nonzero().squeeze(1), n_kept
+    return rows[:n_kept], kept_labels[:n_kept]
 
 
 def _chunk_rows(n_rows, row_bytes, budget_bytes):
@@ -152,44 +209,43 @@ def _chunk_rows(n_rows, row_bytes, budget_bytes):
     return min(max_rows, triton.cdiv(rows, 64) * 64)
 
 
-def _vocab_pieces(V):
-    """Column ranges of the vocabulary for the GEMMs: the largest multiple of 64, then the rest.
-    cuBLAS runs all three GEMMs several times slower when the vocabulary dimension is not a
-    multiple of 8 (95-150 TFLOP/s at V=50,257 on an H100), so the odd tail gets its own thin GEMM
-    and the head, a contiguous slice of W, gets the fast kernels without copying W."""
-    head = V // 64 * 64
-    return [(a, b) for a, b in ((0, head), (head, V)) if a < b]
-
-
 def _loss_and_grads(h, weight, labels, need_grad_h, need_grad_w, chunk_bytes, block_v, num_warps):
     """Sum of the per-row losses of the kept rows h (n, C) and the unscaled gradients of that sum
-    (None where not needed), one chunk of logits at a time."""
+    (None where not needed), one chunk of logits at a time.
+
+    The vocabulary is split in two. The head, its largest multiple of 64 (50,240 of 50,257), goes
+    through cuBLAS chunk by chunk: with an odd vocabulary dimension cuBLAS runs all three GEMMs
+    several times slower (95-150 TFLOP/s at V=50,257 on an H100). The tail (the other 17) is
+    done for all kept rows at once, three thin GEMMs per call instead of three per chunk."""
     n, V = h.shape[0], weight.shape[0]
-    padded_v = triton.cdiv(V, 64) * 64  # keeps every logits row 128-byte aligned for cuBLAS
-    chunk_rows = _chunk_rows(n, padded_v * h.element_size(), chunk_bytes)
-    buffer = torch.empty(min(chunk_rows, n), padded_v, device=h.device, dtype=h.dtype)
-    block = min(block_v, triton.next_power_of_2(V))
-    pieces = _vocab_pieces(V)
+    head = V // 64 * 64
+    tail = V - head
+    w_head, w_tail = weight[:head], weight[head:]
+    chunk_rows = _chunk_rows(n, max(head, 64) * h.element_size(), chunk_bytes)
+    buffer = torch.empty(min(chunk_rows, n), max(head, 1), device=h.device, dtype=h.dtype)  # never 0 bytes: Triton needs a real pointer
+    tail_logits = h @ w_tail.T if tail else buffer  # (n, tail); overwritten with its dlogits
+    block = min(block_v, triton.next_power_of_2(max(head, 1)))
+    tail_block = triton.next_power_of_2(tail) if tail else 0
     losses = torch.empty(n, device=h.device, dtype=torch.float32)
     grad_h = torch.empty_like(h) if need_grad_h else None
     grad_w = torch.empty_like(weight) if need_grad_w else None
     for start in range(0, n, chunk_rows):
         end = min(start + chunk_rows, n)
-        h_chunk, logits = h[start:end], buffer[: end - start, :V]
-        for a, b in pieces:
-            torch.mm(h_chunk, weight[a:b].T, out=logits[:, a:b])  # (rows, V)
-        _softmax_grad_kernel[(end - start,)](logits, labels[start:end], losses[start:end], V, logits.stride(0),
-                                             BLOCK=block, num_warps=min(num_warps, max(1, block // 32)))
+        h_chunk, logits = h[start:end], buffer[: end - start, :head]
+        if head:
+            torch.mm(h_chunk, w_head.T, out=logits)
+        _softmax_grad_kernel[(end - start,)](logits, tail_logits[start:end], labels[start:end], losses[start:end], head,
+                                             tail, buffer.stride(0), BLOCK=block, TAIL_BLOCK=tail_block,
+                                             num_warps=min(num_warps, max(1, max(block, tail_block) // 32)))
         dlogits = logits  # the kernel overwrote the logits in place
-        for i, (a, b) in enumerate(pieces):
-            if need_grad_h and i == 0:
-                torch.mm(dlogits[:, a:b], weight[a:b], out=grad_h[start:end])
-            elif need_grad_h:
-                grad_h[start:end].addmm_(dlogits[:, a:b], weight[a:b])
-            if need_grad_w and start == 0:
-                torch.mm(dlogits[:, a:b].T, h_chunk, out=grad_w[a:b])
-            elif need_grad_w:
-                grad_w[a:b].addmm_(dlogits[:, a:b].T, h_chunk)
+        if head and need_grad_h:
+            torch.mm(dlogits, w_head, out=grad_h[start:end])
+        if head and need_grad_w:  # beta=0: the first chunk overwrites the uninitialised grad_w
+            grad_w[:head].addmm_(dlogits.T, h_chunk, beta=0 if start == 0 else 1)
+    if tail and need_grad_h:
+        grad_h.addmm_(tail_logits, w_tail, beta=1 if head else 0)
+    if tail and need_grad_w:
+        torch.mm(tail_logits.T, h, out=grad_w[head:])
     return losses.sum(), grad_h, grad_w
 
 
@@ -198,7 +254,8 @@ class _FusedMaskedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, grad_enabled, chunk_bytes, block_v, num_warps):
-        rows, n_kept = _kept_rows(labels, weight.shape[0], ignore_index)
+        rows, kept_labels = _kept_rows(labels, weight.shape[0], ignore_index)
+        n_kept = rows.shape[0]
         ctx.n_kept, ctx.rows, ctx.hidden_shape, ctx.dtype = n_kept, rows, hidden.shape, weight.dtype
         # needs_input_grad stays True under torch.no_grad; eval must not pay for gradients.
         need_grad_h, need_grad_w = [grad_enabled and need for need in ctx.needs_input_grad[:2]]
@@ -208,7 +265,6 @@ class _FusedMaskedLinearCrossEntropy(torch.autograd.Function):
             return torch.zeros((), device=hidden.device, dtype=torch.float32)
         all_kept = n_kept == hidden.shape[0]
         h = hidden.contiguous() if all_kept else hidden.index_select(0, rows)  # (n, C)
-        kept_labels = (labels if all_kept else labels[rows]).long().contiguous()
         if weight.dtype == torch.float16:  # grad_W sums over all rows, beyond fp16's range: work in fp32
             h, weight = h.float(), weight.float()
         loss_sum, *ctx.grads = _loss_and_grads(h, weight, kept_labels, need_grad_h, need_grad_w, chunk_bytes, block_v,

@@ -5,12 +5,18 @@ it before triton is imported) on tiny shapes; with one, the same tests run compi
 Tolerances (relative, on the norm of the difference): fp32 loss and gradients 1e-5; bf16/fp16
 loss 1e-3 and gradients 1e-2 against the fp32 reference on the same (rounded) inputs.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import kernels.cross_entropy as cross_entropy
 
 IGNORE = -100
+ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not cross_entropy._interpreted():
     raise RuntimeError("no CUDA and triton was imported without TRITON_INTERPRET=1 (see tests/conftest.py)")
@@ -63,6 +69,31 @@ def test_fp32_matches_reference(ce, n, c, v, masked_share):
     for got, want, what in zip(ours, ref, ("loss", "grad hidden", "grad weight")):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert_rel_close(got, want, 1e-5, what)
+
+
+@pytest.mark.parametrize("v", [200, 1000, 128])
+def test_vocabulary_head_with_a_partial_tile_and_a_tail(ce, monkeypatch, v):
+    """Tiles of 128 over the head (the largest multiple of 64): 200 -> head 192 (one full tile, a
+    partial one of 64) + tail 8; 1000 -> 960 (7 full, 64) + 40; 128 -> one full tile, no tail."""
+    monkeypatch.setattr(ce, "BLOCK_V", 128)
+    inputs = make_inputs(45, 16, v, 0.3, seed=v)
+    ours = loss_and_grads(ce.fused_masked_linear_cross_entropy, *inputs)
+    ref = loss_and_grads(ce.reference_masked_linear_cross_entropy, *inputs)
+    for got, want, what in zip(ours, ref, ("loss", "grad hidden", "grad weight")):
+        assert_rel_close(got, want, 1e-5, what)
+
+
+@pytest.mark.parametrize("n, masked_share, dtype", [(0, 0.0, torch.int64), (1, 1.0, torch.int64),
+                                                     (5000, 0.5, torch.int32), (4097, 0.0, torch.int64)])
+def test_kept_rows_match_nonzero_in_order(ce, monkeypatch, n, masked_share, dtype):
+    """The compaction kernel against torch: same rows in the same order, labels as int64, with
+    steps of 1024 labels so that 5,000 crosses the running offset four times."""
+    monkeypatch.setattr(ce, "COMPACT_BLOCK", 1024)
+    labels = make_inputs(n, 1, 50, masked_share, seed=n)[2].to(dtype)
+    rows, kept_labels = ce._kept_rows(labels, 50, IGNORE)
+    want = (labels != IGNORE).nonzero().squeeze(1)
+    assert torch.equal(rows, want) and kept_labels.dtype == torch.int64
+    assert torch.equal(kept_labels, labels[want].long())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -162,12 +193,43 @@ def test_cpu_without_interpreter_says_what_to_do(ce, monkeypatch):
 
 
 def test_chunk_rows_fit_the_budget_and_stay_balanced(ce):
-    anchor_row = 50304 * 2  # bf16 logits row of GPT-2's vocabulary, padded to 64
-    budget = 128 * 2**20
+    anchor_row = 50240 * 2  # bf16 logits row of GPT-2's vocabulary head (its largest multiple of 64)
+    budget = 144 * 2**20
     rows = ce._chunk_rows(8192, anchor_row, budget)
     assert rows % 64 == 0 and rows * anchor_row <= budget
     assert 8192 - (-(-8192 // rows) - 1) * rows > rows // 2  # the last chunk is not a sliver
     assert ce._chunk_rows(3, anchor_row, 1) == 1
+
+
+COMPILE_FOR_H100 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.cross_entropy as ce
+
+softmax = {"logits_ptr": "*{t}", "tail_ptr": "*{t}", "labels_ptr": "*i64", "loss_ptr": "*fp32", "head": "i32",
+           "tail": "i32", "row_stride": "i32", "BLOCK": "constexpr", "TAIL_BLOCK": "constexpr"}
+compact = {"labels_ptr": "*{t}", "rows_ptr": "*i64", "kept_labels_ptr": "*i64", "counts_ptr": "*i32", "N": "i32",
+           "V": "i32", "ignore_index": "i32", "BLOCK": "constexpr"}
+for kernel, signature, dtypes, constexprs in [
+        (ce._softmax_grad_kernel, softmax, ("bf16", "fp32"), {"BLOCK": ce.BLOCK_V, "TAIL_BLOCK": 32}),
+        (ce._softmax_grad_kernel, softmax, ("fp16",), {"BLOCK": 64, "TAIL_BLOCK": 0}),
+        (ce._compact_kernel, compact, ("i64", "i32"), {"BLOCK": ce.COMPACT_BLOCK})]:
+    for t in dtypes:
+        sig = {name: kind.format(t=t) for name, kind in signature.items()}
+        triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_an_h100():
+    """The interpreter runs Python semantics that Triton's compiler refuses (a variable redefined
+    with another type in a branch, say), so the CPU suite also compiles each kernel for sm_90:
+    the whole pipeline down to the cubin, no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
 # GPU: realistic shapes with the compiled kernel.
