@@ -85,15 +85,18 @@ def test_vocabulary_head_with_a_partial_tile_and_a_tail(ce, monkeypatch, v):
 
 @pytest.mark.parametrize("n, masked_share, dtype", [(0, 0.0, torch.int64), (1, 1.0, torch.int64),
                                                      (5000, 0.5, torch.int32), (4097, 0.0, torch.int64)])
-def test_kept_rows_match_nonzero_in_order(ce, monkeypatch, n, masked_share, dtype):
-    """The compaction kernel against torch: same rows in the same order, labels as int64, with
-    steps of 1024 labels so that 5,000 crosses the running offset four times."""
-    monkeypatch.setattr(ce, "COMPACT_BLOCK", 1024)
+def test_partition_puts_kept_rows_first_in_order(ce, monkeypatch, n, masked_share, dtype):
+    """The partition kernel against torch: the kept rows first, in order, then every other row
+    once; their labels as int64; with steps of 1024 labels so that 5,000 crosses the running
+    offsets four times."""
+    monkeypatch.setattr(ce, "PARTITION_BLOCK", 1024)
     labels = make_inputs(n, 1, 50, masked_share, seed=n)[2].to(dtype)
-    rows, kept_labels = ce._kept_rows(labels, 50, IGNORE)
+    order, kept_labels, read_count = ce._partition_rows(labels, 50, IGNORE)
     want = (labels != IGNORE).nonzero().squeeze(1)
-    assert torch.equal(rows, want) and kept_labels.dtype == torch.int64
-    assert torch.equal(kept_labels, labels[want].long())
+    n_kept = read_count()
+    assert n_kept == len(want) and torch.equal(order[:n_kept], want)
+    assert torch.equal(order.sort().values, torch.arange(n, device=DEVICE))
+    assert kept_labels.dtype == torch.int64 and torch.equal(kept_labels[:n_kept], labels[want].long())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -148,8 +151,8 @@ def test_frozen_weight_and_no_grad(ce, monkeypatch):
     ref = ce.reference_masked_linear_cross_entropy(hidden, weight, labels)
     needed = []
     compute = ce._loss_and_grads
-    monkeypatch.setattr(ce, "_loss_and_grads", lambda h, w, y, need_h, need_w, *rest: (
-        needed.append((need_h, need_w)) or compute(h, w, y, need_h, need_w, *rest)))
+    monkeypatch.setattr(ce, "_loss_and_grads", lambda h, w, y, count, need_h, need_w, *rest: (
+        needed.append((need_h, need_w)) or compute(h, w, y, count, need_h, need_w, *rest)))
     hidden.requires_grad_(), weight.requires_grad_()
     with torch.no_grad():
         assert_rel_close(ce.fused_masked_linear_cross_entropy(hidden, weight, labels), ref, 1e-5, "loss")
@@ -192,13 +195,19 @@ def test_cpu_without_interpreter_says_what_to_do(ce, monkeypatch):
         ce.fused_masked_linear_cross_entropy(*make_inputs(4, 16, 50, 0.0, device="cpu"))
 
 
-def test_chunk_rows_fit_the_budget_and_stay_balanced(ce):
+@pytest.mark.parametrize("n, first", [(8091, 1408), (100, 1408), (1408, 1408), (1409, 1408), (5, 1), (0, 64)])
+def test_chunks_cover_the_rows_and_fit_the_budget(n, first):
     anchor_row = 50240 * 2  # bf16 logits row of GPT-2's vocabulary head (its largest multiple of 64)
-    budget = 144 * 2**20
-    rows = ce._chunk_rows(8192, anchor_row, budget)
-    assert rows % 64 == 0 and rows * anchor_row <= budget
-    assert 8192 - (-(-8192 // rows) - 1) * rows > rows // 2  # the last chunk is not a sliver
-    assert ce._chunk_rows(3, anchor_row, 1) == 1
+    max_rows = cross_entropy._max_chunk_rows(anchor_row, cross_entropy.LOGITS_CHUNK_BYTES)
+    assert max_rows % 64 == 0 and max_rows * anchor_row <= cross_entropy.LOGITS_CHUNK_BYTES
+    assert cross_entropy._max_chunk_rows(anchor_row, 1) == 1
+    first = min(first, max_rows)
+    bounds = cross_entropy._chunk_bounds(n, first, max_rows)
+    assert bounds[0] == (0, min(first, n)) and bounds[-1][1] == n
+    assert all(a == b for (_, a), (b, _) in zip(bounds, bounds[1:]))  # contiguous, no gap, no overlap
+    sizes = [b - a for a, b in bounds[1:]]
+    assert all(0 < size <= max_rows for size in sizes)
+    assert not sizes or sizes[-1] > max(sizes) // 2  # the last chunk is not a sliver
 
 
 COMPILE_FOR_H100 = """
@@ -209,15 +218,18 @@ import kernels.cross_entropy as ce
 
 softmax = {"logits_ptr": "*{t}", "tail_ptr": "*{t}", "labels_ptr": "*i64", "loss_ptr": "*fp32", "head": "i32",
            "tail": "i32", "row_stride": "i32", "BLOCK": "constexpr", "TAIL_BLOCK": "constexpr"}
-compact = {"labels_ptr": "*{t}", "rows_ptr": "*i64", "kept_labels_ptr": "*i64", "counts_ptr": "*i32", "N": "i32",
-           "V": "i32", "ignore_index": "i32", "BLOCK": "constexpr"}
-for kernel, signature, dtypes, constexprs in [
-        (ce._softmax_grad_kernel, softmax, ("bf16", "fp32"), {"BLOCK": ce.BLOCK_V, "TAIL_BLOCK": 32}),
-        (ce._softmax_grad_kernel, softmax, ("fp16",), {"BLOCK": 64, "TAIL_BLOCK": 0}),
-        (ce._compact_kernel, compact, ("i64", "i32"), {"BLOCK": ce.COMPACT_BLOCK})]:
+partition = {"labels_ptr": "*{t}", "order_ptr": "*i64", "kept_labels_ptr": "*i64", "counts_ptr": "*i32", "N": "i32",
+             "V": "i32", "ignore_index": "i32", "BLOCK": "constexpr"}
+scale = {"x_ptr": "*{t}", "scale_ptr": "*fp32", "numel": "i32", "BLOCK": "constexpr"}
+for kernel, signature, dtypes, constexprs, warps in [
+        (ce._softmax_grad_kernel, softmax, ("bf16", "fp32"), {"BLOCK": ce.BLOCK_V, "TAIL_BLOCK": 32}, ce.NUM_WARPS),
+        (ce._softmax_grad_kernel, softmax, ("bf16",), {"BLOCK": 64, "TAIL_BLOCK": 0}, 2),
+        (ce._partition_kernel, partition, ("i64", "i32"), {"BLOCK": ce.PARTITION_BLOCK}, ce.PARTITION_WARPS),
+        (ce._scale_kernel, scale, ("bf16", "fp32"), {"BLOCK": ce.SCALE_BLOCK}, 4)]:
     for t in dtypes:
         sig = {name: kind.format(t=t) for name, kind in signature.items()}
-        triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32))
+        triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
 print("compiled")
 """
 
