@@ -61,6 +61,7 @@ def assert_rel_close(actual, expected, tol, what):
     (37, 24, 257, 0.5),  # 257 words: 8 full tiles of 32 and a tail of 1
     (37, 16, 50, 0.0),   # none masked: no compaction
     (64, 16, 33, 0.9),
+    (12, 16, 70, 0.7),   # 3 kept rows, fewer than the first chunk (5), whose logits come before the count
 ])
 def test_fp32_matches_reference(ce, n, c, v, masked_share):
     inputs = make_inputs(n, c, v, masked_share, seed=n * v)
