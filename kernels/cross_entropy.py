@@ -223,10 +223,12 @@ def _partition_rows(labels, vocab_size, ignore_index):
     N = labels.shape[0]
     order = torch.empty(N, device=labels.device, dtype=torch.int64)
     kept_labels = torch.empty(N, device=labels.device, dtype=torch.int64)
-    counts = torch.zeros(2, device=labels.device, dtype=torch.int32)
-    if N:  # an empty tensor has no pointer to hand to a kernel
+    counts = torch.empty(2, device=labels.device, dtype=torch.int32)
+    if N:  # the kernel writes both counts
         _partition_kernel[(1,)](labels, order, kept_labels, counts, N, vocab_size, ignore_index, BLOCK=PARTITION_BLOCK,
                                 num_warps=PARTITION_WARPS)
+    else:  # an empty tensor has no pointer to hand to a kernel
+        counts.zero_()
     host_counts, copied = counts, None
     if counts.is_cuda:
         host_counts = torch.empty(2, dtype=torch.int32, pin_memory=True)
