@@ -9,6 +9,7 @@ was allocated before the call; the .grad tensors it creates count, as for every 
 loss's relative error against the fp32 reference. Prints a table, writes bench/results/ce_<device>.json.
 """
 import datetime
+import hashlib
 import json
 import platform
 import sys
@@ -47,6 +48,12 @@ def implementations():
     impls["liger fused linear CE"] = lambda h, w, y: first(liger_fused(w, h, y))
     impls["liger CE on logits"] = lambda h, w, y: first(liger_ce(h @ w.T, y))
     return impls
+
+
+def source_digest(paths):
+    """The first 12 hex digits of each file's sha256 (as `sha256sum` prints it), so that a result
+    file can be matched with the code that produced it: the GPU machine may have no git history."""
+    return {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:12] for path in paths}
 
 
 def make_inputs(tokens, masked_share, seed=0):
@@ -117,7 +124,8 @@ def main():
     out = ROOT / "bench" / "results" / f"ce_{device.replace(' ', '_').replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat(), "hidden": HIDDEN, "vocab": VOCAB, "dtype": str(DTYPE)}
+            "date": datetime.date.today().isoformat(), "sources": source_digest(["kernels/cross_entropy.py"]),
+            "hidden": HIDDEN, "vocab": VOCAB, "dtype": str(DTYPE)}
     out.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_ce import source_digest  # noqa: E402
 from data import get_tokenizer, tokenize_turns  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -122,6 +123,7 @@ def main():
         print(f"{name:<28} {row['tokens_per_s']:>10,.0f} {row['mfu']:>6.1%} {row['peak_gib']:>9.2f} {row['vs_peer']:>7.2f}x")
     device = torch.cuda.get_device_name()
     result = {"device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+              "sources": source_digest(["kernels/cross_entropy.py", "model.py", "train_sft.py", "data.py"]),
               "shape": {**SHAPE, "batch": BATCH, "seq": SEQ, "dtype": "bfloat16", "masked_share": 0.5},
               "steps": steps, "warmup": warmup, "rows": rows}
     out = ROOT / "bench" / "results" / f"train_{device.replace(' ', '_').replace('/', '_')}.json"
