@@ -330,7 +330,7 @@ class _FusedMaskedLinearCrossEntropy(torch.autograd.Function):
             h, weight = h.float(), weight.float()
         loss_sum, n_kept, *ctx.grads = _loss_and_grads(h, weight, kept_labels, read_count, need_grad_h, need_grad_w,
                                                           chunk_bytes, block_v, num_warps)
-        ctx.n_kept, ctx.rows = n_kept, order[:n_kept]
+        ctx.rows = order[:n_kept]  # the kept rows' indices, in the order of grad_h's rows
         return loss_sum / max(n_kept, 1)
 
     @staticmethod
@@ -339,11 +339,12 @@ class _FusedMaskedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("fused_masked_linear_cross_entropy supports one backward per forward "
                                "(its gradients are computed in the forward and scaled in place)")
         (grad_h, grad_w), ctx.grads = ctx.grads, None
-        scale = (grad_output.float() / max(ctx.n_kept, 1)).reshape(1)
+        n_kept = ctx.rows.shape[0]
+        scale = (grad_output.float() / max(n_kept, 1)).reshape(1)
         grad_hidden = grad_weight = None
         if grad_h is not None:
             grad_hidden = _scale_(grad_h, scale).to(ctx.dtype)
-            if ctx.n_kept < ctx.hidden_shape[0]:  # masked rows get zero gradient
+            if n_kept < ctx.hidden_shape[0]:  # masked rows get zero gradient
                 grad_hidden = grad_hidden.new_zeros(ctx.hidden_shape).index_copy_(0, ctx.rows, grad_hidden)
         if grad_w is not None:
             grad_weight = _scale_(grad_w, scale).to(ctx.dtype)
