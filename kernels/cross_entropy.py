@@ -27,10 +27,11 @@ Design (fused_masked_linear_cross_entropy):
    as grad_output. Scaling happens in place, so a second backward through the same graph is refused.
 
 Cost at 16,384 tokens x 768 x 50,257 in bf16 with half the labels masked (8,091 kept rows) on an
-H100 (bench/bench_ce.py, bench/profile_ce.py, bench/results/): about 4.2 ms, against 9.1 ms for
-torch.compile of the plain loss, ~3.9 ms of it kernel time: the three GEMMs (the ~1.9 TFLOP
-floor, 2.8 ms unchunked) 2.8-3.1 ms in 6 chunks, the softmax pass 0.13 ms per chunk of 1,408
-rows, the partition 26 us, the scaling 55 us.
+H100, as bench/results/ holds it (bench/bench_ce.py, bench/profile_ce.py): 4.20 ms against 9.09 ms
+for torch.compile of the plain loss; 3.96 ms of it kernel time: the three GEMMs 3.1 ms in 6 chunks
+(2.8 ms unchunked, the matrix units' floor), the softmax pass 0.88 ms, the partition 49 us. Those
+files predate the scaling kernel and the softmax tuning described at their kernels, which were
+timed per kernel only.
 Extra memory at that shape: chunk logits 135 MiB (<= 1,408 rows) + grad_W 74 MiB (bf16) + the
 ordered h 24 MiB + grad_h 12 MiB, ~246 MiB at the peak; backward adds the full (N, C) grad_hidden.
 grad_W is accumulated in W's dtype, not fp32 (147 MiB would break the 256 MiB budget or force
