@@ -188,10 +188,11 @@ def run_step(step, argv, timeout, env):
     return status, time.monotonic() - start
 
 
-def run(opts, device):
-    """Runs the chosen steps; returns the summary dict."""
+def run(opts, device, started):
+    """Runs the chosen steps within opts["time_limit"] seconds of `started` (time.monotonic());
+    returns the summary dict."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    deadline = time.monotonic() + opts["time_limit"]
+    deadline = started + opts["time_limit"]
     rows = []
     for step in STEPS:
         row = {"step": step.name, "estimate_s": step.estimate_s, "limit_s": step.limit_s, "seconds": 0.0,
@@ -345,7 +346,7 @@ def check_peer(module, attribute):
 def check_step(step):
     """Lines saying what the step will run and with which peers; raises where its wiring is broken."""
     if step.name == "wheels":
-        wheels = sorted(w.name for w in WHEELS.glob("*.whl"))
+        wheels = sorted("-".join(w.name.split("-")[:2]) for w in WHEELS.glob("*.whl"))  # name-version
         return [f"{len(wheels)} wheels in .whl/: {', '.join(wheels)}" if wheels else
                 "no .whl/: run ../shared/tools/gpu-wheels.sh and carry .whl, or the package peers are missing"]
     if step.optional and not (ROOT / step.script).exists():
@@ -357,7 +358,7 @@ def check_step(step):
                      for f in (ROOT / "tests").glob("test_*.py"))
         if not marked:
             raise RuntimeError("no test in tests/ is marked gpu")
-        return [f"{marked} tests marked gpu in tests/"]
+        return [f"{marked} test functions marked gpu in tests/"]
     module = importlib.import_module(step.script[:-3].replace("/", "."))
     lines = [f"{step.script} imports"]
     if step.name == "ce":
@@ -378,7 +379,7 @@ def check_step(step):
 
 def dry_run(opts):
     """Lists the steps and checks their wiring; returns the exit status."""
-    print(f"{'step':<8} {'code':>4} {'estimate':>8} {'limit':>6}  wiring")
+    print(f"{'step':<8} {'code':>4} {'estimate':>9} {'limit':>6}  wiring")
     status, total = 0, 0
     for step in STEPS:
         chosen = step.name in opts["steps"]
@@ -387,17 +388,20 @@ def dry_run(opts):
         except Exception as exc:
             lines = [f"BROKEN: {exc!r}"]
             status += step.code
-        total += step.estimate_s if chosen else 0
-        budget = f"{step.estimate_s:>7} s {step.limit_s:>4} s" if chosen else f"{'not chosen':>15}"
+        will_run = chosen and ((ROOT / step.script).exists() if step.script else any(WHEELS.glob("*.whl")))
+        total += step.estimate_s if will_run else 0
+        budget = f"{step.estimate_s:>7} s {step.limit_s:>4} s" if chosen else f"{'not chosen':>16}"
         print(f"{step.name:<8} {step.code:>4} {budget}  {lines[0]}")
         for line in lines[1:]:
-            print(f"{'':<8} {'':>4} {'':>15}  {line}")
-    print(f"{'total':<8} {'':>4} {total:>7} s  (time limit {opts['time_limit']:.0f} s)")
+            print(f"{'':<8} {'':>4} {'':>16}  {line}")
+    print(f"{'total':<8} {'':>4} {total:>7} s  estimated for the steps that will run (time limit "
+          f"{opts['time_limit']:.0f} s)")
     print(f"dry run: {'wiring ok' if not status else f'exit status {status}'}")
     return status
 
 
 def main(argv):
+    started = time.monotonic()
     try:
         opts = parse_options(argv)
     except OptionError as exc:
@@ -409,7 +413,7 @@ def main(argv):
     if not device:
         print("gpu_suite.py: error: no CUDA GPU here; on a CPU machine use --dry-run", file=sys.stderr)
         return 2
-    summary = run(opts, device)
+    summary = run(opts, device, started)
     summary_path = RESULTS / f"gpu_suite_{file_name(device)}.json"
     merge_earlier(summary, read_json(summary_path))
     RESULTS.mkdir(parents=True, exist_ok=True)
