@@ -192,7 +192,10 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
     steps, warmup = option("steps", 10), option("warmup", 3)
-    stages = [int(s) for s in option("deepspeed_stages", "2").split(",") if s.strip()]
+    stages = [stage for stage in option("deepspeed_stages", "2").split(",") if stage]
+    if any(stage not in ("0", "1", "2", "3") for stage in stages):
+        print("bench_train.py: error: --deepspeed_stages takes ZeRO stages 0 to 3, comma-separated", file=sys.stderr)
+        sys.exit(2)
     flops_per_token = GPT(GPTConfig(**SHAPE)).flops_per_token(SEQ)
     device = torch.cuda.get_device_name()
     out = ROOT / "bench" / "results" / f"train_{device.replace(' ', '_').replace('/', '_')}.json"

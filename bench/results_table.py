@@ -137,7 +137,7 @@ def render(results_dir=RESULTS):
                           reverse=True)
     lines = [BEGIN]
     for device in newest_first:
-        lines += ["", f"#### One {device}"]
+        lines += ["", f"#### On one {device}"]
         for kind in KINDS:
             if kind in devices[device]:
                 lines += [""] + SECTIONS[kind](*devices[device][kind])
