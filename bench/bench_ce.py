@@ -181,7 +181,8 @@ def main():
     impls, skipped = implementations()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "peers": peer_versions(), "skipped_peers": skipped,
-            "date": datetime.date.today().isoformat(), "sources": source_digest(["kernels/cross_entropy.py", "bench/bench_ce.py"]),
+            "date": datetime.date.today().isoformat(),
+            "sources": source_digest(["kernels/cross_entropy.py", "bench/bench_ce.py"]),
             "hidden": HIDDEN, "vocab": VOCAB, "dtype": str(DTYPE)}
     rows = []
     print(f"{'tokens':>6} {'masked':>6}  {'implementation':<24} {'ms':>8} {'peak MiB':>9} {'loss rel err':>12}")

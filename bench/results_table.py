@@ -63,7 +63,8 @@ def ce_section(name, data):
         ratio = f"{r['ms'] / ours:.2f}x" if r["ms"] is not None and ours else "-"
         error = "-" if r["loss_rel_err"] is None else f"{r['loss_rel_err']:.1e}"
         note = f" ({r['note']})" if r.get("note") else ""
-        lines.append(f"| {r['implementation']}{note} | {ms(r['ms'])} | {mib(r['peak_extra_mib'])} | {error} | {ratio} |")
+        lines.append(f"| {r['implementation']}{note} | {ms(r['ms'])} | {mib(r['peak_extra_mib'])} | {error} "
+                     f"| {ratio} |")
     for peer, why in data.get("skipped_peers", {}).items():
         lines.append(f"| {peer}: not measured, {why} | - | - | - | - |")
     impls = list(dict.fromkeys(r["implementation"] for r in rows))

@@ -77,7 +77,8 @@ def test_steps_run_in_order_a_failure_or_timeout_does_not_stop_the_rest(tmp_path
     (tmp_path / "results").mkdir()
     child_pid = tmp_path / "child.pid"
     steps = [
-        gpu_suite.Step("ce", 8, write_script(tmp_path / "fails.py", "print('about to fail'); raise SystemExit(3)"), 1, 30),
+        gpu_suite.Step("ce", 8, write_script(tmp_path / "fails.py", "print('about to fail'); raise SystemExit(3)"),
+                       1, 30),
         gpu_suite.Step("train", 16, write_script(tmp_path / "writes.py",
                                                  "open('results/train_Fake_GPU.json', 'w').write('{}')"), 1, 30),
         gpu_suite.Step("profile", 128, write_script(tmp_path / "hangs.py", (
