@@ -158,3 +158,40 @@ def test_a_figure_that_drifts_changes_the_rendered_results(tmp_path):
     ce_file.write_text(json.dumps(data))
     after = results_table.render(tmp_path)
     assert after != before and f"| ours (triton) | {anchor['ms']:.2f} |" in after
+
+
+def test_the_files_a_suite_run_writes_render(tmp_path):
+    """Today's formats, with what a GPU run can leave: a peer not installed, a failed or skipped row,
+    an incomplete file, a step rerun later."""
+    device, common = "NVIDIA H200", {"device": "NVIDIA H200", "torch": "2.11.0", "date": "2026-12-01",
+                                     "sources": {"model.py": "0123456789ab"}}
+    ce_rows = [{"tokens": 16384, "masked_share": 0.5, "implementation": name, "ms": ms, "peak_extra_mib": mib,
+                "loss_rel_err": None if ms is None else 1e-6, **({"note": "error: boom"} if ms is None else {})}
+               for name, ms, mib in [("ours (triton)", 3.9, 240.0), ("torch.compile", 9.0, 1744.0),
+                                     ("cut cross-entropy", None, None)]]
+    files = {
+        "ce": {**common, "triton": "3.6.0", "peers": {"liger-kernel": "not installed", "cut-cross-entropy": "25.1.1"},
+               "skipped_peers": {"liger fused linear CE": "liger-kernel is not installed"}, "hidden": 768,
+               "vocab": 50257, "complete": False, "results": ce_rows},
+        "train": {**common, "shape": {"n_layer": 12, "n_embd": 768, "vocab_size": 50304, "batch": 16, "seq": 1024,
+                                      "dtype": "bfloat16", "masked_share": 0.5},
+                  "steps": 10, "warmup": 3, "peer": "compiled loop, loss inside", "complete": True,
+                  "skipped": {"deepspeed": "train_sft.py has no --engine/--zero_stage options"},
+                  "rows": {"compiled loop, loss inside": {"tokens_per_s": 5e5, "peak_gib": 9.0, "mfu": 0.43,
+                                                          "vs_peer": 1.0},
+                           "train_sft --kernels=triton": {"error": "CalledProcessError(1)"}}},
+        "gpu_suite": {"device": device, "date": "2026-12-01", "time_limit_s": 540.0, "total_s": 300.0,
+                      "steps": [{"step": "ce", "status": "ok", "seconds": 100.0, "earlier_run": "2026-11-30"},
+                                {"step": "train", "status": "timeout (killed at 300 s)", "seconds": 300.0}]},
+    }
+    for kind, data in files.items():
+        (tmp_path / f"{kind}_NVIDIA_H200.json").write_text(json.dumps(data))
+    block = results_table.render(tmp_path)
+    for expected in ("#### On one NVIDIA H200", "| ours (triton) | 3.90 | 240 | 1.0e-06 | 1.00x |",
+                     "| cut cross-entropy (error: boom) | - | - | - | - |", "cut-cross-entropy 25.1.1",
+                     "| liger fused linear CE: not measured, liger-kernel is not installed |", "INCOMPLETE",
+                     "`model.py` 0123456789ab", "the peer is `compiled loop, loss inside`",
+                     "| train_sft --kernels=triton | failed: CalledProcessError(1) |",
+                     "| deepspeed: not measured, train_sft.py has no --engine/--zero_stage options |",
+                     "ce ok 100 s (run of 2026-11-30); train timeout (killed at 300 s) 300 s; 300 s in all"):
+        assert expected in block, expected
