@@ -270,6 +270,7 @@ def figures(device):
 
 
 def print_summary(summary):
+    """The table a session reads last: each step, then the figures against their targets."""
     print(f"\n{'step':<8} {'status':<44} {'seconds':>7} {'limit':>6}  files written")
     for row in summary["steps"]:
         status = f"{row['status']} (run of {row['earlier_run']})" if "earlier_run" in row else row["status"]
@@ -418,9 +419,9 @@ def main(argv):
     merge_earlier(summary, read_json(summary_path))
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-    print_summary(summary)
-    if opts["out"]:
+    if opts["out"]:  # first: the files must come back even if printing failed
         pack(summary_path, summary, opts["out"])
+    print_summary(summary)
     return summary["exit_status"]
 
 

@@ -195,3 +195,24 @@ def test_the_files_a_suite_run_writes_render(tmp_path):
                      "| deepspeed: not measured, train_sft.py has no --engine/--zero_stage options |",
                      "ce ok 100 s (run of 2026-11-30); train timeout (killed at 300 s) 300 s; 300 s in all"):
         assert expected in block, expected
+
+
+def test_the_summary_prints_each_step_and_the_targets(tmp_path, monkeypatch, capsys):
+    ce = {"results": [{"tokens": 16384, "masked_share": 0.5, "implementation": name, "ms": ms, "peak_extra_mib": mib}
+                      for name, ms, mib in [("ours (triton)", 4.5, 240.0), ("torch.compile", 9.0, 1744.0)]]}
+    train = {"rows": {"compiled loop, loss inside": {"tokens_per_s": 5e5, "peak_gib": 9.0, "mfu": 0.43, "vs_peer": 1.0},
+                      "train_sft --kernels=triton": {"tokens_per_s": 6e5, "peak_gib": 7.0, "mfu": 0.5, "vs_peer": 1.2},
+                      "train_sft --engine=deepspeed --zero_stage=2": {"error": "CalledProcessError(1)"}}}
+    (tmp_path / "ce_Fake_GPU.json").write_text(json.dumps(ce))
+    (tmp_path / "train_Fake_GPU.json").write_text(json.dumps(train))
+    monkeypatch.setattr(gpu_suite, "RESULTS", tmp_path)
+    figures = gpu_suite.figures("Fake GPU")
+    assert figures["ce_target_met"] is False and figures["train_target_met"] is True
+    gpu_suite.print_summary({"device": "Fake GPU", "time_limit_s": 540.0, "total_s": 350.0, "exit_status": 16,
+                             "figures": figures, "steps": [
+                                 {"step": "ce", "status": "ok", "seconds": 100.0, "limit_s": 240, "outputs": []},
+                                 {"step": "train", "status": "failed (exit 1)", "seconds": 250.0, "limit_s": 300,
+                                  "outputs": ["bench/results/train_Fake_GPU.json"]}]})
+    out = capsys.readouterr().out
+    assert "target ours <= 4.0 ms and <= 256 MiB: MISSED" in out and "2.00x ours" in out
+    assert "1.20x peer" in out and "CalledProcessError(1)" in out and "exit status 16 (failed: train)" in out
