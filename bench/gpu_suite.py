@@ -41,9 +41,9 @@ loads where its package is installed (elsewhere: "not installed here", and where
 the package, the module must be inside the wheel), the GPT-2 vocabulary is there to carry, and
 whether train_sft.py has the --engine option for the DeepSpeed rows.
 
-Exit status: 0 when every step that ran passed; 2 for a bad option or no GPU (nothing runs); otherwise the
-sum of the codes of the failed steps (a step stopped at its limit has failed, a skipped one has
-not; in a dry run, the steps whose wiring is broken).
+Exit status: 0 when every step that ran passed; 2 for a bad option or no GPU (nothing runs);
+otherwise the sum of the codes of the failed steps (a step stopped at its limit has failed, a
+skipped one has not; in a dry run, the steps whose wiring is broken).
 """
 import datetime
 import hashlib
