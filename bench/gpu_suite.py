@@ -46,7 +46,6 @@ otherwise the sum of the codes of the failed steps (a step stopped at its limit 
 skipped one has not; in a dry run, the steps whose wiring is broken).
 """
 import datetime
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -217,13 +216,12 @@ def run(opts, device, started):
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE, env.get("PYTHONPATH")]))
                 env["TORCH_CUDA_ARCH_LIST"] = "9.0"  # DeepSpeed cannot parse "9.0a"
         print(f"=== {step.name}: {row['status']}, {row['seconds']:.0f} s", flush=True)
-    summary = {"device": device, "date": datetime.date.today().isoformat(), "time_limit_s": opts["time_limit"],
-               "total_s": sum(row["seconds"] for row in rows),
-               "sources": {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:12]
-                           for path in ["bench/gpu_suite.py"] + [s.script for s in STEPS if s.script.endswith(".py")]
-                           if (ROOT / path).exists()},
-               "steps": rows, "figures": figures(device), "exit_status": exit_status(rows)}
-    return summary
+    from bench.bench_ce import source_digest  # here, not at the top: it imports torch, which a bad option need not wait for
+    scripts = ["bench/gpu_suite.py"] + [step.script for step in STEPS if step.script.endswith(".py")]
+    return {"device": device, "date": datetime.date.today().isoformat(), "time_limit_s": opts["time_limit"],
+            "total_s": sum(row["seconds"] for row in rows),
+            "sources": source_digest([path for path in scripts if (ROOT / path).exists()]),
+            "steps": rows, "figures": figures(device), "exit_status": exit_status(rows)}
 
 
 def merge_earlier(summary, earlier):
