@@ -216,7 +216,7 @@ def run(opts, device, started):
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE, env.get("PYTHONPATH")]))
                 env["TORCH_CUDA_ARCH_LIST"] = "9.0"  # DeepSpeed cannot parse "9.0a"
         print(f"=== {step.name}: {row['status']}, {row['seconds']:.0f} s", flush=True)
-    from bench.bench_ce import source_digest  # here, not at the top: it imports torch, which a bad option need not wait for
+    from bench.bench_ce import source_digest  # here: it imports torch, which a bad option need not wait for
     scripts = ["bench/gpu_suite.py"] + [step.script for step in STEPS if step.script.endswith(".py")]
     return {"device": device, "date": datetime.date.today().isoformat(), "time_limit_s": opts["time_limit"],
             "total_s": sum(row["seconds"] for row in rows),
