@@ -1,29 +1,38 @@
-"""The native engine: data parallelism (stage 0) and ZeRO-style sharding (stages 1-3) in one file.
-
-    engine = Engine(model, optimizer, stage=2, dtype=torch.bfloat16, grad_clip=1.0)
-    loss = engine(idx, labels, boundary=True)     # forward under autocast
-    engine.backward(loss * weight)                # at the boundary: gradients averaged over ranks
-    grad_norm, applied = engine.step(lr_multiplier, loss_is_finite)
-
-Plain data parallelism keeps the same weights, gradients and Adam moments on every rank. ZeRO
-(Rajbhandari et al., 2020) removes that redundancy step by step. The trained parameters are grouped
-into units (one per transformer block, plus a root unit: the embeddings, the final LayerNorm and the
-tied head); a unit's parameters are views into one flat fp32 buffer, padded to a multiple of the world
-size, so that rank r owns slice r of it, its shard.
-
-  stage 1  Adam moments exist for the rank's shard only. At the boundary the flat gradient buffer is
-           reduce-scattered in place (each rank receives the mean over ranks of its own slice), the rank
-           updates its shard of the weights, and an all-gather gives every rank all updated weights.
-  stage 2  as 1, without a full gradient buffer: a hook on every parameter notices when the backward
-           has produced the unit's last gradient, copies the unit's gradients into a bucket and launches
-           its reduce-scatter while the backward goes on; the rank keeps its gradient shard only.
-  stage 3  as 2, and the weights are sharded too: a unit's flat buffer has memory only while its forward
-           or backward runs (gathered just before, freed after, the next unit's gather prefetched).
-
-Weights are fp32 at every stage (bfloat16 and float16 mean autocast, as in the trainer), so they are the
-master weights and a rank's master shard is a view of its own slice: no extra copy. Before the boundary
-micro-batch nothing crosses ranks: gradients accumulate locally at full size.
 """
+The native training engine: what DeepSpeed's engine does for this trainer, in plain torch.distributed.
+
+    engine = Engine(model, optimizer, stage=0, dtype=torch.float32, grad_clip=1.0, initial_scale_power=16)
+    loss = engine(idx, labels, segment_ids, boundary=i == accum - 1)   # forward under autocast
+    engine.backward(loss * weight)                                       # gradients: mean over ranks at the boundary
+    grad_norm, applied = engine.step(lr_multiplier, loss_is_finite)     # clip, update or skip, zero gradients
+
+Stage 0 is data parallelism as DDP does it: every rank holds the whole model, gradients and optimizer
+state, and the gradients are averaged over ranks once per optimizer step, after the backward of the
+step's last (boundary) micro-batch, in flat buckets.
+
+Stages 1-3 are ZeRO (Rajbhandari et al., 2020), which removes that redundancy step by step. The trained
+parameters are grouped into units, one per transformer block plus a root unit (the embeddings, the final
+LayerNorm and the tied head). A unit's parameters are views into one flat fp32 buffer, padded to a multiple
+of the world size, so that rank r owns slice r of it: its shard.
+
+  stage 1  Adam moments exist for the rank's shard only. At the boundary each unit's flat gradient buffer
+           is reduce-scattered in place (each rank receives the sum over ranks of its own slice), the rank
+           updates its shard of the weights, and an all-gather brings every rank all the updated weights.
+  stage 2  as 1, without full gradient buffers: a hook on every parameter notices when the backward has
+           produced a unit's last gradient, copies the unit's gradients into a bucket and launches its
+           reduce-scatter while the backward goes on with earlier blocks. Only the gradient shard is kept.
+  stage 3  as 2, and the weights are sharded too: a unit's flat buffer has memory only while its forward or
+           backward runs (gathered just before, freed after, the next unit's gather prefetched).
+
+Weights are fp32 at every stage (bfloat16 and float16 mean autocast), so they are the master weights and a
+rank's master shard is a view of its own slice: no extra copy. Before the boundary micro-batch nothing
+crosses ranks: gradients accumulate locally at full size. Any world size works, including 1 (no
+communication) and sizes that do not divide the parameter counts (the padding is zeros and stays zero).
+
+train_sft.make_engine builds this engine or, with --engine=deepspeed, an adapter with the same interface.
+"""
+
+import contextlib
 import glob
 import os
 import re
@@ -33,12 +42,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-GROWTH_INTERVAL = 2000  # float16: the loss scale doubles after this many overflow-free steps (torch's GradScaler)
+BUCKET_BYTES = 25 * 2**20  # stage 0: gradients cross ranks in flat buckets of about this size (DDP's default)
+SHARD_FILE = "zero_lite-shard{rank:05d}-of{world:05d}.pt"  # stages 1-3: one per rank in each checkpoint
 
 
 def zero_formula_bytes(n_params, stage, world):
     """Model-state bytes per rank by the ZeRO paper's count, for fp32 weights with Adam: 4 bytes of weight,
-    4 of gradient and 8 of moments per parameter, the sharded ones divided by the world size."""
+    4 of gradient and 8 of moments per trained parameter, the sharded ones divided by the world size."""
     weights, grads, moments = 4.0, 4.0, 8.0
     if stage >= 1:
         moments /= world
@@ -53,6 +63,9 @@ def _bytes(tensors):
     """Bytes of the distinct storages behind tensors (views of one buffer count once; a freed one is 0)."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
     return sum(storages.values())
+
+
+# ----------------------------------------------------------------------------- units (stages 1-3)
 
 
 class Unit:
@@ -79,11 +92,11 @@ class Unit:
             offset += p.numel()
         self.begin = rank * self.shard_size  # where this rank's shard starts in the flat buffer
         self.shard = self.flat[self.begin:self.begin + self.shard_size]
-        self.grad_flat = None  # stages 0-1: every parameter's .grad is a view of it
-        self.grad_shard = None  # the reduced gradient of the shard
-        self.handle = None  # an all-gather in flight (stage 3 prefetch)
+        self.grad_flat = None  # stage 1: every parameter's .grad is a view of it
+        self.grad_shard = None  # the gradient of the shard, summed over ranks at the boundary
+        self.handle = None  # stage 3: an all-gather in flight (a prefetch)
         self.gathered = True
-        self.arrived = 0  # gradients produced by the current backward (stages 2-3)
+        self.arrived = 0  # stages 2-3: gradients the current backward has produced; -1 once handled
 
     def own_weights(self):
         """Stage 3: the shard becomes a tensor of its own, so that the flat buffer can be freed."""
@@ -91,7 +104,7 @@ class Unit:
         self.free()
 
     def gather(self, world, wait=True):
-        """Stage 3: give the flat buffer memory again and fill it from every rank's shard."""
+        """Stage 3: give the flat buffer its memory again and fill it from every rank's shard."""
         if not self.gathered:
             self.flat.untyped_storage().resize_(self.flat.numel() * self.flat.element_size())
             if world == 1:
@@ -113,10 +126,10 @@ class Unit:
             self.gathered = False
 
 
-def make_units(model, group_of):
-    """The root unit (everything outside the blocks: embeddings, final LayerNorm, the tied head) and one unit per
-    transformer block, each holding the trained parameters only (frozen ones, e.g. under LoRA, stay whole)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+def make_units(model, group_of, rank, world):
+    """The root unit (everything outside the blocks) and one unit per transformer block, each holding the
+    trained parameters only (frozen ones, e.g. under LoRA, stay whole on every rank).
+    Returns (units, [(block, its unit)])."""
     in_blocks = {p for block in model.transformer.h for p in block.parameters()}
     root = [p for p in model.parameters() if p.requires_grad and p not in in_blocks]
     units = [Unit("root", root, group_of, rank, world)] if root else []
@@ -129,62 +142,81 @@ def make_units(model, group_of):
     return units, blocks
 
 
-def check_stage_options(model, optimizer, stage):
+def check_stage_options(model, optimizer, stage, compile):
     """Refuse, before anything is sharded, what a stage cannot do; the message names the option."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     if stage >= 1 and hasattr(optimizer, "sparse_grads"):
         raise ValueError(f"--sparse_density needs --zero_stage=0: stage {stage} shards the dense AdamW state, "
                          "and sparse fine-tuning keeps its own small state instead")
-    if stage >= 1 and not isinstance(optimizer, torch.optim.AdamW):
-        raise ValueError(f"--zero_stage={stage} shards torch.optim.AdamW only, got {type(optimizer).__name__}")
+    if stage >= 1 and type(optimizer) is not torch.optim.AdamW:
+        raise ValueError(f"stage {stage} shards torch.optim.AdamW only, got {type(optimizer).__name__}")
     if stage >= 1 and any(group["amsgrad"] for group in optimizer.param_groups):
-        raise ValueError(f"--zero_stage={stage} does not shard AdamW's amsgrad state")
-    if any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
-        raise ValueError("the native engine keeps fp32 weights (--dtype selects autocast); got other trained weights")
+        raise ValueError(f"stage {stage} does not shard AdamW's amsgrad state")
+    if stage >= 1 and any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
+        raise ValueError(f"stage {stage} keeps fp32 weights (--dtype selects autocast); got other trained weights")
     if stage == 3 and model.config.gradient_checkpointing:
-        raise ValueError("--gradient_checkpointing cannot be combined with --zero_stage=3: the recomputed forward "
-                         "would run after the block's weights were gathered for its backward and free them")
+        raise ValueError("--gradient_checkpointing cannot be combined with stage 3: the recomputed forward "
+                         "would free the block's weights that its backward has just gathered")
+    if stage == 3 and compile:
+        raise ValueError("--compile cannot be combined with stage 3: its weights are gathered and freed by hooks "
+                         "around every block, which a compiled graph does not run")
+
+
+# ----------------------------------------------------------------------------- the engine
 
 
 class Engine:
-    """Forward, backward and optimizer step of one data-parallel rank at ZeRO stage 0, 1, 2 or 3."""
-
-    def __init__(self, model, optimizer, stage=0, dtype=torch.float32, grad_clip=1.0, initial_scale_power=16):
-        if stage not in (0, 1, 2, 3):
-            raise ValueError(f"--zero_stage must be 0, 1, 2 or 3, got {stage}")
-        check_stage_options(model, optimizer, stage)
-        self.module, self.stage, self.dtype, self.grad_clip = model, stage, dtype, grad_clip
+    def __init__(self, model, optimizer, stage=0, dtype=torch.float32, grad_clip=1.0, initial_scale_power=16,
+                 compile=False):
+        check_stage_options(model, optimizer, stage, compile)
+        self.module, self.stage, self.grad_clip = model, stage, grad_clip
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = next(model.parameters()).device
-        self.loss_scale = 2.0 ** initial_scale_power if dtype == torch.float16 else 1.0
-        self.good_steps = 0  # float16: applied steps since the loss scale last changed
+        self._forward = torch.compile(model) if compile else model
+        self.autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32
+                         else contextlib.nullcontext())
+        # float16 only: a dynamic loss scale keeps small gradients from underflowing.
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** initial_scale_power,
+                                           enabled=dtype == torch.float16)
         self.boundary = True
-        self.pending = []  # collectives in flight during the backward, with the buffer each one reads
-        group_of = {p: g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        self.units, self.blocks = make_units(model, group_of)
+        self.pending = []  # stages 1-3: collectives launched during the backward, with the buffer each reads
+        if self.world > 1:  # every rank starts from rank 0's weights, as DDP does
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
         self.names = {p: name for name, p in model.named_parameters()}
+        self.units, self.blocks, self.optimizer = [], [], optimizer
+        if stage >= 1:
+            group_of = {p: g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+            self.units, self.blocks = make_units(model, group_of, self.rank, self.world)
+            self._attach_gradients()
+            if stage == 3:
+                for unit in self.units:
+                    unit.own_weights()
+                self._install_gather_hooks()
+            self.optimizer = self._shard_optimizer(optimizer)
+        self._allocate_moments()
+
+    # ------------------------------------------------------------------------- setup of stages 1-3
+
+    def _attach_gradients(self):
+        """Stage 1: gradients accumulate straight into one flat buffer per unit (each .grad a view of it), whose
+        own slice is the shard. Stages 2-3: only the shard exists; a hook reduces each unit as it completes."""
         for unit in self.units:
-            if stage <= 1:  # gradients accumulate straight into one flat buffer per unit
+            if self.stage == 1:
                 unit.grad_flat = torch.zeros_like(unit.flat)
                 for p, offset in zip(unit.params, unit.offsets):
                     p.grad = unit.grad_flat[offset:offset + p.numel()].view_as(p)
                 unit.grad_shard = unit.grad_flat[unit.begin:unit.begin + unit.shard_size]
-            else:  # only the shard is kept; the hooks reduce each unit as soon as its gradients exist
+            else:
                 unit.grad_shard = torch.zeros(unit.shard_size, device=self.device)
                 for p in unit.params:
                     p.register_post_accumulate_grad_hook(partial(self._on_gradient, unit))
-            if stage == 3:
-                unit.own_weights()
-        if stage == 3:
-            self._install_gather_hooks()
-        self.optimizer = optimizer if stage == 0 else self._shard_optimizer(optimizer)
-        self._allocate_moments()
-
-    # ------------------------------------------------------------------------- setup
 
     def _shard_optimizer(self, optimizer):
-        """The caller's optimizer with the same groups and settings, over this rank's shards: per unit and group,
-        one parameter viewing the part of the group's segment inside the shard, its gradient the matching view of
-        the gradient shard. Updating it in place updates the shard."""
+        """The caller's AdamW with the same groups and settings, over this rank's shards: per unit and group, one
+        parameter viewing the part of the group's segment inside the shard, its gradient the matching view of the
+        gradient shard. Updating it in place updates the shard."""
         groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": []} for group in optimizer.param_groups]
         self.views = []  # (unit, begin, end within the shard, the parameter viewing it)
         for unit in self.units:
@@ -197,18 +229,18 @@ class Engine:
                     view.grad = unit.grad_shard[lo:hi]
                     groups[g]["params"].append(view)
                     self.views.append((unit, lo, hi, view))
-        return type(optimizer)(groups)
+        return torch.optim.AdamW(groups)
 
     def _allocate_moments(self):
         """AdamW's state exists from the start (torch would create it at the first step), so the memory report at
-        start shows what the step holds. At stages 1-3 the moments are views of one flat buffer per unit's shard,
-        the layout the checkpoint files use."""
-        if not isinstance(self.optimizer, torch.optim.AdamW):
+        start shows what a step holds. At stages 1-3 the moments are views of one flat buffer per unit shard,
+        the layout of the checkpoint files."""
+        if type(self.optimizer) is not torch.optim.AdamW:
             return
-        flat_moments = {view: (unit.exp_avg[lo:hi], unit.exp_avg_sq[lo:hi]) for unit, lo, hi, view in
-                        getattr(self, "views", [])}
+        flat_moments = {view: (unit.exp_avg[lo:hi], unit.exp_avg_sq[lo:hi])
+                        for unit, lo, hi, view in getattr(self, "views", [])}
         for group in self.optimizer.param_groups:
-            step_device = self.device if group["fused"] or group["capturable"] else "cpu"  # where AdamW wants it
+            step_device = self.device if group["fused"] or group["capturable"] else "cpu"  # where AdamW keeps it
             for p in group["params"]:
                 exp_avg, exp_avg_sq = flat_moments.get(p) or (torch.zeros_like(p), torch.zeros_like(p))
                 self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=step_device),
@@ -243,34 +275,34 @@ class Engine:
         if preceding is not None:
             preceding.gather(self.world, wait=False)
 
-    # ------------------------------------------------------------------------- forward, backward, step
+    # ------------------------------------------------------------------------- the step
 
     def __call__(self, idx, labels, segment_ids=None, boundary=True):
-        """The mean loss of one micro-batch, under autocast for bfloat16/float16. boundary=False marks a micro-batch
-        whose gradients only accumulate locally; the boundary one sends them across ranks."""
+        """The micro-batch's mean loss over its trained tokens; boundary marks the step's last micro-batch."""
         self.boundary = boundary
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.module(idx, labels, segment_ids=segment_ids)
+        with self.autocast:
+            return self._forward(idx, labels, segment_ids=segment_ids)
 
     def backward(self, loss):
-        """Backward (float16: of the scaled loss). After the boundary micro-batch, every rank holds the mean over
-        ranks of the gradients it keeps: all of them at stage 0, its shard at stages 1-3."""
-        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
+        """Accumulates gradients; after the boundary micro-batch they are the mean over ranks (at stages 1-3:
+        of the gradient shard this rank keeps)."""
+        self.scaler.scale(loss).backward()
         if self.stage >= 2:
             for unit in self.units:
                 if unit.arrived != -1:  # some parameter got no gradient in this backward: it counts as zero
                     self._unit_backward_done(unit)
                 unit.arrived = 0
-        if self.boundary:
-            if self.stage == 0:
-                for unit in self.units:
-                    self._average(unit.grad_flat)
-            if self.stage == 1:
-                for unit in self.units:
-                    self._reduce_scatter(unit.grad_flat, unit.grad_shard)
+        if self.boundary and self.stage == 1:
+            for unit in self.units:
+                self._reduce_scatter(unit.grad_flat, unit.grad_shard)
+        if self.boundary and self.stage >= 1:
             for work, _ in self.pending:
                 work.wait()
             self.pending = []
+            for unit in self.units:
+                unit.grad_shard.div_(self.world)
+        if self.boundary and self.stage == 0 and self.world > 1:
+            self._average_gradients()
 
     def _on_gradient(self, unit, param):
         """Stages 2-3: called after each parameter's gradient is accumulated; the unit's last one finishes it."""
@@ -292,205 +324,235 @@ class Engine:
         if self.stage == 3:
             unit.free()
 
-    def _average(self, flat):
-        """All-reduce to the mean over ranks, divided first as DDP does."""
-        if self.world > 1:
-            flat.div_(self.world)
-            self.pending.append((dist.all_reduce(flat, async_op=True), flat))
-
     def _reduce_scatter(self, bucket, shard):
-        """shard = this rank's slice of the mean over ranks of bucket (shard may be a view into bucket)."""
+        """shard = this rank's slice of the sum over ranks of bucket (shard may be a view into bucket)."""
         if self.world == 1:
-            shard.copy_(bucket)  # a no-op when shard is bucket's own view
-            return
-        bucket.div_(self.world)
-        self.pending.append((dist.reduce_scatter_single(shard, bucket, async_op=True), bucket))
+            shard.copy_(bucket[:shard.numel()])  # a no-op when shard is bucket's own view
+        else:
+            self.pending.append((dist.reduce_scatter_single(shard, bucket, async_op=True), bucket))
 
     def step(self, lr_multiplier, loss_is_finite):
-        """Set the learning rates, unscale (float16), take the global gradient norm over all shards, clip, update
-        unless the loss or the norm is not finite, then zero the gradients. One host sync. Returns
-        (pre-clip norm as a 0-dim tensor, whether the update was applied)."""
+        """Sets the learning rates, clips by the global norm, updates unless the loss or the norm is
+        NaN/Inf, zeroes the gradients. Returns (pre-clip norm as a 0-dim tensor, whether it updated)."""
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_multiplier
-        grads = [unit.grad_flat if self.stage == 0 else unit.grad_shard for unit in self.units]
-        if self.loss_scale != 1.0:
-            for grad in grads:
-                grad.mul_(1.0 / self.loss_scale)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if self.stage >= 1 and self.world > 1:  # each rank has the norm of its shards: sum the squares
-            norm = norm.square()
-            dist.all_reduce(norm)
-            norm = norm.sqrt()
-        if self.grad_clip > 0:
-            clip = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-            for grad in grads:
-                grad.mul_(clip)
-        applied = bool(torch.as_tensor(loss_is_finite, device=norm.device) & torch.isfinite(norm))  # the sync
+        grads = self._gradients()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # the dense gradients; the sparse ones are the optimizer's own
+            if self._sparse_gradients():
+                torch._foreach_div_(self._sparse_gradients(), self.scaler.scale(torch.ones((), device=self.device)))
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if self.stage >= 1 and self.world > 1:  # each rank has the norm of its shards: add up the squares
+            grad_norm = grad_norm.square()
+            dist.all_reduce(grad_norm)
+            grad_norm = grad_norm.sqrt()
+        if self.grad_clip > 0:  # the same arithmetic as torch.nn.utils.clip_grad_norm_
+            torch._foreach_mul_(grads, (self.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
+        applied = bool(torch.isfinite(grad_norm) & loss_is_finite)  # the step's one host sync
         if applied:
             self.optimizer.step()
             if self.stage in (1, 2):
                 self._gather_weights()
-        if self.loss_scale != 1.0:
-            self._update_loss_scale(applied)
+        if self.scaler.is_enabled():  # grow the scale after enough good steps, lower it after a skipped one
+            if applied:
+                self.scaler.update()
+            else:
+                self.scaler.update(self.scaler.scale(torch.ones((), device=self.device))
+                                   * self.scaler.get_backoff_factor())
+        self._zero_gradients()
+        return grad_norm, applied
+
+    def _zero_gradients(self):
+        """Stage 0 drops the gradients; stages 1-3 zero their buffers, which the optimizer's views point into.
+        Stage 3 also frees a unit still gathered (for an evaluation): it holds the weights before this step."""
+        if self.stage == 0:
+            self.optimizer.zero_grad(set_to_none=True)
         for unit in self.units:
-            (unit.grad_flat if self.stage <= 1 else unit.grad_shard).zero_()
-        if self.stage == 3:
-            for unit in self.units:  # a unit gathered for evaluation holds the old weights
+            (unit.grad_flat if self.stage == 1 else unit.grad_shard).zero_()
+            if self.stage == 3:
                 unit.free()
-        return norm, applied
+
+    @property
+    def loss_scale(self):
+        """The float16 loss scale (1.0 otherwise); reading it syncs with the device."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    def _sparse_gradients(self):
+        """Gradients that sparse fine-tuning's optimizer gathers itself (the trained entries only)."""
+        return list(getattr(self.optimizer, "sparse_grads", ()))
+
+    def _gradients(self):
+        """Every gradient the optimizer will use, in the same order on every rank (at stages 1-3: views of the
+        gradient shards)."""
+        dense = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return dense + self._sparse_gradients()
+
+    def _average_gradients(self):
+        """Stage 0: sum over ranks, then divide, one flat bucket of about BUCKET_BYTES at a time: a few large
+        collectives instead of one per tensor."""
+        bucket, size = [], 0
+        for grad in self._gradients():
+            bucket.append(grad)
+            size += grad.numel() * grad.element_size()
+            if size >= BUCKET_BYTES:
+                self._all_reduce_mean(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._all_reduce_mean(bucket)
+
+    def _all_reduce_mean(self, grads):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(self.world)
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
     def _gather_weights(self):
-        """Stages 1-2: every rank updated its shard; the all-gather writes all of them into every flat buffer."""
+        """Stages 1-2: every rank updated its shard; all-gathers write all shards into every flat buffer."""
         if self.world > 1:
             work = [dist.all_gather_single(unit.flat, unit.shard, async_op=True) for unit in self.units]
             for w in work:
                 w.wait()
 
-    def _update_loss_scale(self, applied):
-        """Dynamic loss scaling as torch's GradScaler: halve on overflow, double after GROWTH_INTERVAL good steps."""
-        self.good_steps = self.good_steps + 1 if applied else 0
-        if not applied:
-            self.loss_scale /= 2
-        elif self.good_steps == GROWTH_INTERVAL:
-            self.loss_scale, self.good_steps = self.loss_scale * 2, 0
+    # ------------------------------------------------------------------------- state
 
-    # ------------------------------------------------------------------------- state, checkpoints, memory
+    def memory_report(self):
+        """Bytes this rank holds for the model state during a step, to set beside the ZeRO paper's formula
+        (zero_formula_bytes). Stage 0's gradients count at their size (autograd makes them in the backward);
+        transient buckets and stage 3's gathered units are left out."""
+        params = list(self.module.parameters()) + ([unit.shard for unit in self.units] if self.stage == 3 else [])
+        if self.stage == 0:
+            grads = sum(p.numel() * p.element_size() for group in self.optimizer.param_groups for p in group["params"])
+            grads += sum(g.numel() * g.element_size() for g in self._sparse_gradients())
+        else:
+            grads = _bytes([unit.grad_flat if self.stage == 1 else unit.grad_shard for unit in self.units])
+        optimizer_state = _bytes([t for state in self.optimizer.state.values() for t in state.values()
+                                  if torch.is_tensor(t)])
+        report = {"params": _bytes(params), "grads": grads, "optimizer_state": optimizer_state}
+        report["total"] = sum(report.values())
+        return report
 
     def full_state_dict(self):
-        """Collective: the whole model's state_dict (fp32, CPU) on rank 0, None elsewhere."""
+        """The whole model's weights in fp32 on the CPU, on rank 0 (None elsewhere); every rank calls it (stage 3
+        gathers one unit at a time). Tied weights stay one tensor under both names, as in model.state_dict()."""
         copies = {}
         for unit in self.units:
             if self.stage == 3:
                 unit.gather(self.world)
             if self.rank == 0:
-                copies.update({p: p.detach().to("cpu", copy=True) for p in unit.params})
+                copies.update({id(p): p.detach().to("cpu", torch.float32, copy=True) for p in unit.params})
             if self.stage == 3:
                 unit.free()
         if self.rank != 0:
             return None
-        return {name: copies[t] if t in copies else t.detach().to("cpu", copy=True)
-                for name, t in self.module.state_dict(keep_vars=True).items()}
+        state = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            if id(tensor) not in copies:
+                copies[id(tensor)] = tensor.detach().to("cpu", torch.float32, copy=True)
+            state[name] = copies[id(tensor)]
+        return state
+
+    def _meta(self):
+        """What a stage-0 checkpoint must agree with to be loaded into this engine."""
+        return {"engine": "native", "stage": self.stage,
+                "shapes": {name: list(t.shape) for name, t in self.module.state_dict(keep_vars=True).items()}}
 
     def layout(self):
-        """What a checkpoint shard must agree with: each unit's parameter names and shapes."""
+        """What a stage 1-3 shard must agree with: each unit's parameter names and shapes, in order."""
         return [[unit.name, [[self.names[p], list(p.shape)] for p in unit.params]] for unit in self.units]
 
-    def shard_path(self, ckpt_dir, rank, world):
-        return os.path.join(ckpt_dir, f"zero-{rank:05d}-of-{world:05d}.pt")
-
     def save(self, ckpt_dir):
-        """Every rank writes its own file, atomically: its shard of the weights and of both moments per unit, the
-        optimizer step, the loss scale and the layout. Stage 0 has no shards: rank 0 writes all as one shard."""
-        rank, world = (self.rank, self.world) if self.stage >= 1 else (0, 1)
-        if self.stage == 0 and self.rank != 0:
-            return
+        """Writes this rank's state into ckpt_dir (which the trainer renames when every rank is done). Stage 0:
+        rank 0 writes everything, which serves any number of ranks. Stages 1-3: every rank writes its shard of
+        the weights and of both moments per unit, the optimizer step, the loss scaler and the layout."""
         if self.stage == 0:
-            moments = [self._flat_moments(unit) for unit in self.units]
-        else:
-            moments = [(unit.exp_avg, unit.exp_avg_sq) for unit in self.units]
-        steps = [s["step"] for s in self.optimizer.state.values()]
-        state = {"format": "zero_lite", "stage": self.stage, "rank": rank, "world": world, "layout": self.layout(),
-                 "weights": [(unit.flat if self.stage == 0 else unit.shard).cpu() for unit in self.units],
-                 "exp_avg": [m.cpu() for m, _ in moments], "exp_avg_sq": [v.cpu() for _, v in moments],
-                 "step": float(steps[0]) if steps else 0.0, "loss_scale": self.loss_scale,
-                 "good_steps": self.good_steps}
-        path = self.shard_path(ckpt_dir, rank, world)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-    def _flat_moments(self, unit):
-        """Stage 0: a unit's AdamW moments laid out like its flat buffer, the form the shard files use."""
-        flats = torch.zeros_like(unit.flat), torch.zeros_like(unit.flat)
-        for p, offset in zip(unit.params, unit.offsets):
-            for flat, key in zip(flats, ("exp_avg", "exp_avg_sq")):
-                flat[offset:offset + p.numel()] = self.optimizer.state[p][key].reshape(-1)
-        return flats
+            if self.rank == 0:
+                torch.save({"meta": self._meta(), "model": self.module.state_dict(),
+                            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
+                           os.path.join(ckpt_dir, "zero_lite-stage0.pt"))
+            return
+        steps = [state["step"] for state in self.optimizer.state.values()]
+        torch.save({"format": "zero_lite shard", "rank": self.rank, "world": self.world, "layout": self.layout(),
+                    "weights": [unit.shard.cpu() for unit in self.units],
+                    "exp_avg": [unit.exp_avg.cpu() for unit in self.units],
+                    "exp_avg_sq": [unit.exp_avg_sq.cpu() for unit in self.units],
+                    "step": float(steps[0]) if steps else 0.0, "scaler": self.scaler.state_dict()},
+                   os.path.join(ckpt_dir, SHARD_FILE.format(rank=self.rank, world=self.world)))
 
     def load(self, ckpt_dir):
-        """Every rank reads the shard files that overlap its own shard, written at any stage and world size (a
-        different world size re-shards here). A missing, unreadable or mismatched file on any rank stops every
-        rank with the same sentence, before anything is loaded: none is left waiting in a collective."""
+        """Reads what save wrote, at any world size (stages 1-3 re-shard here). A missing, unreadable or
+        mismatched file on any rank stops every rank with the same ValueError before anything is loaded, so
+        that none is left waiting in a collective."""
         try:
-            shards, error = self._read_shards(ckpt_dir), None
+            state, error = (self._read_stage0(ckpt_dir) if self.stage == 0 else self._read_shards(ckpt_dir)), None
         except ValueError as e:
-            shards, error = None, str(e)
-        self._raise_if_any_rank_failed(error)
+            state, error = None, str(e)
+        errors = [error] * self.world
+        if self.world > 1:
+            dist.all_gather_object(errors, error)
+        if any(errors):
+            raise ValueError(next(e for e in errors if e))
+        if self.stage == 0:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            return
         for i, unit in enumerate(self.units):
-            begin, size = (0, unit.flat.numel()) if self.stage == 0 else (unit.begin, unit.shard_size)
-            targets = self._load_targets(unit)
-            for key, target in zip(("weights", "exp_avg", "exp_avg_sq"), targets):
-                target.zero_()
-                copy_overlap(target, begin, unit.numel, [s[key][i] for s in shards])
-            if self.stage == 0:  # AdamW keeps stage 0's moments per parameter
-                for p, offset in zip(unit.params, unit.offsets):
-                    for key, flat in zip(("exp_avg", "exp_avg_sq"), targets[1:]):
-                        self.optimizer.state[p][key].view(-1).copy_(flat[offset:offset + p.numel()])
-        for state in self.optimizer.state.values():
-            state["step"].fill_(shards[0]["step"])
-        self.loss_scale, self.good_steps = shards[0]["loss_scale"], shards[0]["good_steps"]
+            for key in ("weights", "exp_avg", "exp_avg_sq"):
+                target = unit.shard if key == "weights" else getattr(unit, key)
+                copy_overlap(target, unit.begin, unit.numel, [shard[key][i] for shard in state])
+        for adam in self.optimizer.state.values():
+            adam["step"].fill_(state[0]["step"])
+        self.scaler.load_state_dict(state[0]["scaler"])
         if self.stage in (1, 2):
             self._gather_weights()
         if self.stage == 3:
             for unit in self.units:
                 unit.free()
 
-    def _load_targets(self, unit):
-        """Where a unit's loaded weights and moments go: its shard, or at stage 0 the whole flat buffer."""
-        if self.stage == 0:
-            return unit.flat, torch.zeros_like(unit.flat), torch.zeros_like(unit.flat)
-        return unit.shard, unit.exp_avg, unit.exp_avg_sq
+    def _read_stage0(self, ckpt_dir):
+        path = os.path.join(ckpt_dir, "zero_lite-stage0.pt")
+        if not os.path.isfile(path):
+            raise ValueError(f"{ckpt_dir} holds no native stage-0 engine state ({os.path.basename(path)})")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types: no code
+        except Exception as e:
+            raise ValueError(f"{path} cannot be read (truncated or corrupt?): {type(e).__name__}") from None
+        if state["meta"] != self._meta():
+            raise ValueError(f"{path} was written for another engine stage or model shape than this run's")
+        return state
 
     def _read_shards(self, ckpt_dir):
-        """All shard files of a checkpoint, memory-mapped (only the slices copied are read), checked against this
-        model's layout. Raises ValueError naming the file."""
-        paths = glob.glob(os.path.join(ckpt_dir, "zero-*-of-*.pt"))
-        worlds = {int(re.search(r"-of-(\d+)\.pt$", p).group(1)) for p in paths}
+        """Every shard file of a checkpoint, memory-mapped (only the slices this rank copies are read), checked
+        against this model's layout. Raises ValueError naming the file."""
+        pattern = SHARD_FILE.replace("{rank:05d}", "*").replace("{world:05d}", "*")
+        worlds = {int(re.search(r"of(\d+)\.pt$", p).group(1)) for p in glob.glob(os.path.join(ckpt_dir, pattern))}
         if len(worlds) != 1:
-            found = "no zero-*-of-*.pt shard files" if not worlds else f"shard files of {sorted(worlds)} ranks"
-            raise ValueError(f"{ckpt_dir} holds {found}; the native engine writes one set per checkpoint")
+            found = "none" if not worlds else f"those of {sorted(worlds)} ranks mixed"
+            raise ValueError(f"{ckpt_dir} should hold the stage 1-3 shard files ({pattern}) of one run, but holds "
+                             f"{found}: a checkpoint of another stage or engine?")
         world = worlds.pop()
         shards = []
         for rank in range(world):
-            path = self.shard_path(ckpt_dir, rank, world)
+            path = os.path.join(ckpt_dir, SHARD_FILE.format(rank=rank, world=world))
             if not os.path.isfile(path):
                 raise ValueError(f"{path} is missing: the checkpoint was written by {world} ranks")
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 raise ValueError(f"{path} cannot be read (truncated or corrupt?): {type(e).__name__}") from None
-            if not isinstance(state, dict) or state.get("format") != "zero_lite" or state.get("rank") != rank:
+            if not isinstance(shard, dict) or shard.get("format") != "zero_lite shard" or shard.get("rank") != rank:
                 raise ValueError(f"{path} is not shard {rank} of a native-engine checkpoint")
-            if state["layout"] != self.layout():
-                raise ValueError(f"{path} was written for another model: {layout_difference(state['layout'], self.layout())}")
-            shards.append(state)
+            if shard["layout"] != self.layout():
+                raise ValueError(f"{path} was written for another model: "
+                                 f"{layout_difference(shard['layout'], self.layout())}")
+            shards.append(shard)
         return shards
-
-    def _raise_if_any_rank_failed(self, error):
-        """Every rank learns every rank's error (or None), so all of them stop together with the same sentence."""
-        errors = [error] * self.world
-        if self.world > 1:
-            dist.all_gather_object(errors, error)
-        failed = [e for e in errors if e]
-        if failed:
-            raise ValueError(failed[0])
-
-    def memory_report(self):
-        """Bytes of model state this rank holds now (weights, gradients, optimizer state, total), beside the ZeRO
-        formula for its stage and fp32 weights ("formula"). Transient buckets and gathered units are not counted."""
-        params = list(self.module.parameters()) + ([unit.shard for unit in self.units] if self.stage == 3 else [])
-        grads = [unit.grad_flat if unit.grad_flat is not None else unit.grad_shard for unit in self.units]
-        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        report = {"params": _bytes(params), "grads": _bytes(grads + [p.grad for p in self.module.parameters()]),
-                  "optimizer_state": _bytes(state)}
-        report["total"] = sum(report.values())
-        n_trained = sum(unit.numel for unit in self.units)
-        report["formula"] = zero_formula_bytes(n_trained, self.stage, self.world)
-        return report
 
 
 def copy_overlap(target, begin, numel, sources):
     """Fill target, the slice [begin, begin + len(target)) of a unit's flat vector, from saved shards that cut the
     same vector into equal slices (for any world size). Positions at or past numel are padding and stay zero."""
+    target.zero_()
     size = sources[0].numel()
     end = min(begin + target.numel(), numel)
     for k, source in enumerate(sources):
@@ -501,10 +563,10 @@ def copy_overlap(target, begin, numel, sources):
 
 def layout_difference(saved, ours):
     """The first unit or parameter where two layouts differ, in words."""
-    for (saved_name, saved_params), (name, params) in zip(saved, ours):
-        if saved_params != params:
-            for a, b in zip(saved_params, params):
-                if a != b:
-                    return f"unit {name} has {a[0]} {a[1]} there but {b[0]} {b[1]} here"
+    for (_, saved_params), (name, params) in zip(saved, ours):
+        for a, b in zip(saved_params, params):
+            if a != b:
+                return f"unit {name} has {a[0]} {a[1]} there but {b[0]} {b[1]} here"
+        if len(saved_params) != len(params):
             return f"unit {name} has {len(saved_params)} trained parameters there but {len(params)} here"
     return f"{len(saved)} units there but {len(ours)} here"
