@@ -217,7 +217,8 @@ class Engine:
         """The caller's AdamW with the same groups and settings, over this rank's shards: per unit and group, one
         parameter viewing the part of the group's segment inside the shard, its gradient the matching view of the
         gradient shard. Updating it in place updates the shard."""
-        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": []} for group in optimizer.param_groups]
+        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": []}
+                  for group in optimizer.param_groups]
         self.views = []  # (unit, begin, end within the shard, the parameter viewing it)
         for unit in self.units:
             unit.exp_avg, unit.exp_avg_sq = torch.zeros_like(unit.shard), torch.zeros_like(unit.shard)
