@@ -142,11 +142,16 @@ def convert(name, value, source, options, choices, ranges):
         except ValueError:
             raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float's range, from a config file
+            value = math.inf
     if type(value) is not type(default):
         raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}")
     low, high = ranges.get(name, (0, None))
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison: check it first
+        raise OptionError(f"{source}: --{name} must be a finite number, got {value!r}")
     if is_number and (value < low or high is not None and value > high):
         allowed = f"at least {low}" if high is None else f"between {low} and {high}"
         raise OptionError(f"{source}: --{name} must be {allowed}, got {value!r}")
@@ -167,6 +172,7 @@ def parse_options(argv, options=OPTIONS, choices=CHOICES, ranges=RANGES, doc=__d
             print(usage(options, doc))
             sys.exit(0)
         if not arg.startswith("--"):
+            check_config_file_name(arg)
             for name, value in read_config_file(arg, options).items():
                 cfg[name] = convert(name, value, arg, options, choices, ranges)
                 explicit.add(name)
@@ -181,6 +187,16 @@ def parse_options(argv, options=OPTIONS, choices=CHOICES, ranges=RANGES, doc=__d
         cfg[name] = convert(name, value, "command line", options, choices, ranges)
         explicit.add(name)
     return cfg, explicit
+
+
+def check_config_file_name(arg):
+    """A config file is python and is run as such, so only a .py file is taken as one: anything else
+    given without --, a data file say, would otherwise run as code, set nothing and go unnoticed."""
+    if arg.endswith(".py"):
+        return
+    if arg.endswith((".json", ".jsonl")):
+        raise OptionError(f"{arg} is not a config file (those end in .py); give data as --data_path={arg}")
+    raise OptionError(f"{arg} is neither a config file (those end in .py) nor an option (--key=value)")
 
 
 def read_config_file(path, options):
@@ -234,6 +250,13 @@ def check_output_dir(path):
         os.remove(probe)
     except OSError as e:
         raise OptionError(f"--output_dir={path} cannot be written: {e.strerror}") from None
+
+
+def data_error_sentence(e, cache_dir):
+    """A data problem's message; one that happened inside the cache names --cache_dir, the option to change."""
+    inside = getattr(e, "filename", None) and os.path.join(os.path.abspath(e.filename), "").startswith(
+        os.path.join(os.path.abspath(cache_dir), ""))
+    return f"--cache_dir={cache_dir} cannot be used: {e.strerror} ({e.filename})" if inside else str(e)
 
 
 def seed_everything(seed):
@@ -558,7 +581,7 @@ def main(argv):
         batches = Batches(train_set, cfg["batch_size"], rank=rank, world_size=world, seed=cfg["seed"],
                           packing=cfg["packing"], group_by_length=cfg["group_by_length"])
     except (OSError, ValueError) as e:
-        raise OptionError(str(e)) from None
+        raise OptionError(data_error_sentence(e, cfg["cache_dir"])) from None
     accum = cfg["gradient_accumulation_steps"]
     total_steps = cfg["max_steps"] or cfg["num_train_epochs"] * batches.batches_per_epoch // accum
     if total_steps < 1:
@@ -589,7 +612,10 @@ def main(argv):
     if cfg["resume"]:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        batches.load_state_dict(checkpoint["batches"])
+        try:
+            batches.load_state_dict(checkpoint["batches"])
+        except ValueError as e:
+            raise OptionError(f"cannot resume from {checkpoint['path']}: {e}") from None
         set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
         step = checkpoint["step"]
         log(f"resumed from {checkpoint['path']} at step {step}")
