@@ -491,13 +491,12 @@ class MetricsLog:
     """One JSON object per line in output_dir/metrics.jsonl (appended across resumes), and TensorBoard.
 
     A resumed run starts from its checkpoint's step, so records after that step (written before a
-    crash) are dropped: they are about to be written again."""
+    crash) are dropped: they are about to be written again. So is a line that a kill cut short."""
 
-    def __init__(self, output_dir, tensorboard, resumed_step=None):
+    def __init__(self, output_dir, tensorboard, resumed_step=None, log=print):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if resumed_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resumed_step]
+            kept = self.records_up_to(resumed_step, log)
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
@@ -508,6 +507,22 @@ class MetricsLog:
             except ImportError:
                 raise OptionError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def records_up_to(self, step, log):
+        """The lines of records up to step; an unreadable line (the torn end of a killed write) is
+        dropped with a notice rather than stopping the resume."""
+        kept = []
+        with open(self.path, errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record_step = json.loads(line)["step"]
+                except (ValueError, TypeError, KeyError):
+                    log(f"metrics: dropped line {number} of {self.path}, which is not a whole record "
+                        f"(a write cut short by a kill)")
+                    continue
+                if record_step <= step:
+                    kept.append(line.rstrip("\n") + "\n")
+        return kept
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -632,7 +647,8 @@ def main(argv):
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained; {world} rank(s) x {accum} x "
         f"{cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}; "
         f"loss {raw_model.loss_fn.__module__}.{raw_model.loss_fn.__name__}")
-    metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], step if cfg["resume"] else None) if master else None
+    resumed_step = step if cfg["resume"] else None
+    metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], resumed_step, log) if master else None
 
     def run_eval():
         if len(eval_set) == 0:
