@@ -142,3 +142,169 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_notice(tmp_path):
     metrics.write({"step": 3, "loss": 0.5})
     assert [json.loads(line) for line in open(path)] == records[:2] + [{"step": 3, "loss": 0.5}]
     assert len(notices) == 1 and "dropped line 4" in notices[0] and "cut short" in notices[0]
+
+
+# ----------------------------------------------------------------------------- property-based: the data parser
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.just("a\ud800"),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+texts = st.text(max_size=12) | st.just("") | st.just(" ") | st.just("b\udc80")
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "bot"]),
+                                           "content": texts}), max_size=4)
+rows = st.one_of(
+    st.fixed_dictionaries({"prompt": texts, "response": texts}),
+    st.fixed_dictionaries({"prompt": texts | json_values, "chosen": texts}),
+    st.fixed_dictionaries({"messages": messages}),
+    json_values)
+raw_lines = st.binary(max_size=20).map(lambda b: b.replace(b"\n", b""))  # anything at all on one line
+hostile_lines = st.sampled_from([b'{"prompt": ' + b"[" * 5000, b'{"prompt": "a", "response": ' + b"9" * 5000 + b"}",
+                                 b'{"prompt": "a", "response": "\\ud83d"}'])
+lines = st.one_of(rows.map(lambda row: json.dumps(row).encode()), raw_lines, hostile_lines)
+
+
+def parse(path, skip_bad_rows):
+    """read_examples, with any DataError returned rather than raised (anything else propagates)."""
+    try:
+        return data.read_examples(path, skip_bad_rows=skip_bad_rows, log=lambda line: None)
+    except data.DataError as error:
+        return error
+
+
+def check_loaded(result, path, numbered_rows, skip_bad_rows, is_list):
+    """Loaded rows are whole and in place; with skip_bad_rows, rows in = rows loaded + rows reported bad."""
+    if isinstance(result, data.DataError):
+        assert str(result).startswith(f"{path}:{result.line}: ") and result.line >= 1
+        if skip_bad_rows and not is_list:  # only a file with no usable row at all may stop a skipping JSONL read
+            assert result.problem in ("no usable rows", "the file is empty")
+        return
+    examples, skipped = result
+    assert {line for line, _ in examples} <= set(numbered_rows)
+    for _, turns in examples:
+        for text in (text for turn in turns for text in turn):
+            text.encode("utf-8")  # real text: a lone surrogate would have reached the model as U+FFFD
+    assert len(examples) + skipped == len(numbered_rows)
+    assert skipped == 0 or skip_bad_rows
+
+
+@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@given(file_lines=st.lists(lines | st.just(b"") | st.just(b"  "), max_size=8), skip_bad_rows=st.booleans(),
+       bom=st.booleans())
+def test_any_jsonl_loads_or_names_file_and_line(tmp_path_factory, file_lines, skip_bad_rows, bom):
+    path = tmp_path_factory.mktemp("prop") / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" * bom + b"\n".join(file_lines))
+    is_list = b"\n".join(file_lines).lstrip().startswith(b"[")
+    numbered_rows = [n for n, line in enumerate(file_lines, 1) if line.strip()]
+    check_loaded(parse(str(path), skip_bad_rows), str(path), numbered_rows, skip_bad_rows, is_list)
+
+
+@settings(max_examples=100, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(rows.map(json.dumps) | hostile_lines.map(bytes.decode), max_size=6), skip_bad_rows=st.booleans())
+def test_any_json_list_loads_or_names_file_and_line(tmp_path_factory, items, skip_bad_rows):
+    """A JSON list written one item per line: item k sits on line k + 2, and errors must say so. An item
+    that does not decode stops the read even with skip_bad_rows: where it ends cannot be known."""
+    path = tmp_path_factory.mktemp("prop") / "rows.json"
+    path.write_text("[\n" + ",\n".join(items) + "\n]\n")
+    result = parse(str(path), skip_bad_rows)
+    if isinstance(result, data.DataError) and result.problem != "no usable rows":
+        assert 2 <= result.line <= len(items) + 1
+    check_loaded(result, str(path), list(range(2, len(items) + 2)), skip_bad_rows, is_list=True)
+
+
+@settings(max_examples=25, deadline=10000, suppress_health_check=[HealthCheck.too_slow])
+@given(file_rows=st.lists(rows, min_size=1, max_size=6), template=st.sampled_from(["{prompt}{response}",
+                                                                                     data.DEFAULT_TEMPLATE]))
+def test_every_row_is_trained_or_reported(tmp_path_factory, file_rows, template):
+    """Through tokenizing and the cache: rows in = rows kept + rows too long + rows reported bad."""
+    folder = tmp_path_factory.mktemp("prop")
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in file_rows))
+    try:
+        train, _ = data.prepare_data(str(path), "byte", 32, data_split="100,0", template=template,
+                                     skip_bad_rows=True, cache_dir=str(folder / "cache"), log=lambda line: None)
+    except data.DataError as error:  # a first row that is a list makes the file read as a JSON list
+        assert str(error).startswith(f"{path}:{error.line}: ")
+        assert error.problem == "no usable rows" or path.read_text().startswith("[")
+        return
+    except ValueError as error:  # every row too long for max_seq_len: said in a sentence
+        assert str(error).startswith("no training samples left")
+        return
+    stats = train.stats
+    assert stats["rows"] + stats["bad_rows"] == len(file_rows)
+    assert len(train) + stats["dropped_too_long"] == stats["rows"]
+
+
+# ----------------------------------------------------------------------------- property-based: options and config files
+
+def option_value_texts(name):
+    """Command-line values for one option: mostly of its type (NaN and Inf included), sometimes not."""
+    default = train_sft.OPTIONS[name][0]
+    if isinstance(default, bool):
+        typed = st.sampled_from(["true", "false", "1", "0", "yes", "no", "maybe", ""])
+    elif isinstance(default, int):
+        typed = st.integers(min_value=-3, max_value=10**6).map(str) | st.sampled_from(["1e400", "nan", "2.5", "0"])
+    elif isinstance(default, float):
+        typed = st.one_of(st.floats().map(repr), st.integers(min_value=-3, max_value=10**6).map(str),
+                          st.sampled_from(["nan", "inf", "-inf", "1e400", "0.5"]))
+    else:
+        typed = st.sampled_from(train_sft.CHOICES.get(name, [default]))
+    return st.one_of(typed, typed, typed, st.text(max_size=6))
+
+
+def python_literals(name):
+    """Config-file values for one option: mostly of its type (NaN, Inf and huge ints included), sometimes not."""
+    default = train_sft.OPTIONS[name][0] if name in train_sft.OPTIONS else ""
+    if isinstance(default, bool):
+        typed = st.booleans().map(repr)
+    elif isinstance(default, (int, float)):
+        typed = (st.integers(min_value=-10**400, max_value=10**400) | st.floats()).map(
+            lambda x: f"float({str(x)!r})" if isinstance(x, float) else repr(x))
+    else:
+        typed = st.sampled_from(train_sft.CHOICES.get(name, [default])).map(repr)
+    return st.one_of(typed, typed, typed, st.one_of(st.none(), st.text(max_size=6), st.lists(st.integers(), max_size=2)).map(repr))
+
+
+known_names = st.sampled_from(sorted(train_sft.OPTIONS))
+any_names = known_names | st.from_regex(r"[a-z_]{1,10}", fullmatch=True)
+typed_args = known_names.flatmap(lambda name: option_value_texts(name).map(lambda value: f"--{name}={value}"))
+command_line_args = st.one_of(
+    typed_args, typed_args, typed_args, typed_args,
+    any_names.map(lambda name: f"--{name}"),
+    st.text(max_size=10).filter(lambda arg: not arg.startswith("-")))
+config_files = st.lists(any_names.flatmap(lambda name: python_literals(name).map(lambda value: (name, value))),
+                        max_size=4)
+
+
+def check_options(cfg, explicit):
+    """Parsed options have their default's type, a finite value, and lie in their range and choices."""
+    assert explicit <= set(train_sft.OPTIONS)
+    for name, (default, _) in train_sft.OPTIONS.items():
+        value = cfg[name]
+        assert type(value) is type(default), name
+        if isinstance(value, float):
+            assert value == value and abs(value) != float("inf"), name
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = train_sft.RANGES.get(name, (0, None))
+            assert low <= value and (high is None or value <= high), name
+        assert name not in train_sft.CHOICES or value in train_sft.CHOICES[name]
+
+
+@settings(max_examples=200, deadline=5000)
+@given(args=st.lists(command_line_args, max_size=3), files=st.lists(config_files, max_size=2))
+def test_any_options_parse_or_name_the_option_or_file(tmp_path_factory, args, files):
+    folder = tmp_path_factory.mktemp("opts")
+    paths = []
+    for k, assignments in enumerate(files):
+        paths.append(str(folder / f"cfg{k}.py"))
+        with open(paths[-1], "w") as f:
+            f.writelines(f"{name} = {literal}\n" for name, literal in assignments)
+    argv = [a for a in paths + args if a not in ("-h", "--help")]
+    try:
+        cfg, explicit = train_sft.parse_options(argv)
+    except train_sft.OptionError as error:
+        message = str(error)
+        assert "\n" not in message.strip() or "failed to run" in message
+        assert "--" in message or any(arg in message for arg in argv), message
+        return
+    check_options(cfg, explicit)
