@@ -696,12 +696,15 @@ class Batches:
         return rows + [row] if row else rows
 
     def next_batch(self):
-        """{"input_ids", "labels", "segment_ids"}; moves to the next, reshuffled epoch when one ends."""
-        rows = self._plan[self.step * self.world_size + self.rank]
+        """{"input_ids", "labels", "segment_ids", "samples"}; moves to the next, reshuffled epoch when one
+        ends. "samples" says where the batch came from (epoch, global micro-batch, the training set's
+        sample indices per row), so that a batch that misbehaves can be looked at."""
+        position = self.step * self.world_size + self.rank
+        rows, samples = self._plan[position], {"epoch": self.epoch, "micro_batch": position}
         self.step += 1
         if self.step == self.batches_per_epoch:  # so epoch and batches_per_epoch describe the next batch
             self._start_epoch(self.epoch + 1)
-        return self._collate(rows)
+        return {**self._collate(rows), "samples": {**samples, "rows": rows}}
 
     def _collate(self, rows):
         """Pad rows with EOT ids (label -100); when packing, mark each sample and the padding as segments."""

@@ -21,6 +21,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
 import time
 
@@ -126,6 +127,19 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "num_train_epochs", "log_interval", 
 
 class OptionError(ValueError):
     """A bad option, config file or output directory: the message says which and why."""
+
+
+class RunStopped(Exception):
+    """The run ended before its last step or without a result to keep: on SIGTERM/SIGINT (after a
+    checkpoint), or on NaN/Inf (with nothing exported). The message says why (empty on ranks other
+    than 0, so that torchrun prints it once); exit_code tells a calling script which it was."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+EXIT_NONFINITE = 3  # 2 is bad input; a signal gives 128 + its number, as a shell reports a killed process
 
 
 def usage(options, doc):
@@ -470,6 +484,48 @@ def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world
 
 
 # -----------------------------------------------------------------------------
+# Stopping: signals, NaN/Inf
+
+
+class StopSignals:
+    """While installed, SIGTERM (a scheduler's preemption; torchrun forwards it to every worker) and
+    SIGINT (Ctrl-C) only record that the run should stop: the loop finishes its step, writes a
+    checkpoint and exits. Repeats are ignored (Ctrl-C under torchrun reaches a worker twice, from the
+    terminal and from torchrun); SIGKILL still ends a run at once, at the cost of the work since the
+    last checkpoint. The handler only sets a number: printing from it could interrupt a print."""
+
+    def __init__(self):
+        self.received = 0
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.received = self.received or signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def weights_are_finite(module, world, device):
+    """Whether every parameter on every rank is free of NaN/Inf (one all-reduce, at the end of a run)."""
+    bad = torch.zeros((), device=device)
+    for p in module.parameters():
+        bad += (~torch.isfinite(p)).sum()
+    if world > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def write_nonfinite_batches(output_dir, step, rank, micro, loss):
+    """output_dir/nonfinite-step-<step>-rank<rank>.json: where this rank's micro-batches of a NaN/Inf
+    step came from (epoch, global micro-batch, training-set sample indices per row), to look at."""
+    path = os.path.join(output_dir, f"nonfinite-step-{step:08d}-rank{rank}.json")
+    with open(path, "w") as f:
+        json.dump({"step": step, "rank": rank, "loss": loss, "micro_batches": [b["samples"] for b in micro]}, f)
+    return path
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints and logs
 
 
@@ -760,16 +816,18 @@ def main(argv):
         log(f"checkpoint step {step} -> {path}")
 
     progress = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="sft")
-    nonfinite_in_a_row = 0
+    nonfinite_in_a_row, failure, stopping, signals = 0, None, False, StopSignals()
     window_tokens, window_start = 0, time.perf_counter()
-    while step < total_steps:
+    while step < total_steps and not stopping:
         # Fetch the step's micro-batches first: the loss is normalised by the trained tokens of the
         # whole step on all ranks, so splitting a batch differently cannot change the result.
         micro = [batches.next_batch() for _ in range(accum)]
         counts = torch.tensor([float(sum((b["labels"] != -100).sum() for b in micro)),
-                               float(sum(b["input_ids"].numel() for b in micro))], device=device)
+                               float(sum(b["input_ids"].numel() for b in micro)), float(signals.received)],
+                              device=device)
         if world > 1:
             dist.all_reduce(counts)
+        stop_votes = counts[2].to("cpu", non_blocking=True)  # read after the step's one host sync
         trained = counts[0].clamp(min=1)
         window_tokens += counts[1]  # positions processed by all ranks (a tensor: no device sync here)
 
@@ -790,6 +848,8 @@ def main(argv):
         grad_norm, applied = engine.step(multiplier, torch.isfinite(step_loss))
         step += 1
         progress.update(1)
+        # A signal stops the run after this step; ranks agree through the votes sent with the counts.
+        stopping = bool(stop_votes) if world > 1 else signals.received > 0
         # Skipped steps are rare, so the device syncs of the checks below cost nothing in a normal step.
         if applied or cfg["dtype"] == "float16" and math.isfinite(step_loss.item()):
             nonfinite_in_a_row = 0
@@ -798,12 +858,15 @@ def main(argv):
                     f"loss scale now {engine.loss_scale:g}")
         else:
             nonfinite_in_a_row += 1
+            listed = write_nonfinite_batches(cfg["output_dir"], step - 1, rank, micro, step_loss.item())
             log(f"step {step - 1}: NaN/Inf loss or gradient (loss {step_loss.item():.4g}), optimizer step skipped "
-                f"({nonfinite_in_a_row} in a row)")
+                f"({nonfinite_in_a_row} in a row); its batches are listed in {listed}")
             if nonfinite_in_a_row >= cfg["max_nonfinite_steps"]:
-                raise RuntimeError(f"NaN/Inf loss or gradient for {nonfinite_in_a_row} steps in a row at step "
-                                   f"{step - 1}: stopping instead of training on garbage (lower --learning_rate, "
-                                   f"use --dtype=bfloat16, or check the data and init weights)")
+                failure = (f"NaN/Inf loss or gradient for {nonfinite_in_a_row} steps in a row at step {step - 1}: "
+                           f"stopping instead of training on garbage, nothing exported (lower --learning_rate, "
+                           f"use --dtype=bfloat16, or check the init weights and the batches listed in "
+                           f"{cfg['output_dir']}/nonfinite-step-*.json)")
+                break
             continue
 
         if step % cfg["log_interval"] == 0 or step == total_steps:
@@ -819,6 +882,8 @@ def main(argv):
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             window_tokens, window_start = 0, time.perf_counter()
+        if stopping:
+            break  # the checkpoint follows the loop
         pause = time.perf_counter()  # eval and checkpoints do not count against tokens/s
         if cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and step < total_steps:
             run_eval()
@@ -826,18 +891,33 @@ def main(argv):
             checkpoint_now()
         window_start += time.perf_counter() - pause
     progress.close()
+    signals.restore()
 
-    checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
-    weights = engine.full_state_dict()
-    if master:
-        log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
-    result = run_eval()
+    result = None
+    if not failure and (nonfinite_in_a_row or not weights_are_finite(engine.module, world, device)):
+        failure = (f"the run ended at step {step} with a NaN/Inf {'loss' if nonfinite_in_a_row else 'weight'}: "
+                   f"neither its checkpoint nor its export is written (see {cfg['output_dir']}/nonfinite-step-*.json "
+                   f"and lower --learning_rate, or check the init weights)")
+    if stopping and not failure:
+        checkpoint_now()
+    elif not failure:
+        checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
+        weights = engine.full_state_dict()
+        if master:
+            log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
+        result = run_eval()
     if world > 1:
         # Release the engine before the process group: dropped later (when main returns), its last
         # reference to the group would destroy it while holding the GIL that gloo's threads wait for.
         del engine
         dist.barrier()
         dist.destroy_process_group()
+    if failure:
+        raise RunStopped(f"error: {failure}" if master else "", EXIT_NONFINITE)
+    if stopping:
+        name = signal.Signals(signals.received or signal.SIGTERM).name
+        raise RunStopped(f"stopped by {name} after step {step}; its checkpoint is in {cfg['output_dir']}, "
+                         f"continue with --resume" if master else "", 128 + (signals.received or signal.SIGTERM))
     return result
 
 
@@ -847,3 +927,11 @@ if __name__ == "__main__":
     except OptionError as e:  # bad input: one sentence, no traceback
         print(f"train_sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as e:
+        if str(e):
+            print(f"train_sft.py: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps, where there is no step to finish
+        print("train_sft.py: interrupted; the latest checkpoint in output_dir, if any, holds the run's work",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

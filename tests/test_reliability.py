@@ -308,3 +308,85 @@ def test_any_options_parse_or_name_the_option_or_file(tmp_path_factory, args, fi
         assert "--" in message or any(arg in message for arg in argv), message
         return
     check_options(cfg, explicit)
+
+
+# ----------------------------------------------------------------------------- SIGTERM and SIGINT
+
+STEPS = 25  # within the first epoch: 1 rank x 2 and 2 ranks x 1 see the same micro-batches until its tail
+LONG_RUN = [f"--max_steps={STEPS}", "--keep_checkpoints=5"]
+
+
+def interrupt(args, tmp_path, sig, nproc=1):
+    """Starts the trainer, sends sig once it has logged step 2, and returns (exit code, stdout, stderr)."""
+    cmd = [sys.executable, "train_sft.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_sft.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    errors = open(tmp_path / f"stderr-{sig}-{nproc}", "w+")
+    proc = subprocess.Popen(cmd + TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=errors, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2 |"):
+            proc.send_signal(sig)
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    errors.seek(0)
+    return proc.returncode, "".join(lines), errors.read()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_file):
+    """Losses of a run that nobody stops: 1 rank x 2 micro-batches per step."""
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    run([f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN,
+        out.parent)
+    return train_losses(out)
+
+
+def stopped_step(stderr, signame):
+    """The step that the one-line stop message names."""
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train_sft.py: stopped by {signame} after step "), stderr[-2000:]
+    return int(last.split("after step ")[1].split(";")[0])
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data_file, uninterrupted):
+    out = tmp_path / "run"
+    args = [f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN
+    code, stdout, stderr = interrupt(args, tmp_path, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in stderr
+    step = stopped_step(stderr, "SIGTERM")
+    assert 2 <= step < STEPS and (out / f"ckpt-{step:08d}").is_dir() and not (out / "hf").exists()
+    with open(out / "metrics.jsonl", "a") as f:  # and a kill cut the next record short
+        f.write('{"step": %d, "loss": 1.2' % (step + 1))
+    proc = run(["--resume", f"--output_dir={out}"], tmp_path)
+    assert f"resumed from {out}/ckpt-{step:08d} at step {step}" in proc.stdout
+    assert "dropped line" in proc.stdout
+    assert train_losses(out) == uninterrupted  # every step, before and after the stop, bit for bit
+
+
+def test_ctrl_c_stops_cleanly_without_a_traceback(tmp_path, data_file):
+    out = tmp_path / "run"
+    code, _, stderr = interrupt([f"--data_path={data_file}", f"--output_dir={out}"] + LONG_RUN, tmp_path,
+                                signal.SIGINT)
+    assert code == 128 + signal.SIGINT and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert (out / f"ckpt-{stopped_step(stderr, 'SIGINT'):08d}").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tmp_path, data_file, uninterrupted):
+    """torchrun forwards SIGTERM to its workers; they agree on the step through the step's counts."""
+    out = tmp_path / "run"
+    args = [f"--data_path={data_file}", f"--output_dir={out}"] + LONG_RUN  # 2 ranks x 1 = 1 rank x 2
+    code, stdout, stderr = interrupt(args, tmp_path, signal.SIGTERM, nproc=2)
+    assert code != 0 and 'train_sft.py", line' not in stderr  # torchrun prints its own SignalException
+    messages = [line for line in stderr.splitlines() if "train_sft.py: stopped by SIGTERM" in line]
+    assert len(messages) == 1, stderr[-3000:]
+    step = stopped_step(messages[0], "SIGTERM")
+    assert [p.name for p in out.iterdir() if p.name.startswith("ckpt-")] == [f"ckpt-{step:08d}"]
+    run(["--resume", f"--output_dir={out}"], tmp_path, nproc=2)
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)
