@@ -267,6 +267,8 @@ def _message_turns(messages):
             expected = "user"
     if expected != "user":
         raise ValueError("the conversation must end with an assistant message")
+    if not turns:  # system messages alone: nothing to train on
+        raise ValueError("the conversation has no user message answered by an assistant")
     return turns
 
 

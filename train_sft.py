@@ -896,8 +896,8 @@ def main(argv):
     result = None
     if not failure and (nonfinite_in_a_row or not weights_are_finite(engine.module, world, device)):
         failure = (f"the run ended at step {step} with a NaN/Inf {'loss' if nonfinite_in_a_row else 'weight'}: "
-                   f"neither its checkpoint nor its export is written (see {cfg['output_dir']}/nonfinite-step-*.json "
-                   f"and lower --learning_rate, or check the init weights)")
+                   f"neither its checkpoint nor its export is written (see {cfg['output_dir']}/nonfinite-step-*"
+                   f".json and lower --learning_rate, or check the init weights)")
     if stopping and not failure:
         checkpoint_now()
     elif not failure:
