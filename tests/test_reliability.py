@@ -50,12 +50,6 @@ def test_non_finite_numbers_are_refused_in_config_files(tmp_path, text):
         train_sft.parse_options([str(path)])
 
 
-def test_nan_option_stops_the_trainer_with_exit_2(tmp_path):
-    proc = run(["--learning_rate=nan", f"--output_dir={tmp_path}/run"], tmp_path, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == "train_sft.py: error: command line: --learning_rate must be a finite number, got nan"
-
-
 def test_only_py_files_are_taken_as_config_files(tmp_path, data_file):
     """Anything else given without -- would run as python: a data file set nothing and training went on."""
     with pytest.raises(train_sft.OptionError, match=f"is not a config file .* give data as --data_path={data_file}"):
@@ -118,12 +112,16 @@ def test_a_byte_order_mark_is_not_a_bad_row(tmp_path):
 
 
 def test_unwritable_cache_dir_names_the_option(tmp_path, data_file):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
-    proc = run([f"--data_path={data_file}", f"--cache_dir={blocker}/cache", f"--output_dir={tmp_path}/run"],
-               tmp_path, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"--cache_dir={blocker}/cache cannot be used: Not a directory" in proc.stderr
+    """The trainer turns a data error into its one sentence with data_error_sentence."""
+    cache_dir = str(tmp_path / "a_file" / "cache")
+    (tmp_path / "a_file").write_text("")
+    for data_path in (data_file, "demo"):
+        with pytest.raises(OSError) as error:
+            data.prepare_data(data_path, "byte", 48, cache_dir=cache_dir, log=lambda line: None)
+        assert train_sft.data_error_sentence(error.value, cache_dir).startswith(
+            f"--cache_dir={cache_dir} cannot be used: Not a directory (")
+    missing = FileNotFoundError(f"data file {str(tmp_path / 'nope.jsonl')!r} not found")
+    assert train_sft.data_error_sentence(missing, cache_dir) == str(missing)  # not about the cache
 
 
 # ----------------------------------------------------------------------------- sample.py
@@ -353,12 +351,25 @@ def interrupt(args, tmp_path, sig, nproc=1):
     return proc.returncode, "".join(lines), errors.read()
 
 
+def main_in_this_process(args, tmp_path):
+    """train_sft.main here rather than in a new process (a start-up costs seconds), with one thread as
+    the subprocess runs have (OMP_NUM_THREADS=1), so that their losses agree bit for bit."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # main then leaves the thread count alone
+    torch.set_num_threads(1)
+    try:
+        return train_sft.main(TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args)
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("OMP_NUM_THREADS") if omp is None else os.environ.update(OMP_NUM_THREADS=omp)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory, data_file):
     """A run that nobody stops: 1 rank x 2 micro-batches per step."""
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    run([f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN,
-        out.parent)
+    main_in_this_process([f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"]
+                         + LONG_RUN, out.parent)
     return out
 
 
@@ -374,7 +385,7 @@ def stopped_step(stderr, signame):
     return int(last.split("after step ")[1].split(";")[0])
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data_file, uninterrupted):
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data_file, uninterrupted, capsys):
     """SIGINT and SIGTERM share one handler: Ctrl-C here, SIGTERM under torchrun below."""
     out = tmp_path / "run"
     args = [f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN
@@ -384,9 +395,9 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data
     assert 2 <= step < STEPS and (out / f"ckpt-{step:08d}").is_dir() and not (out / "hf").exists()
     with open(out / "metrics.jsonl", "a") as f:  # and a kill cut the next record short
         f.write('{"step": %d, "loss": 1.2' % (step + 1))
-    proc = run(["--resume", f"--output_dir={out}"], tmp_path)
-    assert f"resumed from {out}/ckpt-{step:08d} at step {step}" in proc.stdout
-    assert "dropped line" in proc.stdout
+    main_in_this_process(["--resume", f"--output_dir={out}"], tmp_path)
+    log = capsys.readouterr().out
+    assert f"resumed from {out}/ckpt-{step:08d} at step {step}" in log and "dropped line" in log
     assert train_losses(out) == uninterrupted  # every step, before and after the stop, bit for bit
 
 
@@ -422,13 +433,14 @@ def with_nan(run_dir, tmp_path, tensor, row):
 
 
 def test_max_nonfinite_steps_stops_with_a_sentence_and_lists_the_batches(tmp_path, data_file, uninterrupted_run):
+    """In this process, to save a start-up: main raises what train_sft.py prints and exits with."""
     broken = with_nan(uninterrupted_run, tmp_path, "transformer.ln_f.weight", 0)
     out = tmp_path / "nan"
-    proc = run([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=10", "--max_nonfinite_steps=2",
-                f"--output_dir={out}"], tmp_path, check=False)
-    assert proc.returncode == train_sft.EXIT_NONFINITE and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "train_sft.py: error: NaN/Inf loss or gradient for 2 steps in a row at step 1: stopping")
+    with pytest.raises(train_sft.RunStopped) as stopped:
+        main_in_this_process([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=10",
+                              "--max_nonfinite_steps=2", f"--output_dir={out}"], tmp_path)
+    assert stopped.value.exit_code == train_sft.EXIT_NONFINITE
+    assert str(stopped.value).startswith("error: NaN/Inf loss or gradient for 2 steps in a row at step 1: stopping")
     assert sorted(p.name for p in out.iterdir() if p.name != "metrics.jsonl") == [
         "nonfinite-step-00000000-rank0.json", "nonfinite-step-00000001-rank0.json"]  # no checkpoint, no export
     listed = json.loads((out / "nonfinite-step-00000001-rank0.json").read_text())
@@ -444,11 +456,12 @@ def test_a_run_that_ends_non_finite_exits_non_zero_and_exports_nothing(tmp_path,
                                                                          tensor, row, what):
     broken = with_nan(uninterrupted_run, tmp_path, tensor, row)
     out = tmp_path / "nan"
-    proc = run([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=2", "--max_nonfinite_steps=5",
-                f"--output_dir={out}"], tmp_path, check=False)
-    assert proc.returncode == train_sft.EXIT_NONFINITE and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"train_sft.py: error: the run ended at step 2 with a NaN/Inf {what}: neither its checkpoint nor its export")
+    with pytest.raises(train_sft.RunStopped) as stopped:
+        main_in_this_process([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=2",
+                              "--max_nonfinite_steps=5", f"--output_dir={out}"], tmp_path)
+    assert stopped.value.exit_code == train_sft.EXIT_NONFINITE
+    assert str(stopped.value).startswith(
+        f"error: the run ended at step 2 with a NaN/Inf {what}: neither its checkpoint nor its export")
     assert not (out / "hf").exists() and not any(p.name.startswith("ckpt-") for p in out.iterdir())
 
 
