@@ -1,14 +1,15 @@
 """Data for supervised fine-tuning: tokenizers, formats, templates, label masking, cache, batches.
 
-JSONL/JSON rows -> validated (prompt, response) turns -> template text -> token ids and a loss mask
--> numpy arrays cached under a hash of everything that shaped them -> SFTDataset giving
+JSONL/JSON/Parquet rows (prompt/response, prompt/chosen, TRL prompt/completion, messages, Alpaca,
+ShareGPT; the format detected per file) -> validated (prompt, response) turns -> template text ->
+token ids and a loss mask -> numpy arrays cached under a hash of everything that shaped them -> SFTDataset giving
 (input_ids, labels) -> Batches, length-grouped or packed, sharded over data-parallel ranks.
 
 Labels are already shifted (nanoGPT style): labels[t] is the target for position t, and -100 where
 nothing is trained (prompt, template text, padding). Every response ends with the end-of-text token,
 which is trained, so a fine-tuned model learns to stop.
 
-    python data.py inspect --data_path=FILE [--tokenizer=gpt2 --max_seq_len=512 ...]
+    python data.py inspect --data_path=FILE[,FILE...] [--tokenizer=gpt2 --max_seq_len=512 ...]
     python data.py demo --out_dir=DIR
 """
 
@@ -258,7 +259,7 @@ def _parquet_rows(path, data_format, bad):
     try:
         parquet = pyarrow.parquet.ParquetFile(path)
     except (OSError, pyarrow.ArrowException) as e:
-        raise DataError(path, 1, f"not a readable Parquet file ({e})", unit="row") from None
+        raise DataError(path, 1, f"not a readable Parquet file ({' '.join(str(e).split())})", unit="row") from None
     names = parquet.schema_arrow.names
     data_format = _detect_format(names) if data_format == "auto" else data_format
     columns = [c for c in FORMAT_FIELDS[data_format] if c in names] if data_format else names
@@ -268,7 +269,8 @@ def _parquet_rows(path, data_format, bad):
         try:
             table = parquet.read_row_group(group, columns=columns)
         except (OSError, pyarrow.ArrowException) as e:
-            bad(row + 1, f"rows {row + 1}-{row + n_rows} (row group {group}) cannot be read: {e}", n_rows)
+            reason = " ".join(str(e).split())  # pyarrow's messages span lines; ours is one
+            bad(row + 1, f"rows {row + 1}-{row + n_rows} (row group {group}) cannot be read: {reason}", n_rows)
             row += n_rows
             continue
         for batch in table.to_batches(max_chunksize=1024):
@@ -934,9 +936,8 @@ class Batches:
 # -----------------------------------------------------------------------------
 # Command line: look at the data a model will be trained on
 
-def show_sample(dataset, i, enc, color):
-    """The sample's text with trained tokens in green (terminal) or in [[double brackets]]."""
-    tokens, mask = dataset.tokens_and_mask(i)
+def show_sample(tokens, mask, enc, color):
+    """A sample's text with trained tokens in green (terminal) or in [[double brackets]]."""
     trained = np.concatenate([[0], mask[1:]])  # the first token is never a target
     cuts = [0] + [k for k in range(1, len(tokens)) if trained[k] != trained[k - 1]] + [len(tokens)]
     parts = []
@@ -944,6 +945,22 @@ def show_sample(dataset, i, enc, color):
         text = enc.decode(tokens[a:b].tolist())
         parts.append((f"\033[32m{text}\033[0m" if color else f"[[{text}]]") if trained[a] else text)
     return "".join(parts)
+
+
+def show_files(dataset, enc, color):
+    """Each file's detected format, then the first sample of each format as it will be trained."""
+    shown = set()
+    for file in dataset.files:
+        raw = f", {file['rendered_raw']} already-templated prompts rendered raw" if file["rendered_raw"] else ""
+        print(f"file {file['path']}: format {file['format']}, {file['samples']:,} samples{raw}")
+        if file["format"] == "alpaca":
+            print(f"  alpaca: prompt = instruction + {ALPACA_JOIN!r} + input (the instruction alone when input is empty)")
+    for file in dataset.files:
+        if file["format"] not in shown and file["samples"]:
+            shown.add(file["format"])
+            start, end = dataset.offsets[file["first"]], dataset.offsets[file["first"] + 1]
+            text = show_sample(dataset.tokens[start:end].astype(np.int64), dataset.loss_mask[start:end], enc, color)
+            print(f"--- first sample of format {file['format']} ({file['path']})\n{text}")
 
 
 def _parse_options(argv, options):
@@ -967,7 +984,8 @@ def _parse_options(argv, options):
 
 
 def main(argv):
-    """`inspect`: samples with trained tokens marked, and statistics; `demo`: write the demo files."""
+    """`inspect`: each file's format, samples with trained tokens marked, and statistics; `demo`: write
+    the demo files. Bad data exits with status 2 and one line naming the file and line."""
     inspect_options = {"data_path": "", "tokenizer": "gpt2", "max_seq_len": 512, "eval_data_path": "",
                        "data_split": "98,2", "data_format": "auto", "template": DEFAULT_TEMPLATE,
                        "loss_on_prompt": False, "truncate_prompt": False, "skip_bad_rows": False, "seed": 1337,
@@ -985,11 +1003,13 @@ def main(argv):
                                     loss_on_prompt=o["loss_on_prompt"], truncate_prompt=o["truncate_prompt"],
                                     skip_bad_rows=o["skip_bad_rows"], seed=o["seed"], cache_dir=o["cache_dir"])
         except (OSError, ValueError) as e:
-            sys.exit(f"data.py: error: {e}")
+            print(f"data.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
         enc, color = get_tokenizer(o["tokenizer"]), sys.stdout.isatty()
         print("trained tokens are " + ("\033[32mgreen\033[0m" if color else "[[in double brackets]]"))
+        show_files(train, enc, color)
         for i in range(min(o["num_samples"], len(train))):
-            print(f"--- sample {i} ({train.lengths[i] + 1} tokens)\n{show_sample(train, i, enc, color)}")
+            print(f"--- sample {i} ({train.lengths[i] + 1} tokens)\n{show_sample(*train.tokens_and_mask(i), enc, color)}")
         for packing in (False, True):
             batches = Batches(train, o["batch_size"], seed=o["seed"], packing=packing)
             for _ in range(batches.batches_per_epoch):
