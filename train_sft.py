@@ -39,7 +39,8 @@ OPTIONS = {
     "data_path": ("demo", "comma-separated .jsonl/.json/.parquet files or DeepSpeed-Chat local/jsonfile "
                           "directories, each optionally path:weight; 'demo' = built-in task"),
     "eval_data_path": ("", "explicit eval file; empty = split off data_split's eval share"),
-    "data_split": ("98,2", "train,eval proportions when there is no eval_data_path"),
+    "data_split": ("98,2", "train,eval proportions when there is no eval file (eval_data_path, or a "
+                           "DeepSpeed-Chat directory's data/eval.json)"),
     "data_format": ("auto", "auto (detected per file) | prompt_response | prompt_chosen | prompt_completion | "
                             "messages | alpaca | sharegpt"),
     "tokenizer": ("gpt2", "gpt2 | byte (256 byte tokens, for tiny CPU runs)"),
