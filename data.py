@@ -136,12 +136,14 @@ def tokenize_turns(turns, enc, template=DEFAULT_TEMPLATE, loss_on_prompt=False):
 
     Prompt and response are tokenized separately and concatenated, so the boundary between masked
     and trained tokens is exact and the prompt tokens equal encode(render_prompt(prompt)). A turn
-    with trained=False (an earlier exchange inside a TRL prompt) is context, masked like a prompt.
+    with trained=False (an earlier exchange inside a TRL prompt) is context, masked like a prompt;
+    a (prompt, response) pair is a trained turn.
     encode_ordinary treats a literal "<|endoftext|>" in the data as text, never as the EOT id.
     """
     prompt_part, response_part = split_template(template)
     tokens, mask, response_start = [], [], 0
-    for prompt, response, trained in turns:
+    for turn in turns:
+        prompt, response, trained = turn if len(turn) == 3 else (*turn, True)
         prompt_ids = enc.encode_ordinary(prompt_part.replace("{prompt}", prompt))
         response_ids = enc.encode_ordinary(response_part.replace("{response}", response)) + [enc.eot_token]
         response_start = len(tokens) + len(prompt_ids)
@@ -598,7 +600,7 @@ class _ArrayFile:
 
     def __init__(self, path, dtype):
         self.path, self.dtype, self.flushed = path, np.dtype(dtype), 0
-        self.buffer, self.raw = [], open(path + ".raw", "wb")
+        self.buffer, self.raw = array(self.dtype.char), open(path + ".raw", "w+b")  # same item type as dtype
 
     def __len__(self):
         return self.flushed + len(self.buffer)
@@ -609,21 +611,20 @@ class _ArrayFile:
             self._flush()
 
     def _flush(self):
-        np.asarray(self.buffer, dtype=self.dtype).tofile(self.raw)
-        self.flushed, self.buffer = self.flushed + len(self.buffer), []
+        self.raw.write(self.buffer.tobytes())
+        self.flushed, self.buffer = self.flushed + len(self.buffer), array(self.dtype.char)
 
     def save(self):
-        """Write path (.npy) from the raw file in slices, then delete the raw file."""
+        """Write path as .npy (a header, then the raw values copied in chunks) and delete the raw file.
+
+        Plain reads and writes rather than memory maps, so the copy adds no resident pages."""
         self._flush()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.flushed,)}
+        with open(self.path, "wb") as out:
+            np.lib.format.write_array_header_1_0(out, header)
+            self.raw.seek(0)
+            shutil.copyfileobj(self.raw, out, 1 << 22)
         self.raw.close()
-        out = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=(self.flushed,))
-        if self.flushed:
-            raw = np.memmap(self.path + ".raw", dtype=self.dtype, mode="r")
-            for start in range(0, self.flushed, 1 << 24):
-                out[start:start + (1 << 24)] = raw[start:start + (1 << 24)]
-            del raw
-        out.flush()
-        del out
         os.remove(self.path + ".raw")
 
 
@@ -655,7 +656,7 @@ def _tokenize_into(folder, train_sources, eval_sources, enc, settings, log):
     """
     tokens = _ArrayFile(os.path.join(folder, "tokens.npy"), np.uint16 if enc.n_vocab <= 2**16 else np.uint32)
     mask = _ArrayFile(os.path.join(folder, "loss_mask.npy"), np.uint8)
-    offsets, starts = array("q", [0]), array("q")
+    offsets, starts, trained = array("q", [0]), array("q"), array("q")
     counts = {"rows": 0, "bad_rows": 0, "dropped_too_long": 0, "truncated": 0, "rendered_raw": 0}
     files, file_ranges, template = [], [], settings["template"]
     for path, _ in train_sources + eval_sources:
@@ -679,6 +680,7 @@ def _tokenize_into(folder, train_sources, eval_sources, enc, settings, log):
             sample_tokens, sample_mask, response_start, outcome = fitted
             counts["truncated"] += outcome == "truncated"
             starts.append(len(tokens) + response_start)
+            trained.append(sum(sample_mask) - sample_mask[0])  # the first token is never a target
             tokens.extend(sample_tokens)
             mask.extend(sample_mask)
             offsets.append(len(tokens))
@@ -699,7 +701,7 @@ def _tokenize_into(folder, train_sources, eval_sources, enc, settings, log):
         raise ValueError(f"no training samples left ({counts}); raise max_seq_len or use truncate_prompt")
     tokens.save()
     mask.save()
-    arrays = {"offsets": np.asarray(offsets), "response_starts": np.asarray(starts),
+    arrays = {"offsets": np.asarray(offsets), "response_starts": np.asarray(starts), "trained": np.asarray(trained),
               "train_index": train_index, "eval_index": eval_index}
     for name, values in arrays.items():
         np.save(os.path.join(folder, f"{name}.npy"), values)
@@ -710,7 +712,7 @@ def _tokenize_into(folder, train_sources, eval_sources, enc, settings, log):
 def load_cache(cache_path):
     """The cached arrays as read-only memory maps, the build counts, and each file's format and samples."""
     arrays = {name: np.load(os.path.join(cache_path, f"{name}.npy"), mmap_mode="r")
-              for name in ("tokens", "loss_mask", "offsets", "response_starts", "train_index", "eval_index")}
+              for name in ("tokens", "loss_mask", "offsets", "response_starts", "trained", "train_index", "eval_index")}
     with open(os.path.join(cache_path, "meta.json")) as f:
         meta = json.load(f)
     return arrays, meta["counts"], meta["files"]
@@ -729,12 +731,11 @@ class SFTDataset:
         self.index = np.asarray(index)
         self.eot_token, self.max_seq_len = eot_token, max_seq_len
         self.lengths = np.diff(self.offsets)[self.index] - 1
-        self.stats = {**self._token_stats(), **counts}
+        self.stats = {**self._token_stats(arrays["trained"]), **counts}
 
-    def _token_stats(self):
-        """Samples, tokens, and the share of input positions whose target is trained."""
-        first = self.offsets[:-1]  # a sample's first token is never a target, so it is not counted
-        trained = np.add.reduceat(self.loss_mask, first, dtype=np.int64) - self.loss_mask[first]
+    def _token_stats(self, trained):
+        """Samples, tokens, and the share of input positions whose target is trained (per-sample counts
+        from the cache: summing the mask here would read every token into memory)."""
         positions, n = int(self.lengths.sum()), len(self)
         return {"samples": n, "tokens": positions + n, "trained_tokens": int(trained[self.index].sum()),
                 "trained_share": int(trained[self.index].sum()) / max(positions, 1),

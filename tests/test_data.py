@@ -728,3 +728,12 @@ def test_inspect_shows_each_files_format_the_alpaca_join_and_a_sample_per_format
     assert "alpaca: prompt = instruction + '\\n\\n' + input" in out
     assert " Human: Translate to French.\n\ncat Assistant:[[ chat<|endoftext|>]]" in out
     assert " Human: Be brief.\na Assistant:[[ b<|endoftext|>]] Human: c Assistant:[[ d<|endoftext|>]]" in out
+
+
+def test_tokens_spilled_to_disk_in_many_chunks_give_the_same_cache(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.jsonl", rows(20))
+    whole, _ = prepare(tmp_path, path)
+    monkeypatch.setattr(data._ArrayFile, "BUFFER", 7)  # flush every few values
+    spilled, _ = prepare(tmp_path / "other", path)
+    assert np.array_equal(whole.tokens, spilled.tokens) and np.array_equal(whole.loss_mask, spilled.loss_mask)
+    assert not [f for f in os.listdir(tmp_path / "other" / "cache") if f.startswith(".tmp")]
