@@ -126,9 +126,13 @@ def render_prompt(prompt, template=DEFAULT_TEMPLATE):
 
 
 def already_templated(turns, template):
-    """True when a prompt of the row already carries every role marker of the preset `template`."""
+    """True when a single-turn row's prompt already carries every role marker of the preset `template`.
+
+    Only single-turn rows (prompt/response, Alpaca, ...) come templated this way; in a conversation the
+    markers are just words of a message, and raw rendering would run its turns together.
+    """
     markers = ROLE_MARKERS.get(resolve_template(template))
-    return bool(markers) and any(all(m in prompt for m in markers) for prompt, _, _ in turns)
+    return bool(markers) and len(turns) == 1 and all(m in turns[0][0] for m in markers)
 
 
 def tokenize_turns(turns, enc, template=DEFAULT_TEMPLATE, loss_on_prompt=False):
@@ -518,7 +522,10 @@ def parse_sources(spec, allow_directories=False):
         except ValueError:  # a ':' that is part of the path
             sources.append((item, 1.0))
     for path, weight in sources:
-        if not (os.path.isfile(path) or allow_directories and os.path.isdir(path)):
+        if os.path.isdir(path) and not allow_directories:
+            raise FileNotFoundError(f"{path!r} is a directory; a DeepSpeed-Chat local/jsonfile directory goes in "
+                                    f"data_path, and its data/eval.json becomes the eval set")
+        if not (os.path.isfile(path) or os.path.isdir(path)):
             raise FileNotFoundError(f"data file {path!r} not found")
         if not weight > 0 or math.isinf(weight):
             raise ValueError(f"the weight of {path!r} must be a positive number, got {weight}")

@@ -737,3 +737,14 @@ def test_tokens_spilled_to_disk_in_many_chunks_give_the_same_cache(tmp_path, mon
     spilled, _ = prepare(tmp_path / "other", path)
     assert np.array_equal(whole.tokens, spilled.tokens) and np.array_equal(whole.loss_mask, spilled.loss_mask)
     assert not [f for f in os.listdir(tmp_path / "other" / "cache") if f.startswith(".tmp")]
+
+
+def test_markers_inside_a_conversation_are_words_not_a_template(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "Say 'Human: x Assistant: y'"},
+                         {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"},
+                         {"role": "assistant", "content": "ok"}]}
+    train, _ = prepare(tmp_path, write(tmp_path / "chat.jsonl", [chat]), max_seq_len=128)
+    assert bytes(train.tokens_and_mask(0)[0][:30].tolist()) == b" Human: Say 'Human: x Assistan"
+    assert train.stats["rendered_raw"] == 0
+    with pytest.raises(FileNotFoundError, match="is a directory; a DeepSpeed-Chat"):
+        prepare(tmp_path, write(tmp_path / "a.jsonl", rows(2)), eval_data_path=str(tmp_path))
