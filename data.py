@@ -962,7 +962,8 @@ def show_files(dataset, enc, color):
         raw = f", {file['rendered_raw']} already-templated prompts rendered raw" if file["rendered_raw"] else ""
         print(f"file {file['path']}: format {file['format']}, {file['samples']:,} samples{raw}")
         if file["format"] == "alpaca":
-            print(f"  alpaca: prompt = instruction + {ALPACA_JOIN!r} + input (the instruction alone when input is empty)")
+            print(f"  alpaca: prompt = instruction + {ALPACA_JOIN!r} + input "
+                  "(the instruction alone when input is empty)")
     for file in dataset.files:
         if file["format"] not in shown and file["samples"]:
             shown.add(file["format"])
@@ -1006,7 +1007,8 @@ def main(argv):
         if not o["data_path"]:
             sys.exit("inspect needs --data_path=FILE (or --data_path=demo --tokenizer=byte)")
         try:  # bad data is reported as one line that names the file and line, not a traceback
-            train, _ = prepare_data(o["data_path"], o["tokenizer"], o["max_seq_len"], eval_data_path=o["eval_data_path"],
+            train, _ = prepare_data(o["data_path"], o["tokenizer"], o["max_seq_len"],
+                                    eval_data_path=o["eval_data_path"],
                                     data_split=o["data_split"], data_format=o["data_format"], template=o["template"],
                                     loss_on_prompt=o["loss_on_prompt"], truncate_prompt=o["truncate_prompt"],
                                     skip_bad_rows=o["skip_bad_rows"], seed=o["seed"], cache_dir=o["cache_dir"])
@@ -1017,7 +1019,8 @@ def main(argv):
         print("trained tokens are " + ("\033[32mgreen\033[0m" if color else "[[in double brackets]]"))
         show_files(train, enc, color)
         for i in range(min(o["num_samples"], len(train))):
-            print(f"--- sample {i} ({train.lengths[i] + 1} tokens)\n{show_sample(*train.tokens_and_mask(i), enc, color)}")
+            text = show_sample(*train.tokens_and_mask(i), enc, color)
+            print(f"--- sample {i} ({train.lengths[i] + 1} tokens)\n{text}")
         for packing in (False, True):
             batches = Batches(train, o["batch_size"], seed=o["seed"], packing=packing)
             for _ in range(batches.batches_per_epoch):

@@ -66,9 +66,9 @@ before_kib = int(next(l for l in open("/proc/self/status") if l.startswith("VmRS
 start = time.perf_counter()
 train, _ = data.prepare_data({path!r}, "gpt2", 1024, data_split="100,0", cache_dir={cache!r}, log=lambda s: None)
 seconds = time.perf_counter() - start
-print(json.dumps({{"rss_before_mib": before_kib / 1024, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "seconds": seconds, "samples": len(train), "tokens": train.stats["tokens"],
-                  "format": train.files[0]["format"]}}))
+peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"rss_before_mib": before_kib / 1024, "peak_rss_mib": peak_kib / 1024, "seconds": seconds,
+                  "samples": len(train), "tokens": train.stats["tokens"], "format": train.files[0]["format"]}}))
 """
 
 

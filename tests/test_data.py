@@ -747,3 +747,11 @@ def test_markers_inside_a_conversation_are_words_not_a_template(tmp_path):
     assert train.stats["rendered_raw"] == 0
     with pytest.raises(FileNotFoundError, match="is a directory; a DeepSpeed-Chat"):
         prepare(tmp_path, write(tmp_path / "a.jsonl", rows(2)), eval_data_path=str(tmp_path))
+
+
+def test_inspect_exits_2_with_one_line_on_bad_data(tmp_path, capsys):
+    path = write(tmp_path / "a.jsonl", [{"instruction": "a"}])
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["inspect", f"--data_path={path}", "--tokenizer=byte", f"--cache_dir={tmp_path / 'cache'}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"data.py: error: {path}:1: missing field 'output' (format alpaca)\n"
