@@ -273,7 +273,8 @@ def _parquet_rows(path, data_format, bad):
     for group in range(parquet.num_row_groups):
         n_rows = parquet.metadata.row_group(group).num_rows
         try:
-            table = parquet.read_row_group(group, columns=columns)
+            # One thread: decoding is a small share of the time next to tokenizing, and threads hold more buffers.
+            table = parquet.read_row_group(group, columns=columns, use_threads=False)
         except (OSError, pyarrow.ArrowException) as e:
             reason = " ".join(str(e).split())  # pyarrow's messages span lines; ours is one
             bad(row + 1, f"rows {row + 1}-{row + n_rows} (row group {group}) cannot be read: {reason}", n_rows)
