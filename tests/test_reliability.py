@@ -63,6 +63,14 @@ def test_only_py_files_are_taken_as_config_files(tmp_path, data_file):
 
 # ----------------------------------------------------------------------------- hostile data rows
 
+
+def read_examples(path, skip_bad_rows=False):
+    """All of a file's examples and its count of bad rows (iter_examples streams them)."""
+    found = {}
+    examples = list(data.iter_examples(str(path), skip_bad_rows=skip_bad_rows, log=lambda line: None, found=found))
+    return examples, found["bad_rows"]
+
+
 GOOD = b'{"prompt": "a", "response": "b"}\n'
 HOSTILE_ROWS = {
     "deep_nesting": (b'{"prompt": ' + b"[" * 100_000 + b"\n", "nested too deeply"),
@@ -78,9 +86,9 @@ def test_hostile_rows_are_bad_rows_not_crashes(tmp_path, name):
     path = tmp_path / f"{name}.jsonl"
     path.write_bytes(GOOD + row + GOOD)
     with pytest.raises(data.DataError) as error:
-        data.read_examples(str(path))
+        read_examples(path)
     assert str(error.value).startswith(f"{path}:2: ") and problem in str(error.value)
-    examples, skipped = data.read_examples(str(path), skip_bad_rows=True, log=lambda line: None)
+    examples, skipped = read_examples(path, skip_bad_rows=True)
     assert [line for line, _ in examples] == [1, 3] and skipped == 1
 
 
@@ -90,7 +98,7 @@ def test_hostile_items_of_a_json_list_name_their_line(tmp_path, name):
     path = tmp_path / f"{name}.json"
     path.write_bytes(b"[\n" + GOOD[:-1] + b",\n" + row)
     with pytest.raises(data.DataError, match=f"{path}:3: .*{problem}"):
-        data.read_examples(str(path), skip_bad_rows=True)
+        read_examples(path, skip_bad_rows=True)
 
 
 def test_a_chat_of_system_messages_only_is_a_bad_row(tmp_path):
@@ -98,17 +106,17 @@ def test_a_chat_of_system_messages_only_is_a_bad_row(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_bytes(b'{"messages": [{"role": "system", "content": "s"}]}\n{"messages": [{"role": "user", '
                      b'"content": "a"}, {"role": "assistant", "content": "b"}]}\n')
-    with pytest.raises(data.DataError, match=f"{path}:1: the conversation has no user message answered"):
-        data.read_examples(str(path))
-    assert data.read_examples(str(path), skip_bad_rows=True, log=lambda line: None) == ([(2, [("a", "b")])], 1)
+    with pytest.raises(data.DataError, match=f"{path}:1: the conversation .* has no assistant turn"):
+        read_examples(path)
+    assert read_examples(path, skip_bad_rows=True) == ([(2, [("a", "b", True)])], 1)
 
 
 def test_a_byte_order_mark_is_not_a_bad_row(tmp_path):
     for suffix, text in ((".jsonl", GOOD * 2), (".json", b"[" + GOOD[:-1] + b"]")):
         path = tmp_path / f"bom{suffix}"
         path.write_bytes(b"\xef\xbb\xbf" + text)
-        examples, skipped = data.read_examples(str(path))
-        assert skipped == 0 and examples[0] == (1, [("a", "b")])
+        examples, skipped = read_examples(path)
+        assert skipped == 0 and examples[0] == (1, [("a", "b", True)])
 
 
 def test_unwritable_cache_dir_names_the_option(tmp_path, data_file):
@@ -177,7 +185,7 @@ lines = st.one_of(rows.map(lambda row: json.dumps(row).encode()), raw_lines, hos
 def parse(path, skip_bad_rows):
     """read_examples, with any DataError returned rather than raised (anything else propagates)."""
     try:
-        return data.read_examples(path, skip_bad_rows=skip_bad_rows, log=lambda line: None)
+        return read_examples(path, skip_bad_rows)
     except data.DataError as error:
         return error
 
@@ -192,8 +200,8 @@ def check_loaded(result, path, numbered_rows, skip_bad_rows, is_list):
     examples, skipped = result
     assert {line for line, _ in examples} <= set(numbered_rows)
     for _, turns in examples:
-        for text in (text for turn in turns for text in turn):
-            text.encode("utf-8")  # real text: a lone surrogate would have reached the model as U+FFFD
+        for prompt, response, _ in turns:  # real text: a lone surrogate would have reached the model as U+FFFD
+            prompt.encode("utf-8"), response.encode("utf-8")
     assert len(examples) + skipped == len(numbered_rows)
     assert skipped == 0 or skip_bad_rows
 
