@@ -220,7 +220,7 @@ def check_config_file_name(arg):
     given without --, a data file say, would otherwise run as code, set nothing and go unnoticed."""
     if arg.endswith(".py"):
         return
-    if arg.endswith((".json", ".jsonl")):
+    if arg.endswith((".json", ".jsonl", ".parquet")):
         raise OptionError(f"{arg} is not a config file (those end in .py); give data as --data_path={arg}")
     raise OptionError(f"{arg} is neither a config file (those end in .py) nor an option (--key=value)")
 
