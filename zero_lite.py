@@ -21,8 +21,9 @@ of the world size, so that rank r owns slice r of it: its shard.
   stage 2  as 1, without full gradient buffers: a hook on every parameter notices when the backward has
            produced a unit's last gradient, copies the unit's gradients into a bucket and launches its
            reduce-scatter while the backward goes on with earlier blocks. Only the gradient shard is kept.
-  stage 3  as 2, and the weights are sharded too: a unit's flat buffer has memory only while its forward or
-           backward runs (gathered just before, freed after, the next unit's gather prefetched).
+  stage 3  as 2, and the weights are sharded too: a unit's flat buffer exists only while its forward or
+           backward runs (gathered just before, freed after, the next unit's gather prefetched); in between
+           its parameters are empty tensors.
 
 Weights are fp32 at every stage (bfloat16 and float16 mean autocast), so they are the master weights and a
 rank's master shard is a view of its own slice: no extra copy. Before the boundary micro-batch nothing
@@ -81,7 +82,7 @@ class Unit:
         self.shard_size = -(-self.numel // world)  # padding makes every shard the same size
         self.flat = torch.zeros(self.shard_size * world, dtype=torch.float32, device=self.params[0].device)
         self.segments = {}  # optimizer group -> (begin, end) in the flat buffer
-        self.offsets = []
+        self.offsets, self.shapes = [], [p.shape for p in self.params]
         offset = 0
         for p in self.params:
             self.offsets.append(offset)
@@ -104,26 +105,30 @@ class Unit:
         self.free()
 
     def gather(self, world, wait=True):
-        """Stage 3: give the flat buffer its memory again and fill it from every rank's shard."""
+        """Stage 3: a new flat buffer filled from every rank's shard; the parameters view it again."""
         if not self.gathered:
-            self.flat.untyped_storage().resize_(self.flat.numel() * self.flat.element_size())
+            self.flat = torch.empty(len(self.shard) * world, device=self.shard.device)
             if world == 1:
                 self.flat.copy_(self.shard)
             else:
                 self.handle = dist.all_gather_single(self.flat, self.shard, async_op=True)
+            for p, offset, shape in zip(self.params, self.offsets, self.shapes):
+                p.data = self.flat[offset:offset + shape.numel()].view(shape)  # read only after the wait
             self.gathered = True
         if wait and self.handle is not None:
             self.handle.wait()
             self.handle = None
 
     def free(self):
-        """Stage 3: drop the flat buffer's memory; the parameters keep their shapes (views of no memory)."""
+        """Stage 3: the parameters become empty tensors and the flat buffer goes (autograd keeps the
+        parameters, not their data, so nothing holds it). Reading a freed parameter finds no elements."""
         if self.gathered:
             if self.handle is not None:
                 self.handle.wait()
                 self.handle = None
-            self.flat.untyped_storage().resize_(0)
-            self.gathered = False
+            for p in self.params:
+                p.data = self.shard.new_empty(0)
+            self.flat, self.gathered = None, False
 
 
 def make_units(model, group_of, rank, world):
@@ -316,10 +321,10 @@ class Engine:
         reduce-scatter runs while the backward goes on with earlier units; at stage 3 the weights are freed."""
         unit.arrived = -1
         if self.boundary:
-            bucket = torch.zeros(unit.flat.shape, device=self.device)
+            bucket = torch.zeros(unit.shard_size * self.world, device=self.device)
             for p, offset in zip(unit.params, unit.offsets):
                 if p.grad is not None:
-                    bucket[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+                    bucket[offset:offset + p.grad.numel()].copy_(p.grad.reshape(-1))
                     p.grad = None
             self._reduce_scatter(bucket, unit.grad_shard)
         if self.stage == 3:
@@ -459,7 +464,8 @@ class Engine:
 
     def layout(self):
         """What a stage 1-3 shard must agree with: each unit's parameter names and shapes, in order."""
-        return [[unit.name, [[self.names[p], list(p.shape)] for p in unit.params]] for unit in self.units]
+        return [[unit.name, [[self.names[p], list(shape)] for p, shape in zip(unit.params, unit.shapes)]]
+                for unit in self.units]
 
     def save(self, ckpt_dir):
         """Writes this rank's state into ckpt_dir (which the trainer renames when every rank is done). Stage 0:
