@@ -13,6 +13,8 @@ batch is split.
 """
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -21,8 +23,10 @@ import random
 import re
 import resource
 import shutil
+import socket
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -94,7 +98,9 @@ OPTIONS = {
     "seed": (1337, "random seed (model init, data order, dropout)"),
     # logging, eval, checkpoints
     "output_dir": ("out", "checkpoints, metrics.jsonl and the exported Hugging Face model"),
-    "resume": (False, "continue the run in output_dir from its latest checkpoint"),
+    "resume": (False, "continue the run in output_dir from its latest intact checkpoint"),
+    "overwrite_output_dir": (False, "a new run in an output_dir holding an earlier run's checkpoints or metrics "
+                                    "removes them (and its hf/, tensorboard/) instead of stopping"),
     "log_interval": (10, "optimizer steps between log lines"),
     "eval_interval": (0, "optimizer steps between evals; 0 = only at the end"),
     "eval_exact_match": (0, "eval: greedy-generate this many eval responses and score exact match; 0 = off"),
@@ -451,52 +457,273 @@ def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world
 
 
 # A checkpoint is a directory ckpt-<step>/ holding each rank's engine files, the trainer's state
-# (rank 0), the consolidated weights and a manifest of every file with its size and sha256. It is
-# written as ckpt-<step>.tmp/ and renamed once every rank is done, so a directory with this name is
-# complete and the latest one is the one to resume from.
+# (rank 0), the consolidated weights and manifest.json: every file with its size and sha256, the step
+# and the id of the run that wrote it. It is written as ckpt-<step>.tmp/ and renamed once every rank
+# is done. run.json in output_dir names the run whose checkpoints these are: resume and rotation
+# consider that run's checkpoints only, and a resume checks every sha256 first, falling back to the
+# previous intact checkpoint. run.lock, locked by rank 0 for the run's life, keeps a second run out.
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8})")
+LEFTOVER_NAME = re.compile(r"(ckpt-\d{8})\.(tmp|old)")  # being written, or being replaced, when a crash came
 TRAINER_FILE, WEIGHTS_FILE, MANIFEST_FILE = "trainer.pt", "model.pt", "manifest.json"
+RUN_FILE, LOCK_FILE = "run.json", "run.lock"
+RUN_OUTPUTS = ("metrics.jsonl", "hf", "tensorboard")  # what a run writes besides checkpoints
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say): the message says where and why."""
+
+
+def claim_output_dir(output_dir, resume, overwrite, rank, world, log):
+    """Makes output_dir this run's before any work: rank 0 locks it for the run's life, restores or
+    removes what a crash left behind and, for a new run, refuses an earlier run's output unless told
+    to overwrite it. Returns (the lock, to keep referenced, None on other ranks; a new run id)."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            if resume and overwrite:
+                raise OptionError("give either --resume (continue the run in --output_dir) or "
+                                  "--overwrite_output_dir (replace it), not both")
+            lock = lock_output_dir(output_dir)
+            remove_leftovers(output_dir, log)
+            if not resume:
+                make_room_for_new_run(output_dir, overwrite, log)
+        except OptionError as e:
+            error = str(e)
+    error, run_id = from_rank0((error, uuid.uuid4().hex), world)
+    if error:
+        raise OptionError(error)
+    return lock, run_id
+
+
+def from_rank0(value, world):
+    """Rank 0's value on every rank, so that all ranks take the same decision."""
+    if world > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def lock_output_dir(output_dir):
+    """An exclusive lock on output_dir/run.lock while the returned file stays open. The kernel drops
+    it when the process ends, however it ends, so a killed run leaves nothing stuck."""
+    f = open(os.path.join(output_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise OptionError(f"--output_dir={output_dir} is in use by a run that is still going ({holder}); "
+                          f"wait for it to end or give another --output_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def remove_leftovers(output_dir, log):
+    """A crash can leave ckpt-<step>.tmp/ (unfinished: removed) and ckpt-<step>.old/ (a complete
+    checkpoint moved aside for the same step saved again: restored if its replacement never arrived)."""
+    for name in sorted(os.listdir(output_dir)):  # .old before .tmp
+        match = LEFTOVER_NAME.fullmatch(name)
+        path = os.path.join(output_dir, name)
+        if not match or not os.path.isdir(path):
+            continue
+        final = os.path.join(output_dir, match.group(1))
+        if match.group(2) == "old" and not os.path.exists(final):
+            os.replace(path, final)
+            log(f"restored {final} from {name}, left by an interrupted run")
+        else:
+            shutil.rmtree(path)
+            log(f"removed {path}, left unfinished by an interrupted run")
+
+
+def make_room_for_new_run(output_dir, overwrite, log):
+    """A new run must not mix its checkpoints and metrics with an earlier run's: that output stops
+    the run, or with --overwrite_output_dir is removed first."""
+    checkpoints = [os.path.basename(path) for _, path in list_checkpoints(output_dir)]
+    outputs = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, name))]
+    if not checkpoints and "metrics.jsonl" not in outputs:
+        return
+    if not overwrite:
+        found = ", ".join(checkpoints[-2:]) if checkpoints else "metrics.jsonl and no checkpoint"
+        resume = "continue that run with --resume or " if checkpoints else ""
+        raise OptionError(f"--output_dir={output_dir} holds an earlier run's output ({found}): {resume}"
+                          f"replace it with --overwrite_output_dir")
+    for name in checkpoints + outputs + [RUN_FILE]:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    log(f"--overwrite_output_dir: removed the earlier run's {', '.join(checkpoints + outputs)} from {output_dir}")
 
 
 def list_checkpoints(output_dir):
-    """(step, path) of this project's complete checkpoints in output_dir, ordered by step."""
+    """(step, path) of every directory named as this project's checkpoints (ckpt-<8 digits>), ordered by
+    step; any other name, such as ckpt-best/, is the user's and never touched."""
     found = []
     for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
         match = CHECKPOINT_NAME.fullmatch(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, MANIFEST_FILE)):
+        if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
 
 
-def find_checkpoint(path):
-    """A checkpoint directory itself, or the latest one inside a run directory; None if there is none."""
-    if os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+def read_json_object(path):
+    """The JSON object in path, or None when the file is missing, unreadable or holds no object."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_of(ckpt_dir):
+    """The id of the run that wrote a checkpoint, from its manifest (None if it has none)."""
+    return (read_json_object(os.path.join(ckpt_dir, MANIFEST_FILE)) or {}).get("run_id")
+
+
+def find_checkpoint(path, log=lambda message: print(message, file=sys.stderr), set_aside=False):
+    """An intact checkpoint: path itself when it is a checkpoint directory, else the latest intact one
+    of the run that run directory path records (of any run, without a record). Each one passed over is
+    reported by name; with set_aside (rank 0 of a resume) they are renamed <name>.rejected, so that the
+    resumed run neither counts them as its own nor writes over them. None if none is intact."""
+    if os.path.isfile(os.path.join(path, MANIFEST_FILE)):  # a checkpoint directory named by the user
+        problem = checkpoint_problem(path)
+        if problem:
+            raise OptionError(f"{path} is not a train_sft.py checkpoint, or not an intact one: {problem}")
         return path
-    found = list_checkpoints(path)
-    return found[-1][1] if found else None
+    run_id = (read_json_object(os.path.join(path, RUN_FILE)) or {}).get("run_id")
+    passed_over = []
+    for _, candidate in reversed(list_checkpoints(path)):
+        problem = checkpoint_problem(candidate, run_id)
+        if problem is None:
+            for rejected in passed_over if set_aside else []:
+                os.replace(rejected, rejected + ".rejected")
+                log(f"moved {rejected} aside to {rejected}.rejected")
+            if passed_over:
+                log(f"using the previous intact checkpoint, {candidate}")
+            return candidate
+        log(f"checkpoint {candidate} cannot be used: {problem}")
+        passed_over.append(candidate)
+    return None
+
+
+def checkpoint_problem(ckpt_dir, run_id=None):
+    """None if ckpt_dir is an intact checkpoint (of run run_id, when given), else what is wrong with it.
+    Ranks share the hashing (each checks every world-th file) and all get the same answer."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    manifest = read_json_object(os.path.join(ckpt_dir, MANIFEST_FILE))
+    named_step = CHECKPOINT_NAME.fullmatch(os.path.basename(ckpt_dir))
+    problem = None
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        problem = f"its {MANIFEST_FILE} is missing or unreadable (an unfinished or foreign directory)"
+    elif named_step and manifest.get("step") != int(named_step.group(1)):
+        problem = f"its {MANIFEST_FILE} is for step {manifest.get('step')!r} (a foreign directory)"
+    elif run_id is not None and manifest.get("run_id") != run_id:
+        problem = f"it was written by another run than the one {RUN_FILE} records"
+    else:
+        for name in sorted(manifest["files"])[rank::world]:
+            problem = file_problem(ckpt_dir, name, manifest["files"][name])
+            if problem:
+                break
+    if world > 1:
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    return problem
+
+
+def file_problem(ckpt_dir, name, expected):
+    """What is wrong with one file of a checkpoint, measured against its manifest entry; None if nothing."""
+    path = os.path.join(ckpt_dir, name)
+    if not isinstance(expected, dict) or os.path.isabs(name) or ".." in name.split("/"):
+        return f"its {MANIFEST_FILE} entry for {name!r} is not valid"
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    size = os.path.getsize(path)
+    if size != expected.get("bytes"):
+        return f"{name} has {size} bytes instead of {expected.get('bytes')} (truncated or replaced)"
+    if sha256_of(path) != expected.get("sha256"):
+        return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
     """Every rank writes its engine files into ckpt-<step>.tmp/, rank 0 adds the trainer state, the
-    consolidated weights and the manifest, then renames it to ckpt-<step>/ and drops old checkpoints."""
+    consolidated weights and the manifest, then renames it to ckpt-<step>/ and drops this run's oldest
+    checkpoints. A checkpoint that does not fit stops the run with CheckpointError before it is renamed:
+    the unfinished directory is removed and the earlier checkpoints stay as they were."""
     final = os.path.join(output_dir, f"ckpt-{step:08d}")
     tmp = final + ".tmp"
+    run_id = trainer_state["run_id"]
+    weights = engine.full_state_dict()  # collective: every rank takes part
+    needed, error = 0, None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
-        os.makedirs(tmp)
-    barrier(world)
-    engine.save(tmp)
-    weights = engine.full_state_dict()  # collective: every rank takes part
-    if rank == 0:
-        torch.save(weights, os.path.join(tmp, WEIGHTS_FILE))
-        torch.save(trainer_state, os.path.join(tmp, TRAINER_FILE))
+        needed = checkpoint_bytes_needed(output_dir, run_id, weights)
+        free = shutil.disk_usage(output_dir).free
+        if free < needed:
+            error = (f"checkpoint step {step} needs about {mib(needed)} in {output_dir} but only {mib(free)} "
+                     f"are free: the run stops here and keeps its earlier checkpoints")
+        else:
+            os.makedirs(tmp)
+    error, needed = from_rank0((error, needed), world)
+    if error:
+        raise CheckpointError(error)
+    with removed_on_failure(tmp, output_dir, step, needed):
+        engine.save(tmp)
+        if rank == 0:
+            torch.save(weights, os.path.join(tmp, WEIGHTS_FILE))
+            torch.save(trainer_state, os.path.join(tmp, TRAINER_FILE))
     barrier(world)  # every rank's files are in place
     if rank == 0:
-        write_manifest(tmp, {"step": step, "engine": trainer_state["engine"]})
+        with removed_on_failure(tmp, output_dir, step, needed):
+            write_manifest(tmp, {"step": step, "engine": trainer_state["engine"], "run_id": run_id})
         replace_directory(tmp, final)
-        remove_old_checkpoints(output_dir, keep)
+        write_run_record(output_dir, run_id)
+        remove_old_checkpoints(output_dir, keep, run_id)
     barrier(world)
     return final
+
+
+def checkpoint_bytes_needed(output_dir, run_id, weights):
+    """The space the next checkpoint needs: the size of this run's latest one or, before the first,
+    a lower bound from the state (the consolidated weights, and the engine's own copy of them)."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        manifest = read_json_object(os.path.join(path, MANIFEST_FILE))
+        if manifest and manifest.get("run_id") == run_id and isinstance(manifest.get("files"), dict):
+            return sum(entry.get("bytes", 0) for entry in manifest["files"].values() if isinstance(entry, dict))
+    return 2 * sum(t.numel() * t.element_size() for t in {id(t): t for t in weights.values()}.values())
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp, output_dir, step, needed):
+    """Turns a failed write (torch.save reports a full disk as a RuntimeError) into one sentence, after
+    removing the unfinished directory so that it cannot fill the disk for the next run."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(output_dir).free  # before the removal frees space again
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 2**20:
+            reason = f"the disk is full ({mib(free)} free; it needs at least {mib(needed)})"
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"checkpoint step {step} could not be written to {output_dir}: {reason}; "
+                              f"the run stops here and keeps its earlier checkpoints") from None
+
+
+def mib(n_bytes):
+    return f"{n_bytes / 2**20:.1f} MiB"
 
 
 def barrier(world):
@@ -505,23 +732,36 @@ def barrier(world):
 
 
 def write_manifest(ckpt_dir, info):
-    """manifest.json: every file under ckpt_dir with its size and sha256, beside info."""
+    """manifest.json: every other file under ckpt_dir with its size and sha256, beside info. Each file
+    is flushed to disk first, so that a renamed checkpoint survives a power cut too."""
     files = {}
     for root, _, names in os.walk(ckpt_dir):
         for name in sorted(names):
             path = os.path.join(root, name)
-            digest = hashlib.sha256()
+            relative = os.path.relpath(path, ckpt_dir)
+            if relative == MANIFEST_FILE:
+                continue
             with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            files[os.path.relpath(path, ckpt_dir)] = {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+                os.fsync(f.fileno())
+            files[relative] = {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
     with open(os.path.join(ckpt_dir, MANIFEST_FILE), "w") as f:
         json.dump({**info, "files": dict(sorted(files.items()))}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_run_record(output_dir, run_id):
+    """run.json: the run whose checkpoints output_dir holds (written atomically, when it changes)."""
+    path = os.path.join(output_dir, RUN_FILE)
+    if (read_json_object(path) or {}).get("run_id") != run_id:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"run_id": run_id}, f)
+        os.replace(path + ".tmp", path)
 
 
 def replace_directory(src, dst):
     """Renames src to dst; an existing dst (the same step saved again) is moved aside first, so a
-    complete checkpoint exists at every moment."""
+    complete checkpoint exists at every moment (remove_leftovers restores it after a crash)."""
     if os.path.exists(dst):
         os.replace(dst, dst + ".old")
         os.replace(src, dst)
@@ -530,14 +770,16 @@ def replace_directory(src, dst):
         os.replace(src, dst)
 
 
-def remove_old_checkpoints(output_dir, keep):
-    """Keeps the latest `keep` checkpoints by step; anything not named as ours is left alone."""
-    for _, path in list_checkpoints(output_dir)[:-keep]:
+def remove_old_checkpoints(output_dir, keep, run_id):
+    """Keeps the latest `keep` of this run's checkpoints by step; every other run's and name is left alone."""
+    ours = [path for _, path in list_checkpoints(output_dir) if run_of(path) == run_id]
+    for path in ours[:-keep]:
         shutil.rmtree(path)
 
 
 def load_checkpoint(path):
-    """The trainer's state of a checkpoint directory, with the consolidated weights as "model"."""
+    """The trainer's state of a checkpoint directory, with the consolidated weights as "model" and the
+    id of the run that wrote it as "run_id"."""
     files = [os.path.join(path, name) for name in (TRAINER_FILE, WEIGHTS_FILE)]
     if not all(os.path.isfile(f) for f in files):
         raise OptionError(f"{path} is not a train_sft.py checkpoint directory (for Hugging Face weights, "
@@ -549,7 +791,7 @@ def load_checkpoint(path):
         raise OptionError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or not {"options", "model_config"} <= state.keys():
         raise OptionError(f"{path} is not a train_sft.py checkpoint directory")
-    state["path"] = path
+    state["path"], state["run_id"] = path, run_of(path)
     return state
 
 
@@ -613,6 +855,8 @@ def main(argv):
     master = rank == 0
     log = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     check_output_dir(cfg["output_dir"])
+    # Rank 0 holds the output directory's lock until the run ends; a new run gets a new id.
+    lock, run_id = claim_output_dir(cfg["output_dir"], cfg["resume"], cfg["overwrite_output_dir"], rank, world, log)
     if cfg["kernels"] == "triton" and not kernels.runs_on(device):
         raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
                           "use --kernels=torch on CPU")
@@ -620,13 +864,15 @@ def main(argv):
     # A checkpoint to resume (the whole run's state) or to start from (the model's shape and weights).
     checkpoint = None
     if cfg["resume"]:
-        path = find_checkpoint(cfg["output_dir"])
+        path = find_checkpoint(cfg["output_dir"], log, set_aside=master)
         if path is None:
-            raise OptionError(f"--resume: no ckpt-<step> checkpoint in --output_dir={cfg['output_dir']}")
+            raise OptionError(f"--resume: no intact ckpt-<step> checkpoint of the run in "
+                              f"--output_dir={cfg['output_dir']}")
         checkpoint = load_checkpoint(path)
+        run_id = checkpoint["run_id"] or run_id  # the resumed run keeps its id
         adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, list(OPTIONS))
     elif cfg["init_from"] != "scratch" and not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):
-        path = find_checkpoint(cfg["init_from"])
+        path = find_checkpoint(cfg["init_from"], log)
         if path is None:
             raise OptionError(f"--init_from={cfg['init_from']}: neither a Hugging Face GPT-2 directory "
                               f"(config.json) nor a checkpoint")
@@ -713,7 +959,8 @@ def main(argv):
         else:
             rngs = [rng_state()]
         trainer_state = {"step": step, "batches": batches.state_dict(), "rng": rngs, "options": cfg,
-                         "model_config": vars(model.config).copy(), "engine": cfg["engine"], "world_size": world}
+                         "model_config": vars(model.config).copy(), "engine": cfg["engine"], "world_size": world,
+                         "run_id": run_id}
         path = save_checkpoint(cfg["output_dir"], step, engine, trainer_state, cfg["keep_checkpoints"], rank, world)
         log(f"checkpoint step {step} -> {path}")
 
@@ -805,3 +1052,6 @@ if __name__ == "__main__":
     except OptionError as e:  # bad input: one sentence, no traceback
         print(f"train_sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as e:  # a full disk, say: one sentence, no traceback
+        print(f"train_sft.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
