@@ -26,6 +26,7 @@ import shutil
 import socket
 import sys
 import time
+import traceback
 import uuid
 
 import numpy as np
@@ -713,6 +714,10 @@ def removed_on_failure(tmp, output_dir, step, needed):
         yield
     except (OSError, RuntimeError) as e:
         free = shutil.disk_usage(output_dir).free  # before the removal frees space again
+        failure = e
+        while failure is not None:  # frees the writers held by the tracebacks: their files are still open
+            traceback.clear_frames(failure.__traceback__)
+            failure = failure.__context__
         shutil.rmtree(tmp, ignore_errors=True)
         if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 2**20:
             reason = f"the disk is full ({mib(free)} free; it needs at least {mib(needed)})"
