@@ -690,6 +690,7 @@ def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
         with removed_on_failure(tmp, output_dir, step, needed):
             write_manifest(tmp, {"step": step, "engine": trainer_state["engine"], "run_id": run_id})
         replace_directory(tmp, final)
+        fsync_directory(output_dir)  # the rename itself survives a power cut
         write_run_record(output_dir, run_id)
         remove_old_checkpoints(output_dir, keep, run_id)
     barrier(world)
@@ -753,6 +754,14 @@ def write_manifest(ckpt_dir, info):
         json.dump({**info, "files": dict(sorted(files.items()))}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+def fsync_directory(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_run_record(output_dir, run_id):
