@@ -699,12 +699,12 @@ def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
 
 def checkpoint_bytes_needed(output_dir, run_id, weights):
     """The space the next checkpoint needs: the size of this run's latest one or, before the first,
-    a lower bound from the state (the consolidated weights, and the engine's own copy of them)."""
+    a lower bound from the state (the consolidated weights; engines write theirs in other dtypes)."""
     for _, path in reversed(list_checkpoints(output_dir)):
         manifest = read_json_object(os.path.join(path, MANIFEST_FILE))
         if manifest and manifest.get("run_id") == run_id and isinstance(manifest.get("files"), dict):
             return sum(entry.get("bytes", 0) for entry in manifest["files"].values() if isinstance(entry, dict))
-    return 2 * sum(t.numel() * t.element_size() for t in {id(t): t for t in weights.values()}.values())
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in weights.values()}.values())
 
 
 @contextlib.contextmanager
