@@ -44,16 +44,20 @@ from model import GPT, GPTConfig, apply_lora, only_optimize_lora
 # --key=value on the command line overrides. Types follow the defaults.
 OPTIONS = {
     # data
-    "data_path": ("demo", "comma-separated JSON/JSONL files, each optionally path:weight; 'demo' = built-in task"),
+    "data_path": ("demo", "comma-separated .jsonl/.json/.parquet files or DeepSpeed-Chat local/jsonfile "
+                          "directories, each optionally path:weight; 'demo' = built-in task"),
     "eval_data_path": ("", "explicit eval file; empty = split off data_split's eval share"),
-    "data_split": ("98,2", "train,eval proportions when there is no eval_data_path"),
-    "data_format": ("auto", "auto | prompt_response | prompt_chosen | messages"),
+    "data_split": ("98,2", "train,eval proportions when there is no eval file (eval_data_path, or a "
+                           "DeepSpeed-Chat directory's data/eval.json)"),
+    "data_format": ("auto", "auto (detected per file) | prompt_response | prompt_chosen | prompt_completion | "
+                            "messages | alpaca | sharegpt"),
     "tokenizer": ("gpt2", "gpt2 | byte (256 byte tokens, for tiny CPU runs)"),
     "max_seq_len": (512, "most tokens in one sample, end-of-text included"),
     "truncate_prompt": (False, "cut over-long prompts from the left instead of dropping the sample"),
     "loss_on_prompt": (False, "train on prompt tokens too (DeepSpeed-Chat's behaviour, for comparison)"),
     "skip_bad_rows": (False, "skip and count malformed rows instead of stopping"),
-    "template": (DEFAULT_TEMPLATE, "how a prompt and response become text: {prompt} and {response} placeholders"),
+    "template": (DEFAULT_TEMPLATE, "how a prompt and response become text: deepspeed_chat (this default) | raw | "
+                                   "chat, or a custom string with {prompt} and {response}"),
     "packing": (False, "pack several samples per row (no attention between them) instead of padding"),
     "group_by_length": (True, "batch samples of similar length together (less padding); false = fully random"),
     "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),
@@ -111,7 +115,7 @@ OPTIONS = {
 }
 CHOICES = {
     "engine": ("native",),
-    "data_format": ("auto", "prompt_response", "prompt_chosen", "messages"),
+    "data_format": ("auto", "prompt_response", "prompt_chosen", "prompt_completion", "messages", "alpaca", "sharegpt"),
     "tokenizer": ("gpt2", "byte"),
     "kernels": ("torch", "triton"),
     "lr_scheduler": ("cosine", "linear", "constant"),
