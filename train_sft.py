@@ -607,14 +607,23 @@ def find_checkpoint(path, log=lambda message: print(message, file=sys.stderr), s
         problem = checkpoint_problem(candidate, run_id)
         if problem is None:
             for rejected in passed_over if set_aside else []:
-                os.replace(rejected, rejected + ".rejected")
-                log(f"moved {rejected} aside to {rejected}.rejected")
+                move_aside(rejected, log)
             if passed_over:
                 log(f"using the previous intact checkpoint, {candidate}")
             return candidate
         log(f"checkpoint {candidate} cannot be used: {problem}")
         passed_over.append(candidate)
     return None
+
+
+def move_aside(ckpt_dir, log):
+    """Renames a checkpoint that a resume passed over to <name>.rejected (.rejected2, ... when taken)."""
+    target, count = ckpt_dir + ".rejected", 1
+    while os.path.exists(target):
+        count += 1
+        target = f"{ckpt_dir}.rejected{count}"
+    os.replace(ckpt_dir, target)
+    log(f"moved {ckpt_dir} aside to {target}")
 
 
 def checkpoint_problem(ckpt_dir, run_id=None):

@@ -110,6 +110,10 @@ def test_resume_sets_aside_the_checkpoints_it_passed_over(tmp_path):
     assert train_sft.find_checkpoint(str(out), log, set_aside=True) == str(out / "ckpt-00000001")
     assert sorted(os.listdir(out)) == ["ckpt-00000001", "ckpt-00000002.rejected", "run.json"]
     assert f"moved {out}/ckpt-00000002 aside to {out}/ckpt-00000002.rejected" in logged
+    make_checkpoint(out, 2, "earlier-run")  # passed over again: the first one set aside stays
+    assert train_sft.find_checkpoint(str(out), log, set_aside=True) == str(out / "ckpt-00000001")
+    assert sorted(os.listdir(out)) == ["ckpt-00000001", "ckpt-00000002.rejected", "ckpt-00000002.rejected2",
+                                       "run.json"]
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
