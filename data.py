@@ -216,9 +216,20 @@ def _json_list_items(path, text):
             elif not text.startswith("]", pos):
                 raise json.JSONDecodeError("Expecting ',' or ']'", text, pos)
     except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+        raise DataError(path, e.lineno, _json_problem(e)) from None
+    except (ValueError, RecursionError) as e:  # raised at the start of the item being decoded
+        raise DataError(path, text.count("\n", 0, pos) + 1, _json_problem(e)) from None
     if space.match(text, pos + 1).end() != len(text):
         raise DataError(path, text.count("\n", 0, pos) + 1, "malformed JSON: extra data after the list")
+
+
+def _json_problem(e):
+    """What json found wrong, in words: not all of its errors are JSONDecodeErrors."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON: {e.msg} (column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "malformed JSON: nested too deeply to read"
+    return f"unreadable JSON: {str(e).split(';')[0]}"  # such as an integer of more than 4300 digits
 
 
 def _json_rows(path, bad):
@@ -248,8 +259,8 @@ def _json_rows(path, bad):
                 yield number, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
                 bad(number, f"invalid UTF-8 ({e.reason} at byte {e.start})")
-            except json.JSONDecodeError as e:
-                bad(number, f"malformed JSON: {e.msg} (column {e.colno})")
+            except (ValueError, RecursionError) as e:
+                bad(number, _json_problem(e))
     if empty:
         raise DataError(path, 1, "the file is empty")
 
@@ -312,6 +323,11 @@ def _text(obj, key, where="", allow_empty=False):
         raise ValueError(f"field {where}{key!r} must be a string, got {json.dumps(value)[:40]}")
     if not allow_empty and not value.strip():
         raise ValueError(f"field {where}{key!r} is empty")
+    try:  # JSON may escape half a surrogate pair; the tokenizer would silently turn it into U+FFFD
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"field {where}{key!r} holds an unpaired surrogate \\u{ord(value[e.start]):04x}, "
+                         f"which is not text") from None
     return value
 
 
@@ -896,12 +912,15 @@ class Batches:
         return rows + [row] if row else rows
 
     def next_batch(self):
-        """{"input_ids", "labels", "segment_ids"}; moves to the next, reshuffled epoch when one ends."""
-        rows = self._plan[self.step * self.world_size + self.rank]
+        """{"input_ids", "labels", "segment_ids", "samples"}; moves to the next, reshuffled epoch when one
+        ends. "samples" says where the batch came from (epoch, global micro-batch, the training set's
+        sample indices per row), so that a batch that misbehaves can be looked at."""
+        position = self.step * self.world_size + self.rank
+        rows, samples = self._plan[position], {"epoch": self.epoch, "micro_batch": position}
         self.step += 1
         if self.step == self.batches_per_epoch:  # so epoch and batches_per_epoch describe the next batch
             self._start_epoch(self.epoch + 1)
-        return self._collate(rows)
+        return {**self._collate(rows), "samples": {**samples, "rows": rows}}
 
     def _collate(self, rows):
         """Pad rows with EOT ids (label -100); when packing, mark each sample and the padding as segments."""
@@ -934,8 +953,13 @@ class Batches:
         return {"epoch": self.epoch, "position": self.step * self.world_size, "samples": len(self.dataset)}
 
     def load_state_dict(self, state):
-        if state["samples"] != len(self.dataset) or state["position"] % self.world_size:
-            raise ValueError(f"cannot resume {state} with {len(self.dataset)} samples on {self.world_size} ranks")
+        if state["samples"] != len(self.dataset):
+            raise ValueError(f"it was taken on {state['samples']} training samples but the data now gives "
+                             f"{len(self.dataset)}; resume with the same data and data options")
+        if state["position"] % self.world_size:
+            raise ValueError(f"it stopped after {state['position']} micro-batches of epoch {state['epoch']}, which "
+                             f"{self.world_size} ranks cannot share evenly; resume on a number of ranks that "
+                             f"divides {state['position']}")
         self._start_epoch(state["epoch"])
         self.step = state["position"] // self.world_size
         if self.step >= self.batches_per_epoch:  # on fewer batches per rank, the rest of that epoch is its tail

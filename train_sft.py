@@ -23,6 +23,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -139,6 +140,20 @@ class OptionError(ValueError):
     """A bad option, config file or output directory: the message says which and why."""
 
 
+class RunStopped(Exception):
+    """The run ended before its last step or without a result to keep: on SIGTERM/SIGINT (after a
+    checkpoint), or on NaN/Inf (with nothing exported). The message says why (empty on ranks other
+    than 0, so that torchrun prints it once); exit_code tells a calling script which it was."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+EXIT_NONFINITE = 3  # 2 is bad input; a signal gives 128 + its number, as a shell reports a killed process
+EXIT_CHECKPOINT_NOT_WRITTEN = 4
+
+
 def usage(options, doc):
     lines = [doc.strip(), "", "Options (--key=value; booleans also as --key):"]
     for name, (default, meaning) in options.items():
@@ -161,11 +176,16 @@ def convert(name, value, source, options, choices, ranges):
         except ValueError:
             raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float's range, from a config file
+            value = math.inf
     if type(value) is not type(default):
         raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}")
     low, high = ranges.get(name, (0, None))
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison: check it first
+        raise OptionError(f"{source}: --{name} must be a finite number, got {value!r}")
     if is_number and (value < low or high is not None and value > high):
         allowed = f"at least {low}" if high is None else f"between {low} and {high}"
         raise OptionError(f"{source}: --{name} must be {allowed}, got {value!r}")
@@ -186,6 +206,7 @@ def parse_options(argv, options=OPTIONS, choices=CHOICES, ranges=RANGES, doc=__d
             print(usage(options, doc))
             sys.exit(0)
         if not arg.startswith("--"):
+            check_config_file_name(arg)
             for name, value in read_config_file(arg, options).items():
                 cfg[name] = convert(name, value, arg, options, choices, ranges)
                 explicit.add(name)
@@ -200,6 +221,16 @@ def parse_options(argv, options=OPTIONS, choices=CHOICES, ranges=RANGES, doc=__d
         cfg[name] = convert(name, value, "command line", options, choices, ranges)
         explicit.add(name)
     return cfg, explicit
+
+
+def check_config_file_name(arg):
+    """A config file is python and is run as such, so only a .py file is taken as one: anything else
+    given without --, a data file say, would otherwise run as code, set nothing and go unnoticed."""
+    if arg.endswith(".py"):
+        return
+    if arg.endswith((".json", ".jsonl", ".parquet")):
+        raise OptionError(f"{arg} is not a config file (those end in .py); give data as --data_path={arg}")
+    raise OptionError(f"{arg} is neither a config file (those end in .py) nor an option (--key=value)")
 
 
 def read_config_file(path, options):
@@ -253,6 +284,13 @@ def check_output_dir(path):
         os.remove(probe)
     except OSError as e:
         raise OptionError(f"--output_dir={path} cannot be written: {e.strerror}") from None
+
+
+def data_error_sentence(e, cache_dir):
+    """A data problem's message; one that happened inside the cache names --cache_dir, the option to change."""
+    inside = getattr(e, "filename", None) and os.path.join(os.path.abspath(e.filename), "").startswith(
+        os.path.join(os.path.abspath(cache_dir), ""))
+    return f"--cache_dir={cache_dir} cannot be used: {e.strerror} ({e.filename})" if inside else str(e)
 
 
 def seed_everything(seed):
@@ -455,6 +493,48 @@ def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world
         dist.all_reduce(hits)
     model.train()
     return {"exact_match": (hits[0] / hits[1].clamp(min=1)).item()}
+
+
+# -----------------------------------------------------------------------------
+# Stopping: signals, NaN/Inf
+
+
+class StopSignals:
+    """While installed, SIGTERM (a scheduler's preemption; torchrun forwards it to every worker) and
+    SIGINT (Ctrl-C) only record that the run should stop: the loop finishes its step, writes a
+    checkpoint and exits. Repeats are ignored (Ctrl-C under torchrun reaches a worker twice, from the
+    terminal and from torchrun); SIGKILL still ends a run at once, at the cost of the work since the
+    last checkpoint. The handler only sets a number: printing from it could interrupt a print."""
+
+    def __init__(self):
+        self.received = 0
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.received = self.received or signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def weights_are_finite(module, world, device):
+    """Whether every parameter on every rank is free of NaN/Inf (one all-reduce, at the end of a run)."""
+    bad = torch.zeros((), device=device)
+    for p in module.parameters():
+        bad += (~torch.isfinite(p)).sum()
+    if world > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def write_nonfinite_batches(output_dir, step, rank, micro, loss):
+    """output_dir/nonfinite-step-<step>-rank<rank>.json: where this rank's micro-batches of a NaN/Inf
+    step came from (epoch, global micro-batch, training-set sample indices per row), to look at."""
+    path = os.path.join(output_dir, f"nonfinite-step-{step:08d}-rank{rank}.json")
+    with open(path, "w") as f:
+        json.dump({"step": step, "rank": rank, "loss": loss, "micro_batches": [b["samples"] for b in micro]}, f)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -826,13 +906,12 @@ class MetricsLog:
     """One JSON object per line in output_dir/metrics.jsonl (appended across resumes), and TensorBoard.
 
     A resumed run starts from its checkpoint's step, so records after that step (written before a
-    crash) are dropped: they are about to be written again."""
+    crash) are dropped: they are about to be written again. So is a line that a kill cut short."""
 
-    def __init__(self, output_dir, tensorboard, resumed_step=None):
+    def __init__(self, output_dir, tensorboard, resumed_step=None, log=print):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if resumed_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resumed_step]
+            kept = self.records_up_to(resumed_step, log)
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
@@ -843,6 +922,22 @@ class MetricsLog:
             except ImportError:
                 raise OptionError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def records_up_to(self, step, log):
+        """The lines of records up to step; an unreadable line (the torn end of a killed write) is
+        dropped with a notice rather than stopping the resume."""
+        kept = []
+        with open(self.path, errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record_step = json.loads(line)["step"]
+                except (ValueError, TypeError, KeyError):
+                    log(f"metrics: dropped line {number} of {self.path}, which is not a whole record "
+                        f"(a write cut short by a kill)")
+                    continue
+                if record_step <= step:
+                    kept.append(line.rstrip("\n") + "\n")
+        return kept
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -920,7 +1015,7 @@ def main(argv):
         batches = Batches(train_set, cfg["batch_size"], rank=rank, world_size=world, seed=cfg["seed"],
                           packing=cfg["packing"], group_by_length=cfg["group_by_length"])
     except (OSError, ValueError) as e:
-        raise OptionError(str(e)) from None
+        raise OptionError(data_error_sentence(e, cfg["cache_dir"])) from None
     accum = cfg["gradient_accumulation_steps"]
     total_steps = cfg["max_steps"] or cfg["num_train_epochs"] * batches.batches_per_epoch // accum
     if total_steps < 1:
@@ -954,7 +1049,10 @@ def main(argv):
             engine.load(checkpoint["path"])
         except ValueError as e:
             raise OptionError(str(e)) from None
-        batches.load_state_dict(checkpoint["batches"])
+        try:
+            batches.load_state_dict(checkpoint["batches"])
+        except ValueError as e:
+            raise OptionError(f"cannot resume from {checkpoint['path']}: {e}") from None
         set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
         step = checkpoint["step"]
         log(f"resumed from {checkpoint['path']} at step {step}")
@@ -964,7 +1062,8 @@ def main(argv):
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained; {world} rank(s) x {accum} x "
         f"{cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}; "
         f"loss {model.loss_fn.__module__}.{model.loss_fn.__name__}")
-    metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], step if cfg["resume"] else None) if master else None
+    resumed_step = step if cfg["resume"] else None
+    metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], resumed_step, log) if master else None
 
     def run_eval():
         if len(eval_set) == 0:
@@ -992,16 +1091,18 @@ def main(argv):
         log(f"checkpoint step {step} -> {path}")
 
     progress = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="sft")
-    nonfinite_in_a_row = 0
+    nonfinite_in_a_row, failure, stopping, signals = 0, None, False, StopSignals()
     window_tokens, window_start = 0, time.perf_counter()
-    while step < total_steps:
+    while step < total_steps and not stopping:
         # Fetch the step's micro-batches first: the loss is normalised by the trained tokens of the
         # whole step on all ranks, so splitting a batch differently cannot change the result.
         micro = [batches.next_batch() for _ in range(accum)]
         counts = torch.tensor([float(sum((b["labels"] != -100).sum() for b in micro)),
-                               float(sum(b["input_ids"].numel() for b in micro))], device=device)
+                               float(sum(b["input_ids"].numel() for b in micro)), float(signals.received)],
+                              device=device)
         if world > 1:
             dist.all_reduce(counts)
+        stop_votes = counts[2].to("cpu", non_blocking=True)  # read after the step's one host sync
         trained = counts[0].clamp(min=1)
         window_tokens += counts[1]  # positions processed by all ranks (a tensor: no device sync here)
 
@@ -1022,6 +1123,8 @@ def main(argv):
         grad_norm, applied = engine.step(multiplier, torch.isfinite(step_loss))
         step += 1
         progress.update(1)
+        # A signal stops the run after this step; ranks agree through the votes sent with the counts.
+        stopping = bool(stop_votes) if world > 1 else signals.received > 0
         # Skipped steps are rare, so the device syncs of the checks below cost nothing in a normal step.
         if applied or cfg["dtype"] == "float16" and math.isfinite(step_loss.item()):
             nonfinite_in_a_row = 0
@@ -1030,12 +1133,15 @@ def main(argv):
                     f"loss scale now {engine.loss_scale:g}")
         else:
             nonfinite_in_a_row += 1
+            listed = write_nonfinite_batches(cfg["output_dir"], step - 1, rank, micro, step_loss.item())
             log(f"step {step - 1}: NaN/Inf loss or gradient (loss {step_loss.item():.4g}), optimizer step skipped "
-                f"({nonfinite_in_a_row} in a row)")
+                f"({nonfinite_in_a_row} in a row); its batches are listed in {listed}")
             if nonfinite_in_a_row >= cfg["max_nonfinite_steps"]:
-                raise RuntimeError(f"NaN/Inf loss or gradient for {nonfinite_in_a_row} steps in a row at step "
-                                   f"{step - 1}: stopping instead of training on garbage (lower --learning_rate, "
-                                   f"use --dtype=bfloat16, or check the data and init weights)")
+                failure = (f"NaN/Inf loss or gradient for {nonfinite_in_a_row} steps in a row at step {step - 1}: "
+                           f"stopping instead of training on garbage, nothing exported (lower --learning_rate, "
+                           f"use --dtype=bfloat16, or check the init weights and the batches listed in "
+                           f"{cfg['output_dir']}/nonfinite-step-*.json)")
+                break
             continue
 
         if step % cfg["log_interval"] == 0 or step == total_steps:
@@ -1051,6 +1157,8 @@ def main(argv):
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             window_tokens, window_start = 0, time.perf_counter()
+        if stopping:
+            break  # the checkpoint follows the loop
         pause = time.perf_counter()  # eval and checkpoints do not count against tokens/s
         if cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and step < total_steps:
             run_eval()
@@ -1058,18 +1166,33 @@ def main(argv):
             checkpoint_now()
         window_start += time.perf_counter() - pause
     progress.close()
+    signals.restore()
 
-    checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
-    weights = engine.full_state_dict()
-    if master:
-        log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
-    result = run_eval()
+    result = None
+    if not failure and (nonfinite_in_a_row or not weights_are_finite(engine.module, world, device)):
+        failure = (f"the run ended at step {step} with a NaN/Inf {'loss' if nonfinite_in_a_row else 'weight'}: "
+                   f"neither its checkpoint nor its export is written (see {cfg['output_dir']}/nonfinite-step-*"
+                   f".json and lower --learning_rate, or check the init weights)")
+    if stopping and not failure:
+        checkpoint_now()
+    elif not failure:
+        checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
+        weights = engine.full_state_dict()
+        if master:
+            log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
+        result = run_eval()
     if world > 1:
         # Release the engine before the process group: dropped later (when main returns), its last
         # reference to the group would destroy it while holding the GIL that gloo's threads wait for.
         del engine
         dist.barrier()
         dist.destroy_process_group()
+    if failure:
+        raise RunStopped(f"error: {failure}" if master else "", EXIT_NONFINITE)
+    if stopping:
+        name = signal.Signals(signals.received or signal.SIGTERM).name
+        raise RunStopped(f"stopped by {name} after step {step}; its checkpoint is in {cfg['output_dir']}, "
+                         f"continue with --resume" if master else "", 128 + (signals.received or signal.SIGTERM))
     return result
 
 
@@ -1081,4 +1204,12 @@ if __name__ == "__main__":
         sys.exit(2)
     except CheckpointError as e:  # a full disk, say: one sentence, no traceback
         print(f"train_sft.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_CHECKPOINT_NOT_WRITTEN)
+    except RunStopped as e:
+        if str(e):
+            print(f"train_sft.py: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps, where there is no step to finish
+        print("train_sft.py: interrupted; the latest checkpoint in output_dir, if any, holds the run's work",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -336,7 +336,7 @@ def test_the_trainer_stops_with_one_sentence_when_the_disk_is_full(tmp_path, dat
     out = disk_for_one_checkpoint / "out"
     proc = trainer([f"--data_path={data_file}", "--max_steps=4", "--checkpoint_interval=1", "--keep_checkpoints=5",
                     f"--output_dir={out}"], tmp_path)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == train_sft.EXIT_CHECKPOINT_NOT_WRITTEN == 4 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line.partition("train_sft.py: error: ")[2] for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("checkpoint step 2 needs about "), errors  # after the bar
     assert f"MiB in {out} but only " in errors[0]
