@@ -551,7 +551,7 @@ CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8})")
 LEFTOVER_NAME = re.compile(r"(ckpt-\d{8})\.(tmp|old)")  # being written, or being replaced, when a crash came
 TRAINER_FILE, WEIGHTS_FILE, MANIFEST_FILE = "trainer.pt", "model.pt", "manifest.json"
 RUN_FILE, LOCK_FILE = "run.json", "run.lock"
-RUN_OUTPUTS = ("metrics.jsonl", "hf", "tensorboard")  # what a run writes besides checkpoints
+RUN_OUTPUTS = re.compile(r"metrics\.jsonl|hf|tensorboard|nonfinite-step-\d{8}-rank\d+\.json")  # besides checkpoints
 
 
 class CheckpointError(RuntimeError):
@@ -628,7 +628,7 @@ def make_room_for_new_run(output_dir, overwrite, log):
     """A new run must not mix its checkpoints and metrics with an earlier run's: that output stops
     the run, or with --overwrite_output_dir is removed first."""
     checkpoints = [os.path.basename(path) for _, path in list_checkpoints(output_dir)]
-    outputs = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, name))]
+    outputs = sorted(name for name in os.listdir(output_dir) if RUN_OUTPUTS.fullmatch(name))
     if not checkpoints and "metrics.jsonl" not in outputs:
         return
     if not overwrite:

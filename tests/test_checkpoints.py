@@ -201,7 +201,7 @@ def test_a_new_run_replaces_an_earlier_runs_output_only_when_told(tmp_path):
     make_checkpoint(out, 25, "earlier-run")
     make_checkpoint(out, 30, "earlier-run")
     (out / "hf").mkdir()
-    for name in ("metrics.jsonl", "run.json", "ckpt-best.pt", "notes.txt"):
+    for name in ("metrics.jsonl", "run.json", "nonfinite-step-00000003-rank0.json", "ckpt-best.pt", "notes.txt"):
         (out / name).write_text("{}")
     with pytest.raises(OptionError, match=r"holds an earlier run's output \(ckpt-00000025, ckpt-00000030\): "
                                           r"continue that run with --resume or replace it with --overwrite"):
@@ -209,7 +209,8 @@ def test_a_new_run_replaces_an_earlier_runs_output_only_when_told(tmp_path):
     logged, log = messages()
     train_sft.make_room_for_new_run(str(out), True, log)
     assert sorted(os.listdir(out)) == ["ckpt-best.pt", "notes.txt"]
-    assert "removed the earlier run's ckpt-00000025, ckpt-00000030, metrics.jsonl, hf" in logged[0]
+    assert ("removed the earlier run's ckpt-00000025, ckpt-00000030, hf, metrics.jsonl, "
+            "nonfinite-step-00000003-rank0.json") in logged[0]
     (out / "metrics.jsonl").write_text("{}")  # a run killed before its first checkpoint
     with pytest.raises(OptionError, match=r"\(metrics.jsonl and no checkpoint\): replace it with --overwrite"):
         train_sft.make_room_for_new_run(str(out), False, print)
