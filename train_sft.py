@@ -390,7 +390,6 @@ def check_engine_options(cfg, explicit, world, device):
             if cfg[name]:
                 raise OptionError(f"--{name} is a DeepSpeed setting: it needs --engine=deepspeed")
         return
-    import_deepspeed()
     if cfg["deepspeed_config"]:
         adopt_deepspeed_config(cfg, explicit, world)
     if cfg["offload"] and cfg["zero_stage"] == 0:
@@ -398,6 +397,7 @@ def check_engine_options(cfg, explicit, world, device):
     if cfg["dtype"] == "float16" and device.type == "cpu":
         raise OptionError("--engine=deepspeed --dtype=float16 needs a GPU (DeepSpeed's fp16 mode does not run on "
                           "the CPU); use --dtype=bfloat16")
+    import_deepspeed()
 
 
 def read_deepspeed_json(path):

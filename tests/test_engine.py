@@ -3,6 +3,8 @@ choice of engine and stage."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 import train_sft
 import zero_lite
 from model import GPT, HF_TRANSPOSED, GPTConfig
-from test_train import data_file, run, train_losses  # noqa: F401 (data_file is a fixture)
+from test_train import ROOT, data_file, run, train_losses  # noqa: F401 (data_file is a fixture)
 
 
 class WithSparseGrads(torch.optim.AdamW):
@@ -134,3 +136,68 @@ def test_deepspeed_zero3_export_loads_in_transformers(engine_run):
     manifest = json.loads((out / f"ckpt-{STEPS:08d}" / "manifest.json").read_text())
     shards = [f for f in manifest["files"] if "optim_states" in f]
     assert len(shards) == 2 and manifest["engine"] == "deepspeed"  # one optimizer shard per rank
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def check(argv, world=2):
+    """parse_options then the engine checks, as main() runs them; returns the options."""
+    cfg, explicit = train_sft.parse_options(argv)
+    train_sft.check_engine_options(cfg, explicit, world, torch.device("cpu"))
+    return cfg
+
+
+def test_engine_options_that_cannot_work_are_one_sentence(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"zero_optimization": {"stage": 2,}}')
+    stage3 = tmp_path / "stage3.json"
+    stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2}))
+    cases = {
+        ("--zero_stage=4",): "--zero_stage must be between 0 and 3, got 4",
+        ("--offload",): "--offload is a DeepSpeed setting: it needs --engine=deepspeed",
+        ("--deepspeed_config=x.json",): "--deepspeed_config is a DeepSpeed setting",
+        ("--engine=deepspeed", f"--deepspeed_config={bad_json}"): r"bad.json is not valid JSON: .*line 1 column 35",
+        ("--engine=deepspeed", f"--deepspeed_config={tmp_path}/none.json"): "none.json cannot be read",
+        ("--engine=deepspeed", f"--deepspeed_config={stage3}", "--zero_stage=2"):
+            r"stage3.json sets zero_optimization.stage to 3 \(--zero_stage\) but --zero_stage=2 was given",
+        ("--engine=deepspeed", "--offload"): "--offload moves the sharded optimizer state: it needs --zero_stage",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(train_sft.OptionError, match=message):
+            check(list(argv))
+
+
+def test_deepspeed_config_fields_become_the_runs_options(tmp_path):
+    """Fields the options also set are adopted (so data, logs and checkpoints follow them); the rest
+    pass through to DeepSpeed untouched."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "gradient_clipping": 0.5,
+                                "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True}}))
+    cfg = check(["--engine=deepspeed", f"--deepspeed_config={path}"])
+    assert (cfg["zero_stage"], cfg["grad_clip"], cfg["batch_size"], cfg["dtype"]) == (3, 0.5, 2, "bfloat16")
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    config = train_sft.deepspeed_config(cfg, model)
+    assert config["zero_optimization"]["overlap_comm"] is True and config["bf16"] == {"enabled": True}
+    assert "torch_autocast" not in config  # the user chose DeepSpeed's bf16 weights; nothing is added
+    with pytest.raises(train_sft.OptionError, match="train_batch_size=7 but --batch_size x"):
+        path.write_text(json.dumps({"train_batch_size": 7}))
+        check(["--engine=deepspeed", f"--deepspeed_config={path}"])
+    with pytest.raises(train_sft.OptionError, match="has an 'optimizer' section"):
+        path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+        check(["--engine=deepspeed", f"--deepspeed_config={path}"])
+
+
+def test_missing_deepspeed_and_a_checkpoint_of_the_other_engine_exit_2(tmp_path, data_file):
+    """DeepSpeed made unimportable in the trainer's process: the run says how to install it."""
+    script = ("import runpy, sys; sys.modules['deepspeed'] = None; sys.argv = ['train_sft.py'] + sys.argv[1:]; "
+              "runpy.run_path('train_sft.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", script, "--engine=deepspeed", f"--data_path={data_file}",
+                           f"--output_dir={tmp_path}/ds"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--engine=deepspeed needs DeepSpeed, which is not installed: run bash setup.sh" in proc.stderr
+    out = tmp_path / "native"
+    run([f"--data_path={data_file}", "--max_steps=1", "--eval_exact_match=0", f"--output_dir={out}"], tmp_path)
+    proc = run(["--resume", "--engine=deepspeed", f"--output_dir={out}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"checkpoint {out}/ckpt-00000001 has engine='native' but engine='deepspeed' was requested" in proc.stderr
