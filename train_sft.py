@@ -626,6 +626,23 @@ def peak_flops(device):
     return None
 
 
+def model_state_memory(engine, device, world):
+    """Every rank's model-state bytes (engine.memory_report()) and peak memory; every rank calls it."""
+    mine = {**engine.memory_report(), "peak_mem_gib": peak_memory_gib(device)}
+    everyone = [mine]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def zero_formula_bytes(n_params, n_trained, stage, world):
+    """The ZeRO paper's model-state bytes per rank with fp32 weights and Adam: 4 (weights) + 4 (gradients)
+    + 8 (moments) per parameter, the moments sharded from stage 1, gradients from 2, weights at 3."""
+    share = [1 / world if stage >= s else 1 for s in (3, 2, 1)]
+    return 4 * n_params * share[0] + 4 * n_trained * share[1] + 8 * n_trained * share[2]
+
+
 def peak_memory_gib(device):
     """Peak tensor memory on a GPU; on a CPU, this process's peak resident memory."""
     if device.type == "cuda":
@@ -1031,6 +1048,13 @@ def main(argv):
             checkpoint_now()
         window_start += time.perf_counter() - pause
     progress.close()
+    memory = model_state_memory(engine, device, world)
+    if master:
+        formula = zero_formula_bytes(n_params, n_trained, cfg["zero_stage"], world)
+        metrics.write({"step": step, "memory": memory, "zero_formula_bytes": formula})
+        log(f"model state on rank 0: {memory[0]['total'] / 2**20:.2f} MiB (params {memory[0]['params'] / 2**20:.2f}, "
+            f"grads {memory[0]['grads'] / 2**20:.2f}, optimizer {memory[0]['optimizer_state'] / 2**20:.2f}); "
+            f"ZeRO paper's fp32 formula {formula / 2**20:.2f} MiB")
 
     checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
     weights = engine.full_state_dict()
