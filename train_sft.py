@@ -296,6 +296,59 @@ def adopt_checkpoint_options(cfg, explicit, saved, path, names):
         cfg[name] = saved[name]
 
 
+def starting_checkpoint(cfg, explicit):
+    """The checkpoint to resume (the whole run's state) or to start from (the model's shape and
+    weights), with the options it fixes adopted into cfg; None when starting otherwise."""
+    if cfg["resume"]:
+        path = find_checkpoint(cfg["output_dir"])
+        if path is None:
+            raise OptionError(f"--resume: no ckpt-<step> checkpoint in --output_dir={cfg['output_dir']}")
+        checkpoint = load_checkpoint(path)
+        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, list(OPTIONS))
+        return checkpoint
+    if cfg["init_from"] == "scratch":
+        return None
+    if os.path.isfile(os.path.join(cfg["init_from"], "config.json")):  # a Hugging Face directory: ours say
+        cfg.update({k: v for k, v in exported_options(cfg["init_from"]).items() if k not in explicit})  # how trained
+        return None
+    path = find_checkpoint(cfg["init_from"])
+    if path is None:
+        raise OptionError(f"--init_from={cfg['init_from']}: neither a Hugging Face GPT-2 directory "
+                          f"(config.json) nor a checkpoint")
+    checkpoint = load_checkpoint(path)
+    adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, MODEL_OPTIONS)
+    return checkpoint
+
+
+def resume_run(checkpoint, engine, batches, rank):
+    """Restores the engine's files, the data position and this rank's random generators; returns the step."""
+    try:
+        engine.load(checkpoint["path"])
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    batches.load_state_dict(checkpoint["batches"])
+    set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
+    return checkpoint["step"]
+
+
+def prepare_model(cfg, n_vocab, checkpoint, device):
+    """The model to train, on its device: built, checked against max_seq_len, LoRA-frozen as asked,
+    with the chosen loss kernel and NEFTune noise."""
+    model = build_model(cfg, n_vocab, checkpoint)
+    if cfg["max_seq_len"] - 1 > model.config.block_size:
+        raise OptionError(f"--max_seq_len={cfg['max_seq_len']} needs {cfg['max_seq_len'] - 1} positions but the "
+                          f"model has {model.config.block_size}")
+    if cfg["only_optimize_lora"]:
+        if not cfg["lora_dim"]:
+            raise OptionError("--only_optimize_lora needs --lora_dim > 0")
+        only_optimize_lora(model)
+    if cfg["kernels"] == "triton":
+        model.loss_fn = kernels.fused_masked_linear_cross_entropy
+    if cfg["neftune_alpha"] > 0:
+        add_neftune_noise(model, cfg["neftune_alpha"])
+    return model.to(device)
+
+
 def build_model(cfg, n_vocab, checkpoint):
     """A checkpoint (its own config), a Hugging Face GPT-2 directory, or scratch; then LoRA.
     n_vocab is the tokenizer's; from scratch it is padded to a multiple of 64, which runs faster."""
@@ -346,6 +399,27 @@ def make_optimizer(model, cfg, fused):
         groups.setdefault((lr, decay), []).append(p)
     param_groups = [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
     return torch.optim.AdamW(param_groups, betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
+
+
+def lr_multiplier(step, cfg, total_steps):
+    """Linear warmup, then cosine, linear or constant down to min_lr_ratio (step counts from 0)."""
+    if step < cfg["warmup_steps"]:
+        return (step + 1) / cfg["warmup_steps"]
+    if cfg["lr_scheduler"] == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, total_steps - cfg["warmup_steps"]))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg["lr_scheduler"] == "cosine" else 1 - progress
+    return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * shape
+
+
+def add_neftune_noise(model, alpha):
+    """NEFTune: uniform noise of scale alpha / sqrt(T * C) on the token embeddings while training."""
+    def hook(module, inputs, output):
+        if module.training:
+            scale = alpha / math.sqrt(output.size(-2) * output.size(-1))
+            output = output + torch.empty_like(output).uniform_(-scale, scale)
+        return output
+    model.transformer.wte.register_forward_hook(hook)
 
 
 # -----------------------------------------------------------------------------
@@ -594,25 +668,8 @@ class DeepSpeedEngine:
             raise ValueError(f"DeepSpeed could not load the engine state in {ckpt_dir}")
 
 
-def lr_multiplier(step, cfg, total_steps):
-    """Linear warmup, then cosine, linear or constant down to min_lr_ratio (step counts from 0)."""
-    if step < cfg["warmup_steps"]:
-        return (step + 1) / cfg["warmup_steps"]
-    if cfg["lr_scheduler"] == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg["warmup_steps"]) / max(1, total_steps - cfg["warmup_steps"]))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg["lr_scheduler"] == "cosine" else 1 - progress
-    return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * shape
-
-
-def add_neftune_noise(model, alpha):
-    """NEFTune: uniform noise of scale alpha / sqrt(T * C) on the token embeddings while training."""
-    def hook(module, inputs, output):
-        if module.training:
-            scale = alpha / math.sqrt(output.size(-2) * output.size(-1))
-            output = output + torch.empty_like(output).uniform_(-scale, scale)
-        return output
-    model.transformer.wte.register_forward_hook(hook)
+# -----------------------------------------------------------------------------
+# Speed and memory
 
 
 def peak_flops(device):
@@ -626,14 +683,20 @@ def peak_flops(device):
     return None
 
 
-def model_state_memory(engine, device, world):
-    """Every rank's model-state bytes (engine.memory_report()) and peak memory; every rank calls it."""
+def report_model_state(engine, device, rank, world, stage, n_params, n_trained, step, metrics, log):
+    """Every rank's model-state bytes (engine.memory_report()) and peak memory into metrics.jsonl, and
+    rank 0's beside the ZeRO paper's formula in the log; every rank calls it."""
     mine = {**engine.memory_report(), "peak_mem_gib": peak_memory_gib(device)}
-    everyone = [mine]
+    memory = [mine]
     if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
-    return everyone
+        memory = [None] * world
+        dist.all_gather_object(memory, mine)
+    if rank == 0:
+        formula = zero_formula_bytes(n_params, n_trained, stage, world)
+        metrics.write({"step": step, "memory": memory, "zero_formula_bytes": formula})
+        mib = {k: v / 2**20 for k, v in memory[0].items() if k != "peak_mem_gib"}
+        log(f"model state on rank 0: {mib['total']:.2f} MiB (params {mib['params']:.2f}, grads {mib['grads']:.2f}, "
+            f"optimizer {mib['optimizer_state']:.2f}); the ZeRO paper's fp32 formula: {formula / 2**20:.2f} MiB")
 
 
 def zero_formula_bytes(n_params, n_trained, stage, world):
@@ -880,23 +943,7 @@ def main(argv):
         raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
                           "use --kernels=torch on CPU")
 
-    # A checkpoint to resume (the whole run's state) or to start from (the model's shape and weights).
-    checkpoint = None
-    if cfg["resume"]:
-        path = find_checkpoint(cfg["output_dir"])
-        if path is None:
-            raise OptionError(f"--resume: no ckpt-<step> checkpoint in --output_dir={cfg['output_dir']}")
-        checkpoint = load_checkpoint(path)
-        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, list(OPTIONS))
-    elif cfg["init_from"] != "scratch" and not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):
-        path = find_checkpoint(cfg["init_from"])
-        if path is None:
-            raise OptionError(f"--init_from={cfg['init_from']}: neither a Hugging Face GPT-2 directory "
-                              f"(config.json) nor a checkpoint")
-        checkpoint = load_checkpoint(path)
-        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, MODEL_OPTIONS)
-    elif cfg["init_from"] != "scratch":  # a Hugging Face directory: ours say what they were trained with
-        cfg.update({k: v for k, v in exported_options(cfg["init_from"]).items() if k not in explicit})
+    checkpoint = starting_checkpoint(cfg, explicit)
     check_engine_options(cfg, explicit, world, device)
     seed_everything(cfg["seed"])
 
@@ -918,20 +965,8 @@ def main(argv):
         raise OptionError(f"{len(train_set)} training samples make no full optimizer step of "
                           f"{world} ranks x {accum} micro-batches x {cfg['batch_size']}")
 
-    # Model: from scratch, a Hugging Face directory or a checkpoint; LoRA, precision, the loss kernel.
-    model = build_model(cfg, tokenizer.n_vocab, checkpoint)
-    if cfg["max_seq_len"] - 1 > model.config.block_size:
-        raise OptionError(f"--max_seq_len={cfg['max_seq_len']} needs {cfg['max_seq_len'] - 1} positions but the "
-                          f"model has {model.config.block_size}")
-    if cfg["only_optimize_lora"]:
-        if not cfg["lora_dim"]:
-            raise OptionError("--only_optimize_lora needs --lora_dim > 0")
-        only_optimize_lora(model)
-    if cfg["kernels"] == "triton":
-        model.loss_fn = kernels.fused_masked_linear_cross_entropy
-    if cfg["neftune_alpha"] > 0:
-        add_neftune_noise(model, cfg["neftune_alpha"])
-    model.to(device)
+    # Model: from scratch, a Hugging Face directory or a checkpoint; then the engine that trains it.
+    model = prepare_model(cfg, tokenizer.n_vocab, checkpoint, device)
     n_params = model.num_params(non_embedding=False)  # counted before an engine may shard the parameters
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops_per_token = model.flops_per_token(cfg["max_seq_len"])
@@ -941,13 +976,7 @@ def main(argv):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     step = 0
     if cfg["resume"]:
-        try:
-            engine.load(checkpoint["path"])
-        except ValueError as e:
-            raise OptionError(str(e)) from None
-        batches.load_state_dict(checkpoint["batches"])
-        set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
-        step = checkpoint["step"]
+        step = resume_run(checkpoint, engine, batches, rank)
         log(f"resumed from {checkpoint['path']} at step {step}")
     checkpoint = None  # free the host memory it holds
 
@@ -1048,13 +1077,7 @@ def main(argv):
             checkpoint_now()
         window_start += time.perf_counter() - pause
     progress.close()
-    memory = model_state_memory(engine, device, world)
-    if master:
-        formula = zero_formula_bytes(n_params, n_trained, cfg["zero_stage"], world)
-        metrics.write({"step": step, "memory": memory, "zero_formula_bytes": formula})
-        log(f"model state on rank 0: {memory[0]['total'] / 2**20:.2f} MiB (params {memory[0]['params'] / 2**20:.2f}, "
-            f"grads {memory[0]['grads'] / 2**20:.2f}, optimizer {memory[0]['optimizer_state'] / 2**20:.2f}); "
-            f"ZeRO paper's fp32 formula {formula / 2**20:.2f} MiB")
+    report_model_state(engine, device, rank, world, cfg["zero_stage"], n_params, n_trained, step, metrics, log)
 
     checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
     weights = engine.full_state_dict()
