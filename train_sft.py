@@ -430,8 +430,8 @@ def make_engine(cfg, model, optimizer):
     """The engine that owns gradient exchange, precision, clipping, the update and its checkpoint files."""
     if cfg["engine"] == "deepspeed":
         if getattr(optimizer, "sparse_grads", None) is not None:
-            raise OptionError("sparse fine-tuning runs on --engine=native --zero_stage=0 only, "
-                              "not on --engine=deepspeed")
+            raise OptionError("sparse fine-tuning (--sparse_density) runs on --engine=native --zero_stage=0 "
+                              "only, not on --engine=deepspeed")
         return DeepSpeedEngine(model, optimizer, deepspeed_config(cfg, model), compile=cfg["compile"])
     try:
         return zero_lite.Engine(model, optimizer, stage=cfg["zero_stage"], dtype=getattr(torch, cfg["dtype"]),
@@ -582,7 +582,9 @@ class DeepSpeedEngine:
         from deepspeed.utils.tensor_fragment import fragment_address
         # DeepSpeed's optimizer-state files hold these plain classes; allow them so loading stays weights_only.
         torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
-        warnings.filterwarnings("ignore", category=FutureWarning)  # torch's, for every ZeRO-3 collective
+        # torch 2.13 deprecates two collectives that DeepSpeed calls for every ZeRO-3 bucket: hundreds of lines
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                r"is deprecated", FutureWarning)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module, self.stage, self.config = self.ds.module, config["zero_optimization"]["stage"], config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()

@@ -1,8 +1,7 @@
 """The same training run on each engine and ZeRO stage, side by side: loss curves, speed, memory.
 
-    python bench/compare_engines.py                                     # CPU: 2 gloo ranks, the demo task
-    python bench/compare_engines.py --preset=gpt2_124m --nproc=1 --dtype=bfloat16 --device=cuda
-    python bench/compare_engines.py --engines=native,deepspeed --stages=0,1,2,3 --steps=60
+    python bench/compare_engines.py        # CPU: 2 gloo ranks, the demo task, fp32; GPU: 1 GPU, GPT-2 124M, bf16
+    python bench/compare_engines.py --engines=native,deepspeed --stages=0,1,2,3 --steps=60 --nproc=2
 
 Each (engine, stage) is a real `torchrun train_sft.py` with the same options and seed; a native
 stage the native engine does not have yet is listed as such. Every row is compared with the first
@@ -31,16 +30,18 @@ from train_sft import OptionError, parse_options  # noqa: E402
 OPTIONS = {
     "engines": ("native,deepspeed", "comma-separated engines to run"),
     "stages": ("0,1,2,3", "comma-separated ZeRO stages to run on each engine"),
-    "preset": ("demo", "demo (a 0.8M-parameter GPT on the built-in task) | gpt2_124m (GPT-2 small's shape, GPU)"),
-    "nproc": (2, "processes (ranks) per run"),
+    "preset": ("auto", "demo (a 0.8M-parameter GPT on the built-in task) | gpt2_124m (GPT-2 small's shape) | "
+                       "auto (demo on a CPU, gpt2_124m on a GPU)"),
+    "nproc": (0, "processes (ranks) per run; 0 = 2 on a CPU, 1 on a GPU"),
     "steps": (40, "optimizer steps per run"),
     "warmup": (5, "steps left out of tokens/s"),
-    "dtype": ("float32", "float32 | bfloat16"),
-    "device": ("cpu", "cpu | cuda"),
+    "dtype": ("auto", "float32 | bfloat16 | auto (float32 on a CPU, bfloat16 on a GPU)"),
+    "device": ("auto", "cpu | cuda | auto"),
     "seed": (1337, "the seed of every run"),
 }
-CHOICES = {"preset": ("demo", "gpt2_124m"), "dtype": ("float32", "bfloat16"), "device": ("cpu", "cuda")}
-RANGES = {"nproc": (1, None), "steps": (2, None)}
+CHOICES = {"preset": ("auto", "demo", "gpt2_124m"), "dtype": ("auto", "float32", "bfloat16"),
+           "device": ("auto", "cpu", "cuda")}
+RANGES = {"steps": (2, None)}
 PRESETS = {  # trainer options of each preset, on top of the ones every run shares
     "demo": ["configs/demo.py", "--batch_size=16", "--warmup_steps=0"],
     "gpt2_124m": ["--data_path=demo", "--tokenizer=gpt2", "--n_layer=12", "--n_head=12", "--n_embd=768",
@@ -116,6 +117,10 @@ def plot(rows, path):
 
 def main(argv):
     args, _ = parse_options(argv, OPTIONS, CHOICES, RANGES, __doc__)
+    gpu = args["device"] == "cuda" or args["device"] == "auto" and torch.cuda.is_available()
+    defaults = {"device": ("cpu", "cuda"), "preset": ("demo", "gpt2_124m"), "dtype": ("float32", "bfloat16")}
+    args.update({name: pair[gpu] for name, pair in defaults.items() if args[name] == "auto"})
+    args["nproc"] = args["nproc"] or (1 if gpu else 2)
     engines, stages = args["engines"].split(","), [int(s) for s in args["stages"].split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
