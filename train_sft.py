@@ -721,20 +721,25 @@ def peak_memory_gib(device):
 
 @torch.no_grad()
 def evaluate(model, eval_set, cfg, device, autocast, rank, world):
-    """Token-weighted loss over the whole eval set (every rank takes every world-th sample)."""
+    """Token-weighted loss over the whole eval set (every rank takes every world-th sample).
+
+    Every rank runs the same number of forwards, a rank out of samples on a stand-in that counts for
+    nothing: a ZeRO-3 engine gathers the weights with collectives inside each forward."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     indices = list(range(rank, len(eval_set), world))
-    for start in range(0, len(indices), cfg["batch_size"]):
-        idx, labels = pad_batch([eval_set[i] for i in indices[start:start + cfg["batch_size"]]], device)
+    for start in range(0, -(-len(eval_set) // world), cfg["batch_size"]):
+        chunk = indices[start:start + cfg["batch_size"]]
+        idx, labels = pad_batch([eval_set[i] for i in chunk or [0]], device)
+        if not chunk:
+            labels.fill_(-100)
         n = (labels != -100).sum()
-        if n == 0:
-            continue
         with autocast:
             loss = model(idx, labels)
-        loss_sum += loss.double() * n
-        tokens += n
+        if chunk and n > 0:
+            loss_sum += loss.double() * n
+            tokens += n
     stats = torch.stack([loss_sum, tokens])
     if world > 1:
         dist.all_reduce(stats)
@@ -756,18 +761,25 @@ def pad_batch(samples, device):
 
 @torch.no_grad()
 def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world):
-    """Share of eval prompts whose greedy continuation equals the reference response exactly."""
+    """Share of eval prompts whose greedy continuation equals the reference response exactly.
+
+    As in evaluate(), every rank takes the same steps (the same number of generate calls, each the
+    whole length of the longest reference, without stopping early at end-of-text) for ZeRO-3."""
     model.eval()
-    indices = list(range(min(count, len(eval_set))))[rank::world]
+    total = min(count, len(eval_set))
+    indices = list(range(total))[rank::world]
+    longest = max(len(eval_set.prompt_and_response(i)[1]) for i in range(total))
+    eot = tokenizer.eot_token
     hits = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(0, len(indices), 64):
-        pairs = [eval_set.prompt_and_response(i) for i in indices[start:start + 64]]
+    for start in range(0, -(-total // world), 64):
+        chunk = indices[start:start + 64]
+        pairs = [eval_set.prompt_and_response(i) for i in chunk or [0]]  # a stand-in on a rank out of prompts
         with autocast:
-            outputs = model.generate([p for p, _ in pairs], max_new_tokens=max(len(r) for _, r in pairs),
-                                     temperature=0.0, eos_id=tokenizer.eot_token, vocab_limit=tokenizer.n_vocab)
-        for (_, reference), out in zip(pairs, outputs):
-            hits[0] += float(out + [tokenizer.eot_token] == reference)
-        hits[1] += len(pairs)
+            outputs = model.generate([p for p, _ in pairs], max_new_tokens=longest, temperature=0.0,
+                                     vocab_limit=tokenizer.n_vocab)
+        for (_, reference), out in zip(pairs[:len(chunk)], outputs):
+            hits[0] += float(out[:out.index(eot) + 1] == reference if eot in out else False)
+        hits[1] += len(chunk)
     if world > 1:
         dist.all_reduce(hits)
     model.train()
@@ -782,7 +794,7 @@ def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world
 # (rank 0), the consolidated weights and a manifest of every file with its size and sha256. It is
 # written as ckpt-<step>.tmp/ and renamed once every rank is done, so a directory with this name is
 # complete and the latest one is the one to resume from.
-CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8})")
+CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8,})")
 TRAINER_FILE, WEIGHTS_FILE, MANIFEST_FILE = "trainer.pt", "model.pt", "manifest.json"
 
 

@@ -1,7 +1,9 @@
 """The engines behind train_sft.py's seam: zero_lite.Engine's contract on its own, and the trainer's
 choice of engine and stage."""
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -81,12 +83,17 @@ def engine_run(tmp_path_factory, data_file):
     def get(engine, stage):
         if (engine, stage) not in runs:
             out = tmp_path_factory.mktemp(f"{engine}{stage}")
-            run([f"--data_path={data_file}", f"--max_steps={STEPS}", "--dropout=0.0", "--eval_exact_match=0",
+            run([f"--data_path={data_file}", f"--max_steps={STEPS}", "--dropout=0.0", "--eval_exact_match=5",
                  f"--engine={engine}", f"--zero_stage={stage}", f"--checkpoint_interval={RESUME_AT}",
                  f"--output_dir={out}"], out, nproc=2)
             runs[engine, stage] = out
         return runs[engine, stage]
     return get
+
+
+def final_eval(output_dir):
+    with open(output_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if "eval_loss" in line][-1]
 
 
 def final_weights(output_dir):
@@ -107,6 +114,9 @@ def test_engine_trains_like_native_stage0(engine_run, engine, stage):
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a), max(
         (a[k] - b[k]).abs().max().item() for k in a)
     assert expected[STEPS] < expected[1]  # it trained
+    # The final eval and greedy generation run on every rank (at ZeRO-3 gathering weights as they go).
+    a, b = final_eval(reference), final_eval(other)
+    assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5 and a["exact_match"] == b["exact_match"], (a, b)
 
 
 @pytest.mark.slow
@@ -136,6 +146,10 @@ def test_deepspeed_zero3_export_loads_in_transformers(engine_run):
     manifest = json.loads((out / f"ckpt-{STEPS:08d}" / "manifest.json").read_text())
     shards = [f for f in manifest["files"] if "optim_states" in f]
     assert len(shards) == 2 and manifest["engine"] == "deepspeed"  # one optimizer shard per rank
+    answers = [subprocess.run([sys.executable, "sample.py", f"--model={model}", "--prompt=reverse abc",
+                               "--max_new_tokens=5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+               for model in (out, out / "hf")]  # the checkpoint directory, as --init_from also reads it
+    assert all(a.returncode == 0 for a in answers) and answers[0].stdout == answers[1].stdout, answers
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -201,3 +215,40 @@ def test_missing_deepspeed_and_a_checkpoint_of_the_other_engine_exit_2(tmp_path,
     proc = run(["--resume", "--engine=deepspeed", f"--output_dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"checkpoint {out}/ckpt-00000001 has engine='native' but engine='deepspeed' was requested" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- checkpoint directories
+
+
+def test_checkpoints_are_found_and_rotated_by_step_number(tmp_path):
+    """Step 100,000,000 has nine digits and sorts before step 9 as a name; unfinished (.tmp) and
+    foreign directories are neither resumed from nor removed."""
+    for name in ("ckpt-00000009", "ckpt-00000010", "ckpt-100000000", "ckpt-00000011.tmp", "ckpt-last", "notes"):
+        (tmp_path / name).mkdir()
+        if name.startswith("ckpt-"):
+            (tmp_path / name / "manifest.json").write_text("{}")
+    (tmp_path / "ckpt-00000012").mkdir()  # no manifest: not complete
+    assert [step for step, _ in train_sft.list_checkpoints(tmp_path)] == [9, 10, 100_000_000]
+    assert train_sft.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-100000000")
+    train_sft.remove_old_checkpoints(tmp_path, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000010", "ckpt-00000011.tmp", "ckpt-00000012",
+                                            "ckpt-100000000", "ckpt-last", "notes"]
+
+
+def test_a_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
+    """save_checkpoint with one rank: engine files, trainer state, weights and a manifest whose sizes
+    and checksums match the files; saving the same step again replaces it whole."""
+    engine = tiny_engine(1.0)
+    for _ in range(2):
+        path = train_sft.save_checkpoint(str(tmp_path), 5, engine, {"step": 5, "engine": "native"}, keep=3,
+                                         rank=0, world=1)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005"]
+    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
+    assert sorted(manifest["files"]) == ["model.pt", "trainer.pt", "zero_lite-stage0.pt"]
+    for name, info in manifest["files"].items():
+        data = open(os.path.join(path, name), "rb").read()
+        assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    weights = torch.load(os.path.join(path, "model.pt"), weights_only=True)
+    assert weights.keys() == engine.module.state_dict().keys()
+    tied = weights["lm_head.weight"], weights["transformer.wte.weight"]
+    assert tied[0].untyped_storage().data_ptr() == tied[1].untyped_storage().data_ptr()  # stored once
