@@ -577,16 +577,20 @@ class DeepSpeedEngine:
 
     def __init__(self, model, optimizer, config, compile=False):
         deepspeed = import_deepspeed()
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
-        # DeepSpeed's optimizer-state files hold these plain classes; allow them so loading stays weights_only.
+        # DeepSpeed's optimizer-state files hold these plain classes: allowed, they load with weights_only.
         torch.serialization.add_safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
         # torch 2.13 deprecates two collectives that DeepSpeed calls for every ZeRO-3 bucket: hundreds of lines
         warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
                                 r"is deprecated", FutureWarning)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        self.module, self.stage, self.config = self.ds.module, config["zero_optimization"]["stage"], config
+        # DeepSpeed reads its checkpoint files with weights_only=False, which runs whatever code was
+        # pickled into them; here they are read as tensors and plain types only.
+        self.ds.checkpoint_engine.load = lambda path, map_location=None: torch.load(
+            path, map_location=map_location, weights_only=True)
+        self.module, self.stage = self.ds.module, config["zero_optimization"]["stage"]
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = self.ds.device
         if compile:
@@ -642,7 +646,7 @@ class DeepSpeedEngine:
         (stages 2-3: the partition) and optimizer state (Adam moments plus DeepSpeed's fp32 master copy
         of the partition at stages 1-3, which the ZeRO paper's fp32 formula does not count)."""
         opt = self.ds.optimizer
-        params = [p for p in self.module.parameters()]
+        params = list(self.module.parameters())
         if self.stage == 3:
             param_bytes = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
         else:
@@ -653,8 +657,7 @@ class DeepSpeedEngine:
         moments = sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
                       if torch.is_tensor(t))
         master_bytes = sum(t.numel() * t.element_size() for t in masters)
-        trained = sum(p.numel() * 4 for p in params if p.requires_grad) if self.stage < 3 else 0
-        grad_bytes = master_bytes if self.stage >= 2 else trained
+        grad_bytes = master_bytes if self.stage >= 2 else sum(p.numel() * 4 for p in params if p.requires_grad)
         report = {"params": param_bytes, "grads": grad_bytes, "optimizer_state": moments + master_bytes}
         return {**report, "total": sum(report.values())}
 
