@@ -47,19 +47,6 @@ BUCKET_BYTES = 25 * 2**20  # stage 0: gradients cross ranks in flat buckets of a
 SHARD_FILE = "zero_lite-shard{rank:05d}-of{world:05d}.pt"  # stages 1-3: one per rank in each checkpoint
 
 
-def zero_formula_bytes(n_params, stage, world):
-    """Model-state bytes per rank by the ZeRO paper's count, for fp32 weights with Adam: 4 bytes of weight,
-    4 of gradient and 8 of moments per trained parameter, the sharded ones divided by the world size."""
-    weights, grads, moments = 4.0, 4.0, 8.0
-    if stage >= 1:
-        moments /= world
-    if stage >= 2:
-        grads /= world
-    if stage >= 3:
-        weights /= world
-    return round(n_params * (weights + grads + moments))
-
-
 def _bytes(tensors):
     """Bytes of the distinct storages behind tensors (views of one buffer count once; a freed one is 0)."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
@@ -423,7 +410,7 @@ class Engine:
 
     def memory_report(self):
         """Bytes this rank holds for the model state during a step, to set beside the ZeRO paper's formula
-        (zero_formula_bytes). Stage 0's gradients count at their size (autograd makes them in the backward);
+        (train_sft.zero_formula_bytes). Stage 0's gradients count at their size (autograd makes them in the backward);
         transient buckets and stage 3's gathered units are left out."""
         params = list(self.module.parameters()) + ([unit.shard for unit in self.units] if self.stage == 3 else [])
         if self.stage == 0:
@@ -451,7 +438,7 @@ class Engine:
         if self.rank != 0:
             return None
         state = {}
-        for name, tensor in self.module.state_dict(keep_vars=True).items():
+        for name, tensor in self.module.state_dict(keep_vars=True).items():  # tied: the same object
             if id(tensor) not in copies:
                 copies[id(tensor)] = tensor.detach().to("cpu", torch.float32, copy=True)
             state[name] = copies[id(tensor)]
