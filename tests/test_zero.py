@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ def assert_same_run(a, b, tolerance, steps=range(1, 21)):
 
 def resume_from(source, step, target):
     """A run directory holding only source's checkpoint at step (and its metrics, which the resume trims)."""
+    target = Path(target)
     os.makedirs(target)
     shutil.copytree(os.path.join(source, f"ckpt-{step:08d}"), os.path.join(target, f"ckpt-{step:08d}"))
     shutil.copy(os.path.join(source, "metrics.jsonl"), target)
@@ -115,6 +117,8 @@ def test_a_missing_shard_stops_every_rank_with_one_sentence(stage_runs):
     tmp, _ = stage_runs
     broken = resume_from(tmp / "stage2", 10, tmp / "missing_shard")
     os.remove(os.path.join(broken, "ckpt-00000010", "zero_lite-shard00001-of00002.pt"))
+    manifest = broken / "ckpt-00000010" / "manifest.json"  # as if the file was never written: past the checksums
+    train_sft.write_manifest(manifest.parent, json.loads(manifest.read_text()))
     proc = run([*RESUME, f"--output_dir={broken}"], tmp, nproc=2, check=False)
     missing = f"{broken}/ckpt-00000010/zero_lite-shard00001-of00002.pt is missing"
     assert proc.returncode != 0 and proc.stderr.count(f"train_sft.py: error: {missing}") == 2, proc.stderr[-3000:]
