@@ -223,19 +223,17 @@ def test_missing_deepspeed_and_a_checkpoint_of_the_other_engine_exit_2(tmp_path,
 # ----------------------------------------------------------------------------- checkpoint directories
 
 
-def test_checkpoints_are_found_and_rotated_by_step_number(tmp_path):
+def test_checkpoints_are_listed_and_rotated_by_step_number(tmp_path):
     """Step 100,000,000 has nine digits and sorts before step 9 as a name; unfinished (.tmp) and
-    foreign directories are neither resumed from nor removed."""
+    foreign directories are neither listed nor removed."""
     for name in ("ckpt-00000009", "ckpt-00000010", "ckpt-100000000", "ckpt-00000011.tmp", "ckpt-last", "notes"):
         (tmp_path / name).mkdir()
         if name.startswith("ckpt-"):
-            (tmp_path / name / "manifest.json").write_text("{}")
-    (tmp_path / "ckpt-00000012").mkdir()  # no manifest: not complete
+            (tmp_path / name / "manifest.json").write_text('{"run_id": "r1"}')
     assert [step for step, _ in train_sft.list_checkpoints(tmp_path)] == [9, 10, 100_000_000]
-    assert train_sft.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-100000000")
-    train_sft.remove_old_checkpoints(tmp_path, keep=2)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000010", "ckpt-00000011.tmp", "ckpt-00000012",
-                                            "ckpt-100000000", "ckpt-last", "notes"]
+    train_sft.remove_old_checkpoints(tmp_path, keep=2, run_id="r1")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000010", "ckpt-00000011.tmp", "ckpt-100000000",
+                                            "ckpt-last", "notes"]
 
 
 def test_a_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
@@ -243,9 +241,9 @@ def test_a_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
     and checksums match the files; saving the same step again replaces it whole."""
     engine = tiny_engine(1.0)
     for _ in range(2):
-        path = train_sft.save_checkpoint(str(tmp_path), 5, engine, {"step": 5, "engine": "native"}, keep=3,
-                                         rank=0, world=1)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005"]
+        path = train_sft.save_checkpoint(str(tmp_path), 5, engine, {"step": 5, "engine": "native", "run_id": "r1"},
+                                         keep=3, rank=0, world=1)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005", "run.json"]
     manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
     assert sorted(manifest["files"]) == ["model.pt", "trainer.pt", "zero_lite-stage0.pt"]
     for name, info in manifest["files"].items():
