@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.optim.adamw import adamw as functional_adamw
 
 import kernels
 
@@ -84,8 +85,9 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"density must be in (0, 1], got {density}")
         self.names = [name for name, _ in matrices]
         sparse_group = {"params": [p for _, p in matrices], "lr": lr, "base_lr": lr, "weight_decay": weight_decay,
-                        "sparse": True}
-        groups = [dict(g, sparse=False) for g in dense_groups] + [sparse_group]
+                        "sparse": True, "fused": False}
+        groups = [dict(g, sparse=False, fused=any(p.is_cuda for p in g["params"])) for g in dense_groups]
+        groups.append(sparse_group)
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=0))
         self.density, self.regrow_interval, self.regrow_share = density, regrow_interval, regrow_share
         self.total_steps, self.kernel = max(1, total_steps), kernel
@@ -153,12 +155,12 @@ class SparseAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         assert closure is None, "SparseAdamW takes no closure"
         for group in self.param_groups:
-            group["step"] += 1
-            for slot, p in enumerate(group["params"]):
-                if group["sparse"]:
+            if group["sparse"]:
+                group["step"] += 1
+                for slot, p in enumerate(group["params"]):
                     self._sparse_update(p, self.sparse_grads[slot], group)
-                elif p.grad is not None:
-                    self._dense_update(p, group)
+            else:
+                self._dense_update(group)
         step = self.param_groups[-1]["step"]
         if self._regrow_due(step):
             self._drop_and_regrow(step)
@@ -173,17 +175,22 @@ class SparseAdamW(torch.optim.Optimizer):
                state["base"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"], step=group["step"])
 
-    def _dense_update(self, p, group):
-        """torch.optim.AdamW's update (single-tensor form) for a parameter trained densely."""
-        state = self.state[p]
-        if not state:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-        beta1, beta2, lr, t = *group["betas"], group["lr"], group["step"]
-        p.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
+    def _dense_update(self, group):
+        """torch.optim.AdamW's own update (its functional form; fused on a GPU, as train_sft.py asks)
+        for the parameters trained densely, with its state layout."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if not self.state[p]:
+                self.state[p] = {"step": torch.zeros((), device=p.device if group["fused"] else "cpu"),
+                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        functional_adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [], [s["step"] for s in states], fused=group["fused"] or None, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     # -- selection ---------------------------------------------------------------------------
 
@@ -261,9 +268,11 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def state_bytes(self):
         """Bytes of optimizer state: indices, deltas, moments and base values of the sparse entries,
-        and the moments of the dense parameters (the gathered gradients are not counted: gradients)."""
+        and the state of the dense parameters once they have one (the gathered gradients are not
+        counted: they are gradients)."""
         sparse = sum(t.numel() * t.element_size() for p in self.matrices for t in self.state[p].values())
-        dense = sum(2 * p.numel() * p.element_size() for g in self.param_groups if not g["sparse"] for p in g["params"])
+        dense = sum(t.numel() * t.element_size() for g in self.param_groups if not g["sparse"]
+                    for p in g["params"] for t in self.state[p].values())
         return sparse + dense
 
 
