@@ -268,11 +268,10 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def state_bytes(self):
         """Bytes of optimizer state: indices, deltas, moments and base values of the sparse entries,
-        and the state of the dense parameters once they have one (the gathered gradients are not
-        counted: they are gradients)."""
+        and the two moments of each dense parameter, whether or not its first step has made them
+        yet (the gathered gradients are not counted: they are gradients)."""
         sparse = sum(t.numel() * t.element_size() for p in self.matrices for t in self.state[p].values())
-        dense = sum(t.numel() * t.element_size() for g in self.param_groups if not g["sparse"]
-                    for p in g["params"] for t in self.state[p].values())
+        dense = sum(2 * p.numel() * p.element_size() for g in self.param_groups if not g["sparse"] for p in g["params"])
         return sparse + dense
 
 
