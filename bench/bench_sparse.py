@@ -1,7 +1,7 @@
 """Sparse fine-tuning (sparse.py, kernels/sparse_adam.py) against dense AdamW and LoRA.
 
     python bench/bench_sparse.py gpu [--dry-run]   # one CUDA GPU; --dry-run: tiny shapes on the CPU, no file
-    python bench/bench_sparse.py cpu [--steps=600] # the demo task on the CPU
+    python bench/bench_sparse.py cpu [--steps=400] [--base_steps=600]   # the demo task on the CPU
 
 gpu (skipped without CUDA unless --dry-run), on GPT-2 124M's parameter set (fp32 weights):
   update     median time of one optimizer step (triton.testing.do_bench; gradients already in
@@ -201,10 +201,91 @@ def write(name, results):
     print("wrote", out)
 
 
+BASE_TASKS = ("reverse ", "sort ", "shift ")  # what the base model learns; double and upper are new to it
+FINE_TUNE = {  # variant -> options on top of configs/demo.py; LoRA ranks match the sparse runs' trainable counts
+    "full": [],
+    "lora r6": ["--lora_dim=6", "--only_optimize_lora"],
+    "sparse 5%": ["--sparse_density=0.05"],
+    "lora r2": ["--lora_dim=2", "--only_optimize_lora"],
+    "sparse 1%": ["--sparse_density=0.01"],
+}
+
+
+def write_rows(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def checkpoint_of(run_dir):
+    """The run's latest checkpoint (a file or a directory) and its size in bytes."""
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt-"))
+    path = os.path.join(run_dir, names[-1])
+    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in os.listdir(path)]
+    return path, sum(os.path.getsize(f) for f in files)
+
+
+def optimizer_figures(checkpoint):
+    """(trained entries, bytes of every tensor in the optimizer state) as the checkpoint holds them:
+    every trained entry has one first moment."""
+    files = [checkpoint] if os.path.isfile(checkpoint) else [
+        os.path.join(checkpoint, n) for n in os.listdir(checkpoint) if "optim" in n]
+    trained, total = 0, 0
+    for file in files:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = state.get("optimizer", state)
+        trained += sum(s["exp_avg"].numel() for s in state["state"].values())
+        total += sum(t.numel() * t.element_size() for s in state["state"].values() for t in s.values()
+                     if torch.is_tensor(t) and t.dim() > 0)
+    return trained, total
+
+
+def run(argv):
+    """train_sft.main in this process; its final eval and the wall-clock seconds."""
+    import train_sft
+    start = time.perf_counter()
+    result = train_sft.main(argv)
+    return result, time.perf_counter() - start
+
+
+def cpu(steps, base_steps):
+    from data import demo_examples
+    train_rows, eval_rows = demo_examples()
+    work = tempfile.mkdtemp(prefix="bench_sparse_")
+    base_train = write_rows(f"{work}/base_train.jsonl", [r for r in train_rows if r["prompt"].startswith(BASE_TASKS)])
+    all_train = write_rows(f"{work}/train.jsonl", train_rows)
+    evaluation = write_rows(f"{work}/eval.jsonl", eval_rows)
+    common = [str(ROOT / "configs/demo.py"), f"--eval_data_path={evaluation}", "--eval_interval=0",
+              f"--log_interval={max(1, steps // 4)}", f"--cache_dir={work}/cache"]
+    base, base_s = run(common + [f"--data_path={base_train}", f"--max_steps={base_steps}", f"--output_dir={work}/base"])
+    rows = [{"variant": "base (3 of 5 tasks)", "steps": base_steps, "eval_loss": base["eval_loss"],
+             "exact_match": base["exact_match"], "wall_s": base_s}]
+    print(json.dumps(rows[-1]))
+    for variant, options in FINE_TUNE.items():
+        out = f"{work}/{variant.replace(' ', '_').replace('%', '')}"
+        result, wall = run(common + options + [f"--data_path={all_train}", f"--init_from={work}/base/hf",
+                                               f"--max_steps={steps}", "--warmup_steps=20", f"--output_dir={out}"])
+        records = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"tokens_per_s"' in line]
+        checkpoint, checkpoint_bytes = checkpoint_of(out)
+        trained, state_bytes = optimizer_figures(checkpoint)
+        row = {"variant": variant, "steps": steps, "eval_loss": result["eval_loss"],
+               "exact_match": result["exact_match"], "wall_s": wall,
+               "tokens_per_s": sum(r["tokens_per_s"] for r in records) / len(records),
+               "trained": trained, "optimizer_state_bytes": state_bytes,
+               "checkpoint_bytes": checkpoint_bytes,
+               "hf_weights_bytes": os.path.getsize(f"{out}/hf/model.safetensors")}
+        if os.path.exists(f"{out}/sparse_delta.safetensors"):
+            row["delta_bytes"] = os.path.getsize(f"{out}/sparse_delta.safetensors")
+        rows.append(row)
+        print(json.dumps(row))
+    write("sparse_cpu.json", {"device": "cpu", "torch_threads": torch.get_num_threads(),
+                              "base_tasks": [t.strip() for t in BASE_TASKS], "results": rows})
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["gpu"]:
         gpu("--dry-run" in sys.argv)
     elif sys.argv[1:2] == ["cpu"]:
-        cpu(option("steps", 600))
+        cpu(option("steps", 400), option("base_steps", 600))
     else:
         sys.exit(__doc__)
