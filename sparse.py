@@ -195,7 +195,9 @@ class SparseAdamW(torch.optim.Optimizer):
     # -- selection ---------------------------------------------------------------------------
 
     def _regrow_due(self, step):
-        return self.regrow_interval > 0 and self.density < 1 and step % self.regrow_interval == 0
+        """Every regrow_interval steps, while the share has not decayed to 0 (the last step)."""
+        return (self.regrow_interval > 0 and self.density < 1 and step % self.regrow_interval == 0
+                and step < self.total_steps)
 
     def regrow_fraction(self, step):
         """The share of each matrix's entries replaced at this step: regrow_share decaying to 0 (cosine)."""

@@ -362,16 +362,17 @@ def make_optimizer(model, cfg, fused, total_steps=1):
     return torch.optim.AdamW(param_groups, betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
 
 
-SPARSE_PROBE_BATCHES = 4  # micro-batches whose summed gradients choose the first entries (--sparse_init=gradient)
+SPARSE_PROBE_BATCHES = 4  # micro-batches over all ranks whose gradients choose the first entries (--sparse_init=gradient)
 
 
 def choose_sparse_entries(model, optimizer, batches, device, autocast):
-    """--sparse_init=gradient: the largest gradients over the first micro-batches choose each
-    matrix's entries (summed over ranks); the batches are rewound, so the data order is unchanged."""
+    """--sparse_init=gradient: the largest gradients over the first micro-batches (the same ones
+    on any number of ranks) choose each matrix's entries; the batches are rewound, so the data order
+    is unchanged."""
     position = batches.state_dict()
 
     def probe():
-        for _ in range(SPARSE_PROBE_BATCHES):
+        for _ in range(max(1, SPARSE_PROBE_BATCHES // batches.world_size)):
             b = batches.next_batch()
             segments = b["segment_ids"].to(device) if b["segment_ids"] is not None else None
             with autocast:

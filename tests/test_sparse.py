@@ -296,3 +296,100 @@ def test_delta_that_does_not_fit(tmp_path):
         sparse.load_delta(tiny_gpt(), str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="cannot be read"):
         sparse.load_delta(tiny_gpt(), str(tmp_path / "missing.safetensors"))
+
+
+# -----------------------------------------------------------------------------
+# In the trainer: train_sft.py --sparse_density, on one and two ranks
+
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import train_sft  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_seq_len=32", "--batch_size=4",
+        "--learning_rate=3e-3", "--log_interval=1", "--seed=7", "--bias=false", "--max_steps=4"]
+# Records the bytes of every all_reduce of more than 16 elements (the gradients; the loss and token
+# counts are a few numbers) in the file $COUNT_FILE.<rank>.
+COUNTING_DRIVER = """
+import json, os, sys
+import torch.distributed as dist
+import train_sft
+calls, all_reduce = [], dist.all_reduce
+def counting(tensor, *args, **kwargs):
+    if tensor.numel() > 16:
+        calls.append(tensor.numel() * tensor.element_size())
+    return all_reduce(tensor, *args, **kwargs)
+dist.all_reduce = counting
+train_sft.main(sys.argv[1:])
+json.dump(calls, open(f"{os.environ['COUNT_FILE']}.{os.environ.get('RANK', '0')}", "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for _ in range(200):
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
+            f.write(json.dumps({"prompt": f"reverse {word}", "response": word[::-1]}) + "\n")
+    return str(path)
+
+
+def run_trainer(args, tmp_path, nproc=1, script="train_sft.py", env=None):
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                              if nproc > 1 else []) + [script]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run(cmd + TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"train_sft.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+
+def test_density_one_run_matches_a_dense_run(tmp_path, data_file):
+    """Every matrix (embeddings too) sparse at density 1.0: the same losses as the dense run."""
+    common = [f"--data_path={data_file}"]
+    run_trainer(common + [f"--output_dir={tmp_path / 'dense'}"], tmp_path)
+    proc = run_trainer(common + ["--sparse_density=1.0", "--sparse_embedding", f"--output_dir={tmp_path / 'sparse'}"],
+                       tmp_path)
+    assert "sparse: " in proc.stdout + proc.stderr
+    dense, ours = losses(tmp_path / "dense"), losses(tmp_path / "sparse")
+    assert len(dense) == len(ours) == 4
+    assert all(abs(a - b) <= 1e-5 for a, b in zip(dense, ours)), (dense, ours)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_and_only_the_selected_entries_cross(tmp_path, data_file):
+    """Sparse 1% with drop/regrow every 2 steps: 2 ranks x 1 micro-batch give the losses of 1 rank x 2,
+    and each step all-reduces the selected entries' gradients plus the dense 1-D ones, nothing more."""
+    common = [f"--data_path={data_file}", "--sparse_density=0.01", "--sparse_regrow_interval=2",
+              "--sparse_regrow_share=0.5", "--sparse_init=gradient"]
+    run_trainer(common + ["--gradient_accumulation_steps=2", f"--output_dir={tmp_path / 'one'}"], tmp_path)
+    driver = tmp_path / "count_all_reduce.py"
+    driver.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + COUNTING_DRIVER)
+    counts = tmp_path / "counts"
+    proc = run_trainer(common + [f"--output_dir={tmp_path / 'two'}"], tmp_path, nproc=2, script=str(driver),
+                       env={"COUNT_FILE": str(counts)})
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert all(abs(a - b) <= 1e-5 for a, b in zip(one, two)), (one, two)
+    entries, total, dense = (int(x.replace(",", "")) for x in re.search(
+        r"sparse: ([\d,]+) of ([\d,]+) entries in \d+ matrices \([\d.]+%\) and ([\d,]+) dense",
+        proc.stdout + proc.stderr).groups())
+    matrices = [p.numel() for _, p in sparse.sparse_matrices(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32)), "h.")]
+    assert total == sum(matrices) and entries == sum(sparse.entries_for(n, 0.01) for n in matrices)
+    # Each step: one bucket with the gathered entries and the dense (LayerNorm) gradients. Once before
+    # the first step (the probe) and once at the regrow (step 2; at step 4 the share has decayed to 0),
+    # each matrix's dense gradient sum, which chooses the entries.
+    expected = [4 * (entries + dense)] * 4 + [4 * n for n in matrices] * 2
+    assert sorted(json.load(open(f"{counts}.0"))) == sorted(expected)
