@@ -229,11 +229,13 @@ def optimizer_figures(checkpoint):
     """(trained entries, bytes of every tensor in the optimizer state) as the checkpoint holds them:
     every trained entry has one first moment."""
     files = [checkpoint] if os.path.isfile(checkpoint) else [
-        os.path.join(checkpoint, n) for n in os.listdir(checkpoint) if "optim" in n]
+        os.path.join(checkpoint, n) for n in os.listdir(checkpoint) if n.endswith(".pt")]
     trained, total = 0, 0
     for file in files:
         state = torch.load(file, map_location="cpu", weights_only=True)
-        state = state.get("optimizer", state)
+        if "optimizer" not in state:
+            continue
+        state = state["optimizer"]
         trained += sum(s["exp_avg"].numel() for s in state["state"].values())
         total += sum(t.numel() * t.element_size() for s in state["state"].values() for t in s.values()
                      if torch.is_tensor(t) and t.dim() > 0)
