@@ -5,7 +5,7 @@ Generate from a trained model: one prompt, or an interactive chat, in the traini
     python sample.py --model=out/demo --history=false      # chat; an empty line or Ctrl-D quits
     python sample.py --model=/path/to/gpt2 --tokenizer=gpt2 --prompt="..." --temperature=0.7 --top_p=0.9
 
---model is a run directory (its latest checkpoint), a checkpoint file, or a Hugging Face GPT-2
+--model is a run directory (its latest checkpoint), a checkpoint directory, or a Hugging Face GPT-2
 directory (the hf/ export of a run, or any GPT-2 checkpoint on disk).
 """
 
@@ -19,7 +19,7 @@ from model import GPT
 from train_sft import OptionError, build_model, exported_options, find_checkpoint, load_checkpoint, parse_options
 
 OPTIONS = {
-    "model": ("out/demo", "run directory, checkpoint file, or Hugging Face GPT-2 directory"),
+    "model": ("out/demo", "run directory, checkpoint directory (ckpt-<step>), or Hugging Face GPT-2 directory"),
     "prompt": ("", "generate one response to this prompt and exit; empty = interactive chat"),
     "history": (True, "chat: show the model the earlier turns (false for models trained on single turns)"),
     "tokenizer": ("", "gpt2 | byte; empty = what the model was trained with (gpt2 for foreign directories)"),
@@ -36,7 +36,7 @@ RANGES = {"top_p": (0.01, 1.0), "max_new_tokens": (1, None)}
 
 def load_model(path):
     """Returns (model, the options it was trained with, such as tokenizer and template, or {}) from a run
-    directory, a checkpoint file, or a Hugging Face directory (ours carry sft_config.json)."""
+    directory, a checkpoint directory, or a Hugging Face directory (ours carry sft_config.json)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         trained_with = exported_options(path)
         try:

@@ -6,29 +6,32 @@ recipe in one file that reads top to bottom.
     torchrun --nproc_per_node=2 train_sft.py configs/demo.py
     python train_sft.py --help
 
-Order of business: options -> distributed setup -> data -> model -> optimizer -> training loop
+Order of business: options -> distributed setup -> data -> model -> optimizer -> engine -> training loop
 (with eval and checkpoints) -> final eval and export. Loss is token-weighted over the whole
 optimizer step, across micro-batches and ranks, so a run's numbers do not depend on how the
 batch is split.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import resource
+import shutil
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import kernels
 import sparse
+import zero_lite
 from data import DEFAULT_TEMPLATE, Batches, get_tokenizer, prepare_data
 from model import GPT, GPTConfig, apply_lora, only_optimize_lora
 
@@ -51,7 +54,7 @@ OPTIONS = {
     "group_by_length": (True, "batch samples of similar length together (less padding); false = fully random"),
     "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),
     # model
-    "init_from": ("scratch", "scratch | a Hugging Face GPT-2 directory | a checkpoint file or run directory"),
+    "init_from": ("scratch", "scratch | a Hugging Face GPT-2 directory | a checkpoint directory or run directory"),
     "n_layer": (12, "layers (scratch only)"),
     "n_head": (12, "attention heads (scratch only)"),
     "n_embd": (768, "width (scratch only)"),
@@ -85,6 +88,10 @@ OPTIONS = {
     "num_train_epochs": (1, "epochs, when max_steps is 0"),
     "max_steps": (0, "optimizer steps; 0 = derive from num_train_epochs"),
     "neftune_alpha": (0.0, "NEFTune noise on token embeddings during training; 0 = off"),
+    # engine
+    "engine": ("native", "native (zero_lite.py)"),
+    "zero_stage": (0, "0 = data parallel (every rank holds everything); 1, 2, 3 = ZeRO: shard optimizer state, "
+                      "+ gradients, + parameters over ranks"),
     # system
     "device": ("auto", "auto | cpu | cuda"),
     "dtype": ("float32", "float32 | bfloat16 | float16 (float16 uses dynamic loss scaling)"),
@@ -103,6 +110,7 @@ OPTIONS = {
     "tensorboard": (False, "also log to TensorBoard in output_dir/tensorboard (needs the tensorboard package)"),
 }
 CHOICES = {
+    "engine": ("native",),
     "data_format": ("auto", "prompt_response", "prompt_chosen", "messages"),
     "tokenizer": ("gpt2", "byte"),
     "kernels": ("torch", "triton"),
@@ -112,8 +120,9 @@ CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
 }
 # Allowed ranges (lowest, highest or None), both inclusive; every other number must be at least 0.
-RANGES = {"max_seq_len": (2, None), "dropout": (0, 0.99), "beta1": (0, 0.9999), "beta2": (0, 0.9999),
-          "min_lr_ratio": (0, 1), "sparse_density": (0, 1), "sparse_regrow_share": (0, 1), **{name: (1, None) for name in (
+RANGES = {"max_seq_len": (2, None), "zero_stage": (0, 3), "dropout": (0, 0.99), "beta1": (0, 0.9999), "beta2": (0, 0.9999),
+          "min_lr_ratio": (0, 1), "sparse_density": (0, 1),
+          "sparse_regrow_share": (0, 1), **{name: (1, None) for name in (
               "batch_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "log_interval",
               "keep_checkpoints", "max_nonfinite_steps", "num_train_epochs")}}
 # Options that shape the model: a checkpoint to start from must agree with them.
@@ -270,15 +279,7 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
-# Model and optimizer
-
-
-def find_checkpoint(path):
-    """A checkpoint file, or the latest ckpt-*.pt inside a run directory; None if there is none."""
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.startswith("ckpt-") and n.endswith(".pt"))
-        return os.path.join(path, names[-1]) if names else None
-    return path if os.path.isfile(path) else None
+# Model, optimizer, engine
 
 
 def adopt_checkpoint_options(cfg, explicit, saved, path, names):
@@ -297,7 +298,7 @@ def adopt_checkpoint_options(cfg, explicit, saved, path, names):
 def build_model(cfg, n_vocab, checkpoint):
     """A checkpoint (its own config), a Hugging Face GPT-2 directory, or scratch; then LoRA.
     n_vocab is the tokenizer's; from scratch it is padded to a multiple of 64, which runs faster."""
-    if checkpoint is not None:  # its shape; these three are the run's choice, not the checkpoint's
+    if checkpoint is not None:  # its shape and weights; these three are the run's choice, not the checkpoint's
         run_choices = {k: cfg[k] for k in ("dropout", "attn_window", "gradient_checkpointing")}
         model = GPT(GPTConfig(**{**checkpoint["model_config"], **run_choices}))
         if cfg["lora_dim"]:
@@ -360,6 +361,16 @@ def make_optimizer(model, cfg, fused, total_steps=1):
                                   regrow_interval=cfg["sparse_regrow_interval"],
                                   regrow_share=cfg["sparse_regrow_share"], total_steps=total_steps, seed=cfg["seed"])
     return torch.optim.AdamW(param_groups, betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
+
+
+def make_engine(cfg, model, optimizer):
+    """The engine that owns gradient exchange, precision, clipping, the update and its checkpoint files."""
+    try:
+        return zero_lite.Engine(model, optimizer, stage=cfg["zero_stage"], dtype=getattr(torch, cfg["dtype"]),
+                                grad_clip=cfg["grad_clip"], initial_scale_power=cfg["initial_scale_power"],
+                                compile=cfg["compile"])
+    except ValueError as e:
+        raise OptionError(f"--zero_stage={cfg['zero_stage']}: {e}") from None
 
 
 SPARSE_PROBE_BATCHES = 4  # micro-batches over all ranks whose gradients choose the first entries (--sparse_init=gradient)
@@ -495,26 +506,105 @@ def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world
 # Checkpoints and logs
 
 
-def save_checkpoint(output_dir, step, state, keep):
-    """Atomic (a temporary file, then a rename): a crash never leaves a half-written checkpoint.
-    Keeps the latest `keep` checkpoints."""
-    path = os.path.join(output_dir, f"ckpt-{step:08d}.pt")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    old = sorted(n for n in os.listdir(output_dir) if n.startswith("ckpt-") and n.endswith(".pt"))[:-keep]
-    for name in old:
-        os.remove(os.path.join(output_dir, name))
-    return path
+# A checkpoint is a directory ckpt-<step>/ holding each rank's engine files, the trainer's state
+# (rank 0), the consolidated weights and a manifest of every file with its size and sha256. It is
+# written as ckpt-<step>.tmp/ and renamed once every rank is done, so a directory with this name is
+# complete and the latest one is the one to resume from.
+CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8})")
+TRAINER_FILE, WEIGHTS_FILE, MANIFEST_FILE = "trainer.pt", "model.pt", "manifest.json"
+
+
+def list_checkpoints(output_dir):
+    """(step, path) of this project's complete checkpoints in output_dir, ordered by step."""
+    found = []
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        match = CHECKPOINT_NAME.fullmatch(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, MANIFEST_FILE)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def find_checkpoint(path):
+    """A checkpoint directory itself, or the latest one inside a run directory; None if there is none."""
+    if os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        return path
+    found = list_checkpoints(path)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
+    """Every rank writes its engine files into ckpt-<step>.tmp/, rank 0 adds the trainer state, the
+    consolidated weights and the manifest, then renames it to ckpt-<step>/ and drops old checkpoints."""
+    final = os.path.join(output_dir, f"ckpt-{step:08d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+        os.makedirs(tmp)
+    barrier(world)
+    engine.save(tmp)
+    weights = engine.full_state_dict()  # collective: every rank takes part
+    if rank == 0:
+        torch.save(weights, os.path.join(tmp, WEIGHTS_FILE))
+        torch.save(trainer_state, os.path.join(tmp, TRAINER_FILE))
+    barrier(world)  # every rank's files are in place
+    if rank == 0:
+        write_manifest(tmp, {"step": step, "engine": trainer_state["engine"]})
+        replace_directory(tmp, final)
+        remove_old_checkpoints(output_dir, keep)
+    barrier(world)
+    return final
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def write_manifest(ckpt_dir, info):
+    """manifest.json: every file under ckpt_dir with its size and sha256, beside info."""
+    files = {}
+    for root, _, names in os.walk(ckpt_dir):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            files[os.path.relpath(path, ckpt_dir)] = {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    with open(os.path.join(ckpt_dir, MANIFEST_FILE), "w") as f:
+        json.dump({**info, "files": dict(sorted(files.items()))}, f, indent=1)
+
+
+def replace_directory(src, dst):
+    """Renames src to dst; an existing dst (the same step saved again) is moved aside first, so a
+    complete checkpoint exists at every moment."""
+    if os.path.exists(dst):
+        os.replace(dst, dst + ".old")
+        os.replace(src, dst)
+        shutil.rmtree(dst + ".old")
+    else:
+        os.replace(src, dst)
+
+
+def remove_old_checkpoints(output_dir, keep):
+    """Keeps the latest `keep` checkpoints by step; anything not named as ours is left alone."""
+    for _, path in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path)
 
 
 def load_checkpoint(path):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types: no code
+    """The trainer's state of a checkpoint directory, with the consolidated weights as "model"."""
+    files = [os.path.join(path, name) for name in (TRAINER_FILE, WEIGHTS_FILE)]
+    if not all(os.path.isfile(f) for f in files):
+        raise OptionError(f"{path} is not a train_sft.py checkpoint directory (for Hugging Face weights, "
+                          f"give their directory)")
+    try:  # tensors and plain types only: loading never runs code
+        state = torch.load(files[0], map_location="cpu", weights_only=True)
+        state["model"] = torch.load(files[1], map_location="cpu", weights_only=True)
     except Exception as e:
         raise OptionError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or not {"options", "model", "model_config"} <= state.keys():
-        raise OptionError(f"{path} is not a train_sft.py checkpoint (for Hugging Face weights, give their directory)")
+    if not isinstance(state, dict) or not {"options", "model_config"} <= state.keys():
+        raise OptionError(f"{path} is not a train_sft.py checkpoint directory")
     state["path"] = path
     return state
 
@@ -553,11 +643,11 @@ class MetricsLog:
 EXPORTED_OPTIONS = ("tokenizer", "template", "attn_window")  # what GPT-2's own config.json cannot say
 
 
-def export_hf(model, cfg, output_dir):
-    """The final model in Hugging Face GPT-2 format (LoRA merged), plus sft_config.json with the
-    options that sample.py and a later --init_from need to use it as it was trained."""
+def export_hf(weights, model_config, cfg, output_dir):
+    """The consolidated weights in Hugging Face GPT-2 format (LoRA merged), plus sft_config.json with
+    the options that sample.py and a later --init_from need to use it as it was trained."""
     hf_dir = os.path.join(output_dir, "hf")
-    model.save_pretrained(hf_dir)
+    build_model(cfg, None, {"model_config": model_config, "model": weights}).save_pretrained(hf_dir)
     with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
         json.dump({name: cfg[name] for name in EXPORTED_OPTIONS}, f, indent=1)
     return hf_dir
@@ -575,7 +665,7 @@ def exported_options(hf_dir):
 
 def main(argv):
     cfg, explicit = parse_options(argv)
-    rank, local_rank, world, device = setup_distributed(cfg)
+    rank, _, world, device = setup_distributed(cfg)
     master = rank == 0
     log = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     check_output_dir(cfg["output_dir"])
@@ -588,7 +678,7 @@ def main(argv):
     if cfg["resume"]:
         path = find_checkpoint(cfg["output_dir"])
         if path is None:
-            raise OptionError(f"--resume: no ckpt-*.pt checkpoint in --output_dir={cfg['output_dir']}")
+            raise OptionError(f"--resume: no ckpt-<step> checkpoint in --output_dir={cfg['output_dir']}")
         checkpoint = load_checkpoint(path)
         adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, list(OPTIONS))
     elif cfg["init_from"] != "scratch" and not os.path.isfile(os.path.join(cfg["init_from"], "config.json")):
@@ -627,6 +717,9 @@ def main(argv):
                           f"model has {model.config.block_size}")
     if cfg["sparse_density"] > 0 and cfg["lora_dim"]:
         raise OptionError("--sparse_density cannot be combined with --lora_dim: choose one way of fine-tuning")
+    if cfg["sparse_density"] > 0 and (cfg["engine"] != "native" or cfg["zero_stage"] != 0):
+        raise OptionError(f"--sparse_density needs the native engine at --zero_stage=0; --engine={cfg['engine']} "
+                          f"--zero_stage={cfg['zero_stage']} cannot carry its sparse gradients")
     if cfg["only_optimize_lora"]:
         if not cfg["lora_dim"]:
             raise OptionError("--only_optimize_lora needs --lora_dim > 0")
@@ -636,46 +729,42 @@ def main(argv):
     if cfg["neftune_alpha"] > 0:
         add_neftune_noise(model, cfg["neftune_alpha"])
     model.to(device)
-    raw_model = model
+    n_params = model.num_params(non_embedding=False)  # counted before an engine may shard the parameters
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops_per_token = model.flops_per_token(cfg["max_seq_len"])
     optimizer = make_optimizer(model, cfg, fused=device.type == "cuda", total_steps=total_steps)
+    engine = make_engine(cfg, model, optimizer)
     dtype = getattr(torch, cfg["dtype"])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** cfg["initial_scale_power"],
-                                  enabled=dtype == torch.float16)
     if cfg["sparse_density"] > 0:
         if cfg["sparse_init"] == "gradient" and not cfg["resume"]:
             choose_sparse_entries(model, optimizer, batches, device, autocast)
         log(sparse_report(optimizer))
     step = 0
     if cfg["resume"]:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        try:
+            engine.load(checkpoint["path"])
+        except ValueError as e:
+            raise OptionError(str(e)) from None
         batches.load_state_dict(checkpoint["batches"])
         set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
         step = checkpoint["step"]
         log(f"resumed from {checkpoint['path']} at step {step}")
-    if cfg["compile"]:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
     checkpoint = None  # free the host memory it holds
 
-    n_params = raw_model.num_params(non_embedding=False)
-    n_trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-    flops_per_token = raw_model.flops_per_token(cfg["max_seq_len"])
     peak = peak_flops(device)
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained; {world} rank(s) x {accum} x "
         f"{cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}; "
-        f"loss {raw_model.loss_fn.__module__}.{raw_model.loss_fn.__name__}")
+        f"loss {model.loss_fn.__module__}.{model.loss_fn.__name__}")
     metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], step if cfg["resume"] else None) if master else None
 
     def run_eval():
         if len(eval_set) == 0:
             log(f"eval step {step}: skipped, the eval set is empty (see --data_split / --eval_data_path)")
             return {}
-        result = evaluate(raw_model, eval_set, cfg, device, autocast, rank, world)
+        result = evaluate(engine.module, eval_set, cfg, device, autocast, rank, world)
         if cfg["eval_exact_match"]:
-            result |= exact_match(raw_model, eval_set, cfg["eval_exact_match"], tokenizer, device, autocast,
+            result |= exact_match(engine.module, eval_set, cfg["eval_exact_match"], tokenizer, device, autocast,
                                   rank, world)
         if master:
             metrics.write({"step": step, **result})
@@ -688,12 +777,10 @@ def main(argv):
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        if master:
-            path = save_checkpoint(cfg["output_dir"], step, {
-                "step": step, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "batches": batches.state_dict(), "rng": rngs,
-                "options": cfg, "model_config": vars(raw_model.config).copy()}, cfg["keep_checkpoints"])
-            log(f"checkpoint step {step} -> {path}")
+        trainer_state = {"step": step, "batches": batches.state_dict(), "rng": rngs, "options": cfg,
+                         "model_config": vars(model.config).copy(), "engine": cfg["engine"], "world_size": world}
+        path = save_checkpoint(cfg["output_dir"], step, engine, trainer_state, cfg["keep_checkpoints"], rank, world)
+        log(f"checkpoint step {step} -> {path}")
 
     progress = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="sft")
     nonfinite_in_a_row = 0
@@ -711,50 +798,36 @@ def main(argv):
 
         multiplier = lr_multiplier(step, cfg, total_steps)
         lr = cfg["learning_rate"] * multiplier
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * multiplier
         step_loss = torch.zeros((), device=device)
         for i, b in enumerate(micro):
             idx, labels = b["input_ids"].to(device), b["labels"].to(device)
             segments = b["segment_ids"].to(device) if b["segment_ids"] is not None else None
-            # DDP averages gradients over ranks; the loss weight undoes that and applies the token share.
+            # Engines average gradients over ranks; the loss weight undoes that and applies the token share.
             weight = (labels != -100).sum() * world / trained
-            sync = i == accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                loss = model(idx, labels, segment_ids=segments)
-            scaler.scale(loss * weight).backward()
+            loss = engine(idx, labels, segment_ids=segments, boundary=i == accum - 1)
+            engine.backward(loss * weight)
             step_loss += loss.detach().float() * weight / world
         if world > 1:
             dist.all_reduce(step_loss)
-
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"] or float("inf"))
-        # The step's one device sync. float16's scaler skips overflowing gradients itself; otherwise a
-        # NaN/Inf loss or gradient must not reach the weights.
-        finite = bool(torch.isfinite(step_loss) & (torch.isfinite(grad_norm) | scaler.is_enabled()))
-        if not finite:
-            scaler.update()  # float16: lowers the loss scale; otherwise nothing
-            nonfinite_in_a_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            log(f"step {step}: NaN/Inf loss or gradient (loss {step_loss.item():.4g}), optimizer step skipped "
-                f"({nonfinite_in_a_row} in a row)")
-            if nonfinite_in_a_row >= cfg["max_nonfinite_steps"]:
-                raise RuntimeError(f"NaN/Inf loss or gradient for {nonfinite_in_a_row} steps in a row at step {step}: "
-                                   f"stopping instead of training on garbage (lower --learning_rate, "
-                                   f"use --dtype=bfloat16, or check the data and init weights)")
-            step += 1
-            progress.update(1)
-            continue
-        nonfinite_in_a_row = 0
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if scaler.is_enabled() and scaler.get_scale() < scale_before:
-            log(f"step {step}: gradient overflow in float16, optimizer step skipped; "
-                f"loss scale {scale_before:g} -> {scaler.get_scale():g}")
+        # Clip, then update unless the loss or the gradients hold a NaN/Inf: that must not reach the weights.
+        grad_norm, applied = engine.step(multiplier, torch.isfinite(step_loss))
         step += 1
         progress.update(1)
+        # Skipped steps are rare, so the device syncs of the checks below cost nothing in a normal step.
+        if applied or cfg["dtype"] == "float16" and math.isfinite(step_loss.item()):
+            nonfinite_in_a_row = 0
+            if not applied:
+                log(f"step {step - 1}: gradient overflow in float16, optimizer step skipped; "
+                    f"loss scale now {engine.loss_scale:g}")
+        else:
+            nonfinite_in_a_row += 1
+            log(f"step {step - 1}: NaN/Inf loss or gradient (loss {step_loss.item():.4g}), optimizer step skipped "
+                f"({nonfinite_in_a_row} in a row)")
+            if nonfinite_in_a_row >= cfg["max_nonfinite_steps"]:
+                raise RuntimeError(f"NaN/Inf loss or gradient for {nonfinite_in_a_row} steps in a row at step "
+                                   f"{step - 1}: stopping instead of training on garbage (lower --learning_rate, "
+                                   f"use --dtype=bfloat16, or check the data and init weights)")
+            continue
 
         if step % cfg["log_interval"] == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
@@ -778,16 +851,17 @@ def main(argv):
     progress.close()
 
     checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
+    weights = engine.full_state_dict()
     if master:
-        log(f"exported Hugging Face model -> {export_hf(raw_model, cfg, cfg['output_dir'])}")
+        log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
     if master and cfg["sparse_density"] > 0:
         path = os.path.join(cfg["output_dir"], "sparse_delta.safetensors")
         log(f"sparse delta -> {sparse.save_delta(optimizer, path, base_name=cfg['init_from'])}")
     result = run_eval()
     if world > 1:
-        # DDP holds a reference to the process group. Dropped later (when main returns), its last
-        # reference would destroy the group while holding the GIL that gloo's threads wait for.
-        del model
+        # Release the engine before the process group: dropped later (when main returns), its last
+        # reference to the group would destroy it while holding the GIL that gloo's threads wait for.
+        del engine
         dist.barrier()
         dist.destroy_process_group()
     return result

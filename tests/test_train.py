@@ -146,12 +146,14 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, data_file):
               "--keep_checkpoints=5", "--eval_exact_match=4"]
     full = tmp_path / "full"
     run(common + [f"--output_dir={full}"], tmp_path)
-    assert sorted(os.listdir(full)) == ["ckpt-00000003.pt", "ckpt-00000006.pt", "hf", "metrics.jsonl"]
+    assert sorted(os.listdir(full)) == ["ckpt-00000003", "ckpt-00000006", "hf", "metrics.jsonl"]
     # Crashed after logging step 6 but before its checkpoint: the last checkpoint is step 3's, and
-    # metrics.jsonl already holds steps 4-6, which the resumed run must replace, not duplicate.
+    # metrics.jsonl already holds steps 4-6, which the resumed run must replace, not duplicate. The
+    # unfinished step-6 directory (still under its temporary name) is no checkpoint.
     part = tmp_path / "part"
     part.mkdir()
-    shutil.copy(full / "ckpt-00000003.pt", part)
+    shutil.copytree(full / "ckpt-00000003", part / "ckpt-00000003")
+    shutil.copytree(full / "ckpt-00000006", part / "ckpt-00000006.tmp")
     shutil.copy(full / "metrics.jsonl", part)
     proc = run(["--resume", f"--output_dir={part}"], tmp_path)
     assert "resumed from" in proc.stdout
@@ -184,10 +186,13 @@ def test_float16_skips_overflowing_steps(tmp_path, data_file):
 def test_nonfinite_loss_stops_the_run(tmp_path, data_file):
     good = tmp_path / "good"
     run([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={good}"], tmp_path)
-    checkpoint = torch.load(good / "ckpt-00000001.pt", weights_only=True)
-    checkpoint["model"]["transformer.ln_f.weight"].fill_(float("nan"))
-    torch.save(checkpoint, tmp_path / "broken.pt")
-    proc = run([f"--init_from={tmp_path}/broken.pt", f"--data_path={data_file}", "--max_steps=10",
+    broken = tmp_path / "broken"
+    shutil.copytree(good / "ckpt-00000001", broken)
+    weights = torch.load(broken / "model.pt", weights_only=True)
+    weights["transformer.ln_f.weight"].fill_(float("nan"))
+    torch.save(weights, broken / "model.pt")
+    train_sft.write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
+    proc = run([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=10",
                 "--max_nonfinite_steps=2", f"--output_dir={tmp_path}/nan"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "NaN/Inf loss or gradient for 2 steps in a row" in proc.stderr
@@ -197,9 +202,9 @@ def test_lora_trains_only_the_factors(tmp_path, data_file):
     out = tmp_path / "lora"
     run([f"--data_path={data_file}", "--max_steps=2", "--lora_dim=4", "--only_optimize_lora",
          "--learning_rate=1e-2", f"--output_dir={out}"], tmp_path)
-    state = torch.load(out / "ckpt-00000002.pt", weights_only=True)
+    state = torch.load(out / "ckpt-00000002" / "zero_lite-stage0.pt", weights_only=True)
     trained = state["optimizer"]["state"]
-    n_lora = sum(1 for k in state["model"] if "lora_" in k)
+    n_lora = sum(1 for k in torch.load(out / "ckpt-00000002" / "model.pt", weights_only=True) if "lora_" in k)
     assert n_lora > 0 and len(trained) == n_lora
 
 
@@ -210,7 +215,7 @@ def test_sample_answers_from_a_run_a_checkpoint_and_the_hf_export(tmp_path, data
     hf_meta = json.loads((out / "hf" / "sft_config.json").read_text())
     assert hf_meta == {"tokenizer": "byte", "template": "{prompt}={response}", "attn_window": 4}
     answers = []
-    for model in (out, out / "ckpt-00000002.pt", out / "hf"):
+    for model in (out, out / "ckpt-00000002", out / "hf"):
         proc = subprocess.run([sys.executable, "sample.py", f"--model={model}", "--prompt=reverse abc",
                                "--max_new_tokens=5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
@@ -264,9 +269,12 @@ def test_init_from_a_checkpoint_takes_its_shape_and_the_runs_own_choices(tmp_pat
     proc = run([f"--init_from={base}", f"--data_path={data_file}", "--max_steps=1", "--dropout=0.2",
                 "--attn_window=3", "--data_split=100,0", f"--output_dir={tmp_path}/next"], tmp_path)
     assert "skipped, the eval set is empty" in proc.stdout  # rather than a perfect score on nothing
-    config = torch.load(tmp_path / "next" / "ckpt-00000001.pt", weights_only=True)["model_config"]
+    config = torch.load(tmp_path / "next" / "ckpt-00000001" / "trainer.pt", weights_only=True)["model_config"]
     assert (config["n_embd"], config["dropout"], config["attn_window"]) == (32, 0.2, 3)
-    torch.save({"weight": torch.zeros(2)}, tmp_path / "foreign.pt")
-    proc = run([f"--init_from={tmp_path}/foreign.pt", f"--data_path={data_file}", f"--output_dir={tmp_path}/f"],
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    torch.save({"weight": torch.zeros(2)}, foreign / "model.pt")
+    (foreign / "manifest.json").write_text("{}")
+    proc = run([f"--init_from={foreign}", f"--data_path={data_file}", f"--output_dir={tmp_path}/f"],
                tmp_path, check=False)
-    assert proc.returncode == 2 and "foreign.pt is not a train_sft.py checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "foreign is not a train_sft.py checkpoint" in proc.stderr
