@@ -398,3 +398,15 @@ def test_two_ranks_match_one_rank_and_only_the_selected_entries_cross(tmp_path, 
     # each matrix's dense gradient sum, which chooses the entries.
     expected = [4 * (entries + dense)] * 4 + [4 * n for n in matrices] * 2
     assert sorted(json.load(open(f"{counts}.0"))) == sorted(expected)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--sparse_density=1.5"], "--sparse_density must be between 0 and 1"),
+    (["--sparse_density=-0.1"], "--sparse_density must be between 0 and 1"),
+    (["--sparse_density=0.1", "--sparse_pattern=nothing"], "--sparse_pattern: pattern 'nothing' matches no Linear"),
+    (["--sparse_density=0.1", "--lora_dim=2"], "--sparse_density cannot be combined with --lora_dim"),
+    (["--sparse_density=0.1", "--zero_stage=1"], "--zero_stage=1 cannot carry its sparse gradients"),
+])
+def test_bad_sparse_options_are_refused(tmp_path, data_file, options, message):
+    with pytest.raises(train_sft.OptionError, match=re.escape(message)):
+        train_in_process([f"--data_path={data_file}", f"--output_dir={tmp_path}"] + options, tmp_path)
