@@ -1,7 +1,7 @@
 """Sparse fine-tuning (sparse.py, kernels/sparse_adam.py) against dense AdamW and LoRA.
 
     python bench/bench_sparse.py gpu [--dry-run]   # one CUDA GPU; --dry-run: tiny shapes on the CPU, no file
-    python bench/bench_sparse.py cpu [--steps=400] [--base_steps=600]   # the demo task on the CPU
+    python bench/bench_sparse.py cpu [--steps=500] [--base_steps=800]   # the demo task on the CPU
 
 gpu (skipped without CUDA unless --dry-run), on GPT-2 124M's parameter set (fp32 weights):
   update     median time of one optimizer step (triton.testing.do_bench; gradients already in
@@ -18,12 +18,14 @@ gpu (skipped without CUDA unless --dry-run), on GPT-2 124M's parameter set (fp32
 
 cpu: the demo task as fine-tuning. A base model first learns three of the five demo tasks
 (reverse, sort, shift) with full training; then each variant fine-tunes that base on all five
-(double and upper are new) for the same number of steps: full (AdamW), LoRA (rank 8, factors
-only), sparse 1% and 5% (block Linears; biases and LayerNorms dense). Per variant: final eval
+(double and upper are new) for the same number of steps and learning rate: full (AdamW), LoRA
+on the blocks' Linears (factors only, scale lora_scaling / rank = 1) at the ranks whose trainable
+counts are nearest the sparse runs', sparse 1% and 5% (block Linears; biases and LayerNorms dense). Per variant: final eval
 loss, greedy exact match on the 500 held-out prompts (100 per task), mean step time (the
 trainer's tokens/s turned into seconds per step), optimizer-state bytes and, for sparse runs, the
 delta file's size beside the checkpoint's. Shorter than configs/demo.py (its 2000 steps) so the
-five runs fit in minutes on two cores; the same steps and options for every variant.
+runs fit in minutes on two cores; the same steps and options for every variant. Run it with
+OMP_NUM_THREADS=1 on a shared machine (intra-op threads fighting other processes ran ~15x slower).
   -> bench/results/sparse_cpu.json
 """
 import datetime
@@ -204,9 +206,9 @@ def write(name, results):
 BASE_TASKS = ("reverse ", "sort ", "shift ")  # what the base model learns; double and upper are new to it
 FINE_TUNE = {  # variant -> options on top of configs/demo.py; LoRA ranks match the sparse runs' trainable counts
     "full": [],
-    "lora r6": ["--lora_dim=6", "--only_optimize_lora"],
+    "lora r6": ["--lora_dim=6", "--lora_scaling=6", "--only_optimize_lora"],
     "sparse 5%": ["--sparse_density=0.05"],
-    "lora r2": ["--lora_dim=2", "--only_optimize_lora"],
+    "lora r2": ["--lora_dim=2", "--lora_scaling=2", "--only_optimize_lora"],
     "sparse 1%": ["--sparse_density=0.01"],
 }
 
@@ -288,6 +290,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["gpu"]:
         gpu("--dry-run" in sys.argv)
     elif sys.argv[1:2] == ["cpu"]:
-        cpu(option("steps", 400), option("base_steps", 600))
+        cpu(option("steps", 500), option("base_steps", 800))
     else:
         sys.exit(__doc__)
