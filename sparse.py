@@ -112,7 +112,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """As torch's, except that the sparse state keeps its dtypes (the base class would cast
-        the int32 indices to the weight's dtype)."""
+        the int32 indices to the weight's dtype), and a regrow due at the next step collects."""
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         first_sparse = len(params) - len(self.matrices)
@@ -122,6 +122,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 raise ValueError(f"optimizer state of {self.names[i]} holds {saved['indices'].numel()} entries, "
                                  f"not {self.sparse_grads[i].numel()} (another density?)")
             self.state[weight] = {key: value.to(weight.device) for key, value in saved.items()}
+        self.collecting = self._regrow_due(self.param_groups[-1]["step"] + 1)
 
     @torch.no_grad()
     def _set_indices(self, weight, indices):

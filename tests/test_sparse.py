@@ -204,13 +204,15 @@ def test_select_by_gradient_takes_the_largest_summed_gradients():
 
 
 def test_optimizer_state_dict_round_trip():
-    """A resumed optimizer continues exactly as the one it was saved from (int32 indices stay int32)."""
+    """A resumed optimizer continues exactly as the one it was saved from (int32 indices stay int32),
+    the regrow at the step after the save included."""
     model = tiny_gpt()
-    optimizer = make_sparse(model, 0.2, embedding=True)
+    regrow = dict(regrow_interval=4, regrow_share=0.5, total_steps=100)
+    optimizer = make_sparse(model, 0.2, embedding=True, **regrow)
     train(model, optimizer, 3)
     saved = copy.deepcopy(optimizer.state_dict())
     twin = copy.deepcopy(model)
-    twin_optimizer = make_sparse(twin, 0.2, embedding=True, seed=5)  # another initial selection
+    twin_optimizer = make_sparse(twin, 0.2, embedding=True, seed=5, **regrow)  # another initial selection
     twin_optimizer.load_state_dict(saved)
     assert twin_optimizer.state[twin_optimizer.matrices[0]]["indices"].dtype == torch.int32
     train(model, optimizer, 2, seed=50)
