@@ -412,3 +412,19 @@ def test_two_ranks_match_one_rank_and_only_the_selected_entries_cross(tmp_path, 
 def test_bad_sparse_options_are_refused(tmp_path, data_file, options, message):
     with pytest.raises(train_sft.OptionError, match=re.escape(message)):
         train_in_process([f"--data_path={data_file}", f"--output_dir={tmp_path}"] + options, tmp_path)
+
+
+def test_resumed_sparse_run_gives_the_uninterrupted_losses_and_delta(tmp_path, data_file):
+    """Resume at step 3 of 6 with a regrow at step 4: the same losses, model and delta file."""
+    import shutil
+    common = [f"--data_path={data_file}", "--max_steps=6", "--checkpoint_interval=3", "--keep_checkpoints=5",
+              "--sparse_density=0.05", "--sparse_regrow_interval=4", "--sparse_regrow_share=0.5"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_in_process(common + [f"--output_dir={full}"], tmp_path)
+    part.mkdir()
+    shutil.copytree(full / "ckpt-00000003", part / "ckpt-00000003")
+    train_in_process(common + ["--resume", f"--output_dir={part}"], tmp_path)
+    assert losses(part)[-3:] == losses(full)[-3:]
+    for name in ("hf/model.safetensors", "sparse_delta.safetensors"):
+        a, b = load_file(full / name), load_file(part / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
