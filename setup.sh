@@ -2,8 +2,8 @@
 # Prepares a fresh clone: a virtual environment in .venv with requirements.txt, and the GPT-2
 # vocabulary (r50k_base.tiktoken) in .cache/. Everything comes from the Python package
 # registry: the vocabulary is the byte-identical copy shipped inside the openai-whisper source
-# distribution, checked against the sha256 that tiktoken itself expects. Safe to rerun; it only
-# does work that is missing.
+# distribution, checked against the sha256 that tiktoken itself expects. DeepSpeed's one compiled
+# op is prebuilt into .cache/. Safe to rerun; it only does work that is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,8 +14,28 @@ fi
 wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$wanted" ]; then
   echo "setup: installing requirements.txt into .venv (the first time takes a few minutes)"
+  # torch first, at its pinned version: deepspeed only asks for some torch, which could otherwise
+  # resolve to another (CUDA) build.
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$(grep '^torch==' requirements.txt)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
   echo "$wanted" > .venv/.requirements.sha256
+fi
+
+# DeepSpeed compiles a shared-memory communication op with g++ at the first deepspeed.initialize
+# (about 100 s on a CPU; training never uses the op). Build it once here, into the cache that
+# train_sft.py points TORCH_EXTENSIONS_DIR at, so that runs and tests do not pay for it.
+ops=.cache/torch_extensions
+if [ "$(cat "$ops/.built-for" 2>/dev/null)" != "$wanted" ]; then
+  echo "setup: building DeepSpeed's shared-memory op into $ops (about 2 minutes, once)"
+  mkdir -p "$ops"
+  TORCH_EXTENSIONS_DIR="$PWD/$ops" .venv/bin/python -c '
+import deepspeed.ops
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    builder.load()
+' > "$ops/build.log" 2>&1 || { cat "$ops/build.log"; exit 1; }
+  echo "$wanted" > "$ops/.built-for"
 fi
 
 vocab=.cache/r50k_base.tiktoken

@@ -136,7 +136,7 @@ class Engine:
             return None
         copies = {}
         state = {}
-        for name, tensor in self.module.state_dict().items():
+        for name, tensor in self.module.state_dict(keep_vars=True).items():  # tied: the same object
             if id(tensor) not in copies:
                 copies[id(tensor)] = tensor.detach().to("cpu", torch.float32, copy=True)
             state[name] = copies[id(tensor)]

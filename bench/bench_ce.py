@@ -2,14 +2,23 @@
 
     python bench/bench_ce.py
 
-Shapes: hidden 768, GPT-2 vocabulary 50,257, bf16; token counts 4k/16k/64k times masked shares
-0/50/90% (16k tokens with 50% masked is the anchor of ../shared/ANCHORS.md). Per implementation:
+Shapes: hidden 768, GPT-2 vocabulary 50,257, bf16; the anchor of ../shared/ANCHORS.md (16k tokens,
+50% masked) first, then token counts 4k/16k/64k times masked shares 0/50/90%. Per implementation:
 median fwd+bwd time (triton.testing.do_bench), peak extra memory (max_memory_allocated above what
 was allocated before the call; the .grad tensors it creates count, as for every peer) and the
-loss's relative error against the fp32 reference. Prints a table, writes bench/results/ce_<device>.json.
+loss's relative error against the fp32 reference. Peers: PyTorch eager, torch.compile of the same,
+and, where their packages are installed (../shared/tools/gpu-wheels.sh carries them), Liger-Kernel's
+fused linear cross-entropy and its cross-entropy on materialised logits, and Apple's Cut
+Cross-Entropy with its defaults (impl "cce", gradient filter "high", no autotuning).
+Prints a table and rewrites bench/results/ce_<device>.json after every shape, so a run stopped by a
+time limit keeps the shapes it finished ("complete": false until the last). A peer that fails
+gets an error note in its row; the exit status is 1 when our own kernel failed anywhere.
 """
 import datetime
 import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
 import json
 import platform
 import sys
@@ -22,7 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 HIDDEN, VOCAB, DTYPE, IGNORE = 768, 50257, torch.bfloat16, -100
-CASES = [(tokens, masked) for tokens in (4096, 16384, 65536) for masked in (0.0, 0.5, 0.9)]
+ANCHOR = (16384, 0.5)
+CASES = [ANCHOR] + [(tokens, masked) for tokens in (4096, 16384, 65536) for masked in (0.0, 0.5, 0.9)
+                    if (tokens, masked) != ANCHOR]
+OURS = "ours (triton)"
 
 
 def eager(hidden, weight, labels):
@@ -30,24 +42,74 @@ def eager(hidden, weight, labels):
     return F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=IGNORE)
 
 
+def first(loss):
+    """Some Liger versions return (loss, z_loss)."""
+    return loss[0] if isinstance(loss, tuple) else loss
+
+
+def liger_fused(loss_class):
+    loss = loss_class(ignore_index=IGNORE)
+    return lambda h, w, y: first(loss(w, h, y))
+
+
+def liger_on_logits(loss_class):
+    loss = loss_class(ignore_index=IGNORE)
+    return lambda h, w, y: first(loss(h @ w.T, y))
+
+
+def cut_cross_entropy(linear_cross_entropy):
+    return lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=IGNORE)
+
+
+# Peers from packages: row name -> (distribution, module, attribute, adapter to loss_fn(hidden, weight, labels)).
+# gpu_suite.py's dry run checks these same paths.
+PACKAGE_PEERS = {
+    "liger fused linear CE": ("liger-kernel", "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss",
+                              liger_fused),
+    "liger CE on logits": ("liger-kernel", "liger_kernel.transformers", "LigerCrossEntropyLoss", liger_on_logits),
+    "cut cross-entropy": ("cut-cross-entropy", "cut_cross_entropy", "linear_cross_entropy", cut_cross_entropy),
+}
+
+
+def load_peer(module, attribute):
+    """The peer's function or class; None when its package is not installed. A path that is wrong
+    inside an installed package raises (ImportError, AttributeError): that is a bug here, not a
+    missing peer."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return None
+    return getattr(importlib.import_module(module), attribute)
+
+
+def peer_versions():
+    """distribution -> installed version, or "not installed"."""
+    versions = {}
+    for distribution, *_ in PACKAGE_PEERS.values():
+        try:
+            versions[distribution] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            versions[distribution] = "not installed"
+    return versions
+
+
 def implementations():
-    """name -> loss_fn(hidden, weight, labels); Liger's entries only where it is importable."""
+    """name -> loss_fn(hidden, weight, labels), and name -> why for each package peer left out."""
     from kernels import fused_masked_linear_cross_entropy
-    impls = {"ours (triton)": fused_masked_linear_cross_entropy, "torch eager": eager,
+    impls = {OURS: fused_masked_linear_cross_entropy, "torch eager": eager,
              "torch.compile": torch.compile(eager, dynamic=False)}
-    try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
-    except ImportError as exc:
-        print(f"note: Liger-Kernel not importable ({exc}); its rows are skipped")
-        return impls
-    liger_fused, liger_ce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE), LigerCrossEntropyLoss(ignore_index=IGNORE)
-
-    def first(loss):  # some Liger versions return (loss, z_loss)
-        return loss[0] if isinstance(loss, tuple) else loss
-
-    impls["liger fused linear CE"] = lambda h, w, y: first(liger_fused(w, h, y))
-    impls["liger CE on logits"] = lambda h, w, y: first(liger_ce(h @ w.T, y))
-    return impls
+    skipped = {}
+    for name, (distribution, module, attribute, adapter) in PACKAGE_PEERS.items():
+        try:
+            peer = load_peer(module, attribute)
+        except Exception as exc:  # installed but broken: say so, measure the others
+            skipped[name] = f"{module}.{attribute} failed to load: {exc!r}"[:300]
+        else:
+            if peer is None:
+                skipped[name] = f"{distribution} is not installed"
+            else:
+                impls[name] = adapter(peer)
+        if name in skipped:
+            print(f"note: row {name!r} is skipped: {skipped[name]}")
+    return impls, skipped
 
 
 def source_digest(paths):
@@ -76,7 +138,8 @@ def reference_loss(hidden, weight, labels, rows_per_chunk=4096):
 
 
 def measure(loss_fn, hidden, weight, labels, ref):
-    """Median fwd+bwd ms, peak extra MiB, relative loss error; None entries where it ran out of memory."""
+    """Median fwd+bwd ms, peak extra MiB, relative loss error; None entries and a note where it ran out
+    of memory or failed."""
     import triton.testing
 
     def step():
@@ -96,16 +159,31 @@ def measure(loss_fn, hidden, weight, labels, ref):
         return {"ms": ms, "peak_extra_mib": peak_mib, "loss_rel_err": rel_err}
     except torch.OutOfMemoryError:
         return {"ms": None, "peak_extra_mib": None, "loss_rel_err": None, "note": "out of memory"}
+    except Exception as exc:  # a peer that breaks on this shape or this Triton: recorded, the run goes on
+        return {"ms": None, "peak_extra_mib": None, "loss_rel_err": None, "note": f"error: {exc!r}"[:300]}
     finally:
         hidden.grad = weight.grad = None
         torch.cuda.empty_cache()
+
+
+def write_results(meta, rows, complete):
+    device = meta["device"]
+    out = ROOT / "bench" / "results" / f"ce_{device.replace(' ', '_').replace('/', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**meta, "complete": complete, "results": rows}, indent=1) + "\n")
+    return out
 
 
 def main():
     if not torch.cuda.is_available():
         sys.exit("bench_ce.py needs a CUDA GPU: it measures GPU time and memory (CPU correctness is in tests/test_kernels.py)")
     import triton
-    impls = implementations()
+    impls, skipped = implementations()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "peers": peer_versions(), "skipped_peers": skipped,
+            "date": datetime.date.today().isoformat(),
+            "sources": source_digest(["kernels/cross_entropy.py", "bench/bench_ce.py"]),
+            "hidden": HIDDEN, "vocab": VOCAB, "dtype": str(DTYPE)}
     rows = []
     print(f"{'tokens':>6} {'masked':>6}  {'implementation':<24} {'ms':>8} {'peak MiB':>9} {'loss rel err':>12}")
     for tokens, masked in CASES:
@@ -118,16 +196,13 @@ def main():
             rows.append(result)
             fmt = lambda key, spec: "-" if result[key] is None else format(result[key], spec)  # noqa: E731
             print(f"{tokens:>6} {masked:>6.0%}  {name:<24} {fmt('ms', '8.2f')} {fmt('peak_extra_mib', '9.0f')} "
-                  f"{fmt('loss_rel_err', '12.1e')}")
+                  f"{fmt('loss_rel_err', '12.1e')} {result.get('note', '')}")
         del hidden, weight, labels
-    device = torch.cuda.get_device_name()
-    out = ROOT / "bench" / "results" / f"ce_{device.replace(' ', '_').replace('/', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "date": datetime.date.today().isoformat(), "sources": source_digest(["kernels/cross_entropy.py"]),
-            "hidden": HIDDEN, "vocab": VOCAB, "dtype": str(DTYPE)}
-    out.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
+        out = write_results(meta, rows, complete=(tokens, masked) == CASES[-1])
     print(f"wrote {out.relative_to(ROOT)}")
+    ours_failed = [row for row in rows if row["implementation"] == OURS and row["ms"] is None]
+    if ours_failed:
+        sys.exit(f"bench_ce.py: our kernel failed at {len(ours_failed)} shape(s): {ours_failed[0].get('note')}")
 
 
 if __name__ == "__main__":

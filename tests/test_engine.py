@@ -1,12 +1,20 @@
 """The engines behind train_sft.py's seam: zero_lite.Engine's contract on its own, and the trainer's
 choice of engine and stage."""
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import train_sft
 import zero_lite
-from model import GPT, GPTConfig
+from model import GPT, HF_TRANSPOSED, GPTConfig
+from test_train import ROOT, data_file, run, train_losses  # noqa: F401 (data_file is a fixture)
 
 
 class WithSparseGrads(torch.optim.AdamW):
@@ -57,3 +65,186 @@ def test_unbuilt_native_stage_is_an_option_error():
     engine = tiny_engine(1.0)
     with pytest.raises(train_sft.OptionError, match="--zero_stage=2: ZeRO stage 2 is not built"):
         train_sft.make_engine(cfg, engine.module, engine.optimizer)
+
+
+# ----------------------------------------------------------------------------- both engines, end to end
+
+# Every engine and stage trains the same as the native engine at stage 0 (plain data parallelism).
+# Native stages 1-3 join this list when zero_lite.py has them.
+ENGINES = [("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
+STEPS, RESUME_AT = 20, 10
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory, data_file):
+    """engine_run(engine, stage) -> the output directory of a 2-rank fp32 run of STEPS steps (each run once)."""
+    runs = {}
+
+    def get(engine, stage):
+        if (engine, stage) not in runs:
+            out = tmp_path_factory.mktemp(f"{engine}{stage}")
+            run([f"--data_path={data_file}", f"--max_steps={STEPS}", "--dropout=0.0", "--eval_exact_match=5",
+                 f"--engine={engine}", f"--zero_stage={stage}", f"--checkpoint_interval={RESUME_AT}",
+                 f"--output_dir={out}"], out, nproc=2)
+            runs[engine, stage] = out
+        return runs[engine, stage]
+    return get
+
+
+def final_eval(output_dir):
+    with open(output_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if "eval_loss" in line][-1]
+
+
+def final_weights(output_dir):
+    return torch.load(output_dir / f"ckpt-{STEPS:08d}" / "model.pt", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, stage", ENGINES)
+def test_engine_trains_like_native_stage0(engine_run, engine, stage):
+    """2 ranks, fp32, the same seed and data: the same losses and final weights within 1e-5."""
+    reference, other = engine_run("native", 0), engine_run(engine, stage)
+    expected, got = train_losses(reference), train_losses(other)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    differences = [abs(expected[s] - got[s]) for s in expected]
+    assert max(differences) <= 1e-5, differences
+    a, b = final_weights(reference), final_weights(other)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a), max(
+        (a[k] - b[k]).abs().max().item() for k in a)
+    assert expected[STEPS] < expected[1]  # it trained
+    # The final eval and greedy generation run on every rank (at ZeRO-3 gathering weights as they go).
+    a, b = final_eval(reference), final_eval(other)
+    assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5 and a["exact_match"] == b["exact_match"], (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resume_gives_the_uninterrupted_losses(engine_run, tmp_path, stage):
+    full = engine_run("deepspeed", stage)
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(full / f"ckpt-{RESUME_AT:08d}", part / f"ckpt-{RESUME_AT:08d}")
+    proc = run(["--resume", f"--output_dir={part}"], tmp_path, nproc=2)
+    assert "resumed from" in proc.stdout
+    expected, got = train_losses(full), train_losses(part)
+    assert sorted(got) == list(range(RESUME_AT + 1, STEPS + 1))
+    assert all(abs(got[s] - expected[s]) <= 1e-6 for s in got), (got, expected)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_export_loads_in_transformers(engine_run):
+    """The hf/ export of a ZeRO-3 run holds the consolidated weights, which were sharded over the ranks."""
+    from transformers import GPT2LMHeadModel
+    out = engine_run("deepspeed", 3)
+    weights = final_weights(out)
+    hf = GPT2LMHeadModel.from_pretrained(out / "hf")
+    theirs = hf.state_dict()
+    for name, tensor in weights.items():  # the same names; GPT-2's Conv1D stores some matrices transposed
+        assert torch.equal(theirs[name], tensor.t() if name.endswith(HF_TRANSPOSED) else tensor), name
+    manifest = json.loads((out / f"ckpt-{STEPS:08d}" / "manifest.json").read_text())
+    shards = [f for f in manifest["files"] if "optim_states" in f]
+    assert len(shards) == 2 and manifest["engine"] == "deepspeed"  # one optimizer shard per rank
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def check(argv, world=2):
+    """parse_options then the engine checks, as main() runs them; returns the options."""
+    cfg, explicit = train_sft.parse_options(argv)
+    train_sft.check_engine_options(cfg, explicit, world, torch.device("cpu"))
+    return cfg
+
+
+def test_engine_options_that_cannot_work_are_one_sentence(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"zero_optimization": {"stage": 2,}}')
+    stage3 = tmp_path / "stage3.json"
+    stage3.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2}))
+    cases = {
+        ("--zero_stage=4",): "--zero_stage must be between 0 and 3, got 4",
+        ("--offload",): "--offload is a DeepSpeed setting: it needs --engine=deepspeed",
+        ("--deepspeed_config=x.json",): "--deepspeed_config is a DeepSpeed setting",
+        ("--engine=deepspeed", f"--deepspeed_config={bad_json}"): r"bad.json is not valid JSON: .*line 1 column 35",
+        ("--engine=deepspeed", f"--deepspeed_config={tmp_path}/none.json"): "none.json cannot be read",
+        ("--engine=deepspeed", f"--deepspeed_config={stage3}", "--zero_stage=2"):
+            r"stage3.json sets zero_optimization.stage to 3 \(--zero_stage\) but --zero_stage=2 was given",
+        ("--engine=deepspeed", "--offload"): "--offload moves the sharded optimizer state: it needs --zero_stage",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(train_sft.OptionError, match=message):
+            check(list(argv))
+
+
+def test_deepspeed_config_fields_become_the_runs_options(tmp_path):
+    """Fields the options also set are adopted (so data, logs and checkpoints follow them); the rest
+    pass through to DeepSpeed untouched."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "gradient_clipping": 0.5,
+                                "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True}}))
+    cfg = check(["--engine=deepspeed", f"--deepspeed_config={path}"])
+    assert (cfg["zero_stage"], cfg["grad_clip"], cfg["batch_size"], cfg["dtype"]) == (3, 0.5, 2, "bfloat16")
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    config = train_sft.deepspeed_config(cfg, model)
+    assert config["zero_optimization"]["overlap_comm"] is True and config["bf16"] == {"enabled": True}
+    assert "torch_autocast" not in config  # the user chose DeepSpeed's bf16 weights; nothing is added
+    with pytest.raises(train_sft.OptionError, match="train_batch_size=7 but --batch_size x"):
+        path.write_text(json.dumps({"train_batch_size": 7}))
+        check(["--engine=deepspeed", f"--deepspeed_config={path}"])
+    with pytest.raises(train_sft.OptionError, match="has an 'optimizer' section"):
+        path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+        check(["--engine=deepspeed", f"--deepspeed_config={path}"])
+
+
+@pytest.mark.slow
+def test_missing_deepspeed_and_a_checkpoint_of_the_other_engine_exit_2(tmp_path, data_file, engine_run):
+    """DeepSpeed made unimportable in the trainer's process: the run says how to install it."""
+    script = ("import runpy, sys; sys.modules['deepspeed'] = None; sys.argv = ['train_sft.py'] + sys.argv[1:]; "
+              "runpy.run_path('train_sft.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", script, "--engine=deepspeed", f"--data_path={data_file}",
+                           f"--output_dir={tmp_path}/ds"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--engine=deepspeed needs DeepSpeed, which is not installed: run bash setup.sh" in proc.stderr
+    out = engine_run("native", 0)  # refused before anything in it is touched
+    proc = run(["--resume", "--engine=deepspeed", f"--output_dir={out}"], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"checkpoint {out}/ckpt-{STEPS:08d} has engine='native' but engine='deepspeed' was requested" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- checkpoint directories
+
+
+def test_checkpoints_are_found_and_rotated_by_step_number(tmp_path):
+    """Step 100,000,000 has nine digits and sorts before step 9 as a name; unfinished (.tmp) and
+    foreign directories are neither resumed from nor removed."""
+    for name in ("ckpt-00000009", "ckpt-00000010", "ckpt-100000000", "ckpt-00000011.tmp", "ckpt-last", "notes"):
+        (tmp_path / name).mkdir()
+        if name.startswith("ckpt-"):
+            (tmp_path / name / "manifest.json").write_text("{}")
+    (tmp_path / "ckpt-00000012").mkdir()  # no manifest: not complete
+    assert [step for step, _ in train_sft.list_checkpoints(tmp_path)] == [9, 10, 100_000_000]
+    assert train_sft.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-100000000")
+    train_sft.remove_old_checkpoints(tmp_path, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000010", "ckpt-00000011.tmp", "ckpt-00000012",
+                                            "ckpt-100000000", "ckpt-last", "notes"]
+
+
+def test_a_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
+    """save_checkpoint with one rank: engine files, trainer state, weights and a manifest whose sizes
+    and checksums match the files; saving the same step again replaces it whole."""
+    engine = tiny_engine(1.0)
+    for _ in range(2):
+        path = train_sft.save_checkpoint(str(tmp_path), 5, engine, {"step": 5, "engine": "native"}, keep=3,
+                                         rank=0, world=1)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005"]
+    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
+    assert sorted(manifest["files"]) == ["model.pt", "trainer.pt", "zero_lite-stage0.pt"]
+    for name, info in manifest["files"].items():
+        data = open(os.path.join(path, name), "rb").read()
+        assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    weights = torch.load(os.path.join(path, "model.pt"), weights_only=True)
+    assert weights.keys() == engine.module.state_dict().keys()
+    tied = weights["lm_head.weight"], weights["transformer.wte.weight"]
+    assert tied[0].untyped_storage().data_ptr() == tied[1].untyped_storage().data_ptr()  # stored once

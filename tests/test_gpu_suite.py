@@ -1,0 +1,218 @@
+"""bench/gpu_suite.py without a GPU: its dry run, its step runner on stand-in steps, and README's
+results against bench/results/ (bench/results_table.py)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_suite, results_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_dry_run_lists_every_step_and_finds_the_wiring_intact(capsys):
+    """In this process: the modules it imports are mostly loaded already, which keeps it fast."""
+    assert gpu_suite.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines()[1:] if line[:1].isalpha()]
+    assert listed == [step.name for step in gpu_suite.STEPS] + ["total", "dry"]
+    assert "peer cut cross-entropy: cut_cross_entropy.linear_cross_entropy" in out
+    assert "dry run: wiring ok" in out
+
+
+def test_the_shell_entry_point_runs_the_suite():
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "--only=nothing"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=sys.executable), timeout=60)
+    assert proc.returncode == 2 and "unknown step 'nothing'" in proc.stderr
+
+
+def test_dry_run_fails_on_a_wrong_peer_path_but_not_on_a_missing_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "WHEELS", tmp_path)
+    assert gpu_suite.check_peer("torch.nn.functional", "cross_entropy") == "ok"
+    with pytest.raises(AttributeError):
+        gpu_suite.check_peer("torch.nn.functional", "no_such_loss")
+    assert gpu_suite.check_peer("no_such_package_here.losses", "f") == "not installed here, not in .whl/"
+    with zipfile.ZipFile(tmp_path / "no_such_package_here-1.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("no_such_package_here/__init__.py", "")
+        wheel.writestr("no_such_package_here/other.py", "")
+    with pytest.raises(ImportError, match="has no module no_such_package_here.losses"):
+        gpu_suite.check_peer("no_such_package_here.losses", "f")
+    assert "carried in .whl/" in gpu_suite.check_peer("no_such_package_here.other", "f")
+
+
+def test_dry_run_fails_on_a_missing_script_and_skips_a_missing_optional_one(monkeypatch, capsys):
+    steps = [gpu_suite.Step("ce", 8, "bench/no_such_bench.py", 1, 1),
+             gpu_suite.Step("sparse", 64, "bench/no_such_sparse_bench.py", 1, 1, optional=True)]
+    monkeypatch.setattr(gpu_suite, "STEPS", steps)
+    assert gpu_suite.dry_run(gpu_suite.parse_options(["--dry-run"])) == 8
+    out = capsys.readouterr().out
+    assert "BROKEN" in out and "does not exist yet: the step will be skipped" in out
+
+
+def alive(pid):
+    """True while the process runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def write_script(path, body):
+    path.write_text(body)
+    return str(path)
+
+
+def test_steps_run_in_order_a_failure_or_timeout_does_not_stop_the_rest(tmp_path, monkeypatch):
+    """Stand-in steps: one fails, one writes a result, one outlives its limit with a child process
+    (which must die with it), and the exit status is the sum of the failed steps' codes."""
+    monkeypatch.setattr(gpu_suite, "ROOT", tmp_path)
+    monkeypatch.setattr(gpu_suite, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(gpu_suite, "LOGS", tmp_path / "logs")
+    (tmp_path / "results").mkdir()
+    child_pid = tmp_path / "child.pid"
+    steps = [
+        gpu_suite.Step("ce", 8, write_script(tmp_path / "fails.py", "print('about to fail'); raise SystemExit(3)"),
+                       1, 30),
+        gpu_suite.Step("train", 16, write_script(tmp_path / "writes.py",
+                                                 "open('results/train_Fake_GPU.json', 'w').write('{}')"), 1, 30),
+        gpu_suite.Step("profile", 128, write_script(tmp_path / "hangs.py", (
+            "import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(child_pid)!r}, 'w').write(str(child.pid))\n"
+            "time.sleep(60)\n")), 1, 1.5),
+        gpu_suite.Step("sparse", 64, "no_such_sparse_bench.py", 1, 30, optional=True),
+    ]
+    monkeypatch.setattr(gpu_suite, "STEPS", steps)
+    summary = gpu_suite.run(gpu_suite.parse_options([]), "Fake GPU", time.monotonic())
+    status = {row["step"]: row["status"] for row in summary["steps"]}
+    assert status["ce"] == "failed (exit 3)" and status["train"] == "ok"
+    assert status["profile"].startswith("timeout") and status["sparse"].startswith("skipped")
+    assert summary["exit_status"] == 8 + 128
+    assert summary["steps"][1]["outputs"] == ["results/train_Fake_GPU.json"]
+    assert "about to fail" in (tmp_path / "logs" / "ce.log").read_text()
+    pid = int(child_pid.read_text())
+    deadline = time.monotonic() + 5
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid), "the step's child process outlived the step's time limit"
+
+
+def test_time_limit_skips_the_steps_that_no_longer_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_suite, "RESULTS", tmp_path)
+    summary = gpu_suite.run(gpu_suite.parse_options(["--time_limit=5", "--skip=wheels"]), "Fake GPU",
+                            time.monotonic())
+    assert all(row["status"].startswith("skipped") for row in summary["steps"])
+    assert summary["steps"][1]["status"].startswith("skipped (the suite's time limit")
+    assert summary["exit_status"] == 0
+
+
+def test_a_rerun_keeps_the_earlier_rows_of_the_steps_it_did_not_run():
+    earlier = {"date": "2026-12-01", "steps": [{"step": "ce", "status": "ok", "seconds": 100.0},
+                                               {"step": "train", "status": "timeout (killed at 300 s)"}]}
+    rerun = {"steps": [{"step": "ce", "status": "skipped (not chosen)"}, {"step": "train", "status": "ok"}]}
+    gpu_suite.merge_earlier(rerun, earlier)
+    assert rerun["steps"] == [{"step": "ce", "status": "ok", "seconds": 100.0, "earlier_run": "2026-12-01"},
+                              {"step": "train", "status": "ok"}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only=cee"], "unknown step 'cee'"),
+    (["--time_limit=soon"], "--time_limit must be a number"),
+    (["--fast"], "unknown option '--fast'"),
+])
+def test_bad_options_exit_2_with_one_sentence(argv, message, capsys):
+    assert gpu_suite.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_options_choose_steps_and_pass_arguments():
+    opts = gpu_suite.parse_options(["--only=ce,train,profile", "--skip=profile", "--train_args=--deepspeed_stages=0,1",
+                                    "--time_limit=300"])
+    assert opts["steps"] == ["ce", "train"] and opts["time_limit"] == 300
+    train = next(step for step in gpu_suite.STEPS if step.name == "train")
+    assert gpu_suite.command(train, opts["args"]["train"])[1:] == ["bench/bench_train.py", "--deepspeed_stages=0,1"]
+
+
+def test_readme_results_are_rendered_from_bench_results():
+    readme = (ROOT / "README.md").read_text()
+    assert results_table.readme_block(readme) == results_table.render(), \
+        "README.md's results differ from bench/results/: run python bench/results_table.py --write"
+
+
+def test_a_figure_that_drifts_changes_the_rendered_results(tmp_path):
+    """The check above can fail: one changed number in a result file changes the block."""
+    for path in (ROOT / "bench" / "results").glob("*.json"):
+        shutil.copy(path, tmp_path)
+    before = results_table.render(tmp_path)
+    ce_file = next(tmp_path.glob("ce_*.json"))
+    data = json.loads(ce_file.read_text())
+    anchor = next(r for r in data["results"] if (r["tokens"], r["masked_share"]) == (16384, 0.5)
+                  and r["implementation"] == "ours (triton)")
+    anchor["ms"] += 0.5
+    ce_file.write_text(json.dumps(data))
+    after = results_table.render(tmp_path)
+    assert after != before and f"| ours (triton) | {anchor['ms']:.2f} |" in after
+
+
+def test_the_files_a_suite_run_writes_render(tmp_path):
+    """Today's formats, with what a GPU run can leave: a peer not installed, a failed or skipped row,
+    an incomplete file, a step rerun later."""
+    device, common = "NVIDIA H200", {"device": "NVIDIA H200", "torch": "2.11.0", "date": "2026-12-01",
+                                     "sources": {"model.py": "0123456789ab"}}
+    ce_rows = [{"tokens": 16384, "masked_share": 0.5, "implementation": name, "ms": ms, "peak_extra_mib": mib,
+                "loss_rel_err": None if ms is None else 1e-6, **({"note": "error: boom"} if ms is None else {})}
+               for name, ms, mib in [("ours (triton)", 3.9, 240.0), ("torch.compile", 9.0, 1744.0),
+                                     ("cut cross-entropy", None, None)]]
+    files = {
+        "ce": {**common, "triton": "3.6.0", "peers": {"liger-kernel": "not installed", "cut-cross-entropy": "25.1.1"},
+               "skipped_peers": {"liger fused linear CE": "liger-kernel is not installed"}, "hidden": 768,
+               "vocab": 50257, "complete": False, "results": ce_rows},
+        "train": {**common, "shape": {"n_layer": 12, "n_embd": 768, "vocab_size": 50304, "batch": 16, "seq": 1024,
+                                      "dtype": "bfloat16", "masked_share": 0.5},
+                  "steps": 10, "warmup": 3, "peer": "compiled loop, loss inside", "complete": True,
+                  "skipped": {"deepspeed": "train_sft.py has no --engine/--zero_stage options"},
+                  "rows": {"compiled loop, loss inside": {"tokens_per_s": 5e5, "peak_gib": 9.0, "mfu": 0.43,
+                                                          "vs_peer": 1.0},
+                           "train_sft --kernels=triton": {"error": "CalledProcessError(1)"}}},
+        "gpu_suite": {"device": device, "date": "2026-12-01", "time_limit_s": 540.0, "total_s": 300.0,
+                      "steps": [{"step": "ce", "status": "ok", "seconds": 100.0, "earlier_run": "2026-11-30"},
+                                {"step": "train", "status": "timeout (killed at 300 s)", "seconds": 300.0}]},
+    }
+    for kind, data in files.items():
+        (tmp_path / f"{kind}_NVIDIA_H200.json").write_text(json.dumps(data))
+    block = results_table.render(tmp_path)
+    for expected in ("#### On one NVIDIA H200", "| ours (triton) | 3.90 | 240 | 1.0e-06 | 1.00x |",
+                     "| cut cross-entropy (error: boom) | - | - | - | - |", "cut-cross-entropy 25.1.1",
+                     "| liger fused linear CE: not measured, liger-kernel is not installed |", "INCOMPLETE",
+                     "`model.py` 0123456789ab", "the peer is `compiled loop, loss inside`",
+                     "| train_sft --kernels=triton | failed: CalledProcessError(1) |",
+                     "| deepspeed: not measured, train_sft.py has no --engine/--zero_stage options |",
+                     "ce ok 100 s (run of 2026-11-30); train timeout (killed at 300 s) 300 s; 300 s in all"):
+        assert expected in block, expected
+
+
+def test_the_summary_prints_each_step_and_the_targets(tmp_path, monkeypatch, capsys):
+    ce = {"results": [{"tokens": 16384, "masked_share": 0.5, "implementation": name, "ms": ms, "peak_extra_mib": mib}
+                      for name, ms, mib in [("ours (triton)", 4.5, 240.0), ("torch.compile", 9.0, 1744.0)]]}
+    train = {"rows": {"compiled loop, loss inside": {"tokens_per_s": 5e5, "peak_gib": 9.0, "mfu": 0.43, "vs_peer": 1.0},
+                      "train_sft --kernels=triton": {"tokens_per_s": 6e5, "peak_gib": 7.0, "mfu": 0.5, "vs_peer": 1.2},
+                      "train_sft --engine=deepspeed --zero_stage=2": {"error": "CalledProcessError(1)"}}}
+    (tmp_path / "ce_Fake_GPU.json").write_text(json.dumps(ce))
+    (tmp_path / "train_Fake_GPU.json").write_text(json.dumps(train))
+    monkeypatch.setattr(gpu_suite, "RESULTS", tmp_path)
+    figures = gpu_suite.figures("Fake GPU")
+    assert figures["ce_target_met"] is False and figures["train_target_met"] is True
+    gpu_suite.print_summary({"device": "Fake GPU", "time_limit_s": 540.0, "total_s": 350.0, "exit_status": 16,
+                             "figures": figures, "steps": [
+                                 {"step": "ce", "status": "ok", "seconds": 100.0, "limit_s": 240, "outputs": []},
+                                 {"step": "train", "status": "failed (exit 1)", "seconds": 250.0, "limit_s": 300,
+                                  "outputs": ["bench/results/train_Fake_GPU.json"]}]})
+    out = capsys.readouterr().out
+    assert "target ours <= 4.0 ms and <= 256 MiB: MISSED" in out and "2.00x ours" in out
+    assert "1.20x peer" in out and "CalledProcessError(1)" in out and "exit status 16 (failed: train)" in out
