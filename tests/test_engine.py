@@ -146,6 +146,10 @@ def test_deepspeed_zero3_export_loads_in_transformers(engine_run):
     manifest = json.loads((out / f"ckpt-{STEPS:08d}" / "manifest.json").read_text())
     shards = [f for f in manifest["files"] if "optim_states" in f]
     assert len(shards) == 2 and manifest["engine"] == "deepspeed"  # one optimizer shard per rank
+    # --init_from and sample.py read a DeepSpeed checkpoint directory as they read a native one.
+    checkpoint = train_sft.load_checkpoint(str(out / f"ckpt-{STEPS:08d}"))
+    model = train_sft.build_model(checkpoint["options"], None, checkpoint)
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
 
 
 # ----------------------------------------------------------------------------- bad input
