@@ -1,14 +1,15 @@
 """Data for supervised fine-tuning: tokenizers, formats, templates, label masking, cache, batches.
 
-JSONL/JSON rows -> validated (prompt, response) turns -> template text -> token ids and a loss mask
--> numpy arrays cached under a hash of everything that shaped them -> SFTDataset giving
+JSONL/JSON/Parquet rows (prompt/response, prompt/chosen, TRL prompt/completion, messages, Alpaca,
+ShareGPT; the format detected per file) -> validated (prompt, response) turns -> template text ->
+token ids and a loss mask -> numpy arrays cached under a hash of everything that shaped them -> SFTDataset giving
 (input_ids, labels) -> Batches, length-grouped or packed, sharded over data-parallel ranks.
 
 Labels are already shifted (nanoGPT style): labels[t] is the target for position t, and -100 where
 nothing is trained (prompt, template text, padding). Every response ends with the end-of-text token,
 which is trained, so a fine-tuned model learns to stop.
 
-    python data.py inspect --data_path=FILE [--tokenizer=gpt2 --max_seq_len=512 ...]
+    python data.py inspect --data_path=FILE[,FILE...] [--tokenizer=gpt2 --max_seq_len=512 ...]
     python data.py demo --out_dir=DIR
 """
 
@@ -84,20 +85,36 @@ def get_tokenizer(name):
 
 # DeepSpeed-Chat's step 1 renders " Human: {prompt} Assistant:" and the response as " {response}".
 DEFAULT_TEMPLATE = " Human: {prompt} Assistant: {response}"
+# Prompt and response exactly as they are: what DeepSpeed-Chat does with rows such as Dahoas/rm-static's,
+# whose prompts already read "\n\nHuman: ...\n\nAssistant:", and what TRL does with prompt/completion strings.
+RAW_TEMPLATE = "{prompt}{response}"
+# A chat layout for conversations (messages, ShareGPT): each turn's roles on their own lines.
+CHAT_TEMPLATE = "<|user|>\n{prompt}\n<|assistant|>\n{response}"
+TEMPLATES = {"deepspeed_chat": DEFAULT_TEMPLATE, "raw": RAW_TEMPLATE, "chat": CHAT_TEMPLATE}
+# A prompt holding all of a preset's role markers has been templated already; wrapping it again would
+# train on " Human: \n\nHuman: ..." (see build_cache). Custom templates are used exactly as given.
+ROLE_MARKERS = {DEFAULT_TEMPLATE: ("Human:", "Assistant:"), CHAT_TEMPLATE: ("<|user|>", "<|assistant|>")}
 # For the byte-level demo: one token of template instead of twenty, so a tiny model's compute goes to
 # the task ("reverse abc=" -> "cba"). A model must be prompted with the template it was trained with.
 DEMO_TEMPLATE = "{prompt}={response}"
 
 
+def resolve_template(template):
+    """The template text of a preset name (deepspeed_chat, raw, chat), or the custom template itself."""
+    return TEMPLATES.get(template, template)
+
+
 def split_template(template):
-    """(prompt part, response part) of a template such as DEFAULT_TEMPLATE.
+    """(prompt part, response part) of a template such as DEFAULT_TEMPLATE, or of a preset's name.
 
     Whitespace right before {response} belongs to the response, so that BPE sees " word" as one
     token the way GPT-2 saw it in pretraining (DeepSpeed-Chat does the same).
     """
+    template = resolve_template(template)
     if template.count("{prompt}") != 1 or template.count("{response}") != 1 \
             or template.index("{prompt}") > template.index("{response}"):
-        raise ValueError(f"a template needs one {{prompt}} followed by one {{response}}, got {template!r}")
+        raise ValueError(f"a template needs one {{prompt}} followed by one {{response}} (or is one of "
+                         f"{', '.join(TEMPLATES)}), got {template!r}")
     head, tail = template.split("{response}")
     prompt_part = head.rstrip()
     return prompt_part, head[len(prompt_part):] + "{response}" + tail
@@ -108,21 +125,34 @@ def render_prompt(prompt, template=DEFAULT_TEMPLATE):
     return split_template(template)[0].replace("{prompt}", prompt)
 
 
+def already_templated(turns, template):
+    """True when a single-turn row's prompt already carries every role marker of the preset `template`.
+
+    Only single-turn rows (prompt/response, Alpaca, ...) come templated this way; in a conversation the
+    markers are just words of a message, and raw rendering would run its turns together.
+    """
+    markers = ROLE_MARKERS.get(resolve_template(template))
+    return bool(markers) and len(turns) == 1 and all(m in turns[0][0] for m in markers)
+
+
 def tokenize_turns(turns, enc, template=DEFAULT_TEMPLATE, loss_on_prompt=False):
-    """Token ids, a 0/1 loss mask, and where the final response starts, for [(prompt, response), ...].
+    """Token ids, a 0/1 loss mask, and where the final response starts, for [(prompt, response, trained)].
 
     Prompt and response are tokenized separately and concatenated, so the boundary between masked
-    and trained tokens is exact and the prompt tokens equal encode(render_prompt(prompt)).
+    and trained tokens is exact and the prompt tokens equal encode(render_prompt(prompt)). A turn
+    with trained=False (an earlier exchange inside a TRL prompt) is context, masked like a prompt;
+    a (prompt, response) pair is a trained turn.
     encode_ordinary treats a literal "<|endoftext|>" in the data as text, never as the EOT id.
     """
     prompt_part, response_part = split_template(template)
     tokens, mask, response_start = [], [], 0
-    for prompt, response in turns:
+    for turn in turns:
+        prompt, response, trained = turn if len(turn) == 3 else (*turn, True)
         prompt_ids = enc.encode_ordinary(prompt_part.replace("{prompt}", prompt))
         response_ids = enc.encode_ordinary(response_part.replace("{response}", response)) + [enc.eot_token]
         response_start = len(tokens) + len(prompt_ids)
         tokens += prompt_ids + response_ids
-        mask += [int(loss_on_prompt)] * len(prompt_ids) + [1] * len(response_ids)
+        mask += [int(loss_on_prompt)] * len(prompt_ids) + [int(trained or loss_on_prompt)] * len(response_ids)
     return tokens, mask, response_start
 
 
@@ -142,16 +172,31 @@ def fit_length(tokens, mask, response_start, max_seq_len, truncate_prompt):
 
 
 # -----------------------------------------------------------------------------
-# Reading and validating files
+# Reading and validating files: .jsonl, .json, .parquet; one format per file
 
-FORMATS = ("prompt_response", "prompt_chosen", "messages")
+FORMATS = ("prompt_response", "prompt_chosen", "prompt_completion", "messages", "alpaca", "sharegpt")
+# The fields that identify a format, in the order detection tries them.
+FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction",),
+               "prompt_completion": ("prompt", "completion"), "prompt_response": ("prompt", "response"),
+               "prompt_chosen": ("prompt", "chosen")}
+# The fields each format reads (a Parquet file reads these columns only); every other field is ignored.
+FORMAT_FIELDS = {"messages": ("messages",), "sharegpt": ("conversations",),
+                 "alpaca": ("instruction", "input", "output"), "prompt_completion": ("prompt", "completion"),
+                 "prompt_response": ("prompt", "response"), "prompt_chosen": ("prompt", "chosen")}
+# Alpaca's prompt is the instruction, then a blank line and the input when there is one (as Alpaca's own
+# prompt puts the input in a section below the instruction).
+ALPACA_JOIN = "\n\n"
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class DataError(ValueError):
-    """A problem in an input file, reported as "path:line: problem" so the user can fix that line."""
+    """A problem in an input file, reported as "path:line: problem" (Parquet: "path: row N: problem")
+    so the user can fix that line."""
 
-    def __init__(self, path, line, problem):
-        super().__init__(f"{path}:{line}: {problem}")
+    def __init__(self, path, line, problem, unit="line"):
+        super().__init__(f"{path}:{line}: {problem}" if unit == "line" else f"{path}: {unit} {line}: {problem}")
         self.path, self.line, self.problem = path, line, problem
 
 
@@ -171,46 +216,102 @@ def _json_list_items(path, text):
             elif not text.startswith("]", pos):
                 raise json.JSONDecodeError("Expecting ',' or ']'", text, pos)
     except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+        raise DataError(path, e.lineno, _json_problem(e)) from None
+    except (ValueError, RecursionError) as e:  # raised at the start of the item being decoded
+        raise DataError(path, text.count("\n", 0, pos) + 1, _json_problem(e)) from None
     if space.match(text, pos + 1).end() != len(text):
         raise DataError(path, text.count("\n", 0, pos) + 1, "malformed JSON: extra data after the list")
 
 
-def _json_rows(path, data, bad):
-    """(line, value) per row of a JSONL file or a JSON list; bad(line, problem) handles broken lines.
+def _json_problem(e):
+    """What json found wrong, in words: not all of its errors are JSONDecodeErrors."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON: {e.msg} (column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "malformed JSON: nested too deeply to read"
+    return f"unreadable JSON: {str(e).split(';')[0]}"  # such as an integer of more than 4300 digits
 
-    In a JSON list a syntax error cannot be skipped (nothing after it can be trusted), so it raises.
+
+def _json_rows(path, bad):
+    """(line, value) per row of a JSONL file (streamed) or a JSON list; bad(line, problem) handles broken lines.
+
+    A UTF-8 byte-order mark and CRLF line ends are accepted. In a JSON list a syntax error cannot be
+    skipped (nothing after it can be trusted), so it raises.
     """
-    if not data.strip():
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).removeprefix(UTF8_BOM).lstrip()
+        f.seek(0)
+        if head.startswith(b"["):
+            data = f.read().removeprefix(UTF8_BOM)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, data.count(b"\n", 0, e.start) + 1, f"invalid UTF-8 ({e.reason})") from None
+            yield from _json_list_items(path, text)
+            return
+        empty = True
+        for number, raw in enumerate(f, 1):
+            raw = raw.removeprefix(UTF8_BOM) if number == 1 else raw
+            if not raw.strip():
+                continue
+            empty = False
+            try:
+                yield number, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                bad(number, f"invalid UTF-8 ({e.reason} at byte {e.start})")
+            except (ValueError, RecursionError) as e:
+                bad(number, _json_problem(e))
+    if empty:
         raise DataError(path, 1, "the file is empty")
-    if data.lstrip().startswith(b"["):
+
+
+def _parquet_rows(path, data_format, bad):
+    """(row number, dict) per row of a Parquet file, read one row group at a time so memory stays small.
+
+    Only the columns of the file's format are read. A row group that cannot be decoded (a damaged
+    page) is reported with its rows, or with skip_bad_rows skipped and counted as that many bad rows.
+    """
+    import pyarrow
+    import pyarrow.parquet  # only Parquet needs it
+    try:
+        parquet = pyarrow.parquet.ParquetFile(path)
+    except (OSError, pyarrow.ArrowException) as e:
+        raise DataError(path, 1, f"not a readable Parquet file ({' '.join(str(e).split())})", unit="row") from None
+    names = parquet.schema_arrow.names
+    data_format = _detect_format(names) if data_format == "auto" else data_format
+    columns = [c for c in FORMAT_FIELDS[data_format] if c in names] if data_format else names
+    row = 0
+    for group in range(parquet.num_row_groups):
+        n_rows = parquet.metadata.row_group(group).num_rows
         try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(path, data.count(b"\n", 0, e.start) + 1, f"invalid UTF-8 ({e.reason})") from None
-        yield from _json_list_items(path, text)
-        return
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
+            # One thread: decoding is a small share of the time next to tokenizing, and threads hold more buffers.
+            table = parquet.read_row_group(group, columns=columns, use_threads=False)
+        except (OSError, pyarrow.ArrowException) as e:
+            reason = " ".join(str(e).split())  # pyarrow's messages span lines; ours is one
+            bad(row + 1, f"rows {row + 1}-{row + n_rows} (row group {group}) cannot be read: {reason}", n_rows)
+            row += n_rows
             continue
-        try:
-            yield number, json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            bad(number, f"invalid UTF-8 ({e.reason} at byte {e.start})")
-        except json.JSONDecodeError as e:
-            bad(number, f"malformed JSON: {e.msg} (column {e.colno})")
+        for batch in table.to_batches(max_chunksize=1024):
+            for values in batch.to_pylist():
+                row += 1
+                yield row, values
+        table = None  # free this row group before reading the next
 
 
-def _detect_format(row):
-    """The format a row is written in, from its keys, or None."""
-    if isinstance(row, dict):
-        if "messages" in row:
-            return "messages"
-        if "prompt" in row and "response" in row:
-            return "prompt_response"
-        if "prompt" in row and "chosen" in row:
-            return "prompt_chosen"
+def _detect_format(keys):
+    """The format whose identifying fields are all among `keys` (a row or a Parquet schema), or None."""
+    for data_format, needed in FORMAT_KEYS.items():
+        if all(k in keys for k in needed):
+            return data_format
     return None
+
+
+def _no_format(row):
+    """The problem of a row that matches no format, naming the formats it was checked against."""
+    checked = "; ".join(f"{name} ({'+'.join(FORMAT_KEYS[name] if name != 'alpaca' else ('instruction', 'output'))})"
+                        for name in FORMAT_KEYS)
+    got = f"keys {', '.join(list(row)[:8])}" if isinstance(row, dict) else json.dumps(row)[:40]
+    return f"unknown format: the row matches none of {checked}; got {got}"
 
 
 def _text(obj, key, where="", allow_empty=False):
@@ -222,86 +323,127 @@ def _text(obj, key, where="", allow_empty=False):
         raise ValueError(f"field {where}{key!r} must be a string, got {json.dumps(value)[:40]}")
     if not allow_empty and not value.strip():
         raise ValueError(f"field {where}{key!r} is empty")
+    try:  # JSON may escape half a surrogate pair; the tokenizer would silently turn it into U+FFFD
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"field {where}{key!r} holds an unpaired surrogate \\u{ord(value[e.start]):04x}, "
+                         f"which is not text") from None
     return value
 
 
-def _message_turns(messages):
+def _message_list(row, key):
+    """row[key] if it is a non-empty list; else ValueError."""
+    if key not in row:
+        raise ValueError(f"missing field {key!r}")
+    if not isinstance(row[key], list) or not row[key]:
+        raise ValueError(f"field {key!r} must be a non-empty list")
+    return row[key]
+
+
+def _chat_turns(messages, names, roles=CHAT_ROLES, role_key="role", content_key="content"):
     """[(prompt, response), ...] of a chat: optional system messages, then user/assistant alternating.
 
-    System text is put in front of the first user message, so it is part of the (masked) prompt.
+    names[k] is how an error calls messages[k]; roles maps the file's role spellings to ours. System
+    text is put in front of the first user message, so it is part of the (masked) prompt.
     """
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("field 'messages' must be a non-empty list")
     system, turns, user, expected = [], [], None, "user"
-    for k, message in enumerate(messages):
+    for name, message in zip(names, messages):
         if not isinstance(message, dict):
-            raise ValueError(f"messages[{k}] must be an object with 'role' and 'content'")
-        role = _text(message, "role", f"messages[{k}].")
-        content = _text(message, "content", f"messages[{k}].", allow_empty=role != "assistant")
+            raise ValueError(f"{name} must be an object with {role_key!r} and {content_key!r}")
+        spelled = _text(message, role_key, f"{name}.")
+        role = roles.get(spelled)
+        content = _text(message, content_key, f"{name}.", allow_empty=role != "assistant")
         if role == "system" and user is None and not turns:
             system.append(content)
         elif role != expected:
-            raise ValueError(f"messages[{k}]: expected role {expected!r}, got {role!r}")
+            raise ValueError(f"{name}: expected role {expected!r}, got {spelled!r}")
         elif role == "user":
             user, expected = "\n".join(system + [content]), "assistant"
             system = []
         else:
             turns.append((user, content))
             expected = "user"
+    if not turns:
+        raise ValueError("the conversation must end with an assistant message; it has no assistant turn")
     if expected != "user":
         raise ValueError("the conversation must end with an assistant message")
     return turns
 
 
+def _prompt_completion_turns(row):
+    """TRL's prompt/completion: two strings, or two message lists of which only the completion is trained."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if not isinstance(prompt, list) and not isinstance(completion, list):
+        return [(_text(row, "prompt", allow_empty=True), _text(row, "completion"), True)]
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        raise ValueError("fields 'prompt' and 'completion' must both be strings or both lists of messages")
+    prompt, completion = _message_list(row, "prompt"), _message_list(row, "completion")
+    names = [f"prompt[{k}]" for k in range(len(prompt))] + [f"completion[{k}]" for k in range(len(completion))]
+    turns = _chat_turns(prompt + completion, names)
+    in_prompt = sum(isinstance(m, dict) and m.get("role") == "assistant" for m in prompt)
+    return [(user, answer, k >= in_prompt) for k, (user, answer) in enumerate(turns)]
+
+
 def _row_turns(row, data_format):
-    """Validate one row in the given format and return its [(prompt, response), ...]."""
+    """Validate one row in the given format and return its [(prompt, response, trained), ...]."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {json.dumps(row)[:40]}")
     if data_format == "messages":
-        if "messages" not in row:
-            raise ValueError("missing field 'messages'")
-        return _message_turns(row["messages"])
+        messages = _message_list(row, "messages")
+        return [(u, a, True) for u, a in _chat_turns(messages, [f"messages[{k}]" for k in range(len(messages))])]
+    if data_format == "sharegpt":
+        messages = _message_list(row, "conversations")
+        names = [f"conversations[{k}]" for k in range(len(messages))]
+        return [(u, a, True) for u, a in _chat_turns(messages, names, SHAREGPT_ROLES, "from", "value")]
+    if data_format == "alpaca":
+        instruction, output = _text(row, "instruction"), _text(row, "output")
+        extra = row.get("input") or ""  # optional; null in a Parquet column means none
+        if not isinstance(extra, str):
+            raise ValueError(f"field 'input' must be a string, got {json.dumps(extra)[:40]}")
+        return [(instruction + ALPACA_JOIN + extra if extra.strip() else instruction, output, True)]
+    if data_format == "prompt_completion":
+        return _prompt_completion_turns(row)
     response_key = "response" if data_format == "prompt_response" else "chosen"
-    return [(_text(row, "prompt", allow_empty=True), _text(row, response_key))]
+    return [(_text(row, "prompt", allow_empty=True), _text(row, response_key), True)]
 
 
-def read_examples(path, data_format="auto", skip_bad_rows=False, log=print):
-    """Validated examples of one file as [(line, turns)], and how many bad rows were skipped.
+def iter_examples(path, data_format="auto", skip_bad_rows=False, log=print, found=None):
+    """Yield (line, turns) for each valid row of one file, streamed (a Parquet or JSONL file never loads whole).
 
-    The format is detected from the first usable row unless data_format names one; every row
-    must then be in that format. A bad row raises DataError("path:line: problem"), or with
-    skip_bad_rows is skipped, logged and counted.
+    The format is detected from the first usable row (a Parquet file: from its columns) unless
+    data_format names one; every row must then be in that format. A bad row raises
+    DataError("path:line: problem"), or with skip_bad_rows is skipped, logged and counted.
+    `found` receives the file's "format" and its "bad_rows".
     """
-    skipped = 0
+    found = {} if found is None else found
+    found.update(format=None if data_format == "auto" else data_format, bad_rows=0)
+    unit = "row" if path.endswith(".parquet") else "line"
 
-    def bad(line, problem):
-        nonlocal skipped
+    def bad(line, problem, rows=1):
         if not skip_bad_rows:
-            raise DataError(path, line, problem)
-        skipped += 1
-        if skipped <= 5:
-            log(f"data: skipping {path}:{line}: {problem}")
+            raise DataError(path, line, problem, unit)
+        found["bad_rows"] += rows
+        if found["bad_rows"] <= 5:
+            log(f"data: skipping {DataError(path, line, problem, unit)}")
 
-    with open(path, "rb") as f:
-        data = f.read()
-    fmt = None if data_format == "auto" else data_format
-    examples = []
-    for line, row in _json_rows(path, data, bad):
-        row_format = fmt or _detect_format(row)
+    rows = _parquet_rows(path, data_format, bad) if unit == "row" else _json_rows(path, bad)
+    used = 0
+    for line, row in rows:
+        row_format = found["format"] or (_detect_format(row) if isinstance(row, dict) else None)
         if row_format is None:
-            bad(line, "unknown format: expected keys prompt+response, prompt+chosen, or messages, "
-                      f"got {json.dumps(row)[:60]}")
+            bad(line, _no_format(row))
             continue
         try:
-            examples.append((line, _row_turns(row, row_format)))
-            fmt = row_format
+            turns = _row_turns(row, row_format)
         except ValueError as e:
-            bad(line, str(e))
-    if skipped:
-        log(f"data: skipped {skipped} bad rows in {path}")
-    if not examples:
-        raise DataError(path, 1, "no usable rows")
-    return examples, skipped
+            bad(line, f"{e} (format {row_format})")
+            continue
+        found["format"], used = row_format, used + 1
+        yield line, turns
+    if found["bad_rows"]:
+        log(f"data: skipped {found['bad_rows']} bad rows in {path}")
+    if not used:
+        raise DataError(path, 1, "no usable rows", unit)
 
 
 # -----------------------------------------------------------------------------
@@ -384,11 +526,11 @@ def write_demo(out_dir):
 # -----------------------------------------------------------------------------
 # Cache: token arrays on disk, keyed by a hash of everything that shaped them
 
-CACHE_VERSION = 1  # bump when the way samples are built changes
+CACHE_VERSION = 2  # bump when the way samples are built changes (2: more formats, templated prompts raw)
 
 
-def parse_sources(spec):
-    """[(path, weight)] from "a.jsonl:2,b.jsonl"; a weight multiplies the file's samples per epoch."""
+def parse_sources(spec, allow_directories=False):
+    """[(path, weight)] from "a.jsonl:2,b.parquet"; a weight multiplies the file's samples per epoch."""
     sources = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         path, _, weight = item.rpartition(":")
@@ -397,11 +539,32 @@ def parse_sources(spec):
         except ValueError:  # a ':' that is part of the path
             sources.append((item, 1.0))
     for path, weight in sources:
-        if not os.path.isfile(path):
+        if os.path.isdir(path) and not allow_directories:
+            raise FileNotFoundError(f"{path!r} is a directory; a DeepSpeed-Chat local/jsonfile directory goes in "
+                                    f"data_path, and its data/eval.json becomes the eval set")
+        if not (os.path.isfile(path) or os.path.isdir(path)):
             raise FileNotFoundError(f"data file {path!r} not found")
         if not weight > 0 or math.isinf(weight):
             raise ValueError(f"the weight of {path!r} must be a positive number, got {weight}")
     return sources
+
+
+def split_jsonfile_directories(sources):
+    """(train files, eval files) where a directory is in DeepSpeed-Chat's local/jsonfile layout:
+    DIR/data/train.json trains with the directory's weight and DIR/data/eval.json is an eval file."""
+    train, evaluation = [], []
+    for path, weight in sources:
+        if not os.path.isdir(path):
+            train.append((path, weight))
+            continue
+        files = [os.path.join(path, "data", f"{name}.json") for name in ("train", "eval")]
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{path!r} is a directory but not in DeepSpeed-Chat's local/jsonfile "
+                                        f"layout: {file!r} not found")
+        train.append((files[0], weight))
+        evaluation.append((files[1], 1.0))
+    return train, evaluation
 
 
 def _file_sha256(path):
@@ -453,28 +616,87 @@ def _split_indices(file_ranges, weights, eval_fraction, seed, has_eval_files):
     return np.concatenate(train).astype(np.int64), np.concatenate(evaluation).astype(np.int64)
 
 
+class _ArrayFile:
+    """A growing 1-D array kept on disk: values are buffered and appended to a raw file, then saved as
+    .npy, so tokenizing a file larger than memory holds one buffer of it at a time."""
+
+    BUFFER = 1 << 20
+
+    def __init__(self, path, dtype):
+        self.path, self.dtype, self.flushed = path, np.dtype(dtype), 0
+        self.buffer, self.raw = array(self.dtype.char), open(path + ".raw", "w+b")  # same item type as dtype
+
+    def __len__(self):
+        return self.flushed + len(self.buffer)
+
+    def extend(self, values):
+        self.buffer.extend(values)
+        if len(self.buffer) >= self.BUFFER:
+            self._flush()
+
+    def _flush(self):
+        self.raw.write(self.buffer.tobytes())
+        self.flushed, self.buffer = self.flushed + len(self.buffer), array(self.dtype.char)
+
+    def save(self):
+        """Write path as .npy (a header, then the raw values copied in chunks) and delete the raw file.
+
+        Plain reads and writes rather than memory maps, so the copy adds no resident pages."""
+        self._flush()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.flushed,)}
+        with open(self.path, "wb") as out:
+            np.lib.format.write_array_header_1_0(out, header)
+            self.raw.seek(0)
+            shutil.copyfileobj(self.raw, out, 1 << 22)
+        self.raw.close()
+        os.remove(self.path + ".raw")
+
+
 def build_cache(out_dir, train_sources, eval_sources, enc, settings, log=print):
     """Tokenize every file into flat arrays in a temporary folder, then rename it to out_dir.
 
+    Rows are streamed and tokens go to disk as they come, so memory does not grow with the data.
     The rename is atomic, so a reader sees a complete cache or none, even if the build is killed.
     """
-    tokens, mask, offsets, starts = array("I"), array("B"), array("q", [0]), array("q")
-    counts = {"rows": 0, "bad_rows": 0, "dropped_too_long": 0, "truncated": 0}
-    file_ranges = []
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
+    try:
+        _tokenize_into(tmp, train_sources, eval_sources, enc, settings, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is for every user of the machine
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another machine sharing this folder finished first: same key, same content
+        shutil.rmtree(tmp)
+
+
+def _tokenize_into(folder, train_sources, eval_sources, enc, settings, log):
+    """The cache's arrays and meta.json in folder: samples of every file, and the train/eval split.
+
+    A row whose prompt already holds the template's role markers is rendered raw (prompt + response),
+    as DeepSpeed-Chat renders such rows, with one notice per file; see ROLE_MARKERS.
+    """
+    tokens = _ArrayFile(os.path.join(folder, "tokens.npy"), np.uint16 if enc.n_vocab <= 2**16 else np.uint32)
+    mask = _ArrayFile(os.path.join(folder, "loss_mask.npy"), np.uint8)
+    offsets, starts, trained = array("q", [0]), array("q"), array("q")
+    counts = {"rows": 0, "bad_rows": 0, "dropped_too_long": 0, "truncated": 0, "rendered_raw": 0}
+    files, file_ranges, template = [], [], settings["template"]
     for path, _ in train_sources + eval_sources:
-        first = len(starts)
-        examples, skipped = read_examples(path, settings["data_format"], settings["skip_bad_rows"], log)
-        counts["bad_rows"] += skipped
-        for line, turns in examples:
-            if not render_prompt(turns[0][0], settings["template"]):
-                problem = (f"the prompt renders to nothing with template {settings['template']!r}, so the "
+        first, found, raw_rows = len(starts), {}, 0
+        for line, turns in iter_examples(path, settings["data_format"], settings["skip_bad_rows"], log, found):
+            wrapped = already_templated(turns, template)
+            row_template, raw_rows = (RAW_TEMPLATE, raw_rows + 1) if wrapped else (template, raw_rows)
+            if not render_prompt(turns[0][0], row_template):
+                problem = (f"the prompt renders to nothing with template {row_template!r}, so the "
                            f"response's first token would have nothing to be predicted from")
                 if not settings["skip_bad_rows"]:
-                    raise DataError(path, line, problem)
+                    raise DataError(path, line, problem, "row" if path.endswith(".parquet") else "line")
                 counts["bad_rows"] += 1
                 continue
             counts["rows"] += 1
-            fitted = fit_length(*tokenize_turns(turns, enc, settings["template"], settings["loss_on_prompt"]),
+            fitted = fit_length(*tokenize_turns(turns, enc, row_template, settings["loss_on_prompt"]),
                                 settings["max_seq_len"], settings["truncate_prompt"])
             if fitted is None:
                 counts["dropped_too_long"] += 1
@@ -482,38 +704,42 @@ def build_cache(out_dir, train_sources, eval_sources, enc, settings, log=print):
             sample_tokens, sample_mask, response_start, outcome = fitted
             counts["truncated"] += outcome == "truncated"
             starts.append(len(tokens) + response_start)
+            trained.append(sum(sample_mask) - sample_mask[0])  # the first token is never a target
             tokens.extend(sample_tokens)
             mask.extend(sample_mask)
             offsets.append(len(tokens))
+        counts["bad_rows"] += found["bad_rows"]
+        counts["rendered_raw"] += raw_rows
+        if raw_rows:
+            log(f"data: {path}: {raw_rows} prompts already hold the template's role markers "
+                f"{' '.join(ROLE_MARKERS[resolve_template(template)])}; rendered raw (prompt + response), "
+                f"as DeepSpeed-Chat does (--template=raw says so)")
         file_ranges.append((first, len(starts)))
+        files.append({"path": path, "format": found["format"], "samples": len(starts) - first, "first": first,
+                      "rendered_raw": raw_rows})
         if first == len(starts):
             log(f"data: warning: every sample of {path} is longer than max_seq_len={settings['max_seq_len']}")
     train_index, eval_index = _split_indices(file_ranges, [w for _, w in train_sources],
                                              eval_share(settings["data_split"]), settings["seed"], bool(eval_sources))
     if len(train_index) == 0:
         raise ValueError(f"no training samples left ({counts}); raise max_seq_len or use truncate_prompt")
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out_dir))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is for every user of the machine
-    arrays = {"tokens": np.asarray(tokens, dtype=np.uint16 if enc.n_vocab <= 2**16 else np.uint32),
-              "loss_mask": np.asarray(mask, dtype=np.uint8), "offsets": np.asarray(offsets),
-              "response_starts": np.asarray(starts), "train_index": train_index, "eval_index": eval_index}
+    tokens.save()
+    mask.save()
+    arrays = {"offsets": np.asarray(offsets), "response_starts": np.asarray(starts), "trained": np.asarray(trained),
+              "train_index": train_index, "eval_index": eval_index}
     for name, values in arrays.items():
-        np.save(os.path.join(tmp, f"{name}.npy"), values)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"counts": counts, "settings": settings}, f, indent=1)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:  # another machine sharing this folder finished first: same key, same content
-        shutil.rmtree(tmp)
+        np.save(os.path.join(folder, f"{name}.npy"), values)
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"counts": counts, "files": files, "settings": settings}, f, indent=1)
 
 
 def load_cache(cache_path):
-    """The cached arrays as read-only memory maps, and the build counts."""
+    """The cached arrays as read-only memory maps, the build counts, and each file's format and samples."""
     arrays = {name: np.load(os.path.join(cache_path, f"{name}.npy"), mmap_mode="r")
-              for name in ("tokens", "loss_mask", "offsets", "response_starts", "train_index", "eval_index")}
+              for name in ("tokens", "loss_mask", "offsets", "response_starts", "trained", "train_index", "eval_index")}
     with open(os.path.join(cache_path, "meta.json")) as f:
-        return arrays, json.load(f)["counts"]
+        meta = json.load(f)
+    return arrays, meta["counts"], meta["files"]
 
 
 # -----------------------------------------------------------------------------
@@ -522,18 +748,18 @@ def load_cache(cache_path):
 class SFTDataset:
     """Samples of one split: (input_ids, labels) of length L-1 for a sample of L tokens ending in EOT."""
 
-    def __init__(self, arrays, index, counts, eot_token, max_seq_len):
+    def __init__(self, arrays, index, counts, eot_token, max_seq_len, files=()):
+        self.files = files  # each input file's path, detected format, and its first sample and count
         self.tokens, self.loss_mask = arrays["tokens"], arrays["loss_mask"]
         self.offsets, self.response_starts = arrays["offsets"], arrays["response_starts"]
         self.index = np.asarray(index)
         self.eot_token, self.max_seq_len = eot_token, max_seq_len
         self.lengths = np.diff(self.offsets)[self.index] - 1
-        self.stats = {**self._token_stats(), **counts}
+        self.stats = {**self._token_stats(arrays["trained"]), **counts}
 
-    def _token_stats(self):
-        """Samples, tokens, and the share of input positions whose target is trained."""
-        first = self.offsets[:-1]  # a sample's first token is never a target, so it is not counted
-        trained = np.add.reduceat(self.loss_mask, first, dtype=np.int64) - self.loss_mask[first]
+    def _token_stats(self, trained):
+        """Samples, tokens, and the share of input positions whose target is trained (per-sample counts
+        from the cache: summing the mask here would read every token into memory)."""
         positions, n = int(self.lengths.sum()), len(self)
         return {"samples": n, "tokens": positions + n, "trained_tokens": int(trained[self.index].sum()),
                 "trained_share": int(trained[self.index].sum()) / max(positions, 1),
@@ -574,8 +800,10 @@ def _describe(name, stats):
 def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", data_split="98,2",
                  data_format="auto", template=DEFAULT_TEMPLATE, loss_on_prompt=False, truncate_prompt=False,
                  skip_bad_rows=False, seed=1337, cache_dir=".cache/data", log=print):
-    """(train, eval) SFTDatasets from files "a.jsonl:2,b.json" (or "demo"), cached on disk.
+    """(train, eval) SFTDatasets from "a.jsonl:2,b.parquet,dschat_dir" (or "demo"), cached on disk.
 
+    A directory in DeepSpeed-Chat's local/jsonfile layout trains on its data/train.json and adds its
+    data/eval.json to the eval files; with any eval file, data_split is not used.
     Local rank 0 builds the cache while the other ranks of a process group wait at a barrier.
     loss_on_prompt=True trains on every non-padding token, as DeepSpeed-Chat does (for comparison).
     """
@@ -592,12 +820,16 @@ def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", d
             write_demo(os.path.join(cache_dir, "demo"))
         _barrier()
         data_path, eval_data_path = (os.path.join(cache_dir, "demo", f) for f in ("train.jsonl", "eval.jsonl"))
-    train_sources, eval_sources = parse_sources(data_path), parse_sources(eval_data_path)
+    train_sources, jsonfile_evals = split_jsonfile_directories(parse_sources(data_path, allow_directories=True))
+    eval_sources = parse_sources(eval_data_path)
     if not train_sources:
         raise ValueError("data_path names no file; give FILE[:WEIGHT],... or 'demo'")
     if any(w != 1 for _, w in eval_sources):
         raise ValueError("blend weights apply to training files only, not to eval_data_path")
-    settings = {"tokenizer": tokenizer_name, "eot_token": enc.eot_token, "template": template,
+    eval_sources += jsonfile_evals
+    # The template's text, so a preset's name and its text share a cache (the format is in data_format
+    # or, detected, follows from the files' contents).
+    settings = {"tokenizer": tokenizer_name, "eot_token": enc.eot_token, "template": resolve_template(template),
                 "max_seq_len": max_seq_len, "truncate_prompt": truncate_prompt, "loss_on_prompt": loss_on_prompt,
                 "skip_bad_rows": skip_bad_rows, "data_format": data_format, "data_split": data_split, "seed": seed}
     cache_path = os.path.join(cache_dir, cache_key(train_sources, eval_sources, settings))
@@ -605,13 +837,14 @@ def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", d
     if built:
         build_cache(cache_path, train_sources, eval_sources, enc, settings, log)
     _barrier()
-    arrays, counts = load_cache(cache_path)
-    train, evaluation = (SFTDataset(arrays, arrays[f"{name}_index"], counts, enc.eot_token, max_seq_len)
+    arrays, counts, files = load_cache(cache_path)
+    train, evaluation = (SFTDataset(arrays, arrays[f"{name}_index"], counts, enc.eot_token, max_seq_len, files)
                          for name in ("train", "eval"))
     log(f"data: {'built' if built else 'reused'} cache {cache_path}")
     log(f"data: {_describe('train', train.stats)}; {_describe('eval', evaluation.stats)}")
     log(f"data: {counts['rows']:,} valid rows, {counts['dropped_too_long']} dropped as longer than "
-        f"max_seq_len={max_seq_len}, {counts['truncated']} prompts truncated, {counts['bad_rows']} bad rows skipped")
+        f"max_seq_len={max_seq_len}, {counts['truncated']} prompts truncated, {counts['bad_rows']} bad rows skipped, "
+        f"{counts['rendered_raw']} already-templated prompts rendered raw")
     return train, evaluation
 
 
@@ -679,12 +912,15 @@ class Batches:
         return rows + [row] if row else rows
 
     def next_batch(self):
-        """{"input_ids", "labels", "segment_ids"}; moves to the next, reshuffled epoch when one ends."""
-        rows = self._plan[self.step * self.world_size + self.rank]
+        """{"input_ids", "labels", "segment_ids", "samples"}; moves to the next, reshuffled epoch when one
+        ends. "samples" says where the batch came from (epoch, global micro-batch, the training set's
+        sample indices per row), so that a batch that misbehaves can be looked at."""
+        position = self.step * self.world_size + self.rank
+        rows, samples = self._plan[position], {"epoch": self.epoch, "micro_batch": position}
         self.step += 1
         if self.step == self.batches_per_epoch:  # so epoch and batches_per_epoch describe the next batch
             self._start_epoch(self.epoch + 1)
-        return self._collate(rows)
+        return {**self._collate(rows), "samples": {**samples, "rows": rows}}
 
     def _collate(self, rows):
         """Pad rows with EOT ids (label -100); when packing, mark each sample and the padding as segments."""
@@ -717,8 +953,13 @@ class Batches:
         return {"epoch": self.epoch, "position": self.step * self.world_size, "samples": len(self.dataset)}
 
     def load_state_dict(self, state):
-        if state["samples"] != len(self.dataset) or state["position"] % self.world_size:
-            raise ValueError(f"cannot resume {state} with {len(self.dataset)} samples on {self.world_size} ranks")
+        if state["samples"] != len(self.dataset):
+            raise ValueError(f"it was taken on {state['samples']} training samples but the data now gives "
+                             f"{len(self.dataset)}; resume with the same data and data options")
+        if state["position"] % self.world_size:
+            raise ValueError(f"it stopped after {state['position']} micro-batches of epoch {state['epoch']}, which "
+                             f"{self.world_size} ranks cannot share evenly; resume on a number of ranks that "
+                             f"divides {state['position']}")
         self._start_epoch(state["epoch"])
         self.step = state["position"] // self.world_size
         if self.step >= self.batches_per_epoch:  # on fewer batches per rank, the rest of that epoch is its tail
@@ -728,9 +969,8 @@ class Batches:
 # -----------------------------------------------------------------------------
 # Command line: look at the data a model will be trained on
 
-def show_sample(dataset, i, enc, color):
-    """The sample's text with trained tokens in green (terminal) or in [[double brackets]]."""
-    tokens, mask = dataset.tokens_and_mask(i)
+def show_sample(tokens, mask, enc, color):
+    """A sample's text with trained tokens in green (terminal) or in [[double brackets]]."""
     trained = np.concatenate([[0], mask[1:]])  # the first token is never a target
     cuts = [0] + [k for k in range(1, len(tokens)) if trained[k] != trained[k - 1]] + [len(tokens)]
     parts = []
@@ -738,6 +978,23 @@ def show_sample(dataset, i, enc, color):
         text = enc.decode(tokens[a:b].tolist())
         parts.append((f"\033[32m{text}\033[0m" if color else f"[[{text}]]") if trained[a] else text)
     return "".join(parts)
+
+
+def show_files(dataset, enc, color):
+    """Each file's detected format, then the first sample of each format as it will be trained."""
+    shown = set()
+    for file in dataset.files:
+        raw = f", {file['rendered_raw']} already-templated prompts rendered raw" if file["rendered_raw"] else ""
+        print(f"file {file['path']}: format {file['format']}, {file['samples']:,} samples{raw}")
+        if file["format"] == "alpaca":
+            print(f"  alpaca: prompt = instruction + {ALPACA_JOIN!r} + input "
+                  "(the instruction alone when input is empty)")
+    for file in dataset.files:
+        if file["format"] not in shown and file["samples"]:
+            shown.add(file["format"])
+            start, end = dataset.offsets[file["first"]], dataset.offsets[file["first"] + 1]
+            text = show_sample(dataset.tokens[start:end].astype(np.int64), dataset.loss_mask[start:end], enc, color)
+            print(f"--- first sample of format {file['format']} ({file['path']})\n{text}")
 
 
 def _parse_options(argv, options):
@@ -761,7 +1018,8 @@ def _parse_options(argv, options):
 
 
 def main(argv):
-    """`inspect`: samples with trained tokens marked, and statistics; `demo`: write the demo files."""
+    """`inspect`: each file's format, samples with trained tokens marked, and statistics; `demo`: write
+    the demo files. Bad data exits with status 2 and one line naming the file and line."""
     inspect_options = {"data_path": "", "tokenizer": "gpt2", "max_seq_len": 512, "eval_data_path": "",
                        "data_split": "98,2", "data_format": "auto", "template": DEFAULT_TEMPLATE,
                        "loss_on_prompt": False, "truncate_prompt": False, "skip_bad_rows": False, "seed": 1337,
@@ -774,16 +1032,20 @@ def main(argv):
         if not o["data_path"]:
             sys.exit("inspect needs --data_path=FILE (or --data_path=demo --tokenizer=byte)")
         try:  # bad data is reported as one line that names the file and line, not a traceback
-            train, _ = prepare_data(o["data_path"], o["tokenizer"], o["max_seq_len"], eval_data_path=o["eval_data_path"],
+            train, _ = prepare_data(o["data_path"], o["tokenizer"], o["max_seq_len"],
+                                    eval_data_path=o["eval_data_path"],
                                     data_split=o["data_split"], data_format=o["data_format"], template=o["template"],
                                     loss_on_prompt=o["loss_on_prompt"], truncate_prompt=o["truncate_prompt"],
                                     skip_bad_rows=o["skip_bad_rows"], seed=o["seed"], cache_dir=o["cache_dir"])
         except (OSError, ValueError) as e:
-            sys.exit(f"data.py: error: {e}")
+            print(f"data.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
         enc, color = get_tokenizer(o["tokenizer"]), sys.stdout.isatty()
         print("trained tokens are " + ("\033[32mgreen\033[0m" if color else "[[in double brackets]]"))
+        show_files(train, enc, color)
         for i in range(min(o["num_samples"], len(train))):
-            print(f"--- sample {i} ({train.lengths[i] + 1} tokens)\n{show_sample(train, i, enc, color)}")
+            text = show_sample(*train.tokens_and_mask(i), enc, color)
+            print(f"--- sample {i} ({train.lengths[i] + 1} tokens)\n{text}")
         for packing in (False, True):
             batches = Batches(train, o["batch_size"], seed=o["seed"], packing=packing)
             for _ in range(batches.batches_per_epoch):

@@ -395,7 +395,12 @@ def read_hf_config(file):
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: from_pretrained expects a local Hugging Face GPT-2 directory "
                                 "(config.json plus model.safetensors or pytorch_model.bin)")
-    hf = json.loads(file.read_text())
+    try:
+        hf = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} must hold a JSON object (a GPT-2 config), got a {type(hf).__name__}")
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{file}: model_type is {hf.get('model_type')!r}, but only GPT-2 ('gpt2') is supported")
     if not set(hf.get("architectures") or []) <= {"GPT2LMHeadModel", "GPT2Model"}:
@@ -412,12 +417,21 @@ def read_hf_config(file):
 
 
 def read_hf_weights(path):
-    """Tensors of a Hugging Face checkpoint: model.safetensors, else pytorch_model.bin loaded weights_only."""
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-        return path / "model.safetensors", load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return path / "pytorch_model.bin", torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    """Tensors of a Hugging Face checkpoint: model.safetensors, else pytorch_model.bin loaded weights_only.
+    A file that does not read (truncated, emptied, not tensors) is a ValueError naming it."""
+    from safetensors.torch import load_file
+    for name, load in (("model.safetensors", load_file),
+                       ("pytorch_model.bin", lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+        file = path / name
+        if file.is_file():
+            try:
+                tensors = load(file)
+            except Exception as e:  # safetensors, zipfile and unpickling errors share no base class
+                raise ValueError(f"{file} cannot be read, it may be truncated or damaged: "
+                                 f"{type(e).__name__}: {e}") from None
+            if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+                raise ValueError(f"{file} does not hold a dictionary of named tensors")
+            return file, tensors
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin "
                             "(sharded checkpoints are not supported)")
 

@@ -52,6 +52,23 @@ def load_model(path):
     return build_model(options, None, checkpoint), {"tokenizer": options["tokenizer"], "template": options["template"]}
 
 
+def check_tokenizer(requested, trained_with, model, model_path):
+    """The tokenizer to prompt with: the one the model was trained with, when it is known. Another one
+    would feed it ids that mean other text (or lie past its vocabulary) and the answer would be noise."""
+    if requested and trained_with and requested != trained_with:
+        raise OptionError(f"--tokenizer={requested} but --model={model_path} was trained with the {trained_with} "
+                          f"tokenizer; leave --tokenizer empty to use that one")
+    name = requested or trained_with or "gpt2"
+    try:
+        tokenizer = get_tokenizer(name)
+    except (OSError, ValueError) as e:
+        raise OptionError(f"--tokenizer={name}: {e}") from None
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise OptionError(f"--tokenizer={name} has {tokenizer.n_vocab} tokens but --model={model_path} only "
+                          f"{model.config.vocab_size}: the model was not trained with this tokenizer")
+    return tokenizer
+
+
 def main(argv):
     args, _ = parse_options(argv, OPTIONS, CHOICES, RANGES, __doc__)
     torch.manual_seed(args["seed"])
@@ -60,7 +77,7 @@ def main(argv):
         raise OptionError("--device=cuda but no CUDA device is available")
     model, trained_with = load_model(args["model"])
     model.to(device).eval()
-    tokenizer = get_tokenizer(args["tokenizer"] or trained_with.get("tokenizer", "gpt2"))
+    tokenizer = check_tokenizer(args["tokenizer"], trained_with.get("tokenizer"), model, args["model"])
     template = trained_with.get("template", DEFAULT_TEMPLATE)
 
     def respond(context):

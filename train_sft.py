@@ -13,6 +13,8 @@ batch is split.
 """
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -22,8 +24,12 @@ import random
 import re
 import resource
 import shutil
+import signal
+import socket
 import sys
 import time
+import traceback
+import uuid
 import warnings
 
 import numpy as np
@@ -43,16 +49,20 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # --key=value on the command line overrides. Types follow the defaults.
 OPTIONS = {
     # data
-    "data_path": ("demo", "comma-separated JSON/JSONL files, each optionally path:weight; 'demo' = built-in task"),
+    "data_path": ("demo", "comma-separated .jsonl/.json/.parquet files or DeepSpeed-Chat local/jsonfile "
+                          "directories, each optionally path:weight; 'demo' = built-in task"),
     "eval_data_path": ("", "explicit eval file; empty = split off data_split's eval share"),
-    "data_split": ("98,2", "train,eval proportions when there is no eval_data_path"),
-    "data_format": ("auto", "auto | prompt_response | prompt_chosen | messages"),
+    "data_split": ("98,2", "train,eval proportions when there is no eval file (eval_data_path, or a "
+                           "DeepSpeed-Chat directory's data/eval.json)"),
+    "data_format": ("auto", "auto (detected per file) | prompt_response | prompt_chosen | prompt_completion | "
+                            "messages | alpaca | sharegpt"),
     "tokenizer": ("gpt2", "gpt2 | byte (256 byte tokens, for tiny CPU runs)"),
     "max_seq_len": (512, "most tokens in one sample, end-of-text included"),
     "truncate_prompt": (False, "cut over-long prompts from the left instead of dropping the sample"),
     "loss_on_prompt": (False, "train on prompt tokens too (DeepSpeed-Chat's behaviour, for comparison)"),
     "skip_bad_rows": (False, "skip and count malformed rows instead of stopping"),
-    "template": (DEFAULT_TEMPLATE, "how a prompt and response become text: {prompt} and {response} placeholders"),
+    "template": (DEFAULT_TEMPLATE, "how a prompt and response become text: deepspeed_chat (this default) | raw | "
+                                   "chat, or a custom string with {prompt} and {response}"),
     "packing": (False, "pack several samples per row (no attention between them) instead of padding"),
     "group_by_length": (True, "batch samples of similar length together (less padding); false = fully random"),
     "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),
@@ -100,7 +110,9 @@ OPTIONS = {
     "seed": (1337, "random seed (model init, data order, dropout)"),
     # logging, eval, checkpoints
     "output_dir": ("out", "checkpoints, metrics.jsonl and the exported Hugging Face model"),
-    "resume": (False, "continue the run in output_dir from its latest checkpoint"),
+    "resume": (False, "continue the run in output_dir from its latest intact checkpoint"),
+    "overwrite_output_dir": (False, "a new run in an output_dir holding an earlier run's checkpoints or metrics "
+                                    "removes them (and its hf/, tensorboard/) instead of stopping"),
     "log_interval": (10, "optimizer steps between log lines"),
     "eval_interval": (0, "optimizer steps between evals; 0 = only at the end"),
     "eval_exact_match": (0, "eval: greedy-generate this many eval responses and score exact match; 0 = off"),
@@ -110,7 +122,7 @@ OPTIONS = {
 }
 CHOICES = {
     "engine": ("native", "deepspeed"),
-    "data_format": ("auto", "prompt_response", "prompt_chosen", "messages"),
+    "data_format": ("auto", "prompt_response", "prompt_chosen", "prompt_completion", "messages", "alpaca", "sharegpt"),
     "tokenizer": ("gpt2", "byte"),
     "kernels": ("torch", "triton"),
     "lr_scheduler": ("cosine", "linear", "constant"),
@@ -132,6 +144,20 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "num_train_epochs", "log_interval", 
 
 class OptionError(ValueError):
     """A bad option, config file or output directory: the message says which and why."""
+
+
+class RunStopped(Exception):
+    """The run ended before its last step or without a result to keep: on SIGTERM/SIGINT (after a
+    checkpoint), or on NaN/Inf (with nothing exported). The message says why (empty on ranks other
+    than 0, so that torchrun prints it once); exit_code tells a calling script which it was."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+EXIT_NONFINITE = 3  # 2 is bad input; a signal gives 128 + its number, as a shell reports a killed process
+EXIT_CHECKPOINT_NOT_WRITTEN = 4
 
 
 def usage(options, doc):
@@ -156,11 +182,16 @@ def convert(name, value, source, options, choices, ranges):
         except ValueError:
             raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float's range, from a config file
+            value = math.inf
     if type(value) is not type(default):
         raise OptionError(f"{source}: --{name} must be {type(default).__name__}, got {value!r}")
     low, high = ranges.get(name, (0, None))
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison: check it first
+        raise OptionError(f"{source}: --{name} must be a finite number, got {value!r}")
     if is_number and (value < low or high is not None and value > high):
         allowed = f"at least {low}" if high is None else f"between {low} and {high}"
         raise OptionError(f"{source}: --{name} must be {allowed}, got {value!r}")
@@ -181,6 +212,7 @@ def parse_options(argv, options=OPTIONS, choices=CHOICES, ranges=RANGES, doc=__d
             print(usage(options, doc))
             sys.exit(0)
         if not arg.startswith("--"):
+            check_config_file_name(arg)
             for name, value in read_config_file(arg, options).items():
                 cfg[name] = convert(name, value, arg, options, choices, ranges)
                 explicit.add(name)
@@ -195,6 +227,16 @@ def parse_options(argv, options=OPTIONS, choices=CHOICES, ranges=RANGES, doc=__d
         cfg[name] = convert(name, value, "command line", options, choices, ranges)
         explicit.add(name)
     return cfg, explicit
+
+
+def check_config_file_name(arg):
+    """A config file is python and is run as such, so only a .py file is taken as one: anything else
+    given without --, a data file say, would otherwise run as code, set nothing and go unnoticed."""
+    if arg.endswith(".py"):
+        return
+    if arg.endswith((".json", ".jsonl", ".parquet")):
+        raise OptionError(f"{arg} is not a config file (those end in .py); give data as --data_path={arg}")
+    raise OptionError(f"{arg} is neither a config file (those end in .py) nor an option (--key=value)")
 
 
 def read_config_file(path, options):
@@ -254,6 +296,13 @@ def check_output_dir(path):
         raise OptionError(f"--output_dir={path} cannot be written: {e.strerror}") from None
 
 
+def data_error_sentence(e, cache_dir):
+    """A data problem's message; one that happened inside the cache names --cache_dir, the option to change."""
+    inside = getattr(e, "filename", None) and os.path.join(os.path.abspath(e.filename), "").startswith(
+        os.path.join(os.path.abspath(cache_dir), ""))
+    return f"--cache_dir={cache_dir} cannot be used: {e.strerror} ({e.filename})" if inside else str(e)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -296,13 +345,14 @@ def adopt_checkpoint_options(cfg, explicit, saved, path, names):
         cfg[name] = saved[name]
 
 
-def starting_checkpoint(cfg, explicit):
+def starting_checkpoint(cfg, explicit, log, master):
     """The checkpoint to resume (the whole run's state) or to start from (the model's shape and
     weights), with the options it fixes adopted into cfg; None when starting otherwise."""
     if cfg["resume"]:
-        path = find_checkpoint(cfg["output_dir"])
+        path = find_checkpoint(cfg["output_dir"], log, set_aside=master)
         if path is None:
-            raise OptionError(f"--resume: no ckpt-<step> checkpoint in --output_dir={cfg['output_dir']}")
+            raise OptionError(f"--resume: no intact ckpt-<step> checkpoint of the run in "
+                              f"--output_dir={cfg['output_dir']}")
         checkpoint = load_checkpoint(path)
         adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, list(OPTIONS))
         return checkpoint
@@ -311,7 +361,7 @@ def starting_checkpoint(cfg, explicit):
     if os.path.isfile(os.path.join(cfg["init_from"], "config.json")):  # a Hugging Face directory: ours say
         cfg.update({k: v for k, v in exported_options(cfg["init_from"]).items() if k not in explicit})  # how trained
         return None
-    path = find_checkpoint(cfg["init_from"])
+    path = find_checkpoint(cfg["init_from"], log)
     if path is None:
         raise OptionError(f"--init_from={cfg['init_from']}: neither a Hugging Face GPT-2 directory "
                           f"(config.json) nor a checkpoint")
@@ -326,7 +376,10 @@ def resume_run(checkpoint, engine, batches, rank):
         engine.load(checkpoint["path"])
     except ValueError as e:
         raise OptionError(str(e)) from None
-    batches.load_state_dict(checkpoint["batches"])
+    try:
+        batches.load_state_dict(checkpoint["batches"])
+    except ValueError as e:
+        raise OptionError(f"cannot resume from {checkpoint['path']}: {e}") from None
     set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
     return checkpoint["step"]
 
@@ -790,56 +843,333 @@ def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world
 
 
 # -----------------------------------------------------------------------------
+# Stopping: signals, NaN/Inf
+
+
+class StopSignals:
+    """While installed, SIGTERM (a scheduler's preemption; torchrun forwards it to every worker) and
+    SIGINT (Ctrl-C) only record that the run should stop: the loop finishes its step, writes a
+    checkpoint and exits. Repeats are ignored (Ctrl-C under torchrun reaches a worker twice, from the
+    terminal and from torchrun); SIGKILL still ends a run at once, at the cost of the work since the
+    last checkpoint. The handler only sets a number: printing from it could interrupt a print."""
+
+    def __init__(self):
+        self.received = 0
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.received = self.received or signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def weights_are_finite(module, world, device):
+    """Whether every parameter on every rank is free of NaN/Inf (one all-reduce, at the end of a run)."""
+    bad = torch.zeros((), device=device)
+    for p in module.parameters():
+        bad += (~torch.isfinite(p)).sum()
+    if world > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def write_nonfinite_batches(output_dir, step, rank, micro, loss):
+    """output_dir/nonfinite-step-<step>-rank<rank>.json: where this rank's micro-batches of a NaN/Inf
+    step came from (epoch, global micro-batch, training-set sample indices per row), to look at."""
+    path = os.path.join(output_dir, f"nonfinite-step-{step:08d}-rank{rank}.json")
+    with open(path, "w") as f:
+        json.dump({"step": step, "rank": rank, "loss": loss, "micro_batches": [b["samples"] for b in micro]}, f)
+    return path
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints and logs
 
 
 # A checkpoint is a directory ckpt-<step>/ holding each rank's engine files, the trainer's state
-# (rank 0), the consolidated weights and a manifest of every file with its size and sha256. It is
-# written as ckpt-<step>.tmp/ and renamed once every rank is done, so a directory with this name is
-# complete and the latest one is the one to resume from.
+# (rank 0), the consolidated weights and manifest.json: every file with its size and sha256, the step
+# and the id of the run that wrote it. It is written as ckpt-<step>.tmp/ and renamed once every rank
+# is done. run.json in output_dir names the run whose checkpoints these are: resume and rotation
+# consider that run's checkpoints only, and a resume checks every sha256 first, falling back to the
+# previous intact checkpoint. run.lock, locked by rank 0 for the run's life, keeps a second run out.
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8,})")
+LEFTOVER_NAME = re.compile(r"(ckpt-\d{8,})\.(tmp|old)")  # being written, or being replaced, when a crash came
 TRAINER_FILE, WEIGHTS_FILE, MANIFEST_FILE = "trainer.pt", "model.pt", "manifest.json"
+RUN_FILE, LOCK_FILE = "run.json", "run.lock"
+RUN_OUTPUTS = re.compile(r"metrics\.jsonl|hf|tensorboard|nonfinite-step-\d{8}-rank\d+\.json")  # besides checkpoints
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say): the message says where and why."""
+
+
+def claim_output_dir(output_dir, resume, overwrite, rank, world, log):
+    """Makes output_dir this run's before any work: rank 0 locks it for the run's life, restores or
+    removes what a crash left behind and, for a new run, refuses an earlier run's output unless told
+    to overwrite it. Returns (the lock, to keep referenced, None on other ranks; a new run id)."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            if resume and overwrite:
+                raise OptionError("give either --resume (continue the run in --output_dir) or "
+                                  "--overwrite_output_dir (replace it), not both")
+            lock = lock_output_dir(output_dir)
+            remove_leftovers(output_dir, log)
+            if not resume:
+                make_room_for_new_run(output_dir, overwrite, log)
+        except OptionError as e:
+            error = str(e)
+    error, run_id = from_rank0((error, uuid.uuid4().hex), world)
+    if error:
+        raise OptionError(error)
+    return lock, run_id
+
+
+def from_rank0(value, world):
+    """Rank 0's value on every rank, so that all ranks take the same decision."""
+    if world > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def lock_output_dir(output_dir):
+    """An exclusive lock on output_dir/run.lock while the returned file stays open. The kernel drops
+    it when the process ends, however it ends, so a killed run leaves nothing stuck."""
+    f = open(os.path.join(output_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise OptionError(f"--output_dir={output_dir} is in use by a run that is still going ({holder}); "
+                          f"wait for it to end or give another --output_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def remove_leftovers(output_dir, log):
+    """A crash can leave ckpt-<step>.tmp/ (unfinished: removed) and ckpt-<step>.old/ (a complete
+    checkpoint moved aside for the same step saved again: restored if its replacement never arrived)."""
+    for name in sorted(os.listdir(output_dir)):  # .old before .tmp
+        match = LEFTOVER_NAME.fullmatch(name)
+        path = os.path.join(output_dir, name)
+        if not match or not os.path.isdir(path):
+            continue
+        final = os.path.join(output_dir, match.group(1))
+        if match.group(2) == "old" and not os.path.exists(final):
+            os.replace(path, final)
+            log(f"restored {final} from {name}, left by an interrupted run")
+        else:
+            shutil.rmtree(path)
+            log(f"removed {path}, left unfinished by an interrupted run")
+
+
+def make_room_for_new_run(output_dir, overwrite, log):
+    """A new run must not mix its checkpoints and metrics with an earlier run's: that output stops
+    the run, or with --overwrite_output_dir is removed first."""
+    checkpoints = [os.path.basename(path) for _, path in list_checkpoints(output_dir)]
+    outputs = sorted(name for name in os.listdir(output_dir) if RUN_OUTPUTS.fullmatch(name))
+    if not checkpoints and "metrics.jsonl" not in outputs:
+        return
+    if not overwrite:
+        found = ", ".join(checkpoints[-2:]) if checkpoints else "metrics.jsonl and no checkpoint"
+        resume = "continue that run with --resume or " if checkpoints else ""
+        raise OptionError(f"--output_dir={output_dir} holds an earlier run's output ({found}): {resume}"
+                          f"replace it with --overwrite_output_dir")
+    for name in checkpoints + outputs + [RUN_FILE]:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    log(f"--overwrite_output_dir: removed the earlier run's {', '.join(checkpoints + outputs)} from {output_dir}")
 
 
 def list_checkpoints(output_dir):
-    """(step, path) of this project's complete checkpoints in output_dir, ordered by step."""
+    """(step, path) of every directory named as this project's checkpoints (ckpt-<8 digits>), ordered by
+    step; any other name, such as ckpt-best/, is the user's and never touched."""
     found = []
     for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
         match = CHECKPOINT_NAME.fullmatch(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, MANIFEST_FILE)):
+        if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
 
 
-def find_checkpoint(path):
-    """A checkpoint directory itself, or the latest one inside a run directory; None if there is none."""
-    if os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+def read_json_object(path):
+    """The JSON object in path, or None when the file is missing, unreadable or holds no object."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_of(ckpt_dir):
+    """The id of the run that wrote a checkpoint, from its manifest (None if it has none)."""
+    return (read_json_object(os.path.join(ckpt_dir, MANIFEST_FILE)) or {}).get("run_id")
+
+
+def find_checkpoint(path, log=lambda message: print(message, file=sys.stderr), set_aside=False):
+    """An intact checkpoint: path itself when it is a checkpoint directory, else the latest intact one
+    of the run that run directory path records (of any run, without a record). Each one passed over is
+    reported by name; with set_aside (rank 0 of a resume) they are renamed <name>.rejected, so that the
+    resumed run neither counts them as its own nor writes over them. None if none is intact."""
+    if os.path.isfile(os.path.join(path, MANIFEST_FILE)):  # a checkpoint directory named by the user
+        problem = checkpoint_problem(path)
+        if problem:
+            raise OptionError(f"{path} is not a train_sft.py checkpoint, or not an intact one: {problem}")
         return path
-    found = list_checkpoints(path)
-    return found[-1][1] if found else None
+    run_id = (read_json_object(os.path.join(path, RUN_FILE)) or {}).get("run_id")
+    passed_over = []
+    for _, candidate in reversed(list_checkpoints(path)):
+        problem = checkpoint_problem(candidate, run_id)
+        if problem is None:
+            for rejected in passed_over if set_aside else []:
+                move_aside(rejected, log)
+            if passed_over:
+                log(f"using the previous intact checkpoint, {candidate}")
+            return candidate
+        log(f"checkpoint {candidate} cannot be used: {problem}")
+        passed_over.append(candidate)
+    return None
+
+
+def move_aside(ckpt_dir, log):
+    """Renames a checkpoint that a resume passed over to <name>.rejected (.rejected2, ... when taken)."""
+    target, count = ckpt_dir + ".rejected", 1
+    while os.path.exists(target):
+        count += 1
+        target = f"{ckpt_dir}.rejected{count}"
+    os.replace(ckpt_dir, target)
+    log(f"moved {ckpt_dir} aside to {target}")
+
+
+def checkpoint_problem(ckpt_dir, run_id=None):
+    """None if ckpt_dir is an intact checkpoint (of run run_id, when given), else what is wrong with it.
+    Ranks share the hashing (each checks every world-th file) and all get the same answer."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    manifest = read_json_object(os.path.join(ckpt_dir, MANIFEST_FILE))
+    named_step = CHECKPOINT_NAME.fullmatch(os.path.basename(ckpt_dir))
+    problem = None
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        problem = f"its {MANIFEST_FILE} is missing or unreadable (an unfinished or foreign directory)"
+    elif named_step and manifest.get("step") != int(named_step.group(1)):
+        problem = f"its {MANIFEST_FILE} is for step {manifest.get('step')!r} (a foreign directory)"
+    elif run_id is not None and manifest.get("run_id") != run_id:
+        problem = f"it was written by another run than the one {RUN_FILE} records"
+    else:
+        for name in sorted(manifest["files"])[rank::world]:
+            problem = file_problem(ckpt_dir, name, manifest["files"][name])
+            if problem:
+                break
+    if world > 1:
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    return problem
+
+
+def file_problem(ckpt_dir, name, expected):
+    """What is wrong with one file of a checkpoint, measured against its manifest entry; None if nothing."""
+    path = os.path.join(ckpt_dir, name)
+    if not isinstance(expected, dict) or os.path.isabs(name) or ".." in name.split("/"):
+        return f"its {MANIFEST_FILE} entry for {name!r} is not valid"
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    size = os.path.getsize(path)
+    if size != expected.get("bytes"):
+        return f"{name} has {size} bytes instead of {expected.get('bytes')} (truncated or replaced)"
+    if sha256_of(path) != expected.get("sha256"):
+        return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
     """Every rank writes its engine files into ckpt-<step>.tmp/, rank 0 adds the trainer state, the
-    consolidated weights and the manifest, then renames it to ckpt-<step>/ and drops old checkpoints."""
+    consolidated weights and the manifest, then renames it to ckpt-<step>/ and drops this run's oldest
+    checkpoints. A checkpoint that does not fit stops the run with CheckpointError before it is renamed:
+    the unfinished directory is removed and the earlier checkpoints stay as they were."""
     final = os.path.join(output_dir, f"ckpt-{step:08d}")
     tmp = final + ".tmp"
+    run_id = trainer_state["run_id"]
+    weights = engine.full_state_dict()  # collective: every rank takes part
+    needed, error = 0, None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
-        os.makedirs(tmp)
-    barrier(world)
-    engine.save(tmp)
-    weights = engine.full_state_dict()  # collective: every rank takes part
-    if rank == 0:
-        torch.save(weights, os.path.join(tmp, WEIGHTS_FILE))
-        torch.save(trainer_state, os.path.join(tmp, TRAINER_FILE))
+        needed = checkpoint_bytes_needed(output_dir, run_id, weights)
+        free = shutil.disk_usage(output_dir).free
+        if free < needed:
+            error = (f"checkpoint step {step} needs about {mib(needed)} in {output_dir} but only {mib(free)} "
+                     f"are free: the run stops here and keeps its earlier checkpoints")
+        else:
+            os.makedirs(tmp)
+    error, needed = from_rank0((error, needed), world)
+    if error:
+        raise CheckpointError(error)
+    with removed_on_failure(tmp, output_dir, step, needed):
+        engine.save(tmp)
+        if rank == 0:
+            torch.save(weights, os.path.join(tmp, WEIGHTS_FILE))
+            torch.save(trainer_state, os.path.join(tmp, TRAINER_FILE))
     barrier(world)  # every rank's files are in place
     if rank == 0:
-        write_manifest(tmp, {"step": step, "engine": trainer_state["engine"]})
+        with removed_on_failure(tmp, output_dir, step, needed):
+            write_manifest(tmp, {"step": step, "engine": trainer_state["engine"], "run_id": run_id})
         replace_directory(tmp, final)
-        remove_old_checkpoints(output_dir, keep)
+        fsync_directory(output_dir)  # the rename itself survives a power cut
+        write_run_record(output_dir, run_id)
+        remove_old_checkpoints(output_dir, keep, run_id)
     barrier(world)
     return final
+
+
+def checkpoint_bytes_needed(output_dir, run_id, weights):
+    """The space the next checkpoint needs: the size of this run's latest one or, before the first,
+    a lower bound from the state (the consolidated weights; engines write theirs in other dtypes)."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        manifest = read_json_object(os.path.join(path, MANIFEST_FILE))
+        if manifest and manifest.get("run_id") == run_id and isinstance(manifest.get("files"), dict):
+            return sum(entry.get("bytes", 0) for entry in manifest["files"].values() if isinstance(entry, dict))
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in weights.values()}.values())
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp, output_dir, step, needed):
+    """Turns a failed write (torch.save reports a full disk as a RuntimeError) into one sentence, after
+    removing the unfinished directory so that it cannot fill the disk for the next run."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(output_dir).free  # before the removal frees space again
+        failure = e
+        while failure is not None:  # frees the writers held by the tracebacks: their files are still open
+            traceback.clear_frames(failure.__traceback__)
+            failure = failure.__context__
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 2**20:
+            reason = f"the disk is full ({mib(free)} free; it needs at least {mib(needed)})"
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"checkpoint step {step} could not be written to {output_dir}: {reason}; "
+                              f"the run stops here and keeps its earlier checkpoints") from None
+
+
+def mib(n_bytes):
+    return f"{n_bytes / 2**20:.1f} MiB"
 
 
 def barrier(world):
@@ -848,23 +1178,44 @@ def barrier(world):
 
 
 def write_manifest(ckpt_dir, info):
-    """manifest.json: every file under ckpt_dir with its size and sha256, beside info."""
+    """manifest.json: every other file under ckpt_dir with its size and sha256, beside info. Each file
+    is flushed to disk first, so that a renamed checkpoint survives a power cut too."""
     files = {}
     for root, _, names in os.walk(ckpt_dir):
         for name in sorted(names):
             path = os.path.join(root, name)
-            digest = hashlib.sha256()
+            relative = os.path.relpath(path, ckpt_dir)
+            if relative == MANIFEST_FILE:
+                continue
             with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            files[os.path.relpath(path, ckpt_dir)] = {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+                os.fsync(f.fileno())
+            files[relative] = {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
     with open(os.path.join(ckpt_dir, MANIFEST_FILE), "w") as f:
         json.dump({**info, "files": dict(sorted(files.items()))}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_directory(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_run_record(output_dir, run_id):
+    """run.json: the run whose checkpoints output_dir holds (written atomically, when it changes)."""
+    path = os.path.join(output_dir, RUN_FILE)
+    if (read_json_object(path) or {}).get("run_id") != run_id:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"run_id": run_id}, f)
+        os.replace(path + ".tmp", path)
 
 
 def replace_directory(src, dst):
     """Renames src to dst; an existing dst (the same step saved again) is moved aside first, so a
-    complete checkpoint exists at every moment."""
+    complete checkpoint exists at every moment (remove_leftovers restores it after a crash)."""
     if os.path.exists(dst):
         os.replace(dst, dst + ".old")
         os.replace(src, dst)
@@ -873,14 +1224,16 @@ def replace_directory(src, dst):
         os.replace(src, dst)
 
 
-def remove_old_checkpoints(output_dir, keep):
-    """Keeps the latest `keep` checkpoints by step; anything not named as ours is left alone."""
-    for _, path in list_checkpoints(output_dir)[:-keep]:
+def remove_old_checkpoints(output_dir, keep, run_id):
+    """Keeps the latest `keep` of this run's checkpoints by step; every other run's and name is left alone."""
+    ours = [path for _, path in list_checkpoints(output_dir) if run_of(path) == run_id]
+    for path in ours[:-keep]:
         shutil.rmtree(path)
 
 
 def load_checkpoint(path):
-    """The trainer's state of a checkpoint directory, with the consolidated weights as "model"."""
+    """The trainer's state of a checkpoint directory, with the consolidated weights as "model" and the
+    id of the run that wrote it as "run_id"."""
     files = [os.path.join(path, name) for name in (TRAINER_FILE, WEIGHTS_FILE)]
     if not all(os.path.isfile(f) for f in files):
         raise OptionError(f"{path} is not a train_sft.py checkpoint directory (for Hugging Face weights, "
@@ -892,7 +1245,7 @@ def load_checkpoint(path):
         raise OptionError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict) or not {"options", "model_config"} <= state.keys():
         raise OptionError(f"{path} is not a train_sft.py checkpoint directory")
-    state["path"] = path
+    state["path"], state["run_id"] = path, run_of(path)
     return state
 
 
@@ -900,13 +1253,12 @@ class MetricsLog:
     """One JSON object per line in output_dir/metrics.jsonl (appended across resumes), and TensorBoard.
 
     A resumed run starts from its checkpoint's step, so records after that step (written before a
-    crash) are dropped: they are about to be written again."""
+    crash) are dropped: they are about to be written again. So is a line that a kill cut short."""
 
-    def __init__(self, output_dir, tensorboard, resumed_step=None):
+    def __init__(self, output_dir, tensorboard, resumed_step=None, log=print):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if resumed_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resumed_step]
+            kept = self.records_up_to(resumed_step, log)
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
@@ -917,6 +1269,22 @@ class MetricsLog:
             except ImportError:
                 raise OptionError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def records_up_to(self, step, log):
+        """The lines of records up to step; an unreadable line (the torn end of a killed write) is
+        dropped with a notice rather than stopping the resume."""
+        kept = []
+        with open(self.path, errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record_step = json.loads(line)["step"]
+                except (ValueError, TypeError, KeyError):
+                    log(f"metrics: dropped line {number} of {self.path}, which is not a whole record "
+                        f"(a write cut short by a kill)")
+                    continue
+                if record_step <= step:
+                    kept.append(line.rstrip("\n") + "\n")
+        return kept
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -956,11 +1324,15 @@ def main(argv):
     master = rank == 0
     log = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
     check_output_dir(cfg["output_dir"])
+    # Rank 0 holds the output directory's lock until the run ends; a new run gets a new id.
+    lock, run_id = claim_output_dir(cfg["output_dir"], cfg["resume"], cfg["overwrite_output_dir"], rank, world, log)
     if cfg["kernels"] == "triton" and not kernels.runs_on(device):
         raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
                           "use --kernels=torch on CPU")
 
-    checkpoint = starting_checkpoint(cfg, explicit)
+    checkpoint = starting_checkpoint(cfg, explicit, log, master)
+    if checkpoint is not None and cfg["resume"]:
+        run_id = checkpoint["run_id"] or run_id  # the resumed run keeps its id
     check_engine_options(cfg, explicit, world, device)
     seed_everything(cfg["seed"])
 
@@ -975,7 +1347,7 @@ def main(argv):
         batches = Batches(train_set, cfg["batch_size"], rank=rank, world_size=world, seed=cfg["seed"],
                           packing=cfg["packing"], group_by_length=cfg["group_by_length"])
     except (OSError, ValueError) as e:
-        raise OptionError(str(e)) from None
+        raise OptionError(data_error_sentence(e, cfg["cache_dir"])) from None
     accum = cfg["gradient_accumulation_steps"]
     total_steps = cfg["max_steps"] or cfg["num_train_epochs"] * batches.batches_per_epoch // accum
     if total_steps < 1:
@@ -1001,7 +1373,8 @@ def main(argv):
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained; {world} rank(s) x {accum} x "
         f"{cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}; "
         f"loss {model.loss_fn.__module__}.{model.loss_fn.__name__}")
-    metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], step if cfg["resume"] else None) if master else None
+    resumed_step = step if cfg["resume"] else None
+    metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], resumed_step, log) if master else None
 
     def run_eval():
         if len(eval_set) == 0:
@@ -1023,21 +1396,24 @@ def main(argv):
         else:
             rngs = [rng_state()]
         trainer_state = {"step": step, "batches": batches.state_dict(), "rng": rngs, "options": cfg,
-                         "model_config": vars(model.config).copy(), "engine": cfg["engine"], "world_size": world}
+                         "model_config": vars(model.config).copy(), "engine": cfg["engine"], "world_size": world,
+                         "run_id": run_id}
         path = save_checkpoint(cfg["output_dir"], step, engine, trainer_state, cfg["keep_checkpoints"], rank, world)
         log(f"checkpoint step {step} -> {path}")
 
     progress = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="sft")
-    nonfinite_in_a_row = 0
+    nonfinite_in_a_row, failure, stopping, signals = 0, None, False, StopSignals()
     window_tokens, window_start = 0, time.perf_counter()
-    while step < total_steps:
+    while step < total_steps and not stopping:
         # Fetch the step's micro-batches first: the loss is normalised by the trained tokens of the
         # whole step on all ranks, so splitting a batch differently cannot change the result.
         micro = [batches.next_batch() for _ in range(accum)]
         counts = torch.tensor([float(sum((b["labels"] != -100).sum() for b in micro)),
-                               float(sum(b["input_ids"].numel() for b in micro))], device=device)
+                               float(sum(b["input_ids"].numel() for b in micro)), float(signals.received)],
+                              device=device)
         if world > 1:
             dist.all_reduce(counts)
+        stop_votes = counts[2].to("cpu", non_blocking=True)  # read after the step's one host sync
         trained = counts[0].clamp(min=1)
         window_tokens += counts[1]  # positions processed by all ranks (a tensor: no device sync here)
 
@@ -1058,6 +1434,8 @@ def main(argv):
         grad_norm, applied = engine.step(multiplier, torch.isfinite(step_loss))
         step += 1
         progress.update(1)
+        # A signal stops the run after this step; ranks agree through the votes sent with the counts.
+        stopping = bool(stop_votes) if world > 1 else signals.received > 0
         # Skipped steps are rare, so the device syncs of the checks below cost nothing in a normal step.
         if applied or cfg["dtype"] == "float16" and math.isfinite(step_loss.item()):
             nonfinite_in_a_row = 0
@@ -1066,12 +1444,15 @@ def main(argv):
                     f"loss scale now {engine.loss_scale:g}")
         else:
             nonfinite_in_a_row += 1
+            listed = write_nonfinite_batches(cfg["output_dir"], step - 1, rank, micro, step_loss.item())
             log(f"step {step - 1}: NaN/Inf loss or gradient (loss {step_loss.item():.4g}), optimizer step skipped "
-                f"({nonfinite_in_a_row} in a row)")
+                f"({nonfinite_in_a_row} in a row); its batches are listed in {listed}")
             if nonfinite_in_a_row >= cfg["max_nonfinite_steps"]:
-                raise RuntimeError(f"NaN/Inf loss or gradient for {nonfinite_in_a_row} steps in a row at step "
-                                   f"{step - 1}: stopping instead of training on garbage (lower --learning_rate, "
-                                   f"use --dtype=bfloat16, or check the data and init weights)")
+                failure = (f"NaN/Inf loss or gradient for {nonfinite_in_a_row} steps in a row at step {step - 1}: "
+                           f"stopping instead of training on garbage, nothing exported (lower --learning_rate, "
+                           f"use --dtype=bfloat16, or check the init weights and the batches listed in "
+                           f"{cfg['output_dir']}/nonfinite-step-*.json)")
+                break
             continue
 
         if step % cfg["log_interval"] == 0 or step == total_steps:
@@ -1087,6 +1468,8 @@ def main(argv):
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             window_tokens, window_start = 0, time.perf_counter()
+        if stopping:
+            break  # the checkpoint follows the loop
         pause = time.perf_counter()  # eval and checkpoints do not count against tokens/s
         if cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and step < total_steps:
             run_eval()
@@ -1094,19 +1477,34 @@ def main(argv):
             checkpoint_now()
         window_start += time.perf_counter() - pause
     progress.close()
+    signals.restore()
     report_model_state(engine, device, rank, world, cfg["zero_stage"], n_params, n_trained, step, metrics, log)
 
-    checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
-    weights = engine.full_state_dict()
-    if master:
-        log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
-    result = run_eval()
+    result = None
+    if not failure and (nonfinite_in_a_row or not weights_are_finite(engine.module, world, device)):
+        failure = (f"the run ended at step {step} with a NaN/Inf {'loss' if nonfinite_in_a_row else 'weight'}: "
+                   f"neither its checkpoint nor its export is written (see {cfg['output_dir']}/nonfinite-step-*"
+                   f".json and lower --learning_rate, or check the init weights)")
+    if stopping and not failure:
+        checkpoint_now()
+    elif not failure:
+        checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
+        weights = engine.full_state_dict()
+        if master:
+            log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
+        result = run_eval()
     if dist.is_initialized():
         # Release the engine before the process group: dropped later (when main returns), its last
         # reference to the group would destroy it while holding the GIL that gloo's threads wait for.
         del engine
         dist.barrier()
         dist.destroy_process_group()
+    if failure:
+        raise RunStopped(f"error: {failure}" if master else "", EXIT_NONFINITE)
+    if stopping:
+        name = signal.Signals(signals.received or signal.SIGTERM).name
+        raise RunStopped(f"stopped by {name} after step {step}; its checkpoint is in {cfg['output_dir']}, "
+                         f"continue with --resume" if master else "", 128 + (signals.received or signal.SIGTERM))
     return result
 
 
@@ -1116,3 +1514,14 @@ if __name__ == "__main__":
     except OptionError as e:  # bad input: one sentence, no traceback
         print(f"train_sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as e:  # a full disk, say: one sentence, no traceback
+        print(f"train_sft.py: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CHECKPOINT_NOT_WRITTEN)
+    except RunStopped as e:
+        if str(e):
+            print(f"train_sft.py: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps, where there is no step to finish
+        print("train_sft.py: interrupted; the latest checkpoint in output_dir, if any, holds the run's work",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -480,3 +482,276 @@ def test_inspect_command_shows_trained_tokens(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert " Human: hi Assistant:[[ yo<|endoftext|>]]" in out
     assert "train 1 samples" in out and "trained share" in out and "padding share" in out
+
+
+# -- the formats people already have: TRL, Alpaca, ShareGPT, DeepSpeed-Chat; JSONL, JSON, Parquet --
+
+SYSTEM = "Be brief."
+# One row per format, the format detection must find, and the (prompt, response, trained) turns the
+# row must become, written out by hand: the system text and every prompt are untrained context.
+FORMAT_ROWS = {
+    "prompt_response": ("prompt_response", {"prompt": "What is 2+2?", "response": "4.", "source": "extra"},
+                        [("What is 2+2?", "4.", True)]),
+    "prompt_chosen": ("prompt_chosen", {"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Loud."},
+                      [("Name a color.", "Blue.", True)]),
+    "trl_strings": ("prompt_completion", {"prompt": "The sky is", "completion": "blue."},
+                    [("The sky is", "blue.", True)]),
+    "trl_messages": ("prompt_completion",
+                     {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
+                      "completion": [{"role": "assistant", "content": "See you."}]},
+                     [(SYSTEM + "\nHi", "Hello.", False), ("Bye", "See you.", True)]),
+    "messages": ("messages",
+                 {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "a"},
+                               {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                               {"role": "assistant", "content": "d"}]},
+                 [(SYSTEM + "\na", "b", True), ("c", "d", True)]),
+    "alpaca": ("alpaca", {"instruction": "Translate to French.", "input": "cat", "output": "chat", "text": "x"},
+               [("Translate to French.\n\ncat", "chat", True)]),
+    "alpaca_no_input": ("alpaca", {"instruction": "Say hi.", "input": "", "output": "hi"}, [("Say hi.", "hi", True)]),
+    "sharegpt": ("sharegpt",
+                 {"id": "7", "conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": "a"},
+                                               {"from": "gpt", "value": "b"}, {"from": "user", "value": "c"},
+                                               {"from": "assistant", "value": "d"}]},
+                 [(SYSTEM + "\na", "b", True), ("c", "d", True)]),
+}
+
+
+def write_kind(path, rows, kind):
+    """rows as a .jsonl, .json (a list) or .parquet file at path + kind."""
+    path = f"{path}.{kind}"
+    if kind == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        with open(path, "w") as f:
+            f.write(json.dumps(rows, indent=1) if kind == "json" else "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def gpt2_expected(turns):
+    """(input_ids, labels) under the default template, from turns: prompts untrained, responses + EOT trained."""
+    enc, tokens, trained = get_tokenizer("gpt2"), [], []
+    for prompt, response, is_trained in turns:
+        prompt_ids, response_ids = enc.encode_ordinary(PROMPT.format(prompt)), enc.encode_ordinary(" " + response)
+        tokens += prompt_ids + response_ids + [50256]
+        trained += [False] * len(prompt_ids) + [is_trained] * (len(response_ids) + 1)
+    return tokens[:-1], [t if m else -100 for t, m in zip(tokens[1:], trained[1:])]
+
+
+def gpt2_prepare(tmp_path, files, **kwargs):
+    logs = []
+    train, evaluation = prepare_data(files, "gpt2", 128, cache_dir=str(tmp_path / "cache"), log=logs.append,
+                                     **{"data_split": "100,0", **kwargs})
+    train.logs = logs
+    return train, evaluation
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
+@pytest.mark.parametrize("name", FORMAT_ROWS)
+def test_each_format_and_file_kind_trains_exactly_the_responses(tmp_path, name, kind):
+    data_format, row, turns = FORMAT_ROWS[name]
+    train, _ = gpt2_prepare(tmp_path, write_kind(tmp_path / name, [row], kind))
+    assert [f["format"] for f in train.files] == [data_format]
+    input_ids, labels = train[0]
+    assert (input_ids.tolist(), labels.tolist()) == gpt2_expected(turns)
+    trained_text = get_tokenizer("gpt2").decode([t for t in labels.tolist() if t != -100])
+    assert trained_text == "".join(f" {response}<|endoftext|>" for _, response, trained in turns if trained)
+    assert SYSTEM not in trained_text and all(prompt not in trained_text for prompt, _, _ in turns)
+
+
+def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
+    items = rows(3)
+    plain, _ = prepare(tmp_path, write(tmp_path / "plain.jsonl", items))
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "win.jsonl").write_bytes(bom + "".join(json.dumps(r) + "\r\n" for r in items).encode())
+    (tmp_path / "win.json").write_bytes(bom + json.dumps(items, indent=1).replace("\n", "\r\n").encode())
+    for name in ("win.jsonl", "win.json"):
+        train, _ = prepare(tmp_path, str(tmp_path / name))
+        assert [train[i][1].tolist() for i in range(3)] == [plain[i][1].tolist() for i in range(3)]
+        assert [train[i][0].tolist() for i in range(3)] == [plain[i][0].tolist() for i in range(3)]
+
+
+def test_forced_data_format_and_presets(tmp_path):
+    path = write(tmp_path / "a.jsonl", [{"prompt": "hi", "completion": "yo", "response": "other"}])
+    train, _ = prepare(tmp_path, path, data_format="prompt_response")
+    assert bytes(train.tokens_and_mask(0)[0][:-1].tolist()) == b" Human: hi Assistant: other"
+    train, _ = prepare(tmp_path, path, template="raw")  # detected: TRL prompt/completion, concatenated as TRL does
+    assert bytes(train.tokens_and_mask(0)[0][:-1].tolist()) == b"hiyo" and train.files[0]["format"] == "prompt_completion"
+    train, _ = prepare(tmp_path, path, template="chat")
+    assert bytes(train.tokens_and_mask(0)[0][:-1].tolist()) == b"<|user|>\nhi\n<|assistant|>\nyo"
+    assert train[0][1].tolist() == [-100] * (len(b"<|user|>\nhi\n<|assistant|>") - 1) + list(b"\nyo") + [EOT_BYTE]
+    assert render_prompt("hi", "deepspeed_chat") == render_prompt("hi") == " Human: hi Assistant:"
+
+
+RM_STATIC = {"prompt": "\n\nHuman: What is the capital of France?\n\nAssistant:", "chosen": " Paris.",
+             "rejected": " London."}
+
+
+def test_rm_static_row_renders_as_deepspeed_chat_does(tmp_path):
+    """DeepSpeed-Chat trains on prompt + chosen + end-of-text for Dahoas/rm-static rows; ours is the
+    same text with the prompt masked. A plain row in the same blend is still wrapped by the template."""
+    rm = write(tmp_path / "rm.jsonl", [RM_STATIC])
+    plain = write(tmp_path / "plain.jsonl", [{"prompt": "Hi", "response": "Hello."}])
+    train, _ = gpt2_prepare(tmp_path, f"{rm},{plain}")
+    enc = get_tokenizer("gpt2")
+    tokens, _ = train.tokens_and_mask(0)
+    assert tokens.tolist() == enc.encode(RM_STATIC["prompt"] + RM_STATIC["chosen"] + "<|endoftext|>",
+                                         allowed_special="all")
+    assert [t for t in train[0][1].tolist() if t != -100] == enc.encode(" Paris.") + [50256]
+    assert train.tokens_and_mask(1)[0].tolist() == enc.encode(" Human: Hi Assistant: Hello.<|endoftext|>",
+                                                              allowed_special="all")
+    assert train.stats["rendered_raw"] == 1 and any("rm.jsonl: 1 prompts already hold" in s for s in train.logs)
+    custom, _ = gpt2_prepare(tmp_path, rm, template="Q: {prompt}\nA: {response}")  # a custom template is as given
+    assert enc.decode(custom.tokens_and_mask(0)[0].tolist()).startswith("Q: \n\nHuman: What")
+
+
+def test_deepspeed_chat_jsonfile_directory_uses_its_eval_file(tmp_path):
+    root = tmp_path / "dschat"
+    (root / "data").mkdir(parents=True)
+    train_rows = [{"prompt": f" Human: q{i} Assistant:", "chosen": f" a{i}", "rejected": " no"} for i in range(5)]
+    (root / "data" / "train.json").write_text(json.dumps(train_rows))
+    write(root / "data" / "eval.json", [{"prompt": " Human: e0 Assistant:", "chosen": " x", "rejected": " y"}])
+    train, evaluation = prepare(tmp_path, str(root), data_split="98,2")
+    assert len(train) == 5 and len(evaluation) == 1  # the split is not used: eval.json is the eval set
+    assert evaluation.tokens_and_mask(0)[0].tolist() == list(b" Human: e0 Assistant: x") + [EOT_BYTE]
+    assert train[0][1].tolist().count(-100) == len(" Human: q0 Assistant:") - 1
+    (root / "data" / "eval.json").unlink()
+    with pytest.raises(FileNotFoundError, match="local/jsonfile layout.*eval.json"):
+        prepare(tmp_path, str(root))
+
+
+def test_template_preset_is_in_the_cache_key_and_a_name_shares_its_text(tmp_path):
+    path = write(tmp_path / "a.jsonl", rows(3))
+    keys = set()
+    for template in ("deepspeed_chat", data.DEFAULT_TEMPLATE, "raw", "chat"):
+        prepare(tmp_path, path, template=template)
+        keys = {d for d in os.listdir(tmp_path / "cache")}
+    assert len(keys) == 3
+
+
+FORMAT_ERRORS = {
+    "alpaca_no_output": (b'{"instruction": "a", "input": "b"}\n', "missing field 'output' (format alpaca)"),
+    "no_assistant": (b'{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "a"}]}\n',
+                     "it has no assistant turn (format sharegpt)"),
+    "out_of_order": (b'{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}\n',
+                     "conversations[1]: expected role 'assistant', got 'human'"),
+    "trl_mixed": (b'{"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}\n',
+                  "must both be strings or both lists of messages"),
+    "trl_prompt_answered": (b'{"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],'
+                            b' "completion": [{"role": "assistant", "content": "c"}]}\n',
+                            "completion[0]: expected role 'user', got 'assistant'"),
+}
+
+
+@pytest.mark.parametrize("name", FORMAT_ERRORS)
+def test_bad_rows_of_the_new_formats_name_file_and_line_and_can_be_skipped(tmp_path, name):
+    content, problem = FORMAT_ERRORS[name]
+    path = tmp_path / f"{name}.jsonl"
+    good = FORMAT_ROWS[{"alpaca_no_output": "alpaca", "trl_mixed": "trl_messages",
+                        "trl_prompt_answered": "trl_messages"}.get(name, "sharegpt")][1]
+    path.write_bytes(json.dumps(good).encode() + b"\n" + content)
+    with pytest.raises(DataError) as error:
+        prepare(tmp_path, str(path), max_seq_len=256)
+    assert str(error.value).startswith(f"{path}:2: ") and problem in str(error.value)
+    train, _ = prepare(tmp_path, str(path), max_seq_len=256, skip_bad_rows=True)
+    assert len(train) == 1 and train.stats["bad_rows"] == 1
+
+
+def test_a_row_of_no_format_names_the_formats_checked(tmp_path):
+    path = write(tmp_path / "a.jsonl", [{"question": "a", "answer": "b"}])
+    with pytest.raises(DataError, match=f"{path}:1: unknown format") as error:
+        prepare(tmp_path, path)
+    for fields in ("prompt+response", "prompt+chosen", "prompt+completion", "(messages)", "instruction+output",
+                   "(conversations)"):
+        assert fields in str(error.value)
+
+
+def test_parquet_missing_column_null_values_and_unreadable_pages(tmp_path):
+    no_output = str(tmp_path / "no_output.parquet")
+    pq.write_table(pa.Table.from_pylist([{"instruction": "a", "input": "b"}] * 3), no_output)
+    with pytest.raises(DataError, match=f"^{no_output}: row 1: missing field 'output' \\(format alpaca\\)$"):
+        prepare(tmp_path, no_output)
+    nulls = str(tmp_path / "nulls.parquet")
+    pq.write_table(pa.Table.from_pylist([{"instruction": "a", "input": None, "output": "b"},
+                                         {"instruction": "a", "input": "c", "output": None}]), nulls)
+    with pytest.raises(DataError, match=f"^{nulls}: row 2: field 'output' must be a string, got null"):
+        prepare(tmp_path, nulls)
+    train, _ = prepare(tmp_path, nulls, skip_bad_rows=True)
+    assert len(train) == 1 and train.stats["bad_rows"] == 1
+    damaged = str(tmp_path / "damaged.parquet")
+    pq.write_table(pa.Table.from_pylist(rows(6)), damaged, row_group_size=2, compression="none")
+    offset = pq.ParquetFile(damaged).metadata.row_group(1).column(0).data_page_offset
+    with open(damaged, "r+b") as f:  # overwrite the page header of the second row group
+        f.seek(offset)
+        f.write(b"\xff" * 8)
+    with pytest.raises(DataError, match=f"^{damaged}: row 3: rows 3-4 \\(row group 1\\) cannot be read: [^\\n]*$"):
+        prepare(tmp_path, damaged)
+    train, _ = prepare(tmp_path, damaged, skip_bad_rows=True)
+    assert len(train) == 4 and train.stats["bad_rows"] == 2
+    assert sorted(bytes(train[i][0].tolist()) for i in range(4))[0].startswith(b" Human: q0")
+
+
+def test_blend_of_formats_trains_two_steps_through_train_sft(tmp_path, monkeypatch):
+    """One run over every file kind: JSONL, JSON, Parquet and a DeepSpeed-Chat directory, GPT-2 tokens;
+    a damaged file stops the trainer with its one-sentence error (exit status 2 from the command line)."""
+    root = tmp_path / "dschat"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train.json").write_text(json.dumps([RM_STATIC] * 3))
+    write(root / "data" / "eval.json", [RM_STATIC])
+    files = [write_kind(tmp_path / name, [FORMAT_ROWS[name][1]] * 2, kind)
+             for name, kind in [("alpaca", "json"), ("sharegpt", "parquet"), ("trl_messages", "jsonl")]]
+    options = ["--tokenizer=gpt2", "--n_layer=1", "--n_head=2", "--n_embd=16", "--max_seq_len=64", "--batch_size=2",
+               "--max_steps=2", f"--cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run([sys.executable, os.path.join(data.HERE, "train_sft.py"), *options,
+                           f"--data_path={','.join(files)},{root}:2", f"--output_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train 12 samples" in proc.stdout and "eval 1 samples" in proc.stdout
+    with open(tmp_path / "out" / "metrics.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if "loss" in r][-1] == 2
+    import train_sft
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"instruction": "a"}]), str(bad))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # keep this process's thread count as it is
+    with pytest.raises(train_sft.OptionError, match=f"^{bad}: row 1: missing field 'output' \\(format alpaca\\)$"):
+        train_sft.main([*options, f"--data_path={bad}", f"--output_dir={tmp_path / 'out2'}"])
+
+
+def test_inspect_shows_each_files_format_the_alpaca_join_and_a_sample_per_format(tmp_path):
+    files = [write_kind(tmp_path / name, [FORMAT_ROWS[name][1]], kind)
+             for name, kind in [("alpaca", "jsonl"), ("sharegpt", "parquet")]]
+    out = subprocess.run([sys.executable, os.path.join(data.HERE, "data.py"), "inspect", f"--data_path={','.join(files)}",
+                          "--tokenizer=byte", f"--cache_dir={tmp_path / 'cache'}", "--batch_size=1", "--num_samples=0",
+                          "--data_split=100,0"], capture_output=True, text=True, check=True).stdout
+    assert f"file {files[0]}: format alpaca, 1 samples" in out and f"file {files[1]}: format sharegpt" in out
+    assert "alpaca: prompt = instruction + '\\n\\n' + input" in out
+    assert " Human: Translate to French.\n\ncat Assistant:[[ chat<|endoftext|>]]" in out
+    assert " Human: Be brief.\na Assistant:[[ b<|endoftext|>]] Human: c Assistant:[[ d<|endoftext|>]]" in out
+
+
+def test_tokens_spilled_to_disk_in_many_chunks_give_the_same_cache(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.jsonl", rows(20))
+    whole, _ = prepare(tmp_path, path)
+    monkeypatch.setattr(data._ArrayFile, "BUFFER", 7)  # flush every few values
+    spilled, _ = prepare(tmp_path / "other", path)
+    assert np.array_equal(whole.tokens, spilled.tokens) and np.array_equal(whole.loss_mask, spilled.loss_mask)
+    assert not [f for f in os.listdir(tmp_path / "other" / "cache") if f.startswith(".tmp")]
+
+
+def test_markers_inside_a_conversation_are_words_not_a_template(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "Say 'Human: x Assistant: y'"},
+                         {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"},
+                         {"role": "assistant", "content": "ok"}]}
+    train, _ = prepare(tmp_path, write(tmp_path / "chat.jsonl", [chat]), max_seq_len=128)
+    assert bytes(train.tokens_and_mask(0)[0][:30].tolist()) == b" Human: Say 'Human: x Assistan"
+    assert train.stats["rendered_raw"] == 0
+    with pytest.raises(FileNotFoundError, match="is a directory; a DeepSpeed-Chat"):
+        prepare(tmp_path, write(tmp_path / "a.jsonl", rows(2)), eval_data_path=str(tmp_path))
+
+
+def test_inspect_exits_2_with_one_line_on_bad_data(tmp_path, capsys):
+    path = write(tmp_path / "a.jsonl", [{"instruction": "a"}])
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["inspect", f"--data_path={path}", "--tokenizer=byte", f"--cache_dir={tmp_path / 'cache'}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"data.py: error: {path}:1: missing field 'output' (format alpaca)\n"

@@ -3,7 +3,6 @@
 Every model here is tiny and random; transformers builds its reference models locally, nothing is downloaded.
 """
 import json
-import pickle
 
 import pytest
 import torch
@@ -178,10 +177,34 @@ class RunsCodeWhenUnpickled:
         return (print, ("this ran while loading weights",))
 
 
-def test_pytorch_model_bin_is_never_unpickled_as_code(hf_dir, tmp_path):
+def test_pytorch_model_bin_is_never_unpickled_as_code(hf_dir, tmp_path, capsys):
     (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
     torch.save({"wte.weight": RunsCodeWhenUnpickled()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"pytorch_model.bin cannot be read.*UnpicklingError"):
+        GPT.from_pretrained(tmp_path)
+    assert "this ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "text"])
+def test_damaged_weights_file_is_named_in_one_sentence(hf_dir, tmp_path, damage):
+    copy_hf_dir(hf_dir, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes({"truncate": blob[:len(blob) // 2], "empty": b"", "text": b"not tensors"}[damage])
+    with pytest.raises(ValueError, match=r"model.safetensors cannot be read, it may be truncated or damaged"):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "config.json must hold a JSON object .* got a list"),
+    ('"gpt2"', "config.json must hold a JSON object .* got a str"),
+    ('{"model_type": "gp', "config.json is not valid JSON"),
+    ("\udcff", "config.json is not valid JSON"),
+])
+def test_config_json_that_is_not_an_object_is_named(hf_dir, tmp_path, text, message):
+    copy_hf_dir(hf_dir, tmp_path)
+    (tmp_path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=message):
         GPT.from_pretrained(tmp_path)
 
 

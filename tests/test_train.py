@@ -146,7 +146,8 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, data_file):
               "--keep_checkpoints=5", "--eval_exact_match=4"]
     full = tmp_path / "full"
     run(common + [f"--output_dir={full}"], tmp_path)
-    assert sorted(os.listdir(full)) == ["ckpt-00000003", "ckpt-00000006", "hf", "metrics.jsonl"]
+    assert sorted(os.listdir(full)) == ["ckpt-00000003", "ckpt-00000006", "hf", "metrics.jsonl", "run.json",
+                                        "run.lock"]
     # Crashed after logging step 6 but before its checkpoint: the last checkpoint is step 3's, and
     # metrics.jsonl already holds steps 4-6, which the resumed run must replace, not duplicate. The
     # unfinished step-6 directory (still under its temporary name) is no checkpoint.

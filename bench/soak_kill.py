@@ -1,0 +1,187 @@
+"""Kill -9 soak: random SIGKILLs and resumes must end with the same weights as an uninterrupted run.
+
+    python bench/soak_kill.py [--kills=12] [--seed=0]       # --kills per launch mode
+
+Not part of the test suite (it takes minutes). For each launch mode, one process and torchrun with
+2 ranks (gloo, CPU), it trains a tiny model once without interruption, then again from scratch in
+rounds. Each start is killed with SIGKILL at a random moment (mostly within the training loop's
+length after the loop began, sometimes during the setup): the whole job or, under torchrun,
+sometimes a single rank, which torchrun answers by stopping the other. The next start resumes
+with --resume, or starts afresh with --overwrite_output_dir when no checkpoint was written yet,
+until a start finishes; the round's exported weights are then compared with the uninterrupted
+run's. Rounds repeat until the mode has seen --kills kills. Dropout is on, so the restored
+random-number states matter too. A start that exits non-zero without having been killed is a
+failure. Writes bench/results/soak_kill.json; exits 1 when any round differs or failed.
+"""
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+OPTIONS = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_seq_len=48", "--batch_size=4",
+           "--learning_rate=3e-3", "--dropout=0.1", "--seed=7", "--max_steps=40", "--checkpoint_interval=2",
+           "--keep_checkpoints=2", "--log_interval=5", "--eval_exact_match=0"]
+
+
+def option(name, default):
+    for arg in sys.argv[1:]:
+        if arg.startswith(f"--{name}="):
+            return type(default)(arg.split("=", 1)[1])
+    return default
+
+
+def write_data(path):
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(400):
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
+            f.write(json.dumps({"prompt": f"reverse {word}", "response": word[::-1]}) + "\n")
+
+
+def command(nproc, workdir, out, extra):
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, str(ROOT / "train_sft.py"), *OPTIONS, f"--data_path={workdir}/data.jsonl",
+            f"--cache_dir={workdir}/cache", f"--output_dir={out}", *extra]
+
+
+def start(nproc, workdir, out, extra, log):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # the log shows when the loop begins
+    return subprocess.Popen(command(nproc, workdir, out, extra), cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def ranks_of(launcher):
+    """The worker processes torchrun started (its children; each in a session of its own)."""
+    try:
+        return [int(pid) for pid in open(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill(proc, nproc, rng):
+    """SIGKILL to the whole job, or under torchrun sometimes to one rank only (torchrun then stops the
+    other); returns once every process of the job is gone, so that its lock is released."""
+    workers = ranks_of(proc) if nproc > 1 else []
+    single_rank = bool(workers) and rng.random() < 0.5
+    if single_rank:
+        os.kill(rng.choice(workers), signal.SIGKILL)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in [proc.pid, *workers]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    while any(alive(pid) for pid in workers):
+        time.sleep(0.05)
+    return "one rank" if single_rank else "whole job"
+
+
+def training_started(proc, log_path):
+    """Waits until the trainer prints its model line (setup done, the loop begins) or exits; returns when."""
+    while proc.poll() is None and "model: " not in log_path.read_text(errors="replace"):
+        time.sleep(0.02)
+    return time.perf_counter()
+
+
+def checkpoints(out):
+    return sorted(p.name for p in out.glob("ckpt-*") if p.name[5:].isdigit()) if out.exists() else []
+
+
+def leftovers(out):
+    return sorted(p.name for p in out.glob("ckpt-*") if p.suffix in (".tmp", ".old")) if out.exists() else []
+
+
+def max_difference(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a) if a.keys() == b.keys() else float("inf")
+
+
+def soak(nproc, kills_wanted, training_s, reference, workdir, rng):
+    """Rounds of killed and resumed starts until kills_wanted kills; returns the mode's figures."""
+    figures = {"rounds": 0, "kills": 0, "kills_of_one_rank": 0, "kills_during_a_checkpoint_write": 0,
+               "resumes": 0, "fresh_starts": 0, "max_abs_difference": 0.0, "failures": []}
+    began = time.perf_counter()
+    while figures["kills"] < kills_wanted and not figures["failures"]:
+        out = workdir / f"soak-{nproc}-{figures['rounds']}"
+        figures["rounds"] += 1
+        while True:
+            resume = bool(checkpoints(out))
+            figures["resumes" if resume else "fresh_starts"] += 1
+            with open(workdir / "start.log", "w") as log:
+                proc = start(nproc, workdir, out, ["--resume"] if resume else ["--overwrite_output_dir"], log)
+                try:
+                    if figures["kills"] < kills_wanted:  # most kills in the loop, a few during the setup
+                        if rng.random() < 0.85:
+                            training_started(proc, workdir / "start.log")
+                        proc.wait(timeout=rng.uniform(0.0, 1.0) * training_s)
+                    proc.wait()
+                except subprocess.TimeoutExpired:
+                    figures["kills_of_one_rank"] += kill(proc, nproc, rng) == "one rank"
+                    figures["kills"] += 1
+                    figures["kills_during_a_checkpoint_write"] += bool(leftovers(out))
+                    continue
+            if proc.returncode != 0:
+                figures["failures"].append(f"round {figures['rounds']}: exit {proc.returncode} without a kill: "
+                                           + (workdir / "start.log").read_text()[-2000:])
+            break
+        if not figures["failures"]:
+            weights = load_file(out / "hf" / "model.safetensors")
+            figures["max_abs_difference"] = max(figures["max_abs_difference"], max_difference(reference, weights))
+        shutil.rmtree(out, ignore_errors=True)
+    figures["wall_s"] = round(time.perf_counter() - began, 1)
+    return figures
+
+
+def main():
+    kills_wanted, rng = option("kills", 12), random.Random(option("seed", 0))
+    results = {"script": "bench/soak_kill.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+               "torch": torch.__version__, "options": OPTIONS, "kills_per_mode": kills_wanted, "modes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        write_data(workdir / "data.jsonl")
+        for nproc in (1, 2):
+            out = workdir / f"uninterrupted-{nproc}"
+            with open(workdir / "start.log", "w") as log:
+                proc = start(nproc, workdir, out, [], log)
+                began = training_started(proc, workdir / "start.log")
+                if proc.wait() != 0:
+                    sys.exit(f"the uninterrupted run failed:\n{(workdir / 'start.log').read_text()[-3000:]}")
+            training_s = time.perf_counter() - began
+            reference = load_file(out / "hf" / "model.safetensors")
+            figures = soak(nproc, kills_wanted, training_s, reference, workdir, rng)
+            figures["uninterrupted_training_s"] = round(training_s, 1)
+            results["modes"][f"{nproc} process(es)"] = figures
+            print(f"{nproc} process(es): {json.dumps(figures)}", flush=True)
+    path = ROOT / "bench" / "results" / "soak_kill.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"-> {path}")
+    bad = any(m["failures"] or m["max_abs_difference"] != 0.0 for m in results["modes"].values())
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

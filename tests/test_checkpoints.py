@@ -1,0 +1,368 @@
+"""Checkpoint robustness: which checkpoints a run may resume from or delete, damaged and foreign
+checkpoints, a second run on the same output directory, leftovers of a crash, and a full disk.
+
+Most tests call train_sft.py's checkpoint functions on small hand-made checkpoints; a few run the
+trainer as a process to show that main() wires them in."""
+
+import errno
+import json
+import os
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import pytest
+import torch
+
+import train_sft
+from train_sft import CheckpointError, OptionError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_seq_len=48", "--batch_size=4",
+        "--learning_rate=3e-3", "--log_interval=1", "--seed=7"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for _ in range(120):
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
+            f.write(json.dumps({"prompt": f"reverse {word}", "response": word[::-1]}) + "\n")
+    return str(path)
+
+
+def trainer(args, tmp_path):
+    """Runs train_sft.py in a fresh process on a tiny model; returns the completed process."""
+    cmd = [sys.executable, "train_sft.py", *TINY, f"--cache_dir={tmp_path}/cache", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+
+
+def make_checkpoint(output_dir, step, run_id, n=4096):
+    """A checkpoint directory as save_checkpoint lays it out, with small tensors standing in for the state."""
+    path = output_dir / f"ckpt-{step:08d}"
+    path.mkdir(parents=True)
+    torch.save({"w": torch.arange(n, dtype=torch.float32) + step}, path / "model.pt")
+    torch.save({"step": step}, path / "trainer.pt")
+    train_sft.write_manifest(path, {"step": step, "engine": "native", "run_id": run_id})
+    return path
+
+
+def record_run(output_dir, run_id):
+    (output_dir / "run.json").write_text(json.dumps({"run_id": run_id}))
+
+
+def flip_bytes_inside_a_tensor(path, count=64):
+    """Inverts count bytes in the middle of the largest tensor stored in a torch.save file (same size)."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((e for e in archive.infolist() if "/data/" in e.filename), key=lambda e: e.file_size)
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)
+        name_length, extra_length = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        start = entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2 - count // 2
+        f.seek(start)
+        data = f.read(count)
+        f.seek(start)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def messages():
+    logged = []
+    return logged, logged.append
+
+
+# ----------------------------------------------------------------------------- which checkpoints are the run's
+
+
+def test_resume_and_rotation_consider_only_this_runs_checkpoints_by_step(tmp_path):
+    """An earlier run's ckpt-25 and ckpt-30, and the user's ckpt-best/ and ckpt-best.pt, are neither
+    resumed from nor deleted; this run's own are taken by step number, not by name."""
+    out = tmp_path / "out"
+    for step in (9, 10, 12):
+        make_checkpoint(out, step, "this-run")
+    for step in (25, 30):
+        make_checkpoint(out, step, "earlier-run")
+    shutil.copytree(out / "ckpt-00000030", out / "ckpt-best")
+    torch.save({"w": torch.zeros(2)}, out / "ckpt-best.pt")
+    record_run(out, "this-run")
+    logged, log = messages()
+    assert train_sft.find_checkpoint(str(out), log) == str(out / "ckpt-00000012")
+    assert [line.split(":")[0] for line in logged[:2]] == [
+        f"checkpoint {out}/ckpt-00000030 cannot be used", f"checkpoint {out}/ckpt-00000025 cannot be used"]
+    assert "written by another run" in logged[0]
+    train_sft.remove_old_checkpoints(str(out), 2, "this-run")
+    assert sorted(os.listdir(out)) == ["ckpt-00000010", "ckpt-00000012", "ckpt-00000025", "ckpt-00000030",
+                                       "ckpt-best", "ckpt-best.pt", "run.json"]
+
+
+def test_resume_sets_aside_the_checkpoints_it_passed_over(tmp_path):
+    out = tmp_path / "out"
+    make_checkpoint(out, 1, "this-run")
+    make_checkpoint(out, 2, "earlier-run")
+    record_run(out, "this-run")
+    logged, log = messages()
+    assert train_sft.find_checkpoint(str(out), log, set_aside=True) == str(out / "ckpt-00000001")
+    assert sorted(os.listdir(out)) == ["ckpt-00000001", "ckpt-00000002.rejected", "run.json"]
+    assert f"moved {out}/ckpt-00000002 aside to {out}/ckpt-00000002.rejected" in logged
+    make_checkpoint(out, 2, "earlier-run")  # passed over again: the first one set aside stays
+    assert train_sft.find_checkpoint(str(out), log, set_aside=True) == str(out / "ckpt-00000001")
+    assert sorted(os.listdir(out)) == ["ckpt-00000001", "ckpt-00000002.rejected", "ckpt-00000002.rejected2",
+                                       "run.json"]
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def truncate(ckpt):
+    with open(ckpt / "model.pt", "r+b") as f:
+        f.truncate(os.path.getsize(ckpt / "model.pt") // 2)
+
+
+def empty(ckpt):
+    open(ckpt / "model.pt", "wb").close()
+
+
+def flip(ckpt):
+    flip_bytes_inside_a_tensor(ckpt / "model.pt")
+
+
+def from_another_run(ckpt):
+    shutil.rmtree(ckpt)
+    make_checkpoint(ckpt.parent, 3, "another-run")
+
+
+def renamed_from_another_step(ckpt):
+    shutil.rmtree(ckpt)
+    os.rename(make_checkpoint(ckpt.parent, 7, "this-run"), ckpt)
+
+
+def without_manifest(ckpt):
+    os.remove(ckpt / "manifest.json")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (truncate, "bytes instead of 6"),  # model.pt holds about 65 KiB
+    (empty, "model.pt has 0 bytes instead of"),
+    (flip, "model.pt does not match its sha256 (corrupted)"),
+    (from_another_run, "it was written by another run than the one run.json records"),
+    (renamed_from_another_step, "its manifest.json is for step 7 (a foreign directory)"),
+    (without_manifest, "its manifest.json is missing or unreadable"),
+])
+def test_a_damaged_or_foreign_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, damage, problem):
+    out = tmp_path / "out"
+    for step in (1, 2, 3):
+        make_checkpoint(out, step, "this-run", n=2**14)
+    record_run(out, "this-run")
+    damage(out / "ckpt-00000003")
+    logged, log = messages()
+    assert train_sft.find_checkpoint(str(out), log) == str(out / "ckpt-00000002")
+    assert logged[0].startswith(f"checkpoint {out}/ckpt-00000003 cannot be used: ")
+    assert problem in logged[0], logged[0]
+    assert logged[1] == f"using the previous intact checkpoint, {out}/ckpt-00000002"
+    if damage in (truncate, empty, flip):  # named directly, as --init_from does: no fallback
+        with pytest.raises(OptionError, match="ckpt-00000003 is not a train_sft.py checkpoint, or not an intact"):
+            train_sft.find_checkpoint(str(out / "ckpt-00000003"))
+
+
+def test_no_intact_checkpoint_finds_none(tmp_path):
+    out = tmp_path / "out"
+    for step in (1, 2):
+        flip(make_checkpoint(out, step, "this-run"))
+    logged, log = messages()
+    assert train_sft.find_checkpoint(str(out), log) is None and len(logged) == 2
+
+
+# ----------------------------------------------------------------------------- the output directory
+
+
+def test_leftovers_of_a_crash_are_removed_or_restored(tmp_path):
+    out = tmp_path / "out"
+    make_checkpoint(out, 5, "r").rename(out / "ckpt-00000005.tmp")       # unfinished: removed
+    make_checkpoint(out, 6, "r").rename(out / "ckpt-00000006.old")       # its replacement never came: restored
+    make_checkpoint(out, 6, "r").rename(out / "ckpt-00000006.tmp")
+    make_checkpoint(out, 7, "r").rename(out / "ckpt-00000007.old")       # replaced: removed
+    make_checkpoint(out, 7, "r")
+    for name in ("ckpt-best.tmp", "notes.old"):                         # not ours
+        (out / name).mkdir()
+    logged, log = messages()
+    train_sft.remove_leftovers(str(out), log)
+    assert sorted(os.listdir(out)) == ["ckpt-00000006", "ckpt-00000007", "ckpt-best.tmp", "notes.old"]
+    assert train_sft.checkpoint_problem(str(out / "ckpt-00000006")) is None and len(logged) == 4
+
+
+def test_a_new_run_replaces_an_earlier_runs_output_only_when_told(tmp_path):
+    out = tmp_path / "out"
+    make_checkpoint(out, 25, "earlier-run")
+    make_checkpoint(out, 30, "earlier-run")
+    (out / "hf").mkdir()
+    for name in ("metrics.jsonl", "run.json", "nonfinite-step-00000003-rank0.json", "ckpt-best.pt", "notes.txt"):
+        (out / name).write_text("{}")
+    with pytest.raises(OptionError, match=r"holds an earlier run's output \(ckpt-00000025, ckpt-00000030\): "
+                                          r"continue that run with --resume or replace it with --overwrite"):
+        train_sft.make_room_for_new_run(str(out), False, print)
+    logged, log = messages()
+    train_sft.make_room_for_new_run(str(out), True, log)
+    assert sorted(os.listdir(out)) == ["ckpt-best.pt", "notes.txt"]
+    assert ("removed the earlier run's ckpt-00000025, ckpt-00000030, hf, metrics.jsonl, "
+            "nonfinite-step-00000003-rank0.json") in logged[0]
+    (out / "metrics.jsonl").write_text("{}")  # a run killed before its first checkpoint
+    with pytest.raises(OptionError, match=r"\(metrics.jsonl and no checkpoint\): replace it with --overwrite"):
+        train_sft.make_room_for_new_run(str(out), False, print)
+
+
+def test_the_trainer_refuses_an_earlier_runs_output_and_contradicting_options(tmp_path):
+    out = tmp_path / "out"
+    make_checkpoint(out, 30, "earlier-run")
+    proc = trainer([f"--output_dir={out}"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"train_sft.py: error: --output_dir={out} holds an earlier run's output "
+                                   f"(ckpt-00000030): continue that run with --resume or replace it with "
+                                   f"--overwrite_output_dir")
+    assert sorted(os.listdir(out)) == ["ckpt-00000030", "run.lock"]
+    with pytest.raises(OptionError, match="give either --resume .* or --overwrite_output_dir .*, not both"):
+        train_sft.claim_output_dir(str(out), True, True, rank=0, world=1, log=print)
+
+
+def test_a_live_run_locks_its_output_dir_and_a_killed_one_leaves_no_lock(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, train_sft\nlock = train_sft.lock_output_dir(sys.argv[1])\n"
+                               "print('locked', flush=True)\ntime.sleep(300)", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OptionError, match=rf"is in use by a run that is still going \(pid {holder.pid} on "):
+            train_sft.lock_output_dir(str(out))
+        proc = trainer([f"--output_dir={out}"], tmp_path)  # a second run started while the first goes on
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"--output_dir={out} is in use by a run that is still going" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    train_sft.lock_output_dir(str(out)).close()  # SIGKILL released it
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+class FakeEngine:
+    """Stands in for an engine: weights of weight_bytes, engine files of engine_bytes."""
+
+    def __init__(self, weight_bytes, engine_bytes, fail=None):
+        self.weight_bytes, self.engine_bytes, self.fail = weight_bytes, engine_bytes, fail
+
+    def full_state_dict(self):
+        return {"w": torch.ones(self.weight_bytes // 4)}
+
+    def save(self, ckpt_dir):
+        with open(os.path.join(ckpt_dir, "engine.bin"), "wb") as f:
+            f.write(os.urandom(self.engine_bytes // 2))
+            if self.fail:
+                raise self.fail
+            f.write(os.urandom(self.engine_bytes - self.engine_bytes // 2))
+
+
+def save(out, step, engine):
+    state = {"step": step, "engine": "native", "run_id": "this-run"}
+    return train_sft.save_checkpoint(str(out), step, engine, state, keep=5, rank=0, world=1)
+
+
+def assert_only_the_first_checkpoint(out, error, *phrases):
+    assert all(phrase in str(error.value) for phrase in phrases), str(error.value)
+    assert "ckpt-00000001" in os.listdir(out) and not any(n.endswith(".tmp") for n in os.listdir(out))
+    assert train_sft.checkpoint_problem(str(out / "ckpt-00000001")) is None
+
+
+def mounted_tmpfs(size):
+    """A tmpfs of this size (needs the right to mount: root), outside pytest's temporary directories,
+    which a concurrent pytest may clean up; skips where it cannot be had. Unmounted when done."""
+    disk = tempfile.mkdtemp(prefix="small-disk-")
+    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", disk],
+                                                   capture_output=True).returncode:
+        os.rmdir(disk)
+        pytest.skip("cannot mount a small tmpfs here (the simulated full disk test still runs)")
+    yield pathlib.Path(disk)
+    subprocess.run(["umount", "-l", disk])
+    os.rmdir(disk)
+
+
+@pytest.fixture
+def small_disk():
+    yield from mounted_tmpfs("1m")
+
+
+def test_a_checkpoint_that_does_not_fit_on_a_small_filesystem(small_disk):
+    out = small_disk / "out"
+    out.mkdir()
+    save(out, 1, FakeEngine(100_000, 100_000))
+    # The estimate (the previous checkpoint's size) fits, then the serializer hits the end of the disk.
+    with pytest.raises(CheckpointError) as error:
+        save(out, 2, FakeEngine(2_000_000, 100_000))
+    assert_only_the_first_checkpoint(out, error, f"checkpoint step 2 could not be written to {out}: the disk is full",
+                                     "keeps its earlier checkpoints")
+    # Not even the previous checkpoint's size is free: stopped before writing anything.
+    (small_disk / "filler").write_bytes(os.urandom(shutil.disk_usage(small_disk).free - 100_000))
+    with pytest.raises(CheckpointError) as error:
+        save(out, 3, FakeEngine(100_000, 100_000))
+    assert_only_the_first_checkpoint(out, error, f"checkpoint step 3 needs about 0.2 MiB in {out} but only")
+
+
+def test_a_checkpoint_that_does_not_fit_simulated(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    save(out, 1, FakeEngine(100_000, 100_000))
+    with pytest.raises(CheckpointError) as error:
+        save(out, 2, FakeEngine(100_000, 100_000, fail=OSError(errno.ENOSPC, "No space left on device")))
+    assert_only_the_first_checkpoint(out, error, f"checkpoint step 2 could not be written to {out}: the disk is full")
+    usage = shutil.disk_usage(out)
+    monkeypatch.setattr(train_sft.shutil, "disk_usage", lambda path: usage._replace(free=50_000))
+    with pytest.raises(CheckpointError) as error:
+        save(out, 3, FakeEngine(100_000, 100_000))
+    assert_only_the_first_checkpoint(out, error, f"checkpoint step 3 needs about 0.2 MiB in {out} but only 0.0 MiB")
+
+
+@pytest.fixture
+def disk_for_one_checkpoint():
+    yield from mounted_tmpfs("900k")
+
+
+def test_the_trainer_stops_with_one_sentence_when_the_disk_is_full(tmp_path, data_file, disk_for_one_checkpoint):
+    out = disk_for_one_checkpoint / "out"
+    proc = trainer([f"--data_path={data_file}", "--max_steps=4", "--checkpoint_interval=1", "--keep_checkpoints=5",
+                    f"--output_dir={out}"], tmp_path)
+    assert proc.returncode == train_sft.EXIT_CHECKPOINT_NOT_WRITTEN == 4 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line.partition("train_sft.py: error: ")[2] for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("checkpoint step 2 needs about "), errors  # after the bar
+    assert f"MiB in {out} but only " in errors[0]
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == ["ckpt-00000001"]
+    assert train_sft.checkpoint_problem(str(out / "ckpt-00000001")) is None
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_resume_passes_over_a_corrupted_latest_checkpoint_and_ends_as_the_uninterrupted_run(tmp_path, data_file):
+    out = tmp_path / "out"
+    common = [f"--data_path={data_file}", "--max_steps=3", "--checkpoint_interval=1", "--keep_checkpoints=5",
+              f"--output_dir={out}"]
+    assert trainer(common, tmp_path).returncode == 0
+    uninterrupted = torch.load(out / "ckpt-00000003" / "model.pt", weights_only=True)
+    flip_bytes_inside_a_tensor(out / "ckpt-00000003" / "zero_lite-stage0.pt")
+    os.mkdir(out / "ckpt-best")
+    proc = trainer(common + ["--resume", "--keep_checkpoints=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"checkpoint {out}/ckpt-00000003 cannot be used: zero_lite-stage0.pt does not match its sha256 "
+            f"(corrupted)") in proc.stdout
+    assert f"resumed from {out}/ckpt-00000002 at step 2" in proc.stdout
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == [
+        "ckpt-00000002", "ckpt-00000003", "ckpt-00000003.rejected", "ckpt-best"]
+    resumed = torch.load(out / "ckpt-00000003" / "model.pt", weights_only=True)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)

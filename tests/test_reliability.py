@@ -1,0 +1,492 @@
+"""Reliability: hostile input gets one sentence (no traceback, no silent loss), interrupted runs keep
+their work, non-finite results never pass as success. Property-based tests (hypothesis) drive the
+data and option parsers with arbitrary input."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import data
+import sample
+import train_sft
+from test_train import ROOT, TINY, run, train_losses
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w") as f:
+        for _ in range(240):
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
+            f.write(json.dumps({"prompt": f"reverse {word}", "response": word[::-1]}) + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- options and config files
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e400"])
+def test_non_finite_numbers_are_refused_on_the_command_line(value):
+    with pytest.raises(train_sft.OptionError, match=f"--learning_rate must be a finite number, got "):
+        train_sft.parse_options([f"--learning_rate={value}"])
+
+
+@pytest.mark.parametrize("text", ["float('nan')", "float('inf')", "10 ** 400", "-1e999"])
+def test_non_finite_numbers_are_refused_in_config_files(tmp_path, text):
+    path = tmp_path / "cfg.py"
+    path.write_text(f"grad_clip = {text}\n")
+    with pytest.raises(train_sft.OptionError, match=f"{path}: --grad_clip must be a finite number"):
+        train_sft.parse_options([str(path)])
+
+
+def test_only_py_files_are_taken_as_config_files(tmp_path, data_file):
+    """Anything else given without -- would run as python: a data file set nothing and training went on."""
+    with pytest.raises(train_sft.OptionError, match=f"is not a config file .* give data as --data_path={data_file}"):
+        train_sft.parse_options([data_file])
+    script = tmp_path / "settings.txt"
+    script.write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
+    with pytest.raises(train_sft.OptionError, match="settings.txt is neither a config file .* nor an option"):
+        train_sft.parse_options([str(script)])
+    assert not (tmp_path / "ran").exists()
+
+
+# ----------------------------------------------------------------------------- hostile data rows
+
+
+def read_examples(path, skip_bad_rows=False):
+    """All of a file's examples and its count of bad rows (iter_examples streams them)."""
+    found = {}
+    examples = list(data.iter_examples(str(path), skip_bad_rows=skip_bad_rows, log=lambda line: None, found=found))
+    return examples, found["bad_rows"]
+
+
+GOOD = b'{"prompt": "a", "response": "b"}\n'
+HOSTILE_ROWS = {
+    "deep_nesting": (b'{"prompt": ' + b"[" * 100_000 + b"\n", "nested too deeply"),
+    "huge_integer": (b'{"prompt": "a", "response": "b", "n": ' + b"7" * 5000 + b"}\n", "4300 digits"),
+    "lone_surrogate": (b'{"prompt": "a\\ud800", "response": "b"}\n', "unpaired surrogate \\ud800"),
+    "surrogate_in_response": (b'{"prompt": "a", "response": "b\\udfff"}\n', "unpaired surrogate \\udfff"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_ROWS)
+def test_hostile_rows_are_bad_rows_not_crashes(tmp_path, name):
+    row, problem = HOSTILE_ROWS[name]
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(GOOD + row + GOOD)
+    with pytest.raises(data.DataError) as error:
+        read_examples(path)
+    assert str(error.value).startswith(f"{path}:2: ") and problem in str(error.value)
+    examples, skipped = read_examples(path, skip_bad_rows=True)
+    assert [line for line, _ in examples] == [1, 3] and skipped == 1
+
+
+@pytest.mark.parametrize("name", ["deep_nesting", "huge_integer"])
+def test_hostile_items_of_a_json_list_name_their_line(tmp_path, name):
+    row, problem = HOSTILE_ROWS[name]
+    path = tmp_path / f"{name}.json"
+    path.write_bytes(b"[\n" + GOOD[:-1] + b",\n" + row)
+    with pytest.raises(data.DataError, match=f"{path}:3: .*{problem}"):
+        read_examples(path, skip_bad_rows=True)
+
+
+def test_a_chat_of_system_messages_only_is_a_bad_row(tmp_path):
+    """Found by test_every_row_is_trained_or_reported: it reached the tokenizer with no turn and crashed."""
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b'{"messages": [{"role": "system", "content": "s"}]}\n{"messages": [{"role": "user", '
+                     b'"content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    with pytest.raises(data.DataError, match=f"{path}:1: the conversation .* has no assistant turn"):
+        read_examples(path)
+    assert read_examples(path, skip_bad_rows=True) == ([(2, [("a", "b", True)])], 1)
+
+
+def test_a_byte_order_mark_is_not_a_bad_row(tmp_path):
+    for suffix, text in ((".jsonl", GOOD * 2), (".json", b"[" + GOOD[:-1] + b"]")):
+        path = tmp_path / f"bom{suffix}"
+        path.write_bytes(b"\xef\xbb\xbf" + text)
+        examples, skipped = read_examples(path)
+        assert skipped == 0 and examples[0] == (1, [("a", "b", True)])
+
+
+def test_unwritable_cache_dir_names_the_option(tmp_path, data_file):
+    """The trainer turns a data error into its one sentence with data_error_sentence."""
+    cache_dir = str(tmp_path / "a_file" / "cache")
+    (tmp_path / "a_file").write_text("")
+    for data_path in (data_file, "demo"):
+        with pytest.raises(OSError) as error:
+            data.prepare_data(data_path, "byte", 48, cache_dir=cache_dir, log=lambda line: None)
+        assert train_sft.data_error_sentence(error.value, cache_dir).startswith(
+            f"--cache_dir={cache_dir} cannot be used: Not a directory (")
+    missing = FileNotFoundError(f"data file {str(tmp_path / 'nope.jsonl')!r} not found")
+    assert train_sft.data_error_sentence(missing, cache_dir) == str(missing)  # not about the cache
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+
+class TinyModel:
+    def __init__(self, vocab_size):
+        self.config = type("Config", (), {"vocab_size": vocab_size})()
+
+
+def test_sample_refuses_a_tokenizer_the_model_was_not_trained_with():
+    with pytest.raises(train_sft.OptionError, match="--tokenizer=gpt2 but --model=m was trained with the byte"):
+        sample.check_tokenizer("gpt2", "byte", TinyModel(320), "m")
+    with pytest.raises(train_sft.OptionError, match="--tokenizer=byte has 257 tokens but --model=m only 100"):
+        sample.check_tokenizer("byte", None, TinyModel(100), "m")
+    assert sample.check_tokenizer("", "byte", TinyModel(320), "m").n_vocab == 257
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_notice(tmp_path):
+    records = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
+    notices = []
+    metrics = train_sft.MetricsLog(str(tmp_path), False, resumed_step=2, log=notices.append)
+    metrics.write({"step": 3, "loss": 0.5})
+    assert [json.loads(line) for line in open(path)] == records[:2] + [{"step": 3, "loss": 0.5}]
+    assert len(notices) == 1 and "dropped line 4" in notices[0] and "cut short" in notices[0]
+
+
+# ----------------------------------------------------------------------------- property-based: the data parser
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.just("a\ud800"),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+texts = st.text(max_size=12) | st.just("") | st.just(" ") | st.just("b\udc80")
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "bot"]),
+                                           "content": texts}), max_size=4)
+rows = st.one_of(
+    st.fixed_dictionaries({"prompt": texts, "response": texts}),
+    st.fixed_dictionaries({"prompt": texts | json_values, "chosen": texts}),
+    st.fixed_dictionaries({"messages": messages}),
+    json_values)
+raw_lines = st.binary(max_size=20).map(lambda b: b.replace(b"\n", b""))  # anything at all on one line
+hostile_lines = st.sampled_from([b'{"prompt": ' + b"[" * 5000, b'{"prompt": "a", "response": ' + b"9" * 5000 + b"}",
+                                 b'{"prompt": "a", "response": "\\ud83d"}'])
+lines = st.one_of(rows.map(lambda row: json.dumps(row).encode()), raw_lines, hostile_lines)
+
+
+def parse(path, skip_bad_rows):
+    """read_examples, with any DataError returned rather than raised (anything else propagates)."""
+    try:
+        return read_examples(path, skip_bad_rows)
+    except data.DataError as error:
+        return error
+
+
+def check_loaded(result, path, numbered_rows, skip_bad_rows, is_list):
+    """Loaded rows are whole and in place; with skip_bad_rows, rows in = rows loaded + rows reported bad."""
+    if isinstance(result, data.DataError):
+        assert str(result).startswith(f"{path}:{result.line}: ") and result.line >= 1
+        if skip_bad_rows and not is_list:  # only a file with no usable row at all may stop a skipping JSONL read
+            assert result.problem in ("no usable rows", "the file is empty")
+        return
+    examples, skipped = result
+    assert {line for line, _ in examples} <= set(numbered_rows)
+    for _, turns in examples:
+        for prompt, response, _ in turns:  # real text: a lone surrogate would have reached the model as U+FFFD
+            prompt.encode("utf-8"), response.encode("utf-8")
+    assert len(examples) + skipped == len(numbered_rows)
+    assert skipped == 0 or skip_bad_rows
+
+
+@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@given(file_lines=st.lists(lines | st.just(b"") | st.just(b"  "), max_size=8), skip_bad_rows=st.booleans(),
+       bom=st.booleans())
+def test_any_jsonl_loads_or_names_file_and_line(tmp_path_factory, file_lines, skip_bad_rows, bom):
+    path = tmp_path_factory.mktemp("prop") / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" * bom + b"\n".join(file_lines))
+    is_list = b"\n".join(file_lines).lstrip().startswith(b"[")
+    numbered_rows = [n for n, line in enumerate(file_lines, 1) if line.strip()]
+    check_loaded(parse(str(path), skip_bad_rows), str(path), numbered_rows, skip_bad_rows, is_list)
+
+
+@settings(max_examples=100, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(rows.map(json.dumps) | hostile_lines.map(bytes.decode), max_size=6), skip_bad_rows=st.booleans())
+def test_any_json_list_loads_or_names_file_and_line(tmp_path_factory, items, skip_bad_rows):
+    """A JSON list written one item per line: item k sits on line k + 2, and errors must say so. An item
+    that does not decode stops the read even with skip_bad_rows: where it ends cannot be known."""
+    path = tmp_path_factory.mktemp("prop") / "rows.json"
+    path.write_text("[\n" + ",\n".join(items) + "\n]\n")
+    result = parse(str(path), skip_bad_rows)
+    if isinstance(result, data.DataError) and result.problem != "no usable rows":
+        assert 2 <= result.line <= len(items) + 1
+    check_loaded(result, str(path), list(range(2, len(items) + 2)), skip_bad_rows, is_list=True)
+
+
+@settings(max_examples=25, deadline=10000, suppress_health_check=[HealthCheck.too_slow])
+@given(file_rows=st.lists(rows, min_size=1, max_size=6), template=st.sampled_from(["{prompt}{response}",
+                                                                                     data.DEFAULT_TEMPLATE]))
+@example(file_rows=[{"messages": [{"role": "system", "content": ""}]}, {"prompt": "a", "response": "b"}],
+         template=data.DEFAULT_TEMPLATE)
+def test_every_row_is_trained_or_reported(tmp_path_factory, file_rows, template):
+    """Through tokenizing and the cache: rows in = rows kept + rows too long + rows reported bad."""
+    folder = tmp_path_factory.mktemp("prop")
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in file_rows))
+    try:
+        train, _ = data.prepare_data(str(path), "byte", 32, data_split="100,0", template=template,
+                                     skip_bad_rows=True, cache_dir=str(folder / "cache"), log=lambda line: None)
+    except data.DataError as error:  # a first row that is a list makes the file read as a JSON list
+        assert str(error).startswith(f"{path}:{error.line}: ")
+        assert error.problem == "no usable rows" or path.read_text().startswith("[")
+        return
+    except ValueError as error:  # every row too long for max_seq_len: said in a sentence
+        assert str(error).startswith("no training samples left")
+        return
+    stats = train.stats
+    assert stats["rows"] + stats["bad_rows"] == len(file_rows)
+    assert len(train) + stats["dropped_too_long"] == stats["rows"]
+
+
+# ----------------------------------------------------------------------------- property-based: options and config files
+
+def option_value_texts(name):
+    """Command-line values for one option: mostly of its type (NaN and Inf included), sometimes not."""
+    default = train_sft.OPTIONS[name][0]
+    if isinstance(default, bool):
+        typed = st.sampled_from(["true", "false", "1", "0", "yes", "no", "maybe", ""])
+    elif isinstance(default, int):
+        typed = st.integers(min_value=-3, max_value=10**6).map(str) | st.sampled_from(["1e400", "nan", "2.5", "0"])
+    elif isinstance(default, float):
+        typed = st.one_of(st.floats().map(repr), st.integers(min_value=-3, max_value=10**6).map(str),
+                          st.sampled_from(["nan", "inf", "-inf", "1e400", "0.5"]))
+    else:
+        typed = st.sampled_from(train_sft.CHOICES.get(name, [default]))
+    return st.one_of(typed, typed, typed, st.text(max_size=6))
+
+
+def python_literals(name):
+    """Config-file values for one option: mostly of its type (NaN, Inf and huge ints included), sometimes not."""
+    default = train_sft.OPTIONS[name][0] if name in train_sft.OPTIONS else ""
+    if isinstance(default, bool):
+        typed = st.booleans().map(repr)
+    elif isinstance(default, (int, float)):
+        typed = (st.integers(min_value=-10**400, max_value=10**400) | st.floats()).map(
+            lambda x: f"float({str(x)!r})" if isinstance(x, float) else repr(x))
+    else:
+        typed = st.sampled_from(train_sft.CHOICES.get(name, [default])).map(repr)
+    other = st.one_of(st.none(), st.text(max_size=6), st.lists(st.integers(), max_size=2)).map(repr)
+    return st.one_of(typed, typed, typed, other)
+
+
+known_names = st.sampled_from(sorted(train_sft.OPTIONS))
+any_names = known_names | st.from_regex(r"[a-z_]{1,10}", fullmatch=True)
+typed_args = known_names.flatmap(lambda name: option_value_texts(name).map(lambda value: f"--{name}={value}"))
+command_line_args = st.one_of(
+    typed_args, typed_args, typed_args, typed_args,
+    any_names.map(lambda name: f"--{name}"),
+    st.text(max_size=10).filter(lambda arg: not arg.startswith("-")))
+config_files = st.lists(any_names.flatmap(lambda name: python_literals(name).map(lambda value: (name, value))),
+                        max_size=4)
+
+
+def check_options(cfg, explicit):
+    """Parsed options have their default's type, a finite value, and lie in their range and choices."""
+    assert explicit <= set(train_sft.OPTIONS)
+    for name, (default, _) in train_sft.OPTIONS.items():
+        value = cfg[name]
+        assert type(value) is type(default), name
+        if isinstance(value, float):
+            assert value == value and abs(value) != float("inf"), name
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = train_sft.RANGES.get(name, (0, None))
+            assert low <= value and (high is None or value <= high), name
+        assert name not in train_sft.CHOICES or value in train_sft.CHOICES[name]
+
+
+@settings(max_examples=200, deadline=5000)
+@given(args=st.lists(command_line_args, max_size=3), files=st.lists(config_files, max_size=2))
+@example(args=["--learning_rate=nan"], files=[])  # cases the search has found, kept so that they are always tried
+@example(args=[], files=[[("grad_clip", "10 ** 400")]])
+def test_any_options_parse_or_name_the_option_or_file(tmp_path_factory, args, files):
+    folder = tmp_path_factory.mktemp("opts")
+    paths = []
+    for k, assignments in enumerate(files):
+        paths.append(str(folder / f"cfg{k}.py"))
+        with open(paths[-1], "w") as f:
+            f.writelines(f"{name} = {literal}\n" for name, literal in assignments)
+    argv = [a for a in paths + args if a not in ("-h", "--help")]
+    try:
+        cfg, explicit = train_sft.parse_options(argv)
+    except train_sft.OptionError as error:
+        message = str(error)
+        assert "\n" not in message.strip() or "failed to run" in message
+        assert "--" in message or any(arg in message for arg in argv), message
+        return
+    check_options(cfg, explicit)
+
+
+# ----------------------------------------------------------------------------- SIGTERM and SIGINT
+
+STEPS = 25  # within the first epoch: 1 rank x 2 and 2 ranks x 1 see the same micro-batches until its tail
+LONG_RUN = [f"--max_steps={STEPS}", "--keep_checkpoints=5"]
+
+
+def interrupt(args, tmp_path, sig, nproc=1):
+    """Starts the trainer, sends sig once it has logged step 2, and returns (exit code, stdout, stderr)."""
+    cmd = [sys.executable, "train_sft.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_sft.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    errors = open(tmp_path / f"stderr-{sig}-{nproc}", "w+")
+    proc = subprocess.Popen(cmd + TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args, cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=errors, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2 |"):
+            proc.send_signal(sig)
+            break
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=120)
+    errors.seek(0)
+    return proc.returncode, "".join(lines), errors.read()
+
+
+def main_in_this_process(args, tmp_path):
+    """train_sft.main here rather than in a new process (a start-up costs seconds), with one thread as
+    the subprocess runs have (OMP_NUM_THREADS=1), so that their losses agree bit for bit."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # main then leaves the thread count alone
+    torch.set_num_threads(1)
+    try:
+        return train_sft.main(TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args)
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("OMP_NUM_THREADS") if omp is None else os.environ.update(OMP_NUM_THREADS=omp)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, data_file):
+    """A run that nobody stops: 1 rank x 2 micro-batches per step."""
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    main_in_this_process([f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"]
+                         + LONG_RUN, out.parent)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return train_losses(uninterrupted_run)
+
+
+def stopped_step(stderr, signame):
+    """The step that the one-line stop message names."""
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train_sft.py: stopped by {signame} after step "), stderr[-2000:]
+    return int(last.split("after step ")[1].split(";")[0])
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data_file, uninterrupted, capsys):
+    """SIGINT and SIGTERM share one handler: Ctrl-C here, SIGTERM under torchrun below."""
+    out = tmp_path / "run"
+    args = [f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN
+    code, stdout, stderr = interrupt(args, tmp_path, signal.SIGINT)
+    assert code == 128 + signal.SIGINT and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    step = stopped_step(stderr, "SIGINT")
+    assert 2 <= step < STEPS and (out / f"ckpt-{step:08d}").is_dir() and not (out / "hf").exists()
+    with open(out / "metrics.jsonl", "a") as f:  # and a kill cut the next record short
+        f.write('{"step": %d, "loss": 1.2' % (step + 1))
+    main_in_this_process(["--resume", f"--output_dir={out}"], tmp_path)
+    log = capsys.readouterr().out
+    assert f"resumed from {out}/ckpt-{step:08d} at step {step}" in log and "dropped line" in log
+    assert train_losses(out) == uninterrupted  # every step, before and after the stop, bit for bit
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tmp_path, data_file, uninterrupted):
+    """torchrun forwards SIGTERM to its workers; they agree on the step through the step's counts."""
+    out = tmp_path / "run"
+    args = [f"--data_path={data_file}", f"--output_dir={out}"] + LONG_RUN  # 2 ranks x 1 = 1 rank x 2
+    code, stdout, stderr = interrupt(args, tmp_path, signal.SIGTERM, nproc=2)
+    assert code != 0 and 'train_sft.py", line' not in stderr  # torchrun prints its own SignalException
+    messages = [line for line in stderr.splitlines() if "train_sft.py: stopped by SIGTERM" in line]
+    assert len(messages) == 1, stderr[-3000:]
+    step = stopped_step(messages[0], "SIGTERM")
+    assert [p.name for p in out.iterdir() if p.name.startswith("ckpt-")] == [f"ckpt-{step:08d}"]
+    run(["--resume", f"--output_dir={out}"], tmp_path, nproc=2)
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)
+
+
+# ----------------------------------------------------------------------------- NaN/Inf never passes as success
+
+
+def with_nan(run_dir, tmp_path, tensor, row):
+    """A copy of run_dir's last checkpoint with NaN in one row of one weight (manifest rewritten to match)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir / f"ckpt-{STEPS:08d}", broken)
+    weights = torch.load(broken / "model.pt", weights_only=True)
+    weights[tensor][row] = float("nan")
+    torch.save(weights, broken / "model.pt")
+    train_sft.write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
+    return broken
+
+
+def test_max_nonfinite_steps_stops_with_a_sentence_and_lists_the_batches(tmp_path, data_file, uninterrupted_run):
+    """In this process, to save a start-up: main raises what train_sft.py prints and exits with."""
+    broken = with_nan(uninterrupted_run, tmp_path, "transformer.ln_f.weight", 0)
+    out = tmp_path / "nan"
+    with pytest.raises(train_sft.RunStopped) as stopped:
+        main_in_this_process([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=10",
+                              "--max_nonfinite_steps=2", f"--output_dir={out}"], tmp_path)
+    assert stopped.value.exit_code == train_sft.EXIT_NONFINITE
+    assert str(stopped.value).startswith("error: NaN/Inf loss or gradient for 2 steps in a row at step 1: stopping")
+    assert sorted(p.name for p in out.iterdir() if p.name not in ("metrics.jsonl", "run.lock")) == [
+        "nonfinite-step-00000000-rank0.json", "nonfinite-step-00000001-rank0.json"]  # no checkpoint, no export
+    listed = json.loads((out / "nonfinite-step-00000001-rank0.json").read_text())
+    assert [(b["epoch"], b["micro_batch"], len(b["rows"])) for b in listed["micro_batches"]] == [(0, 1, 4)]
+    assert all(len(row) == 1 and 0 <= row[0] < 240 for row in listed["micro_batches"][0]["rows"])
+
+
+@pytest.mark.parametrize("tensor, row, what", [
+    ("transformer.ln_f.weight", 0, "loss"),  # every step NaN, but fewer than max_nonfinite_steps of them
+    ("transformer.wpe.weight", -1, "weight"),  # a position no sample reaches: the loss stays finite
+])
+def test_a_run_that_ends_non_finite_exits_non_zero_and_exports_nothing(tmp_path, data_file, uninterrupted_run,
+                                                                         tensor, row, what):
+    broken = with_nan(uninterrupted_run, tmp_path, tensor, row)
+    out = tmp_path / "nan"
+    with pytest.raises(train_sft.RunStopped) as stopped:
+        main_in_this_process([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=2",
+                              "--max_nonfinite_steps=5", f"--output_dir={out}"], tmp_path)
+    assert stopped.value.exit_code == train_sft.EXIT_NONFINITE
+    assert str(stopped.value).startswith(
+        f"error: the run ended at step 2 with a NaN/Inf {what}: neither its checkpoint nor its export")
+    assert not (out / "hf").exists() and not any(p.name.startswith("ckpt-") for p in out.iterdir())
+
+
+# ----------------------------------------------------------------------------- resuming on more ranks
+
+
+@pytest.mark.slow
+def test_resume_on_ranks_that_cannot_share_the_position_is_one_sentence(tmp_path, uninterrupted_run):
+    """A checkpoint at an odd global micro-batch cannot resume on 2 ranks: it said so in a raw ValueError."""
+    out = tmp_path / "run"
+    ckpt = out / f"ckpt-{STEPS:08d}"
+    shutil.copytree(uninterrupted_run / ckpt.name, ckpt)
+    state = torch.load(ckpt / "trainer.pt", weights_only=True)
+    state["batches"]["position"] = 2 * STEPS - 1
+    torch.save(state, ckpt / "trainer.pt")
+    train_sft.write_manifest(ckpt, json.loads((ckpt / "manifest.json").read_text()))
+    proc = run(["--resume", f"--max_steps={STEPS + 2}", f"--output_dir={out}"], tmp_path, nproc=2, check=False)
+    assert proc.returncode != 0 and 'train_sft.py", line' not in proc.stderr
+    assert (f"train_sft.py: error: cannot resume from {out}/ckpt-{STEPS:08d}: it stopped after {2 * STEPS - 1} "
+            f"micro-batches of epoch 0, which 2 ranks cannot share evenly") in proc.stderr
