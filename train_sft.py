@@ -38,6 +38,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import kernels
+import sparse
 import zero_lite
 from data import DEFAULT_TEMPLATE, Batches, get_tokenizer, prepare_data
 from model import GPT, GPTConfig, apply_lora, only_optimize_lora
@@ -80,6 +81,12 @@ OPTIONS = {
     "lora_module_name": ("h.", "LoRA wraps Linear layers whose name contains this (comma-separated patterns)"),
     "only_optimize_lora": (False, "train the LoRA factors only (wrapped weights are always frozen; this freezes the rest)"),
     "kernels": ("torch", "loss implementation: torch | triton (fused masked linear + cross-entropy, CUDA)"),
+    "sparse_density": (0.0, "sparse fine-tuning: train this share of each chosen matrix's entries; 0 = off"),
+    "sparse_pattern": ("h.", "sparse fine-tuning trains Linear weights whose name contains this (comma-separated)"),
+    "sparse_embedding": (False, "sparse fine-tuning also trains entries of the embeddings (and the tied lm_head)"),
+    "sparse_init": ("random", "sparse entries at first: random | gradient (largest over a few probe batches)"),
+    "sparse_regrow_interval": (100, "optimizer steps between sparse drop/regrow (SpIEL-AG); 0 = entries fixed"),
+    "sparse_regrow_share": (0.2, "share of entries replaced at a regrow, decaying (cosine) to 0 over training"),
     # optimization
     "batch_size": (8, "micro-batch size per device"),
     "gradient_accumulation_steps": (1, "micro-batches per optimizer step on each device"),
@@ -125,13 +132,15 @@ CHOICES = {
     "data_format": ("auto", "prompt_response", "prompt_chosen", "prompt_completion", "messages", "alpaca", "sharegpt"),
     "tokenizer": ("gpt2", "byte"),
     "kernels": ("torch", "triton"),
+    "sparse_init": ("random", "gradient"),
     "lr_scheduler": ("cosine", "linear", "constant"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
 }
 # Allowed ranges (lowest, highest or None), both inclusive; every other number must be at least 0.
 RANGES = {"max_seq_len": (2, None), "zero_stage": (0, 3), "dropout": (0, 0.99), "beta1": (0, 0.9999), "beta2": (0, 0.9999),
-          "min_lr_ratio": (0, 1), **{name: (1, None) for name in (
+          "min_lr_ratio": (0, 1), "sparse_density": (0, 1),
+          "sparse_regrow_share": (0, 1), **{name: (1, None) for name in (
               "batch_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "log_interval",
               "keep_checkpoints", "max_nonfinite_steps", "num_train_epochs")}}
 # Options that shape the model: a checkpoint to start from must agree with them.
@@ -441,18 +450,75 @@ def add_lora(model, options):
         raise OptionError(f"--lora_module_name={options['lora_module_name']!r} matches no Linear layer")
 
 
-def make_optimizer(model, cfg, fused):
-    """AdamW; weight decay on matrices only; LoRA factors may have their own learning rate."""
+def make_optimizer(model, cfg, fused, total_steps=1):
+    """AdamW; weight decay on matrices only; LoRA factors may have their own learning rate.
+    With --sparse_density, sparse.SparseAdamW: the chosen matrices train at their selected entries,
+    the other matrices are frozen, and the 1-D parameters (biases, LayerNorms) train densely."""
+    matrices = []
+    if cfg["sparse_density"] > 0:
+        try:
+            matrices = sparse.sparse_matrices(model, cfg["sparse_pattern"], cfg["sparse_embedding"])
+        except ValueError as e:
+            raise OptionError(f"--sparse_pattern: {e}") from None
+    chosen = {id(p) for _, p in matrices}
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if matrices and p.dim() >= 2 and id(p) not in chosen:
+            p.requires_grad_(False)
+        if not p.requires_grad or id(p) in chosen:
             continue
         is_lora = "lora_" in name
         lr = cfg["lora_learning_rate"] if is_lora and cfg["lora_learning_rate"] > 0 else cfg["learning_rate"]
         decay = cfg["weight_decay"] if p.dim() >= 2 else 0.0
         groups.setdefault((lr, decay), []).append(p)
     param_groups = [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    if matrices:
+        return sparse.SparseAdamW(matrices, param_groups, cfg["sparse_density"], lr=cfg["learning_rate"],
+                                  betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"],
+                                  regrow_interval=cfg["sparse_regrow_interval"],
+                                  regrow_share=cfg["sparse_regrow_share"], total_steps=total_steps, seed=cfg["seed"])
     return torch.optim.AdamW(param_groups, betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
+
+
+def check_sparse_options(cfg):
+    """Sparse fine-tuning lives in the optimizer, whose gathered gradients only the native engine's
+    stage 0 knows how to carry; LoRA would train the same matrices a second way."""
+    if cfg["sparse_density"] > 0 and cfg["lora_dim"]:
+        raise OptionError("--sparse_density cannot be combined with --lora_dim: choose one way of fine-tuning")
+    if cfg["sparse_density"] > 0 and (cfg["engine"] != "native" or cfg["zero_stage"] != 0):
+        raise OptionError(f"--sparse_density needs the native engine at --zero_stage=0; --engine={cfg['engine']} "
+                          f"--zero_stage={cfg['zero_stage']} cannot carry its sparse gradients")
+
+
+SPARSE_PROBE_BATCHES = 4  # micro-batches over all ranks whose gradients choose the first entries (--sparse_init=gradient)
+
+
+def choose_sparse_entries(model, optimizer, batches, device, autocast):
+    """--sparse_init=gradient: the largest gradients over the first micro-batches (the same ones
+    on any number of ranks) choose each matrix's entries; the batches are rewound, so the data order
+    is unchanged."""
+    position = batches.state_dict()
+
+    def probe():
+        for _ in range(max(1, SPARSE_PROBE_BATCHES // batches.world_size)):
+            b = batches.next_batch()
+            segments = b["segment_ids"].to(device) if b["segment_ids"] is not None else None
+            with autocast:
+                loss = model(b["input_ids"].to(device), b["labels"].to(device), segment_ids=segments)
+            loss.backward()
+    optimizer.select_by_gradient(probe)
+    batches.load_state_dict(position)
+
+
+def sparse_report(optimizer):
+    """The start-up line of a sparse run: what trains and what the optimizer holds."""
+    entries, dense = optimizer.trainable_entries()
+    total = sum(p.numel() for p in optimizer.matrices)
+    dense_adamw = 8 * (total + dense)  # two fp32 moments per trained parameter
+    return (f"sparse: {entries:,} of {total:,} entries in {len(optimizer.matrices)} matrices "
+            f"({entries / total:.2%}) and {dense:,} dense parameters train; optimizer state "
+            f"{optimizer.state_bytes() / 2**20:.2f} MiB (dense AdamW over the same parameters: "
+            f"{dense_adamw / 2**20:.2f} MiB)")
 
 
 def lr_multiplier(step, cfg, total_steps):
@@ -1335,6 +1401,7 @@ def main(argv):
     if checkpoint is not None and cfg["resume"]:
         run_id = checkpoint["run_id"] or run_id  # the resumed run keeps its id
     check_engine_options(cfg, explicit, world, device)
+    check_sparse_options(cfg)
     seed_everything(cfg["seed"])
 
     # Data: tokenized once per machine and cached; every rank draws its own micro-batches.
@@ -1360,10 +1427,15 @@ def main(argv):
     n_params = model.num_params(non_embedding=False)  # counted before an engine may shard the parameters
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops_per_token = model.flops_per_token(cfg["max_seq_len"])
-    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda" and not cfg["offload"])
+    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda" and not cfg["offload"],
+                               total_steps=total_steps)
     engine = make_engine(cfg, model, optimizer)
     dtype = getattr(torch, cfg["dtype"])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    if cfg["sparse_density"] > 0:
+        if cfg["sparse_init"] == "gradient" and not cfg["resume"]:
+            choose_sparse_entries(model, optimizer, batches, device, autocast)
+        log(sparse_report(optimizer))
     step = 0
     if cfg["resume"]:
         step = resume_run(checkpoint, engine, batches, rank)
@@ -1497,6 +1569,9 @@ def main(argv):
         weights = engine.full_state_dict()
         if master:
             log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
+        if master and cfg["sparse_density"] > 0:
+            path = os.path.join(cfg["output_dir"], "sparse_delta.safetensors")
+            log(f"sparse delta -> {sparse.save_delta(optimizer, path, base_name=cfg['init_from'])}")
         result = run_eval()
     if dist.is_initialized():
         # Release the engine before the process group: dropped later (when main returns), its last

@@ -1,9 +1,7 @@
 """The engines behind train_sft.py's seam: zero_lite.Engine's contract on its own, and the trainer's
 choice of engine and stage."""
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -153,6 +151,10 @@ def test_deepspeed_zero3_export_loads_in_transformers(engine_run):
     manifest = json.loads((out / f"ckpt-{STEPS:08d}" / "manifest.json").read_text())
     shards = [f for f in manifest["files"] if "optim_states" in f]
     assert len(shards) == 2 and manifest["engine"] == "deepspeed"  # one optimizer shard per rank
+    # --init_from and sample.py read a DeepSpeed checkpoint directory as they read a native one.
+    checkpoint = train_sft.load_checkpoint(str(out / f"ckpt-{STEPS:08d}"))
+    model = train_sft.build_model(checkpoint["options"], None, checkpoint)
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -220,36 +222,18 @@ def test_missing_deepspeed_and_a_checkpoint_of_the_other_engine_exit_2(tmp_path,
     assert f"checkpoint {out}/ckpt-{STEPS:08d} has engine='native' but engine='deepspeed' was requested" in proc.stderr
 
 
-# ----------------------------------------------------------------------------- checkpoint directories
+# ----------------------------------------------------------------------------- consolidated weights
 
 
-def test_checkpoints_are_listed_and_rotated_by_step_number(tmp_path):
-    """Step 100,000,000 has nine digits and sorts before step 9 as a name; unfinished (.tmp) and
-    foreign directories are neither listed nor removed."""
-    for name in ("ckpt-00000009", "ckpt-00000010", "ckpt-100000000", "ckpt-00000011.tmp", "ckpt-last", "notes"):
-        (tmp_path / name).mkdir()
-        if name.startswith("ckpt-"):
-            (tmp_path / name / "manifest.json").write_text('{"run_id": "r1"}')
-    assert [step for step, _ in train_sft.list_checkpoints(tmp_path)] == [9, 10, 100_000_000]
-    train_sft.remove_old_checkpoints(tmp_path, keep=2, run_id="r1")
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000010", "ckpt-00000011.tmp", "ckpt-100000000",
-                                            "ckpt-last", "notes"]
-
-
-def test_a_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
-    """save_checkpoint with one rank: engine files, trainer state, weights and a manifest whose sizes
-    and checksums match the files; saving the same step again replaces it whole."""
+def test_full_state_dict_is_an_fp32_cpu_copy_with_tied_weights_once():
+    """The weights that model.pt, the hf/ export and --init_from use: the model's keys, fp32, on the
+    CPU, a copy (training on does not change it), the tied embedding and head one tensor."""
     engine = tiny_engine(1.0)
-    for _ in range(2):
-        path = train_sft.save_checkpoint(str(tmp_path), 5, engine, {"step": 5, "engine": "native", "run_id": "r1"},
-                                         keep=3, rank=0, world=1)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000005", "run.json"]
-    manifest = json.loads(open(os.path.join(path, "manifest.json")).read())
-    assert sorted(manifest["files"]) == ["model.pt", "trainer.pt", "zero_lite-stage0.pt"]
-    for name, info in manifest["files"].items():
-        data = open(os.path.join(path, name), "rb").read()
-        assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    weights = torch.load(os.path.join(path, "model.pt"), weights_only=True)
+    weights = engine.full_state_dict()
     assert weights.keys() == engine.module.state_dict().keys()
-    tied = weights["lm_head.weight"], weights["transformer.wte.weight"]
-    assert tied[0].untyped_storage().data_ptr() == tied[1].untyped_storage().data_ptr()  # stored once
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in weights.values())
+    assert weights["lm_head.weight"] is weights["transformer.wte.weight"]
+    before = weights["lm_head.weight"].clone()
+    with torch.no_grad():
+        engine.module.lm_head.weight.add_(1.0)
+    assert torch.equal(weights["lm_head.weight"], before)
