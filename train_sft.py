@@ -245,24 +245,32 @@ def check_config_file_name(arg):
     if arg.endswith(".py"):
         return
     if arg.endswith((".json", ".jsonl", ".parquet")):
-        raise OptionError(f"{arg} is not a config file (those end in .py); give data as --data_path={arg}")
-    raise OptionError(f"{arg} is neither a config file (those end in .py) nor an option (--key=value)")
+        raise OptionError(f"{printable(arg)} is not a config file (those end in .py); give data as "
+                          f"--data_path={printable(arg)}")
+    raise OptionError(f"{printable(arg)} is neither a config file (those end in .py) nor an option (--key=value)")
+
+
+def printable(text):
+    """text as it is, or quoted with escapes when it holds a newline or other control character, so that
+    an error message stays one line."""
+    return text if text.isprintable() else repr(text)
 
 
 def read_config_file(path, options):
     """Runs a python config file and returns the options it assigns; any other name is an error."""
+    shown = printable(path)
     if not os.path.isfile(path):
-        raise OptionError(f"config file {path} does not exist")
+        raise OptionError(f"config file {shown} does not exist")
     scope = {}
     try:
         exec(compile(open(path).read(), path, "exec"), scope)
     except Exception as e:
-        raise OptionError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
+        raise OptionError(f"config file {shown} failed to run: {type(e).__name__}: {e}") from None
     values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
               and not isinstance(v, type(os))}
     for name in values:
         if name not in options:
-            raise OptionError(f"config file {path} sets unknown option {name!r}")
+            raise OptionError(f"config file {shown} sets unknown option {name!r}")
     return values
 
 

@@ -315,6 +315,8 @@ def check_options(cfg, explicit):
 @given(args=st.lists(command_line_args, max_size=3), files=st.lists(config_files, max_size=2))
 @example(args=["--learning_rate=nan"], files=[])  # cases the search has found, kept so that they are always tried
 @example(args=[], files=[[("grad_clip", "10 ** 400")]])
+@example(args=["0\n"], files=[])
+@example(args=["a\n.jsonl"], files=[])
 def test_any_options_parse_or_name_the_option_or_file(tmp_path_factory, args, files):
     folder = tmp_path_factory.mktemp("opts")
     paths = []
