@@ -940,14 +940,12 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def weights_are_finite(module, world, device):
-    """Whether every parameter on every rank is free of NaN/Inf (one all-reduce, at the end of a run)."""
-    bad = torch.zeros((), device=device)
-    for p in module.parameters():
-        bad += (~torch.isfinite(p)).sum()
-    if world > 1:
-        dist.all_reduce(bad)
-    return bad.item() == 0
+def weights_are_finite(weights, world):
+    """Whether the consolidated weights (engine.full_state_dict(): rank 0's, None elsewhere) are free of
+    NaN/Inf, with rank 0's answer on every rank. The consolidated copy is checked so that an engine that
+    shards the parameters (ZeRO-3) is checked whole."""
+    finite = weights is None or all(bool(torch.isfinite(t).all()) for t in weights.values())
+    return from_rank0(finite, world)
 
 
 def write_nonfinite_batches(output_dir, step, rank, micro, loss):
@@ -1566,7 +1564,8 @@ def main(argv):
     report_model_state(engine, device, rank, world, cfg["zero_stage"], n_params, n_trained, step, metrics, log)
 
     result = None
-    if not failure and (nonfinite_in_a_row or not weights_are_finite(engine.module, world, device)):
+    weights = engine.full_state_dict()  # collective; rank 0 checks and exports this consolidated copy
+    if not failure and (nonfinite_in_a_row or not weights_are_finite(weights, world)):
         failure = (f"the run ended at step {step} with a NaN/Inf {'loss' if nonfinite_in_a_row else 'weight'}: "
                    f"neither its checkpoint nor its export is written (see {cfg['output_dir']}/nonfinite-step-*"
                    f".json and lower --learning_rate, or check the init weights)")
@@ -1574,7 +1573,6 @@ def main(argv):
         checkpoint_now()
     elif not failure:
         checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
-        weights = engine.full_state_dict()
         if master:
             log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
         if master and cfg["sparse_density"] > 0:
