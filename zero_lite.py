@@ -414,7 +414,8 @@ class Engine:
         transient buckets and stage 3's gathered units are left out."""
         params = list(self.module.parameters()) + ([unit.shard for unit in self.units] if self.stage == 3 else [])
         if self.stage == 0:
-            grads = sum(p.numel() * p.element_size() for group in self.optimizer.param_groups for p in group["params"])
+            grads = sum(p.numel() * p.element_size() for group in self.optimizer.param_groups
+                        if not group.get("sparse") for p in group["params"])  # sparse matrices: gathered values only
             grads += sum(g.numel() * g.element_size() for g in self._sparse_gradients())
         else:
             grads = _bytes([unit.grad_flat if self.stage == 1 else unit.grad_shard for unit in self.units])
