@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import pathlib
-import random
 import shutil
 import subprocess
 import sys
@@ -19,22 +18,13 @@ import pytest
 import torch
 
 import train_sft
+from test_train import ROOT, TINY, write_reverse_pairs
 from train_sft import CheckpointError, OptionError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_seq_len=48", "--batch_size=4",
-        "--learning_rate=3e-3", "--log_interval=1", "--seed=7"]
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w") as f:
-        for _ in range(120):
-            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
-            f.write(json.dumps({"prompt": f"reverse {word}", "response": word[::-1]}) + "\n")
-    return str(path)
+    return write_reverse_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 120)
 
 
 def trainer(args, tmp_path):

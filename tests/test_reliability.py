@@ -4,12 +4,10 @@ data and option parsers with arbitrary input."""
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,18 +17,12 @@ from hypothesis import strategies as st
 import data
 import sample
 import train_sft
-from test_train import ROOT, TINY, run, train_losses
+from test_train import ROOT, TINY, run, train_losses, write_reverse_pairs
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w") as f:
-        for _ in range(240):
-            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
-            f.write(json.dumps({"prompt": f"reverse {word}", "response": word[::-1]}) + "\n")
-    return str(path)
+    return write_reverse_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 240)
 
 
 # ----------------------------------------------------------------------------- options and config files
@@ -38,7 +30,7 @@ def data_file(tmp_path_factory):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e400"])
 def test_non_finite_numbers_are_refused_on_the_command_line(value):
-    with pytest.raises(train_sft.OptionError, match=f"--learning_rate must be a finite number, got "):
+    with pytest.raises(train_sft.OptionError, match="--learning_rate must be a finite number, got "):
         train_sft.parse_options([f"--learning_rate={value}"])
 
 

@@ -6,6 +6,11 @@ Tolerances: fp32 state 1e-6 relative (the kernel and the reference round in a di
 bf16 weights within one bf16 unit (base + delta, a hair apart in fp32, may round either way).
 """
 import copy
+import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,8 +19,10 @@ from safetensors.torch import load_file, save_file
 
 import kernels.sparse_adam as sparse_adam
 import sparse
+import train_sft
 import zero_lite
 from model import GPT, GPTConfig
+from test_train import ROOT, write_reverse_pairs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -313,16 +320,6 @@ def test_delta_that_does_not_fit(tmp_path):
 # -----------------------------------------------------------------------------
 # In the trainer: train_sft.py --sparse_density, on one and two ranks
 
-import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import train_sft  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_seq_len=48", "--batch_size=4",
         "--learning_rate=3e-3", "--log_interval=1", "--seed=7", "--bias=false", "--max_steps=4"]
 # Records the bytes of every all_reduce of more than 16 elements (the gradients; the loss and token
@@ -344,13 +341,7 @@ json.dump(calls, open(f"{os.environ['COUNT_FILE']}.{os.environ.get('RANK', '0')}
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(path, "w") as f:
-        for _ in range(200):
-            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
-            f.write(json.dumps({"prompt": f"reverse {word}", "response": word[::-1]}) + "\n")
-    return str(path)
+    return write_reverse_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 200)
 
 
 def run_trainer(args, tmp_path, nproc=1, script="train_sft.py", env=None):

@@ -20,16 +20,19 @@ TINY = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_s
         "--learning_rate=3e-3", "--log_interval=1", "--seed=7"]
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
+def write_reverse_pairs(path, count):
     """Reverse-a-word pairs: small, varied lengths, so batches carry different padding."""
     rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
     with open(path, "w") as f:
-        for _ in range(240):
+        for _ in range(count):
             word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
             f.write(json.dumps({"prompt": f"reverse {word}", "response": word[::-1]}) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_reverse_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 240)
 
 
 def run(args, tmp_path, nproc=1, check=True, env=None):
