@@ -145,10 +145,11 @@ RANGES = {"max_seq_len": (2, None), "zero_stage": (0, 3), "dropout": (0, 0.99), 
               "keep_checkpoints", "max_nonfinite_steps", "num_train_epochs")}}
 # Options that shape the model: a checkpoint to start from must agree with them.
 MODEL_OPTIONS = ("tokenizer", "n_layer", "n_head", "n_embd", "bias", "lora_dim", "lora_scaling", "lora_module_name")
-# Options that a resumed run may change; every other one is the checkpoint's.
+# Options that a resumed run may change; every other one is the checkpoint's. A run resumed on another
+# number of ranks keeps its batch by changing gradient_accumulation_steps (2 ranks x 3 = 3 ranks x 2).
 RESUME_MAY_CHANGE = ("resume", "max_steps", "num_train_epochs", "log_interval", "eval_interval", "eval_exact_match",
                      "checkpoint_interval", "keep_checkpoints", "tensorboard", "device", "compile", "kernels",
-                     "output_dir", "cache_dir")
+                     "output_dir", "cache_dir", "gradient_accumulation_steps")
 
 
 class OptionError(ValueError):
@@ -939,14 +940,12 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def weights_are_finite(module, world, device):
-    """Whether every parameter on every rank is free of NaN/Inf (one all-reduce, at the end of a run)."""
-    bad = torch.zeros((), device=device)
-    for p in module.parameters():
-        bad += (~torch.isfinite(p)).sum()
-    if world > 1:
-        dist.all_reduce(bad)
-    return bad.item() == 0
+def weights_are_finite(weights, world):
+    """Whether the consolidated weights (engine.full_state_dict(): rank 0's, None elsewhere) are free of
+    NaN/Inf, with rank 0's answer on every rank. The consolidated copy is checked so that an engine that
+    shards the parameters (ZeRO-3) is checked whole."""
+    finite = weights is None or all(bool(torch.isfinite(t).all()) for t in weights.values())
+    return from_rank0(finite, world)
 
 
 def write_nonfinite_batches(output_dir, step, rank, micro, loss):
@@ -1453,6 +1452,10 @@ def main(argv):
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained; {world} rank(s) x {accum} x "
         f"{cfg['batch_size']} samples per step, {total_steps} steps, {cfg['dtype']} on {device.type}; "
         f"loss {model.loss_fn.__module__}.{model.loss_fn.__name__}")
+    memory, formula = engine.memory_report(), zero_formula_bytes(n_params, n_trained, cfg["zero_stage"], world)
+    tqdm.write(f"rank {rank} model state at start: " + ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in memory.items())
+               + f"; the ZeRO paper's fp32 formula for stage {cfg['zero_stage']} on {world} rank(s): "
+               f"{formula / 2**20:.3f} MiB")
     resumed_step = step if cfg["resume"] else None
     metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], resumed_step, log) if master else None
 
@@ -1561,7 +1564,8 @@ def main(argv):
     report_model_state(engine, device, rank, world, cfg["zero_stage"], n_params, n_trained, step, metrics, log)
 
     result = None
-    if not failure and (nonfinite_in_a_row or not weights_are_finite(engine.module, world, device)):
+    weights = engine.full_state_dict()  # collective; rank 0 checks and exports this consolidated copy
+    if not failure and (nonfinite_in_a_row or not weights_are_finite(weights, world)):
         failure = (f"the run ended at step {step} with a NaN/Inf {'loss' if nonfinite_in_a_row else 'weight'}: "
                    f"neither its checkpoint nor its export is written (see {cfg['output_dir']}/nonfinite-step-*"
                    f".json and lower --learning_rate, or check the init weights)")
@@ -1569,7 +1573,6 @@ def main(argv):
         checkpoint_now()
     elif not failure:
         checkpoint_now()  # checkpoint and export first, so that nothing in the final eval can cost the trained model
-        weights = engine.full_state_dict()
         if master:
             log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), cfg, cfg['output_dir'])}")
         if master and cfg["sparse_density"] > 0:

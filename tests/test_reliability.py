@@ -458,17 +458,18 @@ def test_max_nonfinite_steps_stops_with_a_sentence_and_lists_the_batches(tmp_pat
     assert all(len(row) == 1 and 0 <= row[0] < 240 for row in listed["micro_batches"][0]["rows"])
 
 
-@pytest.mark.parametrize("tensor, row, what", [
-    ("transformer.ln_f.weight", 0, "loss"),  # every step NaN, but fewer than max_nonfinite_steps of them
-    ("transformer.wpe.weight", -1, "weight"),  # a position no sample reaches: the loss stays finite
+@pytest.mark.parametrize("tensor, row, what, stage", [
+    ("transformer.ln_f.weight", 0, "loss", 0),  # every step NaN, but fewer than max_nonfinite_steps of them
+    ("transformer.wpe.weight", -1, "weight", 0),  # a position no sample reaches: the loss stays finite
+    ("transformer.wpe.weight", -1, "weight", 3),  # ZeRO-3 holds no whole weight outside a forward
 ])
 def test_a_run_that_ends_non_finite_exits_non_zero_and_exports_nothing(tmp_path, data_file, uninterrupted_run,
-                                                                         tensor, row, what):
+                                                                         tensor, row, what, stage):
     broken = with_nan(uninterrupted_run, tmp_path, tensor, row)
     out = tmp_path / "nan"
     with pytest.raises(train_sft.RunStopped) as stopped:
         main_in_this_process([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=2",
-                              "--max_nonfinite_steps=5", f"--output_dir={out}"], tmp_path)
+                              "--max_nonfinite_steps=5", f"--zero_stage={stage}", f"--output_dir={out}"], tmp_path)
     assert stopped.value.exit_code == train_sft.EXIT_NONFINITE
     assert str(stopped.value).startswith(
         f"error: the run ended at step 2 with a NaN/Inf {what}: neither its checkpoint nor its export")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import kernels.sparse_adam as sparse_adam
 import sparse
+import zero_lite
 from model import GPT, GPTConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,6 +231,15 @@ def test_state_bytes_grow_with_density():
         n = optimizer.trainable_entries()[0]
         assert abs(n - density * entries) <= len(optimizer.matrices)
         assert optimizer.state_bytes() == n * 5 * 4 + dense_bytes  # indices, delta, 2 moments, base
+
+
+def test_engine_memory_report_counts_the_gathered_gradients_not_dense_ones():
+    """The native engine's report holds a sparse matrix's gradient at its trainable entries only."""
+    model = tiny_gpt()
+    optimizer = make_sparse(model, 0.1, embedding=False)
+    report = zero_lite.Engine(model, optimizer).memory_report()
+    dense = sum(p.numel() for group in optimizer.param_groups if not group["sparse"] for p in group["params"])
+    assert report["grads"] == 4 * (dense + optimizer.trainable_entries()[0])
 
 
 @pytest.mark.parametrize("density", [0.0, -0.5, 1.5])

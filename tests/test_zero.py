@@ -1,0 +1,177 @@
+"""ZeRO stages 1-3 of the native engine (zero_lite.py) through train_sft.py: the losses and weights of
+stage 0, model state within 10% of the ZeRO formula, resume at the same and at another number of ranks,
+and bad input. Each run is a real train_sft.py process (torchrun with gloo for several ranks)."""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_sft
+import zero_lite
+from model import GPT, GPTConfig
+from test_train import TINY, data_file, run, train_losses  # noqa: F401 (data_file is a fixture)
+
+# 235 training samples make 30 micro-batches of 8 per epoch: 5 steps of 6 micro-batches for 1, 2 or 3
+# ranks alike, so runs on different numbers of ranks see the same batches at every step, across epochs.
+STEPS = ["--max_steps=20", "--batch_size=8", "--checkpoint_interval=10", "--keep_checkpoints=5"]
+RESUME = ["--resume", "--batch_size=8"]  # the run helper's TINY says 4
+
+
+def weights(output_dir, step=20):
+    return torch.load(os.path.join(output_dir, f"ckpt-{step:08d}", "model.pt"), weights_only=True)
+
+
+def assert_same_run(a, b, tolerance, steps=range(1, 21)):
+    """Equal losses at the given steps, and equal final weights, within tolerance."""
+    la, lb = train_losses(a), train_losses(b)
+    assert all(abs(la[s] - lb[s]) <= tolerance for s in steps), [(s, la[s], lb[s]) for s in steps]
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert all((wa[k] - wb[k]).abs().max() <= tolerance for k in wa), max((wa[k] - wb[k]).abs().max() for k in wa)
+
+
+def resume_from(source, step, target):
+    """A run directory holding only source's checkpoint at step (and its metrics, which the resume trims)."""
+    target = Path(target)
+    os.makedirs(target)
+    shutil.copytree(os.path.join(source, f"ckpt-{step:08d}"), os.path.join(target, f"ckpt-{step:08d}"))
+    shutil.copy(os.path.join(source, "metrics.jsonl"), target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory, data_file):
+    """Stages 0-3 on 2 ranks with 3 micro-batches each (accumulation without communication), 20 steps;
+    stage 3 also generates for exact match. Returns the directory and each run's stdout."""
+    tmp = tmp_path_factory.mktemp("stages")
+    stdout = {}
+    for stage in range(4):
+        stdout[stage] = run([f"--data_path={data_file}", *STEPS, "--gradient_accumulation_steps=3",
+                             f"--zero_stage={stage}", f"--output_dir={tmp}/stage{stage}"]
+                            + (["--eval_exact_match=2"] if stage == 3 else []), tmp, nproc=2).stdout
+    return tmp, stdout
+
+
+@pytest.mark.slow
+def test_stages_1_2_3_give_stage_0s_losses_and_weights(stage_runs, data_file):
+    tmp, _ = stage_runs
+    for stage in (1, 2, 3):
+        assert_same_run(tmp / "stage0", tmp / f"stage{stage}", 1e-5)
+    # 3 ranks x 2 micro-batches see the same 6 micro-batches per step as 2 ranks x 3
+    run([f"--data_path={data_file}", *STEPS, "--gradient_accumulation_steps=2", "--zero_stage=3",
+         f"--output_dir={tmp}/three_ranks"], tmp, nproc=3)
+    assert_same_run(tmp / "stage0", tmp / "three_ranks", 1e-5)
+    assert train_losses(tmp / "stage0")[20] < train_losses(tmp / "stage0")[1] - 1  # it trained
+
+
+@pytest.mark.slow
+def test_memory_report_is_within_10_percent_of_the_zero_formula(stage_runs):
+    """Every rank's engine.memory_report() (in metrics.jsonl) beside the ZeRO paper's fp32 formula, N = 2."""
+    tmp, stdout = stage_runs
+    held = {}
+    for stage in range(4):
+        assert stdout[stage].count(f"formula for stage {stage} on 2 rank(s)") == 2  # each rank says it at start
+        with open(tmp / f"stage{stage}" / "metrics.jsonl") as f:
+            record = next(r for r in map(json.loads, f) if "memory" in r)
+        assert len(record["memory"]) == 2
+        for rank in record["memory"]:
+            assert abs(rank["total"] / record["zero_formula_bytes"] - 1) <= 0.10, (stage, rank, record)
+        held[stage] = [record["memory"][0][k] for k in ("params", "grads", "optimizer_state")]
+    full = held[0]  # stage 0: weights, gradients and moments whole on every rank
+    half = [x / 2 for x in full]
+    expected = {1: [full[0], full[1], half[2]], 2: [full[0], half[1], half[2]], 3: half}
+    for stage, kinds in expected.items():
+        assert all(abs(a - b) <= 0.1 * b for a, b in zip(held[stage], kinds)), (stage, held[stage], kinds)
+
+
+@pytest.mark.slow
+def test_resume_on_the_same_ranks_is_exact(stage_runs):
+    tmp, _ = stage_runs
+    proc = run([*RESUME, f"--output_dir={resume_from(tmp / 'stage3', 10, tmp / 'two_to_two')}"], tmp, nproc=2)
+    assert "resumed from" in proc.stdout
+    assert_same_run(tmp / "stage3", tmp / "two_to_two", 1e-6, steps=range(11, 21))
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_ranks_reshards(stage_runs):
+    """Stage 2 from 2 ranks onto 1 at step 10 (6 micro-batches: the same batch), checkpointed by 1 rank at
+    step 15 and resumed from there on 2 ranks: both continue from the re-sharded weights and moments, so
+    the later losses are the uninterrupted run's (to reduction order), as from no other state."""
+    tmp, _ = stage_runs
+    proc = run([*RESUME, "--gradient_accumulation_steps=6", "--checkpoint_interval=5",
+                f"--output_dir={resume_from(tmp / 'stage2', 10, tmp / 'two_to_one')}"], tmp)
+    assert "formula for stage 2 on 1 rank(s)" in proc.stdout
+    assert_same_run(tmp / "stage2", tmp / "two_to_one", 1e-5, steps=range(11, 21))
+    run([*RESUME, "--gradient_accumulation_steps=3",
+         f"--output_dir={resume_from(tmp / 'two_to_one', 15, tmp / 'one_to_two')}"], tmp, nproc=2)
+    assert_same_run(tmp / "stage2", tmp / "one_to_two", 1e-5, steps=range(16, 21))
+
+
+@pytest.mark.slow
+def test_a_missing_shard_stops_every_rank_with_one_sentence(stage_runs):
+    tmp, _ = stage_runs
+    broken = resume_from(tmp / "stage2", 10, tmp / "missing_shard")
+    os.remove(os.path.join(broken, "ckpt-00000010", "zero_lite-shard00001-of00002.pt"))
+    manifest = broken / "ckpt-00000010" / "manifest.json"  # as if the file was never written: past the checksums
+    train_sft.write_manifest(manifest.parent, json.loads(manifest.read_text()))
+    proc = run([*RESUME, f"--output_dir={broken}"], tmp, nproc=2, check=False)
+    missing = f"{broken}/ckpt-00000010/zero_lite-shard00001-of00002.pt is missing"
+    assert proc.returncode != 0 and proc.stderr.count(f"train_sft.py: error: {missing}") == 2, proc.stderr[-3000:]
+    assert "]: Traceback" not in proc.stderr  # no rank died of an exception, or hung: each said one sentence
+
+
+# ----------------------------------------------------------------------------- in one process
+
+
+def tiny_model(n_embd=32, gradient_checkpointing=False):
+    """The model TINY trains: byte tokenizer (257 ids, padded to 320), 2 layers, 48 positions."""
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=48, vocab_size=320, n_layer=2, n_head=2, n_embd=n_embd,
+                         gradient_checkpointing=gradient_checkpointing))
+
+
+def make_engine(argv, model):
+    cfg, _ = train_sft.parse_options(TINY + argv)
+    return train_sft.make_engine(cfg, model, train_sft.make_optimizer(model, cfg, fused=False))
+
+
+def test_options_a_stage_cannot_honour_are_named():
+    with pytest.raises(train_sft.OptionError, match="--zero_stage=3: --gradient_checkpointing cannot be combined"):
+        make_engine(["--zero_stage=3"], tiny_model(gradient_checkpointing=True))
+    with pytest.raises(train_sft.OptionError, match="--zero_stage=3: --compile cannot be combined"):
+        make_engine(["--zero_stage=3", "--compile"], tiny_model())
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.sparse_grads = []  # what sparse fine-tuning's optimizer carries
+    with pytest.raises(ValueError, match="--sparse_density needs --zero_stage=0: stage 2 shards"):
+        zero_lite.Engine(model, optimizer, stage=2)
+
+
+@pytest.mark.slow
+def test_shard_files_reshard_on_load_and_bad_ones_are_named(stage_runs, tmp_path):
+    """One rank loads a 2-rank stage-2 checkpoint: the re-sharded weights are the consolidated ones; a
+    truncated, foreign or missing shard file, or another model's, is named in a ValueError."""
+    ckpt = stage_runs[0] / "stage2" / "ckpt-00000010"
+    engine = make_engine(["--zero_stage=2"], tiny_model())
+    engine.load(ckpt)
+    consolidated, loaded = torch.load(ckpt / "model.pt", weights_only=True), engine.full_state_dict()
+    assert all(torch.equal(consolidated[k], loaded[k]) for k in consolidated)
+    shard1 = "zero_lite-shard00001-of00002.pt"
+    with pytest.raises(ValueError, match="another model: unit root has transformer.wte.weight"):
+        make_engine(["--zero_stage=2", "--n_embd=16"], tiny_model(n_embd=16)).load(ckpt)
+    cases = {"truncated": lambda f: f.write_bytes(f.read_bytes()[:2000]),
+             "foreign": lambda f: shutil.copy(f.with_name(shard1.replace("00001-", "00000-")), f),
+             "missing": lambda f: f.unlink()}
+    messages = {"truncated": "cannot be read", "foreign": "is not shard 1 of a native-engine checkpoint",
+                "missing": "is missing: the checkpoint was written by 2 ranks"}
+    for case, damage in cases.items():
+        bad = tmp_path / case
+        shutil.copytree(ckpt, bad)
+        damage(bad / shard1)
+        with pytest.raises(ValueError, match=re.escape(f"{bad / shard1} {messages[case]}")):
+            engine.load(bad)
