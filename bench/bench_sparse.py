@@ -20,7 +20,8 @@ cpu: the demo task as fine-tuning. A base model first learns three of the five d
 (reverse, sort, shift) with full training; then each variant fine-tunes that base on all five
 (double and upper are new) for the same number of steps: full (AdamW), LoRA on the blocks'
 Linears (factors only, scale lora_scaling / rank = 1) at the ranks whose trainable counts are
-nearest the sparse runs', sparse 1% and 5% (block Linears; biases and LayerNorms dense).
+nearest the sparse runs', sparse 1% and 5% (block Linears; biases and LayerNorms dense), and
+sparse 5% of the embeddings too (the output layer is the tied token embedding).
 Each variant gets its own learning rate, chosen the same way for all: short runs
 (--sweep_steps) at each of LEARNING_RATES, and the one with the lowest eval loss on a validation
 split (100 training prompts per task, held out of every run's training data) wins; the scoring
@@ -215,6 +216,7 @@ FINE_TUNE = {  # variant -> options on top of configs/demo.py; LoRA ranks match 
     "full": [],
     "lora r6": ["--lora_dim=6", "--lora_scaling=6", "--only_optimize_lora"],
     "sparse 5%": ["--sparse_density=0.05"],
+    "sparse 5% + embeddings": ["--sparse_density=0.05", "--sparse_embedding"],  # the tied output layer too
     "lora r2": ["--lora_dim=2", "--lora_scaling=2", "--only_optimize_lora"],
     "sparse 1%": ["--sparse_density=0.01"],
 }
