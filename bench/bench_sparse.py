@@ -1,7 +1,7 @@
 """Sparse fine-tuning (sparse.py, kernels/sparse_adam.py) against dense AdamW and LoRA.
 
     python bench/bench_sparse.py gpu [--dry-run]   # one CUDA GPU; --dry-run: tiny shapes on the CPU, no file
-    python bench/bench_sparse.py cpu [--steps=500] [--base_steps=800]   # the demo task on the CPU
+    python bench/bench_sparse.py cpu [--steps=500] [--base_steps=800] [--sweep_steps=120]   # the demo task on the CPU
 
 gpu (skipped without CUDA unless --dry-run), on GPT-2 124M's parameter set (fp32 weights):
   update     median time of one optimizer step (triton.testing.do_bench; gradients already in
@@ -18,14 +18,19 @@ gpu (skipped without CUDA unless --dry-run), on GPT-2 124M's parameter set (fp32
 
 cpu: the demo task as fine-tuning. A base model first learns three of the five demo tasks
 (reverse, sort, shift) with full training; then each variant fine-tunes that base on all five
-(double and upper are new) for the same number of steps and learning rate: full (AdamW), LoRA
-on the blocks' Linears (factors only, scale lora_scaling / rank = 1) at the ranks whose trainable
-counts are nearest the sparse runs', sparse 1% and 5% (block Linears; biases and LayerNorms dense). Per variant: final eval
-loss, greedy exact match on the 500 held-out prompts (100 per task), mean step time (the
+(double and upper are new) for the same number of steps: full (AdamW), LoRA on the blocks'
+Linears (factors only, scale lora_scaling / rank = 1) at the ranks whose trainable counts are
+nearest the sparse runs', sparse 1% and 5% (block Linears; biases and LayerNorms dense), and
+sparse 5% of the embeddings too (the output layer is the tied token embedding).
+Each variant gets its own learning rate, chosen the same way for all: short runs
+(--sweep_steps) at each of LEARNING_RATES, and the one with the lowest eval loss on a validation
+split (100 training prompts per task, held out of every run's training data) wins; the scoring
+set below never takes part in the choice. Per variant, after --steps at its learning rate: final
+eval loss, greedy exact match on the 500 held-out prompts (100 per task), mean step time (the
 trainer's tokens/s turned into seconds per step), optimizer-state bytes and, for sparse runs, the
 delta file's size beside the checkpoint's. Shorter than configs/demo.py (its 2000 steps) so the
-runs fit in minutes on two cores; the same steps and options for every variant. Run it with
-OMP_NUM_THREADS=1 on a shared machine (intra-op threads fighting other processes ran ~15x slower).
+runs fit in minutes on two cores. Run it with OMP_NUM_THREADS=1 on a shared machine (intra-op
+threads fighting other processes ran ~15x slower).
   -> bench/results/sparse_cpu.json
 """
 import datetime
@@ -204,13 +209,24 @@ def write(name, results):
 
 
 BASE_TASKS = ("reverse ", "sort ", "shift ")  # what the base model learns; double and upper are new to it
+TASKS = BASE_TASKS + ("double ", "upper ")
+VALIDATION_PER_TASK = 100  # training prompts held out to choose learning rates on
+LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the same for every variant: half the demo's rate up to 50x
 FINE_TUNE = {  # variant -> options on top of configs/demo.py; LoRA ranks match the sparse runs' trainable counts
     "full": [],
     "lora r6": ["--lora_dim=6", "--lora_scaling=6", "--only_optimize_lora"],
     "sparse 5%": ["--sparse_density=0.05"],
+    "sparse 5% + embeddings": ["--sparse_density=0.05", "--sparse_embedding"],  # the tied output layer too
     "lora r2": ["--lora_dim=2", "--lora_scaling=2", "--only_optimize_lora"],
     "sparse 1%": ["--sparse_density=0.01"],
 }
+
+
+def split_validation(rows):
+    """(training rows, validation rows): the first VALIDATION_PER_TASK rows of each task held out."""
+    validation = [r for task in TASKS for r in [r for r in rows if r["prompt"].startswith(task)][:VALIDATION_PER_TASK]]
+    held_out = {id(r) for r in validation}
+    return [r for r in rows if id(r) not in held_out], validation
 
 
 def write_rows(path, rows):
@@ -252,27 +268,59 @@ def run(argv):
     return result, time.perf_counter() - start
 
 
-def cpu(steps, base_steps):
+def fine_tune(common, variant, steps, learning_rate, out, exact_match):
+    """One fine-tuning run of variant from the base model; its final eval and wall-clock seconds."""
+    return run(common + FINE_TUNE[variant] + [f"--max_steps={steps}", "--warmup_steps=20",
+                                              f"--learning_rate={learning_rate}",
+                                              f"--eval_exact_match={exact_match}", f"--output_dir={out}"])
+
+
+def choose_learning_rate(variant, sweep_common, steps, work):
+    """Short runs at each of LEARNING_RATES; the rate with the lowest validation loss and every loss seen.
+    A run that stops on NaN/Inf losses counts as an infinite loss."""
+    import train_sft
+    losses = {}
+    for lr in LEARNING_RATES:
+        out = f"{work}/sweep/{variant.replace(' ', '_').replace('%', '')}_lr{lr:g}"
+        try:
+            losses[lr] = fine_tune(sweep_common, variant, steps, lr, out, exact_match=0)[0]["eval_loss"]
+        except train_sft.RunStopped:  # diverged: train_sft stops it rather than train on NaN
+            losses[lr] = float("inf")
+        print(json.dumps({"sweep": variant, "learning_rate": lr, "validation_loss": losses[lr]}))
+    return min(losses, key=losses.get), losses
+
+
+def cpu(steps, base_steps, sweep_steps):
     from data import demo_examples
     train_rows, eval_rows = demo_examples()
+    train_rows, validation_rows = split_validation(train_rows)
     work = tempfile.mkdtemp(prefix="bench_sparse_")
     base_train = write_rows(f"{work}/base_train.jsonl", [r for r in train_rows if r["prompt"].startswith(BASE_TASKS)])
     all_train = write_rows(f"{work}/train.jsonl", train_rows)
+    validation = write_rows(f"{work}/validation.jsonl", validation_rows)
     evaluation = write_rows(f"{work}/eval.jsonl", eval_rows)
-    common = [str(ROOT / "configs/demo.py"), f"--eval_data_path={evaluation}", "--eval_interval=0",
-              f"--log_interval={max(1, steps // 4)}", f"--cache_dir={work}/cache"]
-    base, base_s = run(common + [f"--data_path={base_train}", f"--max_steps={base_steps}", f"--output_dir={work}/base"])
+    shared = [str(ROOT / "configs/demo.py"), "--eval_interval=0", f"--cache_dir={work}/cache"]
+    base, base_s = run(shared + [f"--eval_data_path={evaluation}", f"--log_interval={max(1, base_steps // 4)}",
+                                 f"--data_path={base_train}", f"--max_steps={base_steps}", f"--output_dir={work}/base"])
     rows = [{"variant": "base (3 of 5 tasks)", "steps": base_steps, "eval_loss": base["eval_loss"],
              "exact_match": base["exact_match"], "wall_s": base_s}]
     print(json.dumps(rows[-1]))
-    for variant, options in FINE_TUNE.items():
+    fine_tuning = shared + [f"--data_path={all_train}", f"--init_from={work}/base/hf"]
+    sweep_common = fine_tuning + [f"--eval_data_path={validation}", f"--log_interval={max(1, sweep_steps // 2)}"]
+    final_common = fine_tuning + [f"--eval_data_path={evaluation}", f"--log_interval={max(1, steps // 4)}"]
+    sweep = []
+    for variant in FINE_TUNE:
+        start = time.perf_counter()
+        learning_rate, losses = choose_learning_rate(variant, sweep_common, sweep_steps, work)
+        sweep.append({"variant": variant, "steps": sweep_steps, "chosen": learning_rate,
+                      "validation_loss": {f"{lr:g}": loss for lr, loss in losses.items()},
+                      "wall_s": time.perf_counter() - start})
         out = f"{work}/{variant.replace(' ', '_').replace('%', '')}"
-        result, wall = run(common + options + [f"--data_path={all_train}", f"--init_from={work}/base/hf",
-                                               f"--max_steps={steps}", "--warmup_steps=20", f"--output_dir={out}"])
+        result, wall = fine_tune(final_common, variant, steps, learning_rate, out, exact_match=len(eval_rows))
         records = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"tokens_per_s"' in line]
         checkpoint, checkpoint_bytes = checkpoint_of(out)
         trained, state_bytes = optimizer_figures(checkpoint)
-        row = {"variant": variant, "steps": steps, "eval_loss": result["eval_loss"],
+        row = {"variant": variant, "steps": steps, "learning_rate": learning_rate, "eval_loss": result["eval_loss"],
                "exact_match": result["exact_match"], "wall_s": wall,
                "tokens_per_s": sum(r["tokens_per_s"] for r in records) / len(records),
                "trained": trained, "optimizer_state_bytes": state_bytes,
@@ -283,13 +331,15 @@ def cpu(steps, base_steps):
         rows.append(row)
         print(json.dumps(row))
     write("sparse_cpu.json", {"device": "cpu", "torch_threads": torch.get_num_threads(),
-                              "base_tasks": [t.strip() for t in BASE_TASKS], "results": rows})
+                              "base_tasks": [t.strip() for t in BASE_TASKS],
+                              "validation_per_task": VALIDATION_PER_TASK, "learning_rate_sweep": sweep,
+                              "results": rows})
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["gpu"]:
         gpu("--dry-run" in sys.argv)
     elif sys.argv[1:2] == ["cpu"]:
-        cpu(option("steps", 500), option("base_steps", 800))
+        cpu(option("steps", 500), option("base_steps", 800), option("sweep_steps", 120))
     else:
         sys.exit(__doc__)
