@@ -1,4 +1,4 @@
-"""Every GPU figure of the project from one command that fits one lent device session.
+"""Every GPU figure of the project from one command, in under nine minutes on one GPU.
 
     bash bench/gpu_suite.sh [--dry-run] [--only=STEP,...] [--skip=STEP,...] [--time_limit=540]
                             [--out=DIR] [--STEP_args="..."]
@@ -226,7 +226,7 @@ def run(opts, device, started):
 
 def merge_earlier(summary, earlier):
     """Steps not chosen in this run keep their row from this device's earlier summary (marked with its
-    date), so a rerun of the failed steps completes the record of a session instead of replacing it."""
+    date), so a rerun of the failed steps completes the earlier run's record instead of replacing it."""
     before = {row["step"]: row for row in (earlier or {}).get("steps", [])}
     for i, row in enumerate(summary["steps"]):
         old = before.get(row["step"])
@@ -268,7 +268,7 @@ def figures(device):
 
 
 def print_summary(summary):
-    """The table a session reads last: each step, then the figures against their targets."""
+    """The table printed last: each step, then the figures against their targets."""
     print(f"\n{'step':<8} {'status':<44} {'seconds':>7} {'limit':>6}  files written")
     for row in summary["steps"]:
         status = f"{row['status']} (run of {row['earlier_run']})" if "earlier_run" in row else row["status"]
