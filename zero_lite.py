@@ -457,12 +457,14 @@ class Engine:
 
     def save(self, ckpt_dir):
         """Writes this rank's state into ckpt_dir (which the trainer renames when every rank is done). Stage 0:
-        rank 0 writes everything, which serves any number of ranks. Stages 1-3: every rank writes its shard of
-        the weights and of both moments per unit, the optimizer step, the loss scaler and the layout."""
+        rank 0 writes the optimizer and loss-scaler state, which serves any number of ranks; the weights are
+        the checkpoint's consolidated model.pt, which the trainer loads into the model before the engine is
+        made, so they are not stored twice. Stages 1-3: every rank writes its shard of the weights and of both
+        moments per unit, the optimizer step, the loss scaler and the layout."""
         if self.stage == 0:
             if self.rank == 0:
-                torch.save({"meta": self._meta(), "model": self.module.state_dict(),
-                            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
+                torch.save({"meta": self._meta(), "optimizer": self.optimizer.state_dict(),
+                            "scaler": self.scaler.state_dict()},
                            os.path.join(ckpt_dir, "zero_lite-stage0.pt"))
             return
         steps = [state["step"] for state in self.optimizer.state.values()]
@@ -487,7 +489,6 @@ class Engine:
         if any(errors):
             raise ValueError(next(e for e in errors if e))
         if self.stage == 0:
-            self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             return
