@@ -1,6 +1,6 @@
 """A GPT-2 written by hand, readable top to bottom (after nanoGPT's model.py).
 
-Also here: the masked linear + cross-entropy loss seam that kernels/ replaces, import and export of
+Also here: the masked linear + cross-entropy loss seam that sft_kernels/ replaces, import and export of
 Hugging Face GPT-2 directories, generation with a KV cache, and LoRA as DeepSpeed-Chat offers it.
 """
 import json
@@ -196,7 +196,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied: the output layer reuses the token embedding
-        self.loss_fn = linear_cross_entropy  # the trainer may swap in kernels.fused_masked_linear_cross_entropy
+        self.loss_fn = linear_cross_entropy  # the trainer may swap in sft_kernels.fused_masked_linear_cross_entropy
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: residual writes scaled so the stream's variance stays put

@@ -14,7 +14,7 @@ Hugging Face export see the fine-tuned model without knowing about any of this.
   exists at a time. Accumulation adds the gathered values; `optimizer.sparse_grads` lists them for
   the engine, which averages them over ranks with the dense gradients (only the selected entries
   cross the network), counts them in the gradient norm and clips them.
-- Update: kernels/sparse_adam.py, AdamW on the delta (decoupled weight decay pulls it back to the
+- Update: sft_kernels/sparse_adam.py, AdamW on the delta (decoupled weight decay pulls it back to the
   base), writing base + delta into the weight: the Triton kernel on a GPU, its reference on a CPU.
 - Selection (SpIEL-AG): the initial indices are random, or the largest accumulated gradients over
   a few probe batches (select_by_gradient). Every regrow_interval steps, each matrix drops the
@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.optim.adamw import adamw as functional_adamw
 
-import kernels
+import sft_kernels
 
 DELTA_FORMAT = "sparse-delta-v1"
 
@@ -127,7 +127,7 @@ class SparseAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def _set_indices(self, weight, indices):
         """A fresh state for these entries: delta and moments 0, base read from the weight."""
-        kernels.check_indices(indices, weight.numel(), f"indices of {self.name_of(weight)}")
+        sft_kernels.check_indices(indices, weight.numel(), f"indices of {self.name_of(weight)}")
         indices = indices.to(weight.device)
         self.state[weight] = {
             "indices": indices, "delta": torch.zeros(indices.numel(), device=weight.device),
@@ -171,7 +171,7 @@ class SparseAdamW(torch.optim.Optimizer):
         state = self.state[weight]
         beta1, beta2 = group["betas"]
         use_kernel = weight.device.type == "cuda" if self.kernel is None else self.kernel
-        update = kernels.sparse_adamw_ if use_kernel else kernels.reference_sparse_adamw_
+        update = sft_kernels.sparse_adamw_ if use_kernel else sft_kernels.reference_sparse_adamw_
         update(weight.data, state["indices"], grad, state["delta"], state["exp_avg"], state["exp_avg_sq"],
                state["base"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"], step=group["step"])
@@ -328,7 +328,7 @@ def load_delta(model, path):
         indices, delta = tensors.get(f"{name}.indices"), tensors.get(f"{name}.delta")
         if indices is None or delta is None or delta.shape != indices.shape or delta.dtype != torch.float32:
             raise ValueError(f"delta file {path}: tensor {name} lacks matching .indices and fp32 .delta")
-        kernels.check_indices(indices, weight.numel(), f"delta file {path}: indices of {name}")
+        sft_kernels.check_indices(indices, weight.numel(), f"delta file {path}: indices of {name}")
         base = weight.detach().reshape(-1).index_select(0, indices.to(weight.device)).float().cpu()
         fingerprints = torch.tensor([_fingerprint(base), info["base"]], dtype=torch.float64)
         if not torch.allclose(fingerprints[0], fingerprints[1], rtol=1e-6, atol=1e-6):

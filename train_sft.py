@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import kernels
+import sft_kernels
 import sparse
 import zero_lite
 from data import DEFAULT_TEMPLATE, Batches, get_tokenizer, prepare_data
@@ -414,7 +414,7 @@ def prepare_model(cfg, n_vocab, checkpoint, device):
             raise OptionError("--only_optimize_lora needs --lora_dim > 0")
         only_optimize_lora(model)
     if cfg["kernels"] == "triton":
-        model.loss_fn = kernels.fused_masked_linear_cross_entropy
+        model.loss_fn = sft_kernels.fused_masked_linear_cross_entropy
     if cfg["neftune_alpha"] > 0:
         add_neftune_noise(model, cfg["neftune_alpha"])
     return model.to(device)
@@ -1399,7 +1399,7 @@ def main(argv):
     check_output_dir(cfg["output_dir"])
     # Rank 0 holds the output directory's lock until the run ends; a new run gets a new id.
     lock, run_id = claim_output_dir(cfg["output_dir"], cfg["resume"], cfg["overwrite_output_dir"], rank, world, log)
-    if cfg["kernels"] == "triton" and not kernels.runs_on(device):
+    if cfg["kernels"] == "triton" and not sft_kernels.runs_on(device):
         raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
                           "use --kernels=torch on CPU")
 

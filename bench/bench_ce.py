@@ -93,7 +93,7 @@ def peer_versions():
 
 def implementations():
     """name -> loss_fn(hidden, weight, labels), and name -> why for each package peer left out."""
-    from kernels import fused_masked_linear_cross_entropy
+    from sft_kernels import fused_masked_linear_cross_entropy
     impls = {OURS: fused_masked_linear_cross_entropy, "torch eager": eager,
              "torch.compile": torch.compile(eager, dynamic=False)}
     skipped = {}
@@ -182,7 +182,7 @@ def main():
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "peers": peer_versions(), "skipped_peers": skipped,
             "date": datetime.date.today().isoformat(),
-            "sources": source_digest(["kernels/cross_entropy.py", "bench/bench_ce.py"]),
+            "sources": source_digest(["sft_kernels/cross_entropy.py", "bench/bench_ce.py"]),
             "hidden": HIDDEN, "vocab": VOCAB, "dtype": str(DTYPE)}
     rows = []
     print(f"{'tokens':>6} {'masked':>6}  {'implementation':<24} {'ms':>8} {'peak MiB':>9} {'loss rel err':>12}")

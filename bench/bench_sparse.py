@@ -1,4 +1,4 @@
-"""Sparse fine-tuning (sparse.py, kernels/sparse_adam.py) against dense AdamW and LoRA.
+"""Sparse fine-tuning (sparse.py, sft_kernels/sparse_adam.py) against dense AdamW and LoRA.
 
     python bench/bench_sparse.py gpu [--dry-run]   # one CUDA GPU; --dry-run: tiny shapes on the CPU, no file
     python bench/bench_sparse.py cpu [--steps=500] [--base_steps=800] [--sweep_steps=120]   # the demo task on the CPU
@@ -53,7 +53,7 @@ from model import GPT, GPTConfig, apply_lora, only_optimize_lora  # noqa: E402
 GPT2 = dict(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
 TINY = dict(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32)  # --dry-run
 DENSITIES = (0.001, 0.01, 0.05)
-SOURCES = ["sparse.py", "kernels/sparse_adam.py", "train_sft.py", "bench/bench_sparse.py"]
+SOURCES = ["sparse.py", "sft_kernels/sparse_adam.py", "train_sft.py", "bench/bench_sparse.py"]
 
 
 def option(name, default):

@@ -50,7 +50,7 @@ from model import GPT, GPTConfig  # noqa: E402
 BATCH, SEQ, PEAK_FLOPS = 16, 1024, 989e12
 SHAPE = dict(block_size=SEQ, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
 PEER = "compiled loop, loss inside"
-SOURCES = ["kernels/cross_entropy.py", "model.py", "train_sft.py", "data.py", "zero_lite.py", "bench/bench_train.py"]
+SOURCES = ["sft_kernels/cross_entropy.py", "model.py", "train_sft.py", "data.py", "zero_lite.py", "bench/bench_train.py"]
 
 
 def option(name, default):

@@ -26,7 +26,7 @@ import triton.testing
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import kernels.cross_entropy as ce  # noqa: E402
+import sft_kernels.cross_entropy as ce  # noqa: E402
 from bench.bench_ce import make_inputs, source_digest  # noqa: E402
 
 TOKENS, MASKED = 16384, 0.5
@@ -134,7 +134,7 @@ def main():
     h, y = hidden.detach().index_select(0, rows), labels[rows]
     w = weight.detach()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "sources": source_digest(["kernels/cross_entropy.py"]), "tokens": TOKENS, "masked_share": MASKED,
+              "sources": source_digest(["sft_kernels/cross_entropy.py"]), "tokens": TOKENS, "masked_share": MASKED,
               "kept_rows": len(rows)}
     report["partition_ms"] = bench(lambda: ce._partition_rows(labels, w.shape[0], -100)[2]())
     head = w.shape[0] // 64 * 64

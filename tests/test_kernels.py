@@ -1,4 +1,4 @@
-"""kernels/cross_entropy.py against its fp32 PyTorch reference.
+"""sft_kernels/cross_entropy.py against its fp32 PyTorch reference.
 
 Without a GPU the Triton kernel runs on the CPU under TRITON_INTERPRET=1 (tests/conftest.py sets
 it before triton is imported) on tiny shapes; with one, the same tests run compiled on the GPU.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.cross_entropy as cross_entropy
+import sft_kernels.cross_entropy as cross_entropy
 
 IGNORE = -100
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +215,7 @@ COMPILE_FOR_H100 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.cross_entropy as ce
+import sft_kernels.cross_entropy as ce
 
 softmax = {"logits_ptr": "*{t}", "tail_ptr": "*{t}", "labels_ptr": "*i64", "loss_ptr": "*fp32", "head": "i32",
            "tail": "i32", "row_stride": "i32", "BLOCK": "constexpr", "TAIL_BLOCK": "constexpr"}

@@ -1,4 +1,4 @@
-"""Sparse fine-tuning: kernels/sparse_adam.py against its reference, and sparse.py's optimizer,
+"""Sparse fine-tuning: sft_kernels/sparse_adam.py against its reference, and sparse.py's optimizer,
 selection and delta files against torch.optim.AdamW and plain arithmetic.
 
 Without a GPU the Triton kernel runs under TRITON_INTERPRET=1 (tests/conftest.py) on tiny shapes.
@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import kernels.sparse_adam as sparse_adam
+import sft_kernels.sparse_adam as sparse_adam
 import sparse
 import train_sft
 import zero_lite

@@ -237,7 +237,7 @@ def test_triton_kernel_trains_like_the_torch_loss(tmp_path, data_file):
     assert "loss model.linear_cross_entropy" in run(common + ["--kernels=torch", f"--output_dir={tmp_path}/torch"],
                                                     tmp_path).stdout
     proc = run(common + ["--kernels=triton", f"--output_dir={tmp_path}/triton"], tmp_path)
-    assert "loss kernels.cross_entropy.fused_masked_linear_cross_entropy" in proc.stdout
+    assert "loss sft_kernels.cross_entropy.fused_masked_linear_cross_entropy" in proc.stdout
     torch_losses, triton_losses = train_losses(tmp_path / "torch"), train_losses(tmp_path / "triton")
     assert sorted(triton_losses) == [1, 2, 3]
     for step, loss in torch_losses.items():
