@@ -1,23 +1,59 @@
 #!/usr/bin/env bash
-# Prepares a fresh clone: a virtual environment in .venv with requirements.txt, and the GPT-2
-# vocabulary (r50k_base.tiktoken) in .cache/. Everything comes from the Python package
-# registry: the vocabulary is the byte-identical copy shipped inside the openai-whisper source
-# distribution, checked against the sha256 that tiktoken itself expects. DeepSpeed's one compiled
-# op is prebuilt into .cache/. Safe to rerun; it only does work that is missing.
+# Prepares a fresh clone: a virtual environment in .venv with exactly the versions in
+# requirements.lock, and the GPT-2 vocabulary (r50k_base.tiktoken) in .cache/. Everything comes
+# from the Python package registry: the vocabulary is the byte-identical copy shipped inside the
+# openai-whisper source distribution, checked against the sha256 that tiktoken itself expects.
+# DeepSpeed's one compiled op is prebuilt into .cache/. Safe to rerun; it only does work that is
+# missing, and it makes .venv anew when requirements.txt or the lock changed since it was made.
+#
+#   bash setup.sh               set up from the lock
+#   bash setup.sh --update-lock resolve requirements.txt afresh (newest releases), install that
+#                               into a new .venv and write what it got to requirements.lock;
+#                               run the tests before committing the new lock
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv"
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+
+update_lock=false
+case "${1:-}" in
+  "") ;;
+  --update-lock) update_lock=true ;;
+  *) echo "setup: unknown option '$1' (the only one is --update-lock)" >&2; exit 2 ;;
+esac
+
+lock=requirements.lock
+if $update_lock; then
+  echo "setup: resolving requirements.txt afresh into a new .venv, then writing $lock"
+  rm -rf .venv
   python3 -m venv .venv
-fi
-wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
-if [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$wanted" ]; then
-  echo "setup: installing requirements.txt into .venv (the first time takes a few minutes)"
   # torch first, at its pinned version: deepspeed only asks for some torch, which could otherwise
   # resolve to another (CUDA) build.
-  .venv/bin/python -m pip install -q --disable-pip-version-check "$(grep '^torch==' requirements.txt)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  pip_install "$(grep '^torch==' requirements.txt)"
+  pip_install -r requirements.txt
+  # pip itself stays whatever the venv came with; a local build label (torch's +cpu) is dropped,
+  # since torch==X matches X+cpu where that build is what the machine offers.
+  { echo "# Exact versions of everything .venv holds, written by 'bash setup.sh --update-lock'."
+    .venv/bin/python -m pip freeze --all --disable-pip-version-check | grep -v '^pip==' | sed 's/+[A-Za-z0-9.]*$//'
+  } > "$lock"
+  echo "setup: wrote $lock ($(grep -vc '^#' "$lock") packages); run the tests, then commit it"
+elif [ ! -f "$lock" ]; then
+  echo "setup: $lock is missing; restore it with 'git checkout $lock', or write a new one with 'bash setup.sh --update-lock'" >&2
+  exit 1
+fi
+
+wanted=$(cat requirements.txt "$lock" | sha256sum | cut -d' ' -f1)
+if $update_lock; then
+  echo "$wanted" > .venv/.requirements.sha256
+elif [ -x .venv/bin/python ] && [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$wanted" ]; then
+  echo "setup: .venv was made from another requirements.txt or $lock; making it anew"
+  rm -rf .venv
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv from $lock (the first time takes a minute or two)"
+  python3 -m venv .venv
+  pip_install "$(grep '^torch==' requirements.txt)" -c "$lock"
+  pip_install -r requirements.txt -c "$lock"
   echo "$wanted" > .venv/.requirements.sha256
 fi
 
@@ -26,7 +62,7 @@ fi
 # train_sft.py points TORCH_EXTENSIONS_DIR at, so that runs and tests do not pay for it.
 ops=.cache/torch_extensions
 if [ "$(cat "$ops/.built-for" 2>/dev/null)" != "$wanted" ]; then
-  echo "setup: building DeepSpeed's shared-memory op into $ops (about 2 minutes, once)"
+  echo "setup: building DeepSpeed's shared-memory op into $ops (under 2 minutes, once)"
   mkdir -p "$ops"
   TORCH_EXTENSIONS_DIR="$PWD/$ops" .venv/bin/python -c '
 import deepspeed.ops
