@@ -80,13 +80,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-@torch.compiler.disable  # data-dependent row count: tracing it recompiled, then crashed inside dynamo (torch 2.11, H100)
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=1024):
     """Mean cross-entropy of softmax(hidden @ weight.T) over labels != ignore_index.
 
     hidden (N, C), weight (V, C), labels (N,). Masked rows (the prompt half of an SFT batch) are dropped
     before the matmul, and rows go through in chunks of chunk_size so the (N, V) logits never exist
-    at once. With nothing to predict it returns a zero that is still connected to the graph."""
+    at once. With nothing to predict it returns a zero that is still connected to the graph. Under
+    torch.compile it runs outside the graph (train_sft.prepare_model wraps it), so importing the model
+    does not load the compiler."""
     keep = (labels != ignore_index).nonzero().squeeze(1)  # (n,)
     if keep.numel() == 0:
         return hidden[:0].sum() + weight[:0].sum()  # exactly 0.0; backward gives zero gradients

@@ -9,14 +9,13 @@ Generate from a trained model: one prompt, or an interactive chat, in the traini
 directory (the hf/ export of a run, or any GPT-2 checkpoint on disk).
 """
 
-import os
 import sys
 
 import torch
 
+from checkpoint import load_model
 from data import DEFAULT_TEMPLATE, get_tokenizer, render_prompt
-from model import GPT
-from train_sft import OptionError, build_model, exported_options, find_checkpoint, load_checkpoint, parse_options
+from options import OptionError, parse_options
 
 OPTIONS = {
     "model": ("out/demo", "run directory, checkpoint directory (ckpt-<step>), or Hugging Face GPT-2 directory"),
@@ -32,24 +31,6 @@ OPTIONS = {
 }
 CHOICES = {"tokenizer": ("", "gpt2", "byte"), "device": ("auto", "cpu", "cuda")}
 RANGES = {"top_p": (0.01, 1.0), "max_new_tokens": (1, None)}
-
-
-def load_model(path):
-    """Returns (model, the options it was trained with, such as tokenizer and template, or {}) from a run
-    directory, a checkpoint directory, or a Hugging Face directory (ours carry sft_config.json)."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        trained_with = exported_options(path)
-        try:
-            model = GPT.from_pretrained(path, attn_window=trained_with.get("attn_window", 0))
-        except (OSError, ValueError) as e:  # its messages name the file and the field
-            raise OptionError(f"--model={path}: {e}") from None
-        return model, trained_with
-    checkpoint_path = find_checkpoint(path)
-    if checkpoint_path is None:
-        raise OptionError(f"--model={path} is neither a Hugging Face directory nor holds a checkpoint")
-    checkpoint = load_checkpoint(checkpoint_path)
-    options = checkpoint["options"]
-    return build_model(options, None, checkpoint), {"tokenizer": options["tokenizer"], "template": options["template"]}
 
 
 def check_tokenizer(requested, trained_with, model, model_path):

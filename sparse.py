@@ -37,7 +37,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.optim.adamw import adamw as functional_adamw
 
 import sft_kernels
 
@@ -85,8 +84,8 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"density must be in (0, 1], got {density}")
         self.names = [name for name, _ in matrices]
         sparse_group = {"params": [p for _, p in matrices], "lr": lr, "base_lr": lr, "weight_decay": weight_decay,
-                        "sparse": True, "fused": False}
-        groups = [dict(g, sparse=False, fused=any(p.is_cuda for p in g["params"])) for g in dense_groups]
+                        "sparse": True}
+        groups = [dict(g, sparse=False) for g in dense_groups]
         groups.append(sparse_group)
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=0))
         self.density, self.regrow_interval, self.regrow_share = density, regrow_interval, regrow_share
@@ -177,21 +176,22 @@ class SparseAdamW(torch.optim.Optimizer):
                weight_decay=group["weight_decay"], step=group["step"])
 
     def _dense_update(self, group):
-        """torch.optim.AdamW's own update (its functional form; fused on a GPU, as train_sft.py asks)
-        for the parameters trained densely, with its state layout."""
-        params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if not self.state[p]:
-                self.state[p] = {"step": torch.zeros((), device=p.device if group["fused"] else "cpu"),
-                                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        if not params:
-            return
-        states = [self.state[p] for p in params]
+        """AdamW, as torch.optim.AdamW computes it, for the parameters trained densely (biases and norms:
+        few and small, so a plain loop), with torch's state layout, so its checkpoints read the same."""
         beta1, beta2 = group["betas"]
-        functional_adamw(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [], [s["step"] for s in states], fused=group["fused"] or None, amsgrad=False, beta1=beta1, beta2=beta2,
-            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+            step = float(state["step"])
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
 
     # -- selection ---------------------------------------------------------------------------
 
@@ -276,6 +276,17 @@ class SparseAdamW(torch.optim.Optimizer):
         sparse = sum(t.numel() * t.element_size() for p in self.matrices for t in self.state[p].values())
         dense = sum(2 * p.numel() * p.element_size() for g in self.param_groups if not g["sparse"] for p in g["params"])
         return sparse + dense
+
+
+def sparse_report(optimizer):
+    """The start-up line of a sparse run: what trains and what the optimizer holds."""
+    entries, dense = optimizer.trainable_entries()
+    total = sum(p.numel() for p in optimizer.matrices)
+    dense_adamw = 8 * (total + dense)  # two fp32 moments per trained parameter
+    return (f"sparse: {entries:,} of {total:,} entries in {len(optimizer.matrices)} matrices "
+            f"({entries / total:.2%}) and {dense:,} dense parameters train; optimizer state "
+            f"{optimizer.state_bytes() / 2**20:.2f} MiB (dense AdamW over the same parameters: "
+            f"{dense_adamw / 2**20:.2f} MiB)")
 
 
 # -- delta files ---------------------------------------------------------------------------------

@@ -566,3 +566,10 @@ def layout_difference(saved, ours):
         if len(saved_params) != len(params):
             return f"unit {name} has {len(saved_params)} trained parameters there but {len(params)} here"
     return f"{len(saved)} units there but {len(ours)} here"
+
+
+def zero_formula_bytes(n_params, n_trained, stage, world):
+    """The ZeRO paper's model-state bytes per rank with fp32 weights and Adam: 4 (weights) + 4 (gradients)
+    + 8 (moments) per parameter, the moments sharded from stage 1, gradients from 2, weights at 3."""
+    share = [1 / world if stage >= s else 1 for s in (3, 2, 1)]
+    return 4 * n_params * share[0] + 4 * n_trained * share[1] + 8 * n_trained * share[2]

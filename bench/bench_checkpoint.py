@@ -4,8 +4,8 @@ sha256 of every file and the fsyncs) and verifying it before a resume.
     python bench/bench_checkpoint.py [--dir=/tmp]
 
 Builds model.py's GPT at GPT-2 124M's shape (vocabulary padded to 50,304) with AdamW state, wraps
-it in the native engine (stage 0, one process) and calls train_sft.save_checkpoint and
-train_sft.checkpoint_problem as a run does, on a directory under --dir (the disk being measured).
+it in the native engine (stage 0, one process) and calls checkpoint.save_checkpoint and
+checkpoint.checkpoint_problem as a run does, on a directory under --dir (the disk being measured).
 Hashing alone is timed again on the written files, so the share of verification that is sha256
 rather than reading is visible. Writes bench/results/checkpoint_<cpu count>cpu.json.
 """
@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import train_sft  # noqa: E402
+import checkpoint  # noqa: E402
 import zero_lite  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -45,15 +45,15 @@ def main():
     state = {"step": 1, "engine": "native", "run_id": "bench", "options": {}, "model_config": vars(model.config)}
     with tempfile.TemporaryDirectory(dir=option("dir", tempfile.gettempdir())) as out:
         began = time.perf_counter()
-        path = train_sft.save_checkpoint(out, 1, engine, state, keep=1, rank=0, world=1)
+        path = checkpoint.save_checkpoint(out, 1, engine, state, keep=1, rank=0, world=1)
         save_s = time.perf_counter() - began
-        files = json.load(open(os.path.join(path, train_sft.MANIFEST_FILE)))["files"]
+        files = json.load(open(os.path.join(path, checkpoint.MANIFEST_FILE)))["files"]
         began = time.perf_counter()
-        assert train_sft.checkpoint_problem(path, "bench") is None
+        assert checkpoint.checkpoint_problem(path, "bench") is None
         verify_s = time.perf_counter() - began
         began = time.perf_counter()
         for name in files:
-            train_sft.sha256_of(os.path.join(path, name))
+            checkpoint.sha256_of(os.path.join(path, name))
         rehash_s = time.perf_counter() - began
     total = sum(entry["bytes"] for entry in files.values())
     result = {"script": "bench/bench_checkpoint.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

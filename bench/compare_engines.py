@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.bench_ce import source_digest  # noqa: E402
-from train_sft import OptionError, parse_options  # noqa: E402
+from options import OptionError, parse_options  # noqa: E402
 
 OPTIONS = {
     "engines": ("native,deepspeed", "comma-separated engines to run"),

@@ -1,7 +1,7 @@
 """Checkpoint robustness: which checkpoints a run may resume from or delete, damaged and foreign
 checkpoints, a second run on the same output directory, leftovers of a crash, and a full disk.
 
-Most tests call train_sft.py's checkpoint functions on small hand-made checkpoints; a few run the
+Most tests call checkpoint.py's functions on small hand-made checkpoints; a few run the
 trainer as a process to show that main() wires them in."""
 
 import errno
@@ -17,21 +17,16 @@ import zipfile
 import pytest
 import torch
 
+import checkpoint
 import train_sft
-from test_train import ROOT, TINY, write_reverse_pairs
-from train_sft import CheckpointError, OptionError
+from conftest import ROOT, run_trainer, write_reverse_pairs
+from checkpoint import CheckpointError
+from options import OptionError
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     return write_reverse_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 120)
-
-
-def trainer(args, tmp_path):
-    """Runs train_sft.py in a fresh process on a tiny model; returns the completed process."""
-    cmd = [sys.executable, "train_sft.py", *TINY, f"--cache_dir={tmp_path}/cache", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300)
 
 
 def make_checkpoint(output_dir, step, run_id, n=4096):
@@ -40,7 +35,7 @@ def make_checkpoint(output_dir, step, run_id, n=4096):
     path.mkdir(parents=True)
     torch.save({"w": torch.arange(n, dtype=torch.float32) + step}, path / "model.pt")
     torch.save({"step": step}, path / "trainer.pt")
-    train_sft.write_manifest(path, {"step": step, "engine": "native", "run_id": run_id})
+    checkpoint.write_manifest(path, {"step": step, "engine": "native", "run_id": run_id})
     return path
 
 
@@ -82,11 +77,11 @@ def test_resume_and_rotation_consider_only_this_runs_checkpoints_by_step(tmp_pat
     torch.save({"w": torch.zeros(2)}, out / "ckpt-best.pt")
     record_run(out, "this-run")
     logged, log = messages()
-    assert train_sft.find_checkpoint(str(out), log) == str(out / "ckpt-00000012")
+    assert checkpoint.find_checkpoint(str(out), log) == str(out / "ckpt-00000012")
     assert [line.split(":")[0] for line in logged[:2]] == [
         f"checkpoint {out}/ckpt-00000030 cannot be used", f"checkpoint {out}/ckpt-00000025 cannot be used"]
     assert "written by another run" in logged[0]
-    train_sft.remove_old_checkpoints(str(out), 2, "this-run")
+    checkpoint.remove_old_checkpoints(str(out), 2, "this-run")
     assert sorted(os.listdir(out)) == ["ckpt-00000010", "ckpt-00000012", "ckpt-00000025", "ckpt-00000030",
                                        "ckpt-best", "ckpt-best.pt", "run.json"]
 
@@ -97,11 +92,11 @@ def test_resume_sets_aside_the_checkpoints_it_passed_over(tmp_path):
     make_checkpoint(out, 2, "earlier-run")
     record_run(out, "this-run")
     logged, log = messages()
-    assert train_sft.find_checkpoint(str(out), log, set_aside=True) == str(out / "ckpt-00000001")
+    assert checkpoint.find_checkpoint(str(out), log, set_aside=True) == str(out / "ckpt-00000001")
     assert sorted(os.listdir(out)) == ["ckpt-00000001", "ckpt-00000002.rejected", "run.json"]
     assert f"moved {out}/ckpt-00000002 aside to {out}/ckpt-00000002.rejected" in logged
     make_checkpoint(out, 2, "earlier-run")  # passed over again: the first one set aside stays
-    assert train_sft.find_checkpoint(str(out), log, set_aside=True) == str(out / "ckpt-00000001")
+    assert checkpoint.find_checkpoint(str(out), log, set_aside=True) == str(out / "ckpt-00000001")
     assert sorted(os.listdir(out)) == ["ckpt-00000001", "ckpt-00000002.rejected", "ckpt-00000002.rejected2",
                                        "run.json"]
 
@@ -151,13 +146,13 @@ def test_a_damaged_or_foreign_latest_checkpoint_is_named_and_the_previous_one_us
     record_run(out, "this-run")
     damage(out / "ckpt-00000003")
     logged, log = messages()
-    assert train_sft.find_checkpoint(str(out), log) == str(out / "ckpt-00000002")
+    assert checkpoint.find_checkpoint(str(out), log) == str(out / "ckpt-00000002")
     assert logged[0].startswith(f"checkpoint {out}/ckpt-00000003 cannot be used: ")
     assert problem in logged[0], logged[0]
     assert logged[1] == f"using the previous intact checkpoint, {out}/ckpt-00000002"
     if damage in (truncate, empty, flip):  # named directly, as --init_from does: no fallback
         with pytest.raises(OptionError, match="ckpt-00000003 is not a train_sft.py checkpoint, or not an intact"):
-            train_sft.find_checkpoint(str(out / "ckpt-00000003"))
+            checkpoint.find_checkpoint(str(out / "ckpt-00000003"))
 
 
 def test_no_intact_checkpoint_finds_none(tmp_path):
@@ -165,7 +160,7 @@ def test_no_intact_checkpoint_finds_none(tmp_path):
     for step in (1, 2):
         flip(make_checkpoint(out, step, "this-run"))
     logged, log = messages()
-    assert train_sft.find_checkpoint(str(out), log) is None and len(logged) == 2
+    assert checkpoint.find_checkpoint(str(out), log) is None and len(logged) == 2
 
 
 # ----------------------------------------------------------------------------- the output directory
@@ -181,9 +176,9 @@ def test_leftovers_of_a_crash_are_removed_or_restored(tmp_path):
     for name in ("ckpt-best.tmp", "notes.old"):                         # not ours
         (out / name).mkdir()
     logged, log = messages()
-    train_sft.remove_leftovers(str(out), log)
+    checkpoint.remove_leftovers(str(out), log)
     assert sorted(os.listdir(out)) == ["ckpt-00000006", "ckpt-00000007", "ckpt-best.tmp", "notes.old"]
-    assert train_sft.checkpoint_problem(str(out / "ckpt-00000006")) is None and len(logged) == 4
+    assert checkpoint.checkpoint_problem(str(out / "ckpt-00000006")) is None and len(logged) == 4
 
 
 def test_a_new_run_replaces_an_earlier_runs_output_only_when_told(tmp_path):
@@ -195,48 +190,48 @@ def test_a_new_run_replaces_an_earlier_runs_output_only_when_told(tmp_path):
         (out / name).write_text("{}")
     with pytest.raises(OptionError, match=r"holds an earlier run's output \(ckpt-00000025, ckpt-00000030\): "
                                           r"continue that run with --resume or replace it with --overwrite"):
-        train_sft.make_room_for_new_run(str(out), False, print)
+        checkpoint.make_room_for_new_run(str(out), False, print)
     logged, log = messages()
-    train_sft.make_room_for_new_run(str(out), True, log)
+    checkpoint.make_room_for_new_run(str(out), True, log)
     assert sorted(os.listdir(out)) == ["ckpt-best.pt", "notes.txt"]
     assert ("removed the earlier run's ckpt-00000025, ckpt-00000030, hf, metrics.jsonl, "
             "nonfinite-step-00000003-rank0.json") in logged[0]
     (out / "metrics.jsonl").write_text("{}")  # a run killed before its first checkpoint
     with pytest.raises(OptionError, match=r"\(metrics.jsonl and no checkpoint\): replace it with --overwrite"):
-        train_sft.make_room_for_new_run(str(out), False, print)
+        checkpoint.make_room_for_new_run(str(out), False, print)
 
 
 def test_the_trainer_refuses_an_earlier_runs_output_and_contradicting_options(tmp_path):
     out = tmp_path / "out"
     make_checkpoint(out, 30, "earlier-run")
-    proc = trainer([f"--output_dir={out}"], tmp_path)
+    proc = run_trainer([f"--output_dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"train_sft.py: error: --output_dir={out} holds an earlier run's output "
                                    f"(ckpt-00000030): continue that run with --resume or replace it with "
                                    f"--overwrite_output_dir")
     assert sorted(os.listdir(out)) == ["ckpt-00000030", "run.lock"]
     with pytest.raises(OptionError, match="give either --resume .* or --overwrite_output_dir .*, not both"):
-        train_sft.claim_output_dir(str(out), True, True, rank=0, world=1, log=print)
+        checkpoint.claim_output_dir(str(out), True, True, rank=0, world=1, log=print)
 
 
 def test_a_live_run_locks_its_output_dir_and_a_killed_one_leaves_no_lock(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, train_sft\nlock = train_sft.lock_output_dir(sys.argv[1])\n"
+        [sys.executable, "-c", "import sys, time, checkpoint\nlock = checkpoint.lock_output_dir(sys.argv[1])\n"
                                "print('locked', flush=True)\ntime.sleep(300)", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OptionError, match=rf"is in use by a run that is still going \(pid {holder.pid} on "):
-            train_sft.lock_output_dir(str(out))
-        proc = trainer([f"--output_dir={out}"], tmp_path)  # a second run started while the first goes on
+            checkpoint.lock_output_dir(str(out))
+        proc = run_trainer([f"--output_dir={out}"], tmp_path, check=False)  # a second run started while the first goes on
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert f"--output_dir={out} is in use by a run that is still going" in proc.stderr
     finally:
         holder.kill()
         holder.wait()
-    train_sft.lock_output_dir(str(out)).close()  # SIGKILL released it
+    checkpoint.lock_output_dir(str(out)).close()  # SIGKILL released it
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -261,13 +256,13 @@ class FakeEngine:
 
 def save(out, step, engine):
     state = {"step": step, "engine": "native", "run_id": "this-run"}
-    return train_sft.save_checkpoint(str(out), step, engine, state, keep=5, rank=0, world=1)
+    return checkpoint.save_checkpoint(str(out), step, engine, state, keep=5, rank=0, world=1)
 
 
 def assert_only_the_first_checkpoint(out, error, *phrases):
     assert all(phrase in str(error.value) for phrase in phrases), str(error.value)
     assert "ckpt-00000001" in os.listdir(out) and not any(n.endswith(".tmp") for n in os.listdir(out))
-    assert train_sft.checkpoint_problem(str(out / "ckpt-00000001")) is None
+    assert checkpoint.checkpoint_problem(str(out / "ckpt-00000001")) is None
 
 
 def mounted_tmpfs(size):
@@ -312,7 +307,7 @@ def test_a_checkpoint_that_does_not_fit_simulated(tmp_path, monkeypatch):
         save(out, 2, FakeEngine(100_000, 100_000, fail=OSError(errno.ENOSPC, "No space left on device")))
     assert_only_the_first_checkpoint(out, error, f"checkpoint step 2 could not be written to {out}: the disk is full")
     usage = shutil.disk_usage(out)
-    monkeypatch.setattr(train_sft.shutil, "disk_usage", lambda path: usage._replace(free=50_000))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=50_000))
     with pytest.raises(CheckpointError) as error:
         save(out, 3, FakeEngine(100_000, 100_000))
     assert_only_the_first_checkpoint(out, error, f"checkpoint step 3 needs about 0.2 MiB in {out} but only 0.0 MiB")
@@ -325,14 +320,14 @@ def disk_for_one_checkpoint():
 
 def test_the_trainer_stops_with_one_sentence_when_the_disk_is_full(tmp_path, data_file, disk_for_one_checkpoint):
     out = disk_for_one_checkpoint / "out"
-    proc = trainer([f"--data_path={data_file}", "--max_steps=4", "--checkpoint_interval=1", "--keep_checkpoints=5",
-                    f"--output_dir={out}"], tmp_path)
+    proc = run_trainer([f"--data_path={data_file}", "--max_steps=4", "--checkpoint_interval=1", "--keep_checkpoints=5",
+                    f"--output_dir={out}"], tmp_path, check=False)
     assert proc.returncode == train_sft.EXIT_CHECKPOINT_NOT_WRITTEN == 4 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line.partition("train_sft.py: error: ")[2] for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("checkpoint step 2 needs about "), errors  # after the bar
     assert f"MiB in {out} but only " in errors[0]
     assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == ["ckpt-00000001"]
-    assert train_sft.checkpoint_problem(str(out / "ckpt-00000001")) is None
+    assert checkpoint.checkpoint_problem(str(out / "ckpt-00000001")) is None
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -343,11 +338,11 @@ def test_resume_passes_over_a_corrupted_latest_checkpoint_and_ends_as_the_uninte
     out = tmp_path / "out"
     common = [f"--data_path={data_file}", "--max_steps=3", "--checkpoint_interval=1", "--keep_checkpoints=5",
               f"--output_dir={out}"]
-    assert trainer(common, tmp_path).returncode == 0
+    assert run_trainer(common, tmp_path, check=False).returncode == 0
     uninterrupted = torch.load(out / "ckpt-00000003" / "model.pt", weights_only=True)
     flip_bytes_inside_a_tensor(out / "ckpt-00000003" / "zero_lite-stage0.pt")
     os.mkdir(out / "ckpt-best")
-    proc = trainer(common + ["--resume", "--keep_checkpoints=2"], tmp_path)
+    proc = run_trainer(common + ["--resume", "--keep_checkpoints=2"], tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (f"checkpoint {out}/ckpt-00000003 cannot be used: zero_lite-stage0.pt does not match its sha256 "
             f"(corrupted)") in proc.stdout

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from options import OptionError
 import torch
 
 import data
@@ -713,7 +714,7 @@ def test_blend_of_formats_trains_two_steps_through_train_sft(tmp_path, monkeypat
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"instruction": "a"}]), str(bad))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # keep this process's thread count as it is
-    with pytest.raises(train_sft.OptionError, match=f"^{bad}: row 1: missing field 'output' \\(format alpaca\\)$"):
+    with pytest.raises(OptionError, match=f"^{bad}: row 1: missing field 'output' \\(format alpaca\\)$"):
         train_sft.main([*options, f"--data_path={bad}", f"--output_dir={tmp_path / 'out2'}"])
 
 

@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
-import train_sft
+import checkpoint
+import deepspeed_engine
+import options
 import zero_lite
 from model import GPT, HF_TRANSPOSED, GPTConfig
-from test_train import ROOT, data_file, run, train_losses  # noqa: F401 (data_file is a fixture)
+from conftest import ROOT, run_trainer, train_losses
 
 
 class WithSparseGrads(torch.optim.AdamW):
@@ -74,7 +76,7 @@ def engine_run(tmp_path_factory, data_file):
     def get(engine, stage):
         if (engine, stage) not in runs:
             out = tmp_path_factory.mktemp(f"{engine}{stage}")
-            run([f"--data_path={data_file}", f"--max_steps={STEPS}", "--dropout=0.0", "--eval_exact_match=5",
+            run_trainer([f"--data_path={data_file}", f"--max_steps={STEPS}", "--dropout=0.0", "--eval_exact_match=5",
                  f"--engine={engine}", f"--zero_stage={stage}", f"--checkpoint_interval={RESUME_AT}",
                  f"--output_dir={out}"], out, nproc=2)
             runs[engine, stage] = out
@@ -131,7 +133,7 @@ def test_deepspeed_resume_gives_the_uninterrupted_losses(engine_run, tmp_path, s
     part = tmp_path / "part"
     part.mkdir()
     shutil.copytree(full / f"ckpt-{RESUME_AT:08d}", part / f"ckpt-{RESUME_AT:08d}")
-    proc = run(["--resume", f"--output_dir={part}"], tmp_path, nproc=2)
+    proc = run_trainer(["--resume", f"--output_dir={part}"], tmp_path, nproc=2)
     assert "resumed from" in proc.stdout
     expected, got = train_losses(full), train_losses(part)
     assert sorted(got) == list(range(RESUME_AT + 1, STEPS + 1))
@@ -152,8 +154,8 @@ def test_deepspeed_zero3_export_loads_in_transformers(engine_run):
     shards = [f for f in manifest["files"] if "optim_states" in f]
     assert len(shards) == 2 and manifest["engine"] == "deepspeed"  # one optimizer shard per rank
     # --init_from and sample.py read a DeepSpeed checkpoint directory as they read a native one.
-    checkpoint = train_sft.load_checkpoint(str(out / f"ckpt-{STEPS:08d}"))
-    model = train_sft.build_model(checkpoint["options"], None, checkpoint)
+    saved = checkpoint.load_checkpoint(str(out / f"ckpt-{STEPS:08d}"))
+    model = checkpoint.build_model(saved["options"], None, saved)
     assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
 
 
@@ -162,8 +164,10 @@ def test_deepspeed_zero3_export_loads_in_transformers(engine_run):
 
 def check(argv, world=2):
     """parse_options then the engine checks, as main() runs them; returns the options."""
-    cfg, explicit = train_sft.parse_options(argv)
-    train_sft.check_engine_options(cfg, explicit, world, torch.device("cpu"))
+    cfg, explicit = options.parse_options(argv)
+    if cfg["engine"] == "deepspeed":
+        deepspeed_engine.adopt_options(cfg, explicit, world, torch.device("cpu"))
+    options.check_combinations(cfg)
     return cfg
 
 
@@ -183,7 +187,7 @@ def test_engine_options_that_cannot_work_are_one_sentence(tmp_path):
         ("--engine=deepspeed", "--offload"): "--offload moves the sharded optimizer state: it needs --zero_stage",
     }
     for argv, message in cases.items():
-        with pytest.raises(train_sft.OptionError, match=message):
+        with pytest.raises(options.OptionError, match=message):
             check(list(argv))
 
 
@@ -196,13 +200,13 @@ def test_deepspeed_config_fields_become_the_runs_options(tmp_path):
     cfg = check(["--engine=deepspeed", f"--deepspeed_config={path}"])
     assert (cfg["zero_stage"], cfg["grad_clip"], cfg["batch_size"], cfg["dtype"]) == (3, 0.5, 2, "bfloat16")
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
-    config = train_sft.deepspeed_config(cfg, model)
+    config = deepspeed_engine.deepspeed_config(cfg, model)
     assert config["zero_optimization"]["overlap_comm"] is True and config["bf16"] == {"enabled": True}
     assert "torch_autocast" not in config  # the user chose DeepSpeed's bf16 weights; nothing is added
-    with pytest.raises(train_sft.OptionError, match="train_batch_size=7 but --batch_size x"):
+    with pytest.raises(options.OptionError, match="train_batch_size=7 but --batch_size x"):
         path.write_text(json.dumps({"train_batch_size": 7}))
         check(["--engine=deepspeed", f"--deepspeed_config={path}"])
-    with pytest.raises(train_sft.OptionError, match="has an 'optimizer' section"):
+    with pytest.raises(options.OptionError, match="has an 'optimizer' section"):
         path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
         check(["--engine=deepspeed", f"--deepspeed_config={path}"])
 
@@ -217,7 +221,7 @@ def test_missing_deepspeed_and_a_checkpoint_of_the_other_engine_exit_2(tmp_path,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--engine=deepspeed needs DeepSpeed, which is not installed: run bash setup.sh" in proc.stderr
     out = engine_run("native", 0)  # refused before anything in it is touched
-    proc = run(["--resume", "--engine=deepspeed", f"--output_dir={out}"], tmp_path, check=False)
+    proc = run_trainer(["--resume", "--engine=deepspeed", f"--output_dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"checkpoint {out}/ckpt-{STEPS:08d} has engine='native' but engine='deepspeed' was requested" in proc.stderr
 

@@ -15,42 +15,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import data
-import sample
+import checkpoint
 import train_sft
-from test_train import ROOT, TINY, run, train_losses, write_reverse_pairs
+from conftest import ROOT, TINY, run_trainer, train_losses, write_reverse_pairs
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     return write_reverse_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 240)
-
-
-# ----------------------------------------------------------------------------- options and config files
-
-
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e400"])
-def test_non_finite_numbers_are_refused_on_the_command_line(value):
-    with pytest.raises(train_sft.OptionError, match="--learning_rate must be a finite number, got "):
-        train_sft.parse_options([f"--learning_rate={value}"])
-
-
-@pytest.mark.parametrize("text", ["float('nan')", "float('inf')", "10 ** 400", "-1e999"])
-def test_non_finite_numbers_are_refused_in_config_files(tmp_path, text):
-    path = tmp_path / "cfg.py"
-    path.write_text(f"grad_clip = {text}\n")
-    with pytest.raises(train_sft.OptionError, match=f"{path}: --grad_clip must be a finite number"):
-        train_sft.parse_options([str(path)])
-
-
-def test_only_py_files_are_taken_as_config_files(tmp_path, data_file):
-    """Anything else given without -- would run as python: a data file set nothing and training went on."""
-    with pytest.raises(train_sft.OptionError, match=f"is not a config file .* give data as --data_path={data_file}"):
-        train_sft.parse_options([data_file])
-    script = tmp_path / "settings.txt"
-    script.write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
-    with pytest.raises(train_sft.OptionError, match="settings.txt is neither a config file .* nor an option"):
-        train_sft.parse_options([str(script)])
-    assert not (tmp_path / "ran").exists()
 
 
 # ----------------------------------------------------------------------------- hostile data rows
@@ -122,22 +94,6 @@ def test_unwritable_cache_dir_names_the_option(tmp_path, data_file):
             f"--cache_dir={cache_dir} cannot be used: Not a directory (")
     missing = FileNotFoundError(f"data file {str(tmp_path / 'nope.jsonl')!r} not found")
     assert train_sft.data_error_sentence(missing, cache_dir) == str(missing)  # not about the cache
-
-
-# ----------------------------------------------------------------------------- sample.py
-
-
-class TinyModel:
-    def __init__(self, vocab_size):
-        self.config = type("Config", (), {"vocab_size": vocab_size})()
-
-
-def test_sample_refuses_a_tokenizer_the_model_was_not_trained_with():
-    with pytest.raises(train_sft.OptionError, match="--tokenizer=gpt2 but --model=m was trained with the byte"):
-        sample.check_tokenizer("gpt2", "byte", TinyModel(320), "m")
-    with pytest.raises(train_sft.OptionError, match="--tokenizer=byte has 257 tokens but --model=m only 100"):
-        sample.check_tokenizer("byte", None, TinyModel(100), "m")
-    assert sample.check_tokenizer("", "byte", TinyModel(320), "m").n_vocab == 257
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
@@ -247,86 +203,6 @@ def test_every_row_is_trained_or_reported(tmp_path_factory, file_rows, template)
     assert len(train) + stats["dropped_too_long"] == stats["rows"]
 
 
-# ----------------------------------------------------------------------------- property-based: options and config files
-
-def option_value_texts(name):
-    """Command-line values for one option: mostly of its type (NaN and Inf included), sometimes not."""
-    default = train_sft.OPTIONS[name][0]
-    if isinstance(default, bool):
-        typed = st.sampled_from(["true", "false", "1", "0", "yes", "no", "maybe", ""])
-    elif isinstance(default, int):
-        typed = st.integers(min_value=-3, max_value=10**6).map(str) | st.sampled_from(["1e400", "nan", "2.5", "0"])
-    elif isinstance(default, float):
-        typed = st.one_of(st.floats().map(repr), st.integers(min_value=-3, max_value=10**6).map(str),
-                          st.sampled_from(["nan", "inf", "-inf", "1e400", "0.5"]))
-    else:
-        typed = st.sampled_from(train_sft.CHOICES.get(name, [default]))
-    return st.one_of(typed, typed, typed, st.text(max_size=6))
-
-
-def python_literals(name):
-    """Config-file values for one option: mostly of its type (NaN, Inf and huge ints included), sometimes not."""
-    default = train_sft.OPTIONS[name][0] if name in train_sft.OPTIONS else ""
-    if isinstance(default, bool):
-        typed = st.booleans().map(repr)
-    elif isinstance(default, (int, float)):
-        typed = (st.integers(min_value=-10**400, max_value=10**400) | st.floats()).map(
-            lambda x: f"float({str(x)!r})" if isinstance(x, float) else repr(x))
-    else:
-        typed = st.sampled_from(train_sft.CHOICES.get(name, [default])).map(repr)
-    other = st.one_of(st.none(), st.text(max_size=6), st.lists(st.integers(), max_size=2)).map(repr)
-    return st.one_of(typed, typed, typed, other)
-
-
-known_names = st.sampled_from(sorted(train_sft.OPTIONS))
-any_names = known_names | st.from_regex(r"[a-z_]{1,10}", fullmatch=True)
-typed_args = known_names.flatmap(lambda name: option_value_texts(name).map(lambda value: f"--{name}={value}"))
-command_line_args = st.one_of(
-    typed_args, typed_args, typed_args, typed_args,
-    any_names.map(lambda name: f"--{name}"),
-    st.text(max_size=10).filter(lambda arg: not arg.startswith("-")))
-config_files = st.lists(any_names.flatmap(lambda name: python_literals(name).map(lambda value: (name, value))),
-                        max_size=4)
-
-
-def check_options(cfg, explicit):
-    """Parsed options have their default's type, a finite value, and lie in their range and choices."""
-    assert explicit <= set(train_sft.OPTIONS)
-    for name, (default, _) in train_sft.OPTIONS.items():
-        value = cfg[name]
-        assert type(value) is type(default), name
-        if isinstance(value, float):
-            assert value == value and abs(value) != float("inf"), name
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            low, high = train_sft.RANGES.get(name, (0, None))
-            assert low <= value and (high is None or value <= high), name
-        assert name not in train_sft.CHOICES or value in train_sft.CHOICES[name]
-
-
-@settings(max_examples=200, deadline=5000)
-@given(args=st.lists(command_line_args, max_size=3), files=st.lists(config_files, max_size=2))
-@example(args=["--learning_rate=nan"], files=[])  # cases the search has found, kept so that they are always tried
-@example(args=[], files=[[("grad_clip", "10 ** 400")]])
-@example(args=["0\n"], files=[])
-@example(args=["a\n.jsonl"], files=[])
-def test_any_options_parse_or_name_the_option_or_file(tmp_path_factory, args, files):
-    folder = tmp_path_factory.mktemp("opts")
-    paths = []
-    for k, assignments in enumerate(files):
-        paths.append(str(folder / f"cfg{k}.py"))
-        with open(paths[-1], "w") as f:
-            f.writelines(f"{name} = {literal}\n" for name, literal in assignments)
-    argv = [a for a in paths + args if a not in ("-h", "--help")]
-    try:
-        cfg, explicit = train_sft.parse_options(argv)
-    except train_sft.OptionError as error:
-        message = str(error)
-        assert "\n" not in message.strip() or "failed to run" in message
-        assert "--" in message or any(arg in message for arg in argv), message
-        return
-    check_options(cfg, explicit)
-
-
 # ----------------------------------------------------------------------------- SIGTERM and SIGINT
 
 STEPS = 25  # within the first epoch: 1 rank x 2 and 2 ranks x 1 see the same micro-batches until its tail
@@ -414,7 +290,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tmp_path, data_file, u
     assert len(messages) == 1, stderr[-3000:]
     step = stopped_step(messages[0], "SIGTERM")
     assert [p.name for p in out.iterdir() if p.name.startswith("ckpt-")] == [f"ckpt-{step:08d}"]
-    run(["--resume", f"--output_dir={out}"], tmp_path, nproc=2)
+    run_trainer(["--resume", f"--output_dir={out}"], tmp_path, nproc=2)
     resumed = train_losses(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)
@@ -430,7 +306,7 @@ def with_nan(run_dir, tmp_path, tensor, row):
     weights = torch.load(broken / "model.pt", weights_only=True)
     weights[tensor][row] = float("nan")
     torch.save(weights, broken / "model.pt")
-    train_sft.write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
+    checkpoint.write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
     return broken
 
 
@@ -480,8 +356,8 @@ def test_resume_on_ranks_that_cannot_share_the_position_is_one_sentence(tmp_path
     state = torch.load(ckpt / "trainer.pt", weights_only=True)
     state["batches"]["position"] = 2 * STEPS - 1
     torch.save(state, ckpt / "trainer.pt")
-    train_sft.write_manifest(ckpt, json.loads((ckpt / "manifest.json").read_text()))
-    proc = run(["--resume", f"--max_steps={STEPS + 2}", f"--output_dir={out}"], tmp_path, nproc=2, check=False)
+    checkpoint.write_manifest(ckpt, json.loads((ckpt / "manifest.json").read_text()))
+    proc = run_trainer(["--resume", f"--max_steps={STEPS + 2}", f"--output_dir={out}"], tmp_path, nproc=2, check=False)
     assert proc.returncode != 0 and 'train_sft.py", line' not in proc.stderr
     assert (f"train_sft.py: error: cannot resume from {out}/ckpt-{STEPS:08d}: it stopped after {2 * STEPS - 1} "
             f"micro-batches of epoch 0, which 2 ranks cannot share evenly") in proc.stderr

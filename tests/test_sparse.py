@@ -9,8 +9,6 @@ import copy
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,10 +17,11 @@ from safetensors.torch import load_file, save_file
 
 import sft_kernels.sparse_adam as sparse_adam
 import sparse
+import options
 import train_sft
 import zero_lite
 from model import GPT, GPTConfig
-from test_train import ROOT, write_reverse_pairs
+from conftest import ROOT, run_trainer, write_reverse_pairs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -344,16 +343,6 @@ def data_file(tmp_path_factory):
     return write_reverse_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 200)
 
 
-def run_trainer(args, tmp_path, nproc=1, script="train_sft.py", env=None):
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                              if nproc > 1 else []) + [script]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run(cmd + TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args, cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"train_sft.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
 def train_in_process(args, tmp_path):
     """One rank: train_sft.main in this process (a process start costs seconds on a busy machine)."""
     return train_sft.main(TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args)
@@ -387,7 +376,7 @@ def test_two_ranks_match_one_rank_and_only_the_selected_entries_cross(tmp_path, 
     driver.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + COUNTING_DRIVER)
     counts = tmp_path / "counts"
     proc = run_trainer(common + [f"--output_dir={tmp_path / 'two'}"], tmp_path, nproc=2, script=str(driver),
-                       env={"COUNT_FILE": str(counts)})
+                       env={"COUNT_FILE": str(counts)}, tiny=TINY)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert all(abs(a - b) <= 1e-5 for a, b in zip(one, two)), (one, two)
@@ -403,16 +392,16 @@ def test_two_ranks_match_one_rank_and_only_the_selected_entries_cross(tmp_path, 
     assert sorted(json.load(open(f"{counts}.0"))) == sorted(expected)
 
 
-@pytest.mark.parametrize("options, message", [
+@pytest.mark.parametrize("argv, message", [
     (["--sparse_density=1.5"], "--sparse_density must be between 0 and 1"),
     (["--sparse_density=-0.1"], "--sparse_density must be between 0 and 1"),
     (["--sparse_density=0.1", "--sparse_pattern=nothing"], "--sparse_pattern: pattern 'nothing' matches no Linear"),
     (["--sparse_density=0.1", "--lora_dim=2"], "--sparse_density cannot be combined with --lora_dim"),
     (["--sparse_density=0.1", "--zero_stage=1"], "--zero_stage=1 cannot carry its sparse gradients"),
 ])
-def test_bad_sparse_options_are_refused(tmp_path, data_file, options, message):
-    with pytest.raises(train_sft.OptionError, match=re.escape(message)):
-        train_in_process([f"--data_path={data_file}", f"--output_dir={tmp_path}"] + options, tmp_path)
+def test_bad_sparse_options_are_refused(tmp_path, data_file, argv, message):
+    with pytest.raises(options.OptionError, match=re.escape(message)):
+        train_in_process([f"--data_path={data_file}", f"--output_dir={tmp_path}"] + argv, tmp_path)
 
 
 def test_resumed_sparse_run_gives_the_uninterrupted_losses_and_delta(tmp_path, data_file):

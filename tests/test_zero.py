@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
+import options
 import train_sft
 import zero_lite
 from model import GPT, GPTConfig
-from test_train import TINY, data_file, run, train_losses  # noqa: F401 (data_file is a fixture)
+from conftest import TINY, run_trainer, train_losses
 
 # 235 training samples make 30 micro-batches of 8 per epoch: 5 steps of 6 micro-batches for 1, 2 or 3
 # ranks alike, so runs on different numbers of ranks see the same batches at every step, across epochs.
@@ -51,7 +53,7 @@ def stage_runs(tmp_path_factory, data_file):
     tmp = tmp_path_factory.mktemp("stages")
     stdout = {}
     for stage in range(4):
-        stdout[stage] = run([f"--data_path={data_file}", *STEPS, "--gradient_accumulation_steps=3",
+        stdout[stage] = run_trainer([f"--data_path={data_file}", *STEPS, "--gradient_accumulation_steps=3",
                              f"--zero_stage={stage}", f"--output_dir={tmp}/stage{stage}"]
                             + (["--eval_exact_match=2"] if stage == 3 else []), tmp, nproc=2).stdout
     return tmp, stdout
@@ -63,7 +65,7 @@ def test_stages_1_2_3_give_stage_0s_losses_and_weights(stage_runs, data_file):
     for stage in (1, 2, 3):
         assert_same_run(tmp / "stage0", tmp / f"stage{stage}", 1e-5)
     # 3 ranks x 2 micro-batches see the same 6 micro-batches per step as 2 ranks x 3
-    run([f"--data_path={data_file}", *STEPS, "--gradient_accumulation_steps=2", "--zero_stage=3",
+    run_trainer([f"--data_path={data_file}", *STEPS, "--gradient_accumulation_steps=2", "--zero_stage=3",
          f"--output_dir={tmp}/three_ranks"], tmp, nproc=3)
     assert_same_run(tmp / "stage0", tmp / "three_ranks", 1e-5)
     assert train_losses(tmp / "stage0")[20] < train_losses(tmp / "stage0")[1] - 1  # it trained
@@ -92,7 +94,7 @@ def test_memory_report_is_within_10_percent_of_the_zero_formula(stage_runs):
 @pytest.mark.slow
 def test_resume_on_the_same_ranks_is_exact(stage_runs):
     tmp, _ = stage_runs
-    proc = run([*RESUME, f"--output_dir={resume_from(tmp / 'stage3', 10, tmp / 'two_to_two')}"], tmp, nproc=2)
+    proc = run_trainer([*RESUME, f"--output_dir={resume_from(tmp / 'stage3', 10, tmp / 'two_to_two')}"], tmp, nproc=2)
     assert "resumed from" in proc.stdout
     assert_same_run(tmp / "stage3", tmp / "two_to_two", 1e-6, steps=range(11, 21))
 
@@ -103,11 +105,11 @@ def test_resume_on_another_number_of_ranks_reshards(stage_runs):
     step 15 and resumed from there on 2 ranks: both continue from the re-sharded weights and moments, so
     the later losses are the uninterrupted run's (to reduction order), as from no other state."""
     tmp, _ = stage_runs
-    proc = run([*RESUME, "--gradient_accumulation_steps=6", "--checkpoint_interval=5",
+    proc = run_trainer([*RESUME, "--gradient_accumulation_steps=6", "--checkpoint_interval=5",
                 f"--output_dir={resume_from(tmp / 'stage2', 10, tmp / 'two_to_one')}"], tmp)
     assert "formula for stage 2 on 1 rank(s)" in proc.stdout
     assert_same_run(tmp / "stage2", tmp / "two_to_one", 1e-5, steps=range(11, 21))
-    run([*RESUME, "--gradient_accumulation_steps=3",
+    run_trainer([*RESUME, "--gradient_accumulation_steps=3",
          f"--output_dir={resume_from(tmp / 'two_to_one', 15, tmp / 'one_to_two')}"], tmp, nproc=2)
     assert_same_run(tmp / "stage2", tmp / "one_to_two", 1e-5, steps=range(16, 21))
 
@@ -118,8 +120,8 @@ def test_a_missing_shard_stops_every_rank_with_one_sentence(stage_runs):
     broken = resume_from(tmp / "stage2", 10, tmp / "missing_shard")
     os.remove(os.path.join(broken, "ckpt-00000010", "zero_lite-shard00001-of00002.pt"))
     manifest = broken / "ckpt-00000010" / "manifest.json"  # as if the file was never written: past the checksums
-    train_sft.write_manifest(manifest.parent, json.loads(manifest.read_text()))
-    proc = run([*RESUME, f"--output_dir={broken}"], tmp, nproc=2, check=False)
+    checkpoint.write_manifest(manifest.parent, json.loads(manifest.read_text()))
+    proc = run_trainer([*RESUME, f"--output_dir={broken}"], tmp, nproc=2, check=False)
     missing = f"{broken}/ckpt-00000010/zero_lite-shard00001-of00002.pt is missing"
     assert proc.returncode != 0 and proc.stderr.count(f"train_sft.py: error: {missing}") == 2, proc.stderr[-3000:]
     assert "]: Traceback" not in proc.stderr  # no rank died of an exception, or hung: each said one sentence
@@ -136,14 +138,14 @@ def tiny_model(n_embd=32, gradient_checkpointing=False):
 
 
 def make_engine(argv, model):
-    cfg, _ = train_sft.parse_options(TINY + argv)
+    cfg, _ = options.parse_options(TINY + argv)
     return train_sft.make_engine(cfg, model, train_sft.make_optimizer(model, cfg, fused=False))
 
 
 def test_options_a_stage_cannot_honour_are_named():
-    with pytest.raises(train_sft.OptionError, match="--zero_stage=3: --gradient_checkpointing cannot be combined"):
+    with pytest.raises(options.OptionError, match="--zero_stage=3: --gradient_checkpointing cannot be combined"):
         make_engine(["--zero_stage=3"], tiny_model(gradient_checkpointing=True))
-    with pytest.raises(train_sft.OptionError, match="--zero_stage=3: --compile cannot be combined"):
+    with pytest.raises(options.OptionError, match="--zero_stage=3: --compile cannot be combined"):
         make_engine(["--zero_stage=3", "--compile"], tiny_model())
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters())

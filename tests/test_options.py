@@ -1,0 +1,165 @@
+"""options.py: the option table, --help, typed values with ranges and choices, config files, and the
+checks that span options; every bad value or file is one sentence naming it. A property test
+(hypothesis) drives the parser with arbitrary command lines and config files."""
+import os
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import options
+from conftest import ROOT
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        options.parse_options(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name, (default, meaning) in options.OPTIONS.items():
+        assert f"--{name:<28} {meaning} [default: {default!r}]" in text, name
+
+
+def test_the_options_page_documents_every_option():
+    page = open(os.path.join(ROOT, "docs", "options.md")).read()
+    for name, (default, meaning) in options.OPTIONS.items():
+        assert f"| `{name}` | `{default!r}` | {meaning} |" in page, name
+
+
+def test_options_are_typed_and_named_in_errors(tmp_path):
+    cfg, explicit = options.parse_options(["--max_steps=5", "--compile", "--packing=false", "--learning_rate=1"])
+    assert cfg["max_steps"] == 5 and cfg["compile"] is True and cfg["packing"] is False
+    assert cfg["learning_rate"] == 1.0 and explicit == {"max_steps", "compile", "packing", "learning_rate"}
+    bad = {"--max_step=5": "unknown option --max_step", "--max_steps=five": "--max_steps must be int",
+           "--compile=maybe": "--compile must be true or false", "--dtype=fp8": "--dtype must be one of",
+           "--batch_size": "--batch_size needs a value", "--batch_size=0": "--batch_size must be at least 1",
+           "--learning_rate=-1e-3": "--learning_rate must be at least 0", "--max_seq_len=1": "at least 2",
+           "--dropout=2": "--dropout must be between 0 and 0.99"}
+    for arg, message in bad.items():
+        with pytest.raises(options.OptionError, match=message):
+            options.parse_options([arg])
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("broken", "n_layer = (\n", "broken.py failed to run: SyntaxError"),
+    ("unknown", "n_layers = 3\n", "unknown.py sets unknown option 'n_layers'"),
+    ("typed", "n_layer = 'three'\n", "typed.py: --n_layer must be int"),
+])
+def test_config_file_errors_name_the_file(tmp_path, name, text, message):
+    (tmp_path / f"{name}.py").write_text(text)
+    with pytest.raises(options.OptionError, match=message):
+        options.parse_options([str(tmp_path / f"{name}.py")])
+
+
+def test_config_file_then_command_line(tmp_path):
+    with pytest.raises(options.OptionError, match="nope.py does not exist"):
+        options.parse_options([str(tmp_path / "nope.py")])
+    good = tmp_path / "good.py"
+    good.write_text("import math\nn_layer = 3\nlearning_rate = math.sqrt(4e-8)\n")
+    cfg, explicit = options.parse_options([str(good), "--n_layer=5"])
+    assert cfg["n_layer"] == 5 and cfg["learning_rate"] == pytest.approx(2e-4) and "learning_rate" in explicit
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e400"])
+def test_non_finite_numbers_are_refused_on_the_command_line(value):
+    with pytest.raises(options.OptionError, match="--learning_rate must be a finite number, got "):
+        options.parse_options([f"--learning_rate={value}"])
+
+
+@pytest.mark.parametrize("text", ["float('nan')", "float('inf')", "10 ** 400", "-1e999"])
+def test_non_finite_numbers_are_refused_in_config_files(tmp_path, text):
+    path = tmp_path / "cfg.py"
+    path.write_text(f"grad_clip = {text}\n")
+    with pytest.raises(options.OptionError, match=f"{path}: --grad_clip must be a finite number"):
+        options.parse_options([str(path)])
+
+
+def test_only_py_files_are_taken_as_config_files(tmp_path, data_file):
+    """Anything else given without -- would run as python: a data file set nothing and training went on."""
+    with pytest.raises(options.OptionError, match=f"is not a config file .* give data as --data_path={data_file}"):
+        options.parse_options([data_file])
+    script = tmp_path / "settings.txt"
+    script.write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
+    with pytest.raises(options.OptionError, match="settings.txt is neither a config file .* nor an option"):
+        options.parse_options([str(script)])
+    assert not (tmp_path / "ran").exists()
+
+
+# ----------------------------------------------------------------------------- property-based: options and config files
+
+def option_value_texts(name):
+    """Command-line values for one option: mostly of its type (NaN and Inf included), sometimes not."""
+    default = options.OPTIONS[name][0]
+    if isinstance(default, bool):
+        typed = st.sampled_from(["true", "false", "1", "0", "yes", "no", "maybe", ""])
+    elif isinstance(default, int):
+        typed = st.integers(min_value=-3, max_value=10**6).map(str) | st.sampled_from(["1e400", "nan", "2.5", "0"])
+    elif isinstance(default, float):
+        typed = st.one_of(st.floats().map(repr), st.integers(min_value=-3, max_value=10**6).map(str),
+                          st.sampled_from(["nan", "inf", "-inf", "1e400", "0.5"]))
+    else:
+        typed = st.sampled_from(options.CHOICES.get(name, [default]))
+    return st.one_of(typed, typed, typed, st.text(max_size=6))
+
+
+def python_literals(name):
+    """Config-file values for one option: mostly of its type (NaN, Inf and huge ints included), sometimes not."""
+    default = options.OPTIONS[name][0] if name in options.OPTIONS else ""
+    if isinstance(default, bool):
+        typed = st.booleans().map(repr)
+    elif isinstance(default, (int, float)):
+        typed = (st.integers(min_value=-10**400, max_value=10**400) | st.floats()).map(
+            lambda x: f"float({str(x)!r})" if isinstance(x, float) else repr(x))
+    else:
+        typed = st.sampled_from(options.CHOICES.get(name, [default])).map(repr)
+    other = st.one_of(st.none(), st.text(max_size=6), st.lists(st.integers(), max_size=2)).map(repr)
+    return st.one_of(typed, typed, typed, other)
+
+
+known_names = st.sampled_from(sorted(options.OPTIONS))
+any_names = known_names | st.from_regex(r"[a-z_]{1,10}", fullmatch=True)
+typed_args = known_names.flatmap(lambda name: option_value_texts(name).map(lambda value: f"--{name}={value}"))
+command_line_args = st.one_of(
+    typed_args, typed_args, typed_args, typed_args,
+    any_names.map(lambda name: f"--{name}"),
+    st.text(max_size=10).filter(lambda arg: not arg.startswith("-")))
+config_files = st.lists(any_names.flatmap(lambda name: python_literals(name).map(lambda value: (name, value))),
+                        max_size=4)
+
+
+def check_options(cfg, explicit):
+    """Parsed options have their default's type, a finite value, and lie in their range and choices."""
+    assert explicit <= set(options.OPTIONS)
+    for name, (default, _) in options.OPTIONS.items():
+        value = cfg[name]
+        assert type(value) is type(default), name
+        if isinstance(value, float):
+            assert value == value and abs(value) != float("inf"), name
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = options.RANGES.get(name, (0, None))
+            assert low <= value and (high is None or value <= high), name
+        assert name not in options.CHOICES or value in options.CHOICES[name]
+
+
+@settings(max_examples=200, deadline=5000)
+@given(args=st.lists(command_line_args, max_size=3), files=st.lists(config_files, max_size=2))
+@example(args=["--learning_rate=nan"], files=[])  # cases the search has found, kept so that they are always tried
+@example(args=[], files=[[("grad_clip", "10 ** 400")]])
+@example(args=["0\n"], files=[])
+@example(args=["a\n.jsonl"], files=[])
+def test_any_options_parse_or_name_the_option_or_file(tmp_path_factory, args, files):
+    folder = tmp_path_factory.mktemp("opts")
+    paths = []
+    for k, assignments in enumerate(files):
+        paths.append(str(folder / f"cfg{k}.py"))
+        with open(paths[-1], "w") as f:
+            f.writelines(f"{name} = {literal}\n" for name, literal in assignments)
+    argv = [a for a in paths + args if a not in ("-h", "--help")]
+    try:
+        cfg, explicit = options.parse_options(argv)
+    except options.OptionError as error:
+        message = str(error)
+        assert "\n" not in message.strip() or "failed to run" in message
+        assert "--" in message or any(arg in message for arg in argv), message
+        return
+    check_options(cfg, explicit)
