@@ -21,7 +21,7 @@ import sft_kernels.sparse_adam as sparse_adam
 import sparse
 import train_sft
 import zero_lite
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, family_config
 from test_train import ROOT, write_reverse_pairs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -262,6 +262,22 @@ def test_pattern_matching_nothing():
     assert names == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.mlp.c_fc.weight",
                      "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_fc.weight",
                      "transformer.h.1.mlp.c_proj.weight"]
+
+
+def test_untied_head_counts_as_an_embedding_and_trains():
+    """A Llama-shaped model: the untied lm_head is chosen with the embeddings, and every chosen matrix's
+    gradient reaches its selected entries (rotary, RMSNorm and SwiGLU in between)."""
+    torch.manual_seed(0)
+    model = GPT(family_config("llama", block_size=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1,
+                              n_embd=16)).to(DEVICE)
+    names = [n for n, _ in sparse.sparse_matrices(model, "h.", embedding=True)]
+    assert (names[0], names[-1], len(names)) == ("transformer.wte.weight", "lm_head.weight", 2 + 4 * 2)
+    assert "lm_head.weight" not in [n for n, _ in sparse.sparse_matrices(model, "h.")]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, make_sparse(model, 0.1), 2)
+    for name in names:
+        changed = (dict(model.named_parameters())[name] != before[name]).sum().item()
+        assert 0 < changed <= sparse.entries_for(before[name].numel(), 0.1), name
 
 
 # -----------------------------------------------------------------------------
