@@ -482,9 +482,9 @@ class GPT(nn.Module):
                        for k, t in tensors.items()}
         ours = self.state_dict()
         names = hf_tensor_names(cfg, ours)
-        embedding = names["transformer.wte.weight"][0]
-        if cfg.tie_word_embeddings and "lm_head.weight" in tensors and not torch.equal(
-                tensors["lm_head.weight"], tensors.get(embedding, tensors["lm_head.weight"])):
+        embedding, head = names["transformer.wte.weight"][0], tensors.get("lm_head.weight")
+        tied_differently = head is not None and embedding in tensors and not torch.equal(head, tensors[embedding])
+        if cfg.tie_word_embeddings and tied_differently:
             raise ValueError(f"{weights_file}: lm_head.weight differs from {embedding}, but {config_file} says "
                              "tie_word_embeddings is true (one shared matrix)")
         wanted = {name for parts in names.values() for name in parts}
@@ -621,8 +621,8 @@ LLAMA_LAYER_TENSORS = {
     "mlp.c_fc.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
     "mlp.c_proj.weight": ["mlp.down_proj.weight"],
 }
-LLAMA_TOP_TENSORS = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
-                     "lm_head.weight": "lm_head.weight"}
+LLAMA_TOP_TENSORS = {"transformer.wte.weight": "model.embed_tokens.weight",
+                     "transformer.ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
 
 
 def hf_tensor_names(config, keys):
@@ -725,7 +725,8 @@ def llama_family_config_from_hf(hf, file):
     heads, width = hf["num_attention_heads"], hf["hidden_size"]
     return family_config(model_type, block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
                          n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=width,
-                         n_kv_head=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or width // heads,
+                         n_kv_head=hf.get("num_key_value_heads") or heads,
+                         head_dim=hf.get("head_dim") or width // heads,
                          intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
                          rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                          rope_scaling="llama3" if llama3 else "none", **llama3,
@@ -777,7 +778,8 @@ def _shard_files(index_file):
         weight_map = json.loads(index_file.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index_file} is not a Hugging Face index with a weight_map: {type(e).__name__}: {e}") from None
+        raise ValueError(f"{index_file} is not a Hugging Face index with a weight_map: "
+                         f"{type(e).__name__}: {e}") from None
     for shard in shards:
         if not isinstance(shard, str) or Path(shard).name != shard or not (index_file.parent / shard).is_file():
             raise ValueError(f"{index_file}: shard {shard!r} is not a file in {index_file.parent}")

@@ -166,6 +166,9 @@ def test_sharded_safetensors_and_pytorch_model_bin_load(tmp_path):
     with torch.no_grad():
         for path in (tmp_path / "sharded", tmp_path / "bin"):
             assert max_abs_diff(GPT.from_pretrained(path).eval()(idx), hf(idx).logits) < 1e-4, path
+    shards[0].unlink()
+    with pytest.raises(ValueError, match=rf"model.safetensors.index.json: shard '{shards[0].name}' is not a file in"):
+        GPT.from_pretrained(tmp_path / "sharded")
 
 
 def test_loss_seam_gets_the_untied_head_and_matches_cross_entropy(hf_dirs):
