@@ -768,8 +768,8 @@ def read_hf_weights(path):
             for shard in shards:
                 tensors.update(_read_weights_file(shard))
             return file, tensors
-    raise FileNotFoundError(f"{path}: no weights: expected model.safetensors or pytorch_model.bin, or a sharded "
-                            "model.safetensors.index.json")
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded "
+                            "model.safetensors.index.json)")
 
 
 def _shard_files(index_file):
