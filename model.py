@@ -1,12 +1,13 @@
-"""A GPT-2 written by hand, readable top to bottom (after nanoGPT's model.py).
+"""A GPT written by hand, readable top to bottom (after nanoGPT's model.py): GPT-2 and the Llama family
+(Llama, Mistral, Qwen2, Qwen3) in one class, switched by GPTConfig fields.
 
 Also here: the masked linear + cross-entropy loss seam that sft_kernels/ replaces, import and export of
-Hugging Face GPT-2 directories, generation with a KV cache, and LoRA as DeepSpeed-Chat offers it.
+Hugging Face directories of those families, generation with a KV cache, and LoRA as DeepSpeed-Chat offers it.
 """
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +27,73 @@ class GPTConfig:
     bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
     attn_window: int = 0  # 0: full causal attention; w > 0: each token sees the last w positions, itself included
     gradient_checkpointing: bool = False  # recompute each block's activations in backward to save memory
+    # The switches between GPT-2 (the defaults) and the Llama family; FAMILIES holds each family's settings.
+    model_type: str = "gpt2"  # the Hugging Face family save_pretrained writes: gpt2, llama, mistral, qwen2, qwen3
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    positions: str = "learned"  # learned (a table of block_size positions) | rotary
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | llama3 (Llama 3.1's stretch of the slow rotary frequencies)
+    rope_factor: float = 8.0  # llama3 scaling: how much longer the context is than in pre-training ...
+    rope_low_freq_factor: float = 1.0  # ... the wavelengths (in original contexts) between which it blends
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192  # ... and that pre-training context
+    mlp: str = "gelu"  # gelu (GPT-2's tanh approximation) | swiglu (silu(gate) * up)
+    intermediate_size: int = 0  # MLP width; 0: 4 * n_embd
+    n_kv_head: int = 0  # key/value heads, grouped-query attention; 0: n_head
+    head_dim: int = 0  # 0: n_embd // n_head
+    qkv_bias: bool = False  # biases on q, k and v even without bias (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before the rotation (Qwen3)
+    tie_word_embeddings: bool = True  # the output head is the token embedding
+
+    @property
+    def head_size(self):
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self):
+        return self.intermediate_size or 4 * self.n_embd
+
+
+LLAMA_SHAPE = dict(bias=False, norm="rmsnorm", norm_eps=1e-6, positions="rotary", mlp="swiglu",
+                   tie_word_embeddings=False)
+FAMILIES = {  # model_type -> the GPTConfig fields that make that family (beyond its sizes)
+    "gpt2": {},
+    "llama": LLAMA_SHAPE,
+    "mistral": LLAMA_SHAPE,
+    "qwen2": dict(LLAMA_SHAPE, qkv_bias=True),
+    "qwen3": dict(LLAMA_SHAPE, qk_norm=True),
+}
+
+
+def family_config(model_type, **sizes):
+    """A GPTConfig shaped like a Hugging Face family, e.g. family_config("llama", n_layer=4, ...) for a model
+    from scratch; sizes may override any field."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type={model_type!r} is not one of {', '.join(FAMILIES)}")
+    return GPTConfig(**{**FAMILIES[model_type], "model_type": model_type, **sizes})
+
+
+def check_config(config):
+    """Refuse, in one sentence naming the field, a config this GPT cannot build."""
+    choices = {"model_type": tuple(FAMILIES), "norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rotary"),
+               "mlp": ("gelu", "swiglu"), "rope_scaling": ("none", "llama3")}
+    for field, allowed in choices.items():
+        if getattr(config, field) not in allowed:
+            raise ValueError(f"{field}={getattr(config, field)!r} is not one of {', '.join(allowed)}")
+    for field in ("n_kv_head", "head_dim", "intermediate_size", "attn_window"):
+        if getattr(config, field) < 0:
+            raise ValueError(f"{field}={getattr(config, field)} must be >= 0 (0 picks the default)")
+    if not config.head_dim and config.n_embd % config.n_head:
+        raise ValueError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head} (or set head_dim)")
+    if config.n_head % config.kv_heads:
+        raise ValueError(f"n_head={config.n_head} must be a multiple of n_kv_head={config.n_kv_head}")
+    if config.positions == "rotary" and config.head_size % 2:
+        raise ValueError(f"rotary positions need an even head size, got head_dim={config.head_size}")
 
 
 # ----------------------------------------------------------------------------- loss seam
@@ -115,6 +183,44 @@ def packed_positions_and_mask(segment_ids, window):
     return idx - segment_start, mask[:, None]  # (B, T), (B, 1, T, T)
 
 
+def rotary_frequencies(config, device):
+    """Radians per position of each of the head_size / 2 rotated channel pairs, fastest first (fp32, computed
+    as Hugging Face does). rope_scaling='llama3' divides the slow frequencies, whose wavelength exceeds the
+    pre-training context / low_freq_factor, by rope_factor, keeps the fast ones (wavelength below context /
+    high_freq_factor), and blends linearly in between."""
+    hs = config.head_size
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, device=device).float() / hs)  # (hs/2,)
+    if config.rope_scaling != "llama3":
+        return inv_freq
+    context, low, high = (config.rope_original_max_position_embeddings, config.rope_low_freq_factor,
+                          config.rope_high_freq_factor)
+    wavelength = 2 * math.pi / inv_freq
+    kept = (context / wavelength - low) / (high - low)  # share of the frequency kept: 1 fast ... 0 slow
+    blended = kept * inv_freq + (1 - kept) * inv_freq / config.rope_factor
+    return torch.where(wavelength < context / high, inv_freq,
+                       torch.where(wavelength > context / low, inv_freq / config.rope_factor, blended))
+
+
+def rotary_cos_sin(config, pos):
+    """cos and sin (B|1, 1, T, hs/2) of the rotation angles of positions pos (B|1, T), in fp32."""
+    angles = pos[:, None, :, None].float() * rotary_frequencies(config, pos.device)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """Rotary positions on x (B, nh, T, hs): channel i and i + hs/2 turn together (Hugging Face's layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def make_norm(config, size):
+    """The family's normalisation: GPT-2's LayerNorm (with bias when config.bias) or the Llama family's RMSNorm."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=config.norm_eps)
+    return nn.LayerNorm(size, eps=config.norm_eps, bias=config.bias)
+
+
 class KVCache:
     """One layer's keys and values of the tokens seen so far, preallocated so that decoding writes in place."""
 
@@ -134,46 +240,70 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
+        self.dropout = config.dropout
+        q_size, kv_size = self.n_head * self.head_size, self.n_kv_head * self.head_size
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias or config.qkv_bias)  # q, k, v
+        self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask=None, cache=None):
-        """mask None means plain causal attention (SDPA's flash path); otherwise a bool (B|1, 1, T, S) mask."""
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    def forward(self, x, rope=None, mask=None, cache=None):
+        """rope: (cos, sin) for rotary positions, else None. mask None means plain causal attention (SDPA's
+        flash path); otherwise a bool (B|1, 1, T, S) mask."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, nh, S, hs), S = past + T
+            k, v = cache.append(k, v)  # (B, nkv, S, hs), S = past + T
+        grouped = self.n_kv_head != self.n_head
+        if grouped and mask is not None:  # SDPA's GQA runs on the flash and math kernels only; masks take others
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=grouped and mask is None)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.swiglu = config.mlp == "swiglu"
+        width = config.mlp_width
+        self.c_fc = nn.Linear(config.n_embd, 2 * width if self.swiglu else width, bias=config.bias)  # [gate; up]
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)  # pre-LayerNorm residual blocks, as GPT-2
+    def forward(self, x, rope=None, mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)  # pre-norm residual blocks, as GPT-2 and Llama
         return x + self.mlp(self.ln_2(x))
 
 
@@ -184,19 +314,20 @@ HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head or config.attn_window < 0:
-            raise ValueError(f"need n_embd a multiple of n_head and attn_window >= 0, got n_embd={config.n_embd}, "
-                             f"n_head={config.n_head}, attn_window={config.attn_window}")
+        check_config(config)
         self.config = config
+        embeddings = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            embeddings["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **embeddings,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied: the output layer reuses the token embedding
+        if config.tie_word_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # the output layer reuses the token embedding
         self.loss_fn = linear_cross_entropy  # the trainer may swap in sft_kernels.fused_masked_linear_cross_entropy
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -210,24 +341,38 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; non_embedding leaves out the position table (wte counts: it is also the head)."""
+        """Parameter count; non_embedding leaves out the lookup tables, which cost no matmul: the position
+        table, and the token embedding when the head is untied (a tied wte counts: it is also the head)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+            n -= 0 if self.config.tie_word_embeddings else self.transformer.wte.weight.numel()
+        return n
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token, 6N plus attention (PaLM appendix B), for MFU; a window shortens the span."""
         cfg = self.config
         span = min(seq_len, cfg.attn_window) if cfg.attn_window > 0 else seq_len
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * span
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * span
+
+    def head_weight(self):
+        """The output head's weight as the loss sees it: tied or untied, with an unmerged LoRA delta added."""
+        head = self.lm_head
+        return head.weight + head.delta_weight() if isinstance(head, LoRALinear) and not head.merged else head.weight
 
     def _trunk(self, idx, pos, mask, caches=None):
-        """Embeddings, blocks and the final LayerNorm: idx (B, T), pos (B|1, T) -> hidden (B, T, C)."""
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        """Embeddings, blocks and the final norm: idx (B, T), pos (B|1, T) -> hidden (B, T, C)."""
+        x, rope = self.transformer.wte(idx), None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rotary_cos_sin(self.config, pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if self.config.gradient_checkpointing and self.training and caches is None:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
-                x = block(x, mask, caches[i] if caches is not None else None)
+                x = block(x, rope, mask, caches[i] if caches is not None else None)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, labels=None, segment_ids=None):
@@ -243,7 +388,7 @@ class GPT(nn.Module):
         x = self._trunk(idx, pos, mask)  # (B, T, C)
         if labels is None:
             return self.lm_head(x)
-        return self.loss_fn(x.reshape(B * T, -1), self.lm_head.weight, labels.reshape(B * T))
+        return self.loss_fn(x.reshape(B * T, -1), self.head_weight(), labels.reshape(B * T))
 
     # ------------------------------------------------------------------------- generation
 
@@ -289,8 +434,7 @@ class GPT(nn.Module):
             crop = T - self.config.block_size
             seq, pad, caches, T = seq[:, crop:], (pad - crop).clamp(min=0), None, self.config.block_size
         if caches is None:
-            hs = self.config.n_embd // self.config.n_head
-            caches = [KVCache(B, self.config.n_head, capacity, hs, self.lm_head.weight)
+            caches = [KVCache(B, self.config.kv_heads, capacity, self.config.head_size, self.lm_head.weight)
                       for _ in range(self.config.n_layer)]
         start = caches[0].length
         q = torch.arange(start, T, device=seq.device)[:, None]  # (Tq, 1) query indices
@@ -307,72 +451,143 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a local Hugging Face GPT-2 directory (never the network; nothing unpickled but tensors).
+        """Load a local Hugging Face directory of model_type gpt2, llama, mistral, qwen2 or qwen3 (never the
+        network; nothing unpickled but tensors): config.json, and model.safetensors, its sharded form
+        (model.safetensors.index.json) or pytorch_model.bin.
 
         Dropout is 0.0 unless overridden (e.g. dropout=0.1); overrides may also set attn_window and
-        gradient_checkpointing. The vocabulary size is the checkpoint's own (50257 for GPT-2)."""
+        gradient_checkpointing. A sliding window in config.json becomes attn_window (the same mask); an
+        attn_window override of 0 keeps it, a narrower one replaces it, a wider one is refused. The vocabulary
+        size is the checkpoint's own (50257 for GPT-2)."""
         path = Path(path)
-        hf = read_hf_config(path / "config.json")
-        config = GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-                           n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
-                           dropout=0.0)
-        model = cls(replace(config, **overrides))
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a directory on disk: from_pretrained reads local Hugging Face "
+                                    "directories only and downloads nothing")
+        config_file = path / "config.json"
+        config = read_hf_config(config_file)
+        window = overrides.pop("attn_window", 0)
+        if config.attn_window and window > config.attn_window:
+            raise ValueError(f"attn_window={window} is wider than the sliding window of {config.attn_window} "
+                             f"in {config_file} that the model was trained with")
+        model = cls(replace(config, attn_window=window or config.attn_window, **overrides))
         weights_file, tensors = read_hf_weights(path)
-        ours = model.state_dict()
-        loaded = set()
-        for name, tensor in tensors.items():
-            key = name if name.startswith("transformer.") or name.startswith("lm_head.") else "transformer." + name
-            if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # the head is tied to wte; attn.bias is an old causal-mask buffer, not a weight
-            if key not in ours:
-                raise ValueError(f"{weights_file}: unexpected tensor {name!r}: not part of a GPT-2 LM")
-            transposed = key.endswith(HF_TRANSPOSED)
-            want = tuple(ours[key].shape[::-1] if transposed else ours[key].shape)  # in the file's layout
-            if tuple(tensor.shape) != want:
-                raise ValueError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)} but the config "
-                                 f"(n_embd={config.n_embd}, vocab_size={config.vocab_size}, n_positions="
-                                 f"{config.block_size}, from {path / 'config.json'} and overrides) needs {want}")
-            with torch.no_grad():
-                ours[key].copy_(tensor.t() if transposed else tensor)
-            loaded.add(key)
-        missing = sorted(set(ours) - loaded - {"lm_head.weight"})
-        if missing:
-            raise ValueError(f"{weights_file}: missing tensors for the config in {path / 'config.json'}: "
-                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        model._load_hf_tensors(tensors, weights_file, config_file)
         return model
 
     @torch.no_grad()
-    def save_pretrained(self, path):
-        """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads.
+    def _load_hf_tensors(self, tensors, weights_file, config_file):
+        """Copy Hugging Face tensors into this model, after checking that they are exactly the ones it needs."""
+        cfg = self.config
+        if cfg.model_type == "gpt2":  # original GPT-2 files have no 'transformer.' prefix
+            tensors = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: t
+                       for k, t in tensors.items()}
+        ours = self.state_dict()
+        names = hf_tensor_names(cfg, ours)
+        embedding, head = names["transformer.wte.weight"][0], tensors.get("lm_head.weight")
+        tied_differently = head is not None and embedding in tensors and not torch.equal(head, tensors[embedding])
+        if cfg.tie_word_embeddings and tied_differently:
+            raise ValueError(f"{weights_file}: lm_head.weight differs from {embedding}, but {config_file} says "
+                             "tie_word_embeddings is true (one shared matrix)")
+        wanted = {name for parts in names.values() for name in parts}
+        for name in tensors:
+            # lm_head.weight of a tied model is the embedding; attn.bias and rotary_emb.inv_freq are old buffers
+            ignored = name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias", ".inv_freq"))
+            if name not in wanted and not ignored:
+                raise ValueError(f"{weights_file}: unexpected tensor {name!r}: not part of a {cfg.model_type} LM")
+        missing = sorted(wanted - set(tensors))
+        if missing:
+            raise ValueError(f"{weights_file}: missing tensors for the config in {config_file}: "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        for key, parts in names.items():
+            transposed = cfg.model_type == "gpt2" and key.endswith(HF_TRANSPOSED)
+            for name, rows in zip(parts, hf_part_rows(cfg, key, ours[key].shape[0], len(parts))):
+                want = (rows, *ours[key].shape[1:])
+                want = want[::-1] if transposed else want  # in the file's layout
+                if tuple(tensors[name].shape) != want:
+                    raise ValueError(f"{weights_file}: tensor {name!r} has shape {tuple(tensors[name].shape)} but "
+                                     f"the config (from {config_file} and overrides) needs {want}")
+            tensor = torch.cat([tensors[name] for name in parts])
+            ours[key].copy_(tensor.t() if transposed else tensor)
 
-        LoRA deltas are merged into the written weights (the model itself is left as it is); missing
+    @torch.no_grad()
+    def save_pretrained(self, path, token_ids=None):
+        """Write config.json + model.safetensors of this model's family (config.model_type), which
+        transformers' AutoModelForCausalLM loads. token_ids (e.g. {"eos_token_id": 2}) go into config.json.
+
+        LoRA deltas are merged into the written weights (the model itself is left as it is); GPT-2's missing
         biases (bias=False) are written as zeros. Each file goes to a temporary name first and is then
-        renamed, so a crash never leaves a half-written file under the final name. attn_window is not
-        part of GPT-2's format: pass it again to from_pretrained."""
+        renamed, so a crash never leaves a half-written file under the final name. attn_window is written as
+        the sliding window of mistral, qwen2 and qwen3; gpt2 and llama cannot say it: pass it again to
+        from_pretrained. A config the family's format cannot express is refused."""
         from safetensors.torch import save_file
+        self._check_hf_expressible()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         weights = self.state_dict()
         for name, m in self.named_modules():
             if isinstance(m, LoRALinear) and not m.merged:
                 weights[name + ".weight"] = m.weight + m.delta_weight()
-            if isinstance(m, (nn.Linear, nn.LayerNorm, LoRALinear)) and m.bias is None and name != "lm_head":
+            gpt2_linear_or_norm = isinstance(m, (nn.Linear, nn.LayerNorm, LoRALinear)) and name != "lm_head"
+            if self.config.model_type == "gpt2" and gpt2_linear_or_norm and m.bias is None:
                 weights[name + ".bias"] = m.weight.new_zeros(m.weight.shape[0])
-        tensors = {name: (t.t() if name.endswith(HF_TRANSPOSED) else t).detach().contiguous().cpu()
-                   for name, t in weights.items() if name != "lm_head.weight" and "lora_" not in name}
+        weights = {key: t for key, t in weights.items() if "lora_" not in key}
+        tensors = {}
+        for key, parts in hf_tensor_names(self.config, weights).items():
+            t = weights[key].t() if self.config.model_type == "gpt2" and key.endswith(HF_TRANSPOSED) else weights[key]
+            for name, piece in zip(parts, t.split(hf_part_rows(self.config, key, t.shape[0], len(parts)))):
+                tensors[name] = piece.detach().contiguous().cpu()
+        hf = {**self.hf_config(), **(token_ids or {})}
         _write_atomically(path / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-        _write_atomically(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.hf_config(), indent=2)))
+        _write_atomically(path / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2)))
+
+    def _check_hf_expressible(self):
+        """Refuse to export a config that its family's config.json would read back as another model."""
+        def sizes_spelled_out(c):  # 0 means "the default size": compare the sizes themselves
+            return replace(c, head_dim=c.head_size, n_kv_head=c.kv_heads, intermediate_size=c.mlp_width)
+        ours = sizes_spelled_out(self.config)
+        back = sizes_spelled_out(gpt_config_from_hf(self.hf_config(), "the exported config.json"))
+        not_in_format = {"dropout", "attn_window", "gradient_checkpointing"}  # the run's choices (see docstrings)
+        if ours.model_type == "gpt2":
+            not_in_format.add("bias")  # written as zeros
+        for field in fields(ours):
+            mine, theirs = getattr(ours, field.name), getattr(back, field.name)
+            if field.name not in not_in_format and mine != theirs:
+                raise ValueError(f"{field.name}={mine!r} cannot be written as a Hugging Face {ours.model_type} model "
+                                 f"(its config.json would load as {field.name}={theirs!r})")
 
     def hf_config(self):
-        """This model's config in Hugging Face GPT-2 terms."""
+        """This model's config in Hugging Face terms for its family."""
         cfg = self.config
-        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
-                    n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                    n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-                    resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                    initializer_range=0.02, tie_word_embeddings=True,
-                    # GPT-2's end-of-text is 50256; for a small vocabulary (the byte tokenizer) it is the last id
-                    bos_token_id=min(50256, cfg.vocab_size - 1), eos_token_id=min(50256, cfg.vocab_size - 1))
+        if cfg.model_type == "gpt2":
+            return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
+                        n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                        n_inner=None, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+                        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                        initializer_range=0.02, tie_word_embeddings=True,
+                        # GPT-2's end-of-text is 50256; for a small vocabulary (the byte tokenizer) it is the last id
+                        bos_token_id=min(50256, cfg.vocab_size - 1), eos_token_id=min(50256, cfg.vocab_size - 1))
+        hf = dict(architectures=[HF_ARCHITECTURES[cfg.model_type]], model_type=cfg.model_type,
+                  vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_width,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+                  head_dim=cfg.head_size, hidden_act="silu", max_position_embeddings=cfg.block_size,
+                  rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=None,
+                  tie_word_embeddings=cfg.tie_word_embeddings, attention_dropout=cfg.dropout, initializer_range=0.02)
+        if cfg.rope_scaling == "llama3":
+            hf["rope_scaling"] = dict(rope_type="llama3", factor=cfg.rope_factor,
+                                      low_freq_factor=cfg.rope_low_freq_factor,
+                                      high_freq_factor=cfg.rope_high_freq_factor,
+                                      original_max_position_embeddings=cfg.rope_original_max_position_embeddings)
+        if cfg.model_type in ("llama", "qwen3"):
+            hf["attention_bias"] = False
+        if cfg.model_type == "llama":
+            hf["mlp_bias"] = False
+        if cfg.model_type == "mistral":
+            hf["sliding_window"] = cfg.attn_window or None
+        if cfg.model_type in ("qwen2", "qwen3"):
+            kind = "sliding_attention" if cfg.attn_window else "full_attention"
+            hf.update(use_sliding_window=bool(cfg.attn_window), sliding_window=cfg.attn_window or None,
+                      max_window_layers=0 if cfg.attn_window else cfg.n_layer, layer_types=[kind] * cfg.n_layer)
+        return hf
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
@@ -391,50 +606,197 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
 
 
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# The Llama family's tensors: ours (in transformer.h.<i>.) -> Hugging Face's (in model.layers.<i>.). Where
+# several are listed they are concatenated along dim 0 into ours: q, k, v into c_attn; gate, up into c_fc.
+LLAMA_LAYER_TENSORS = {
+    "ln_1.weight": ["input_layernorm.weight"],
+    "attn.c_attn.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "attn.c_attn.bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+    "attn.q_norm.weight": ["self_attn.q_norm.weight"],
+    "attn.k_norm.weight": ["self_attn.k_norm.weight"],
+    "attn.c_proj.weight": ["self_attn.o_proj.weight"],
+    "ln_2.weight": ["post_attention_layernorm.weight"],
+    "mlp.c_fc.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    "mlp.c_proj.weight": ["mlp.down_proj.weight"],
+}
+LLAMA_TOP_TENSORS = {"transformer.wte.weight": "model.embed_tokens.weight",
+                     "transformer.ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+
+
+def hf_tensor_names(config, keys):
+    """{our state_dict key: the Hugging Face tensors it is made of, in order} for config's family (GPT-2's
+    names are ours). A tied head is left out: Hugging Face ties it to the embedding as we do."""
+    names = {}
+    for key in keys:
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if config.model_type == "gpt2":
+            names[key] = [key]
+        elif key.startswith("transformer.h."):
+            layer, rest = key.removeprefix("transformer.h.").split(".", 1)
+            names[key] = [f"model.layers.{layer}.{name}" for name in LLAMA_LAYER_TENSORS[rest]]
+        else:
+            names[key] = [LLAMA_TOP_TENSORS[key]]
+    return names
+
+
+def hf_part_rows(config, key, rows, n_parts):
+    """How many of our tensor's rows each of its n_parts Hugging Face tensors holds: q, k, v for c_attn."""
+    if n_parts == 1:
+        return [rows]
+    if ".c_attn." in key:
+        return [config.n_head * config.head_size] + [config.kv_heads * config.head_size] * 2
+    return [rows // n_parts] * n_parts
+
+
 def read_hf_config(file):
-    """Read a Hugging Face config.json and refuse anything this GPT-2 would compute differently."""
+    """The GPTConfig of a Hugging Face config.json; refuses anything this GPT would compute differently."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: from_pretrained expects a local Hugging Face GPT-2 directory "
+        raise FileNotFoundError(f"{file} not found: from_pretrained expects a local Hugging Face directory "
                                 "(config.json plus model.safetensors or pytorch_model.bin)")
     try:
         hf = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(hf, dict):
-        raise ValueError(f"{file} must hold a JSON object (a GPT-2 config), got a {type(hf).__name__}")
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(f"{file}: model_type is {hf.get('model_type')!r}, but only GPT-2 ('gpt2') is supported")
+        raise ValueError(f"{file} must hold a JSON object (a model config), got a {type(hf).__name__}")
+    return gpt_config_from_hf(hf, file)
+
+
+def gpt_config_from_hf(hf, file):
+    """GPTConfig from a Hugging Face config dict (read from file, named in errors)."""
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{file}: model_type is {model_type!r}, but only {', '.join(map(repr, FAMILIES))} are "
+                         "supported")
+    return gpt2_config_from_hf(hf, file) if model_type == "gpt2" else llama_family_config_from_hf(hf, file)
+
+
+def gpt2_config_from_hf(hf, file):
     if not set(hf.get("architectures") or []) <= {"GPT2LMHeadModel", "GPT2Model"}:
         raise ValueError(f"{file}: architectures is {hf['architectures']}; expected GPT2LMHeadModel")
     n_embd = hf.get("n_embd", 768)
     supported = {"activation_function": ("gelu_new", ["gelu_new", "gelu_pytorch_tanh"]),
-                 "n_inner": (None, [None, 4 * n_embd]), "layer_norm_epsilon": (1e-5, [1e-5]),
+                 "n_inner": (None, [None, 4 * n_embd]),
                  "scale_attn_weights": (True, [True]), "scale_attn_by_inverse_layer_idx": (False, [False]),
                  "tie_word_embeddings": (True, [True])}
     for field, (default, allowed) in supported.items():
         if hf.get(field, default) not in allowed:
             raise ValueError(f"{file}: {field}={hf[field]!r} is not supported (this GPT-2 needs one of {allowed})")
-    return hf
+    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, dropout=0.0,
+                     norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+LLAMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "max_position_embeddings")
+LLAMA_MATH = {"hidden_act": ["silu"], "attention_bias": [False], "mlp_bias": [False],  # fields that change
+              "partial_rotary_factor": [1.0, None]}  # the math -> what this GPT computes (absent: the first)
+LLAMA3_ROPE = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor",
+               "original_max_position_embeddings": "rope_original_max_position_embeddings"}
+
+
+def llama_family_config_from_hf(hf, file):
+    model_type = hf["model_type"]
+    for field in LLAMA_SIZES:
+        if type(hf.get(field)) is not int or hf[field] <= 0:
+            raise ValueError(f"{file}: model_type is {model_type!r} but {field} is missing or not a positive integer")
+    expected = HF_ARCHITECTURES[model_type]
+    if (hf.get("architectures") or [expected]) != [expected]:
+        raise ValueError(f"{file}: architectures is {hf['architectures']}; expected [{expected!r}]")
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # transformers 4 | 5 spelling
+    for field, allowed in LLAMA_MATH.items():
+        value = rope.get(field, hf.get(field, allowed[0]))
+        if value not in allowed:
+            raise ValueError(f"{file}: {field}={value!r} is not supported (this model computes {field}={allowed[0]!r})")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"{file}: rope_scaling of type {kind!r} is not supported (only the default rotary "
+                         "positions and 'llama3')")
+    llama3 = {}
+    if kind == "llama3":
+        missing = [theirs for theirs in LLAMA3_ROPE if theirs not in rope]
+        if missing:
+            raise ValueError(f"{file}: rope_scaling of type 'llama3' lacks {', '.join(missing)}")
+        llama3 = {ours: rope[theirs] for theirs, ours in LLAMA3_ROPE.items()}
+    heads, width = hf["num_attention_heads"], hf["hidden_size"]
+    return family_config(model_type, block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                         n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=width,
+                         n_kv_head=hf.get("num_key_value_heads") or heads,
+                         head_dim=hf.get("head_dim") or width // heads,
+                         intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                         rope_scaling="llama3" if llama3 else "none", **llama3,
+                         tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                         attn_window=hf_sliding_window(hf, file))
+
+
+def hf_sliding_window(hf, file):
+    """attn_window for config.json's sliding window. Hugging Face's sliding mask lets query i see key j when
+    i - w < j <= i, exactly attn_window's mask, so the window is honoured; a mix of sliding and full
+    layers is refused. Mistral slides on every layer; Qwen2/3 on the layers that layer_types names (or,
+    in older files, those from max_window_layers on when use_sliding_window)."""
+    window = hf.get("sliding_window") or 0
+    if hf["model_type"] == "mistral":
+        return window
+    window = window if hf.get("use_sliding_window") else 0
+    n_layer = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if window and i >= hf.get("max_window_layers", 28) else "full_attention"
+        for i in range(n_layer)]
+    if set(layer_types) == {"full_attention"}:
+        return 0
+    if set(layer_types) == {"sliding_attention"} and window:
+        return window
+    raise ValueError(f"{file}: layer_types {layer_types} (from use_sliding_window, sliding_window and "
+                     "max_window_layers) is not supported: every layer must use full attention, or all one window")
 
 
 def read_hf_weights(path):
-    """Tensors of a Hugging Face checkpoint: model.safetensors, else pytorch_model.bin loaded weights_only.
-    A file that does not read (truncated, emptied, not tensors) is a ValueError naming it."""
-    from safetensors.torch import load_file
-    for name, load in (("model.safetensors", load_file),
-                       ("pytorch_model.bin", lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+    """(file, tensors) of a Hugging Face checkpoint: model.safetensors, its shards (model.safetensors.index.json),
+    else pytorch_model.bin (or its shards) loaded weights_only. A file that does not read (truncated, emptied,
+    not tensors) is a ValueError naming it."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
         file = path / name
         if file.is_file():
-            try:
-                tensors = load(file)
-            except Exception as e:  # safetensors, zipfile and unpickling errors share no base class
-                raise ValueError(f"{file} cannot be read, it may be truncated or damaged: "
-                                 f"{type(e).__name__}: {e}") from None
-            if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-                raise ValueError(f"{file} does not hold a dictionary of named tensors")
+            shards = _shard_files(file) if name.endswith(".index.json") else [file]
+            tensors = {}
+            for shard in shards:
+                tensors.update(_read_weights_file(shard))
             return file, tensors
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin "
-                            "(sharded checkpoints are not supported)")
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded "
+                            "model.safetensors.index.json)")
+
+
+def _shard_files(index_file):
+    """The shard files a Hugging Face *.index.json names in its weight_map, which must lie beside it."""
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index_file} is not a Hugging Face index with a weight_map: "
+                         f"{type(e).__name__}: {e}") from None
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard or not (index_file.parent / shard).is_file():
+            raise ValueError(f"{index_file}: shard {shard!r} is not a file in {index_file.parent}")
+    return [index_file.parent / shard for shard in shards]
+
+
+def _read_weights_file(file):
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(file) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu",
+                                                                                  weights_only=True)
+    except Exception as e:  # safetensors, zipfile and unpickling errors share no base class
+        raise ValueError(f"{file} cannot be read, it may be truncated or damaged: {type(e).__name__}: {e}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{file} does not hold a dictionary of named tensors")
+    return tensors
 
 
 def _write_atomically(file, write):
@@ -478,7 +840,11 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model, lora_dim, lora_scaling=1.0, lora_dropout=0.0, module_name="h."):
-    """Wrap every nn.Linear whose qualified name contains one of the comma-separated patterns; returns the count."""
+    """Wrap every nn.Linear whose qualified name contains one of the comma-separated patterns; returns the count.
+
+    The default, "h.", is every Linear in the blocks, i.e. the attention and MLP projections of every family:
+    attn.c_attn (q, k, v), attn.c_proj (the output), mlp.c_fc (GPT-2's up; the Llama family's gate and up)
+    and mlp.c_proj (down). Fused q/k/v and gate/up share one LoRA input factor (right) per layer."""
     if lora_dim <= 0:
         raise ValueError(f"lora_dim must be positive, got {lora_dim}")
     patterns = [p.strip() for p in module_name.split(",") if p.strip()]

@@ -2,7 +2,7 @@
 Sparse fine-tuning: train a small, chosen set of entries of each weight matrix (SpIEL, Ansell et
 al. 2024), so the optimizer state and the update grow with the trained entries, not the model.
 
-    python sparse.py merge --base=HF_DIR --delta=FILE --out=HF_DIR   # base + delta -> a plain GPT-2 directory
+    python sparse.py merge --base=HF_DIR --delta=FILE --out=HF_DIR   # base + delta -> a plain HF directory
 
 It lives in the optimizer, not the model. Per chosen matrix, SparseAdamW keeps int32 flat
 `indices`, fp32 `delta` (the change over the frozen base), the Adam moments and the base values at
@@ -46,13 +46,14 @@ DELTA_FORMAT = "sparse-delta-v1"
 def sparse_matrices(model, pattern="h.", embedding=False):
     """[(name, weight)] to train sparsely: the weights of nn.Linear modules whose name contains one
     of the comma-separated patterns (default: every Linear in the blocks), and with embedding=True
-    the embedding tables. A weight tied to an embedding (GPT-2's lm_head) counts as the embedding.
+    the embedding tables and the output head. A weight tied to an embedding (GPT-2's lm_head) counts
+    as the embedding; an untied head (most of the Llama family) counts as an embedding of its own.
     Names are state_dict keys. Raises ValueError when nothing matches."""
     patterns = [p.strip() for p in pattern.split(",") if p.strip()]
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     chosen, seen = [], set()
     for name, module in model.named_modules():
-        wanted = (isinstance(module, nn.Embedding) and embedding) or (
+        wanted = (embedding and (isinstance(module, nn.Embedding) or name == "lm_head")) or (
             isinstance(module, nn.Linear) and id(module.weight) not in embeddings
             and any(p in name for p in patterns))
         if wanted and id(module.weight) not in seen:
@@ -352,7 +353,7 @@ def load_delta(model, path):
 
 
 def main(argv):
-    """merge --base=HF_DIR --delta=FILE --out=HF_DIR: a GPT-2 directory with the delta added."""
+    """merge --base=HF_DIR --delta=FILE --out=HF_DIR: a directory of the base's family with the delta added."""
     from model import GPT
     options = dict(arg[2:].partition("=")[::2] for arg in argv[1:] if arg.startswith("--"))
     if argv[:1] != ["merge"] or not {"base", "delta", "out"} <= options.keys():

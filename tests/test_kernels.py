@@ -84,6 +84,21 @@ def test_vocabulary_head_with_a_partial_tile_and_a_tail(ce, monkeypatch, v):
         assert_rel_close(got, want, 1e-5, what)
 
 
+def test_qwen_vocabulary_with_the_real_tiles(monkeypatch):
+    """V = 151,936 (Qwen2/Qwen3): a multiple of 64, so no tail; with the real 8,192-column tiles the head
+    is 18 full tiles and a masked one of 4,480. Logits chunks of 2 rows, so 5 kept rows cross chunk
+    boundaries; labels at the first and last columns and inside the partial tile."""
+    v = 151_936
+    monkeypatch.setattr(cross_entropy, "LOGITS_CHUNK_BYTES", 2 * v * 4)
+    assert (v // 64 * 64, cross_entropy.BLOCK_V) == (v, 8192)
+    hidden, weight, labels = make_inputs(7, 4, v, 0.0, seed=5)
+    labels[:] = torch.tensor([0, IGNORE, v - 1, 147_456, IGNORE, 151_000, 8191], device=DEVICE)
+    ours = loss_and_grads(cross_entropy.fused_masked_linear_cross_entropy, hidden, weight, labels)
+    ref = loss_and_grads(cross_entropy.reference_masked_linear_cross_entropy, hidden, weight, labels)
+    for got, want, what in zip(ours, ref, ("loss", "grad hidden", "grad weight")):
+        assert_rel_close(got, want, 1e-5, what)
+
+
 @pytest.mark.parametrize("n, masked_share, dtype", [(0, 0.0, torch.int64), (1, 1.0, torch.int64),
                                                      (5000, 0.5, torch.int32), (4097, 0.0, torch.int64)])
 def test_partition_puts_kept_rows_first_in_order(ce, monkeypatch, n, masked_share, dtype):

@@ -20,8 +20,8 @@ import sparse
 import options
 import train_sft
 import zero_lite
-from model import GPT, GPTConfig
 from conftest import ROOT, run_trainer, write_reverse_pairs
+from model import GPT, GPTConfig, family_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -261,6 +261,22 @@ def test_pattern_matching_nothing():
     assert names == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.mlp.c_fc.weight",
                      "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_fc.weight",
                      "transformer.h.1.mlp.c_proj.weight"]
+
+
+def test_untied_head_counts_as_an_embedding_and_trains():
+    """A Llama-shaped model: the untied lm_head is chosen with the embeddings, and every chosen matrix's
+    gradient reaches its selected entries (rotary, RMSNorm and SwiGLU in between)."""
+    torch.manual_seed(0)
+    model = GPT(family_config("llama", block_size=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1,
+                              n_embd=16)).to(DEVICE)
+    names = [n for n, _ in sparse.sparse_matrices(model, "h.", embedding=True)]
+    assert (names[0], names[-1], len(names)) == ("transformer.wte.weight", "lm_head.weight", 2 + 4 * 2)
+    assert "lm_head.weight" not in [n for n, _ in sparse.sparse_matrices(model, "h.")]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, make_sparse(model, 0.1), 2)
+    for name in names:
+        changed = (dict(model.named_parameters())[name] != before[name]).sum().item()
+        assert 0 < changed <= sparse.entries_for(before[name].numel(), 0.1), name
 
 
 # -----------------------------------------------------------------------------
