@@ -83,8 +83,10 @@ def get_tokenizer(name):
     if not os.path.isfile(os.path.join(name, "tokenizer.json")):
         raise ValueError(f"tokenizer directory {name} has no tokenizer.json, the only tokenizer format read "
                          f"(Hugging Face's fast-tokenizer file)")
-    files = tuple((f, os.stat(os.path.join(name, f)).st_mtime_ns) for f in sorted(os.listdir(name)) if f in HF_TOKENIZER_FILES)
-    key = (os.path.realpath(name), files)  # a file rewritten in place gives a new tokenizer
+    # Keyed by the files' modification times too: a file rewritten in place gives a new tokenizer.
+    files = [(f, os.stat(os.path.join(name, f)).st_mtime_ns) for f in HF_TOKENIZER_FILES
+             if os.path.isfile(os.path.join(name, f))]
+    key = (os.path.realpath(name), tuple(files))
     if key not in _tokenizers:
         _tokenizers[key] = HFTokenizer(name)
     return _tokenizers[key]
@@ -452,7 +454,8 @@ class ChatTemplate:
         try:
             self._template = _chat_environment().from_string(enc.chat_template)
         except jinja2.TemplateSyntaxError as e:
-            raise ValueError(f"{self.name} is not a valid Jinja template ({e.message}, template line {e.lineno})") from None
+            raise ValueError(f"{self.name} is not a valid Jinja template ({e.message}, template line "
+                             f"{e.lineno})") from None
         self.end_of_turn = self._find_end_of_turn()
         self.stop_tokens = sorted({self.end_of_turn, *enc.stop_tokens})
 
@@ -472,9 +475,10 @@ class ChatTemplate:
         """len(ids of messages[:k] rendered), checking they are a prefix of the whole conversation's ids."""
         ids = self.encode(messages[:k], add_generation_prompt)
         if tokens[:len(ids)] != ids:
-            raise ValueError(f"{self.name} renders messages[:{k}]{' with its generation prompt' if add_generation_prompt else ''} "
-                             f"as tokens that are not a prefix of the whole conversation's, so the assistant turn "
-                             f"messages[{k if add_generation_prompt else k - 1}] cannot be masked")
+            what = f"messages[:{k}] with its generation prompt" if add_generation_prompt else f"messages[:{k}]"
+            turn = k if add_generation_prompt else k - 1  # the assistant message this prefix ends before or after
+            raise ValueError(f"{self.name} renders {what} as tokens that are not a prefix of the whole "
+                             f"conversation's, so the assistant turn messages[{turn}] cannot be masked")
         return len(ids)
 
     def _find_end_of_turn(self):
