@@ -1395,64 +1395,55 @@ def show_files(dataset, enc, color):
             print(f"--- first sample of format {file['format']} ({file['path']})\n{text}")
 
 
-def _parse_options(argv, options):
-    """--key=value (or --flag for True) into a copy of options, typed like the defaults."""
-    options = dict(options)
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in options:
-            sys.exit(f"unknown option {arg!r}; options: " + " ".join(f"--{k}={v}" for k, v in options.items()))
-        default = options[key]
-        if isinstance(default, bool):
-            if eq and value.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                sys.exit(f"--{key} must be true or false, got {value!r}")
-            options[key] = not eq or value.lower() in ("1", "true", "yes")
-        else:
-            try:
-                options[key] = type(default)(value)
-            except ValueError:
-                sys.exit(f"--{key} must be {type(default).__name__}, got {value!r}")
-    return options
+# The trainer's options that shape what inspect shows, with their defaults and meanings.
+INSPECT_OPTIONS = ("data_path", "eval_data_path", "data_split", "data_format", "tokenizer", "max_seq_len", "template",
+                   "loss_on_prompt", "truncate_prompt", "skip_bad_rows", "seed", "cache_dir", "batch_size")
 
 
 def main(argv):
     """`inspect`: each file's format, samples with trained tokens marked, and statistics; `demo`: write
-    the demo files. Bad data exits with status 2 and one line naming the file and line."""
-    inspect_options = {"data_path": "", "tokenizer": "gpt2", "max_seq_len": 512, "eval_data_path": "",
-                       "data_split": "98,2", "data_format": "auto", "template": DEFAULT_TEMPLATE,
-                       "loss_on_prompt": False, "truncate_prompt": False, "skip_bad_rows": False, "seed": 1337,
-                       "cache_dir": ".cache/data", "num_samples": 3, "batch_size": 8}
-    if argv[:1] == ["demo"]:
-        options = _parse_options(argv[1:], {"out_dir": "demo_data"})
-        print("wrote", *write_demo(options["out_dir"]))
-    elif argv[:1] == ["inspect"]:
-        o = _parse_options(argv[1:], inspect_options)
-        if not o["data_path"]:
-            sys.exit("inspect needs --data_path=FILE (or --data_path=demo --tokenizer=byte)")
-        try:  # bad data is reported as one line that names the file and line, not a traceback
-            train, _ = prepare_data(o["data_path"], o["tokenizer"], o["max_seq_len"],
-                                    eval_data_path=o["eval_data_path"],
-                                    data_split=o["data_split"], data_format=o["data_format"], template=o["template"],
-                                    loss_on_prompt=o["loss_on_prompt"], truncate_prompt=o["truncate_prompt"],
-                                    skip_bad_rows=o["skip_bad_rows"], seed=o["seed"], cache_dir=o["cache_dir"])
-        except (OSError, ValueError) as e:
-            print(f"data.py: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        enc, color = get_tokenizer(o["tokenizer"]), sys.stdout.isatty()
-        print("trained tokens are " + ("\033[32mgreen\033[0m" if color else "[[in double brackets]]"))
-        show_files(train, enc, color)
-        for i in range(min(o["num_samples"], len(train))):
-            text = show_sample(*train.tokens_and_mask(i), enc, color)
-            print(f"--- sample {i} ({train.lengths[i] + 1} tokens)\n{text}")
-        for packing in (False, True):
-            batches = Batches(train, o["batch_size"], seed=o["seed"], packing=packing)
-            for _ in range(batches.batches_per_epoch):
-                batches.next_batch()
-            print(f"padding share over one epoch, batch_size={o['batch_size']}, "
-                  f"{'packed' if packing else 'length-grouped'}: {batches.padding_fraction:.1%}")
-    else:
-        sys.exit(__doc__)
+    the demo files. A bad option or bad data exits with status 2 and one line naming it."""
+    # Imported here: options.py imports this module for the template's default.
+    from options import CHOICES, OPTIONS, RANGES, OptionError, parse_options
+    try:
+        if argv[:1] == ["demo"]:
+            o, _ = parse_options(argv[1:], {"out_dir": ("demo_data", "where the demo's files are written")},
+                                 doc=__doc__)
+            print("wrote", *write_demo(o["out_dir"]))
+        elif argv[:1] == ["inspect"]:
+            table = {name: OPTIONS[name] for name in INSPECT_OPTIONS}
+            table["data_path"] = ("", "the files to inspect, as train_sft.py's --data_path takes them")
+            table["num_samples"] = (3, "samples shown with their trained tokens marked")
+            o, _ = parse_options(argv[1:], table, CHOICES, RANGES, __doc__)
+            if not o["data_path"]:
+                raise OptionError("inspect needs --data_path=FILE (or --data_path=demo --tokenizer=byte)")
+            inspect(o)
+        else:
+            sys.exit(__doc__)
+    except (OSError, ValueError) as e:  # OptionError included: one line naming the option, file or row
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
+
+def inspect(o):
+    """Prints what training on o["data_path"] would see: formats, samples with trained tokens marked,
+    and the padding share of one epoch, length-grouped and packed."""
+    train, _ = prepare_data(o["data_path"], o["tokenizer"], o["max_seq_len"], eval_data_path=o["eval_data_path"],
+                            data_split=o["data_split"], data_format=o["data_format"], template=o["template"],
+                            loss_on_prompt=o["loss_on_prompt"], truncate_prompt=o["truncate_prompt"],
+                            skip_bad_rows=o["skip_bad_rows"], seed=o["seed"], cache_dir=o["cache_dir"])
+    enc, color = get_tokenizer(o["tokenizer"]), sys.stdout.isatty()
+    print("trained tokens are " + ("\033[32mgreen\033[0m" if color else "[[in double brackets]]"))
+    show_files(train, enc, color)
+    for i in range(min(o["num_samples"], len(train))):
+        text = show_sample(*train.tokens_and_mask(i), enc, color)
+        print(f"--- sample {i} ({train.lengths[i] + 1} tokens)\n{text}")
+    for packing in (False, True):
+        batches = Batches(train, o["batch_size"], seed=o["seed"], packing=packing)
+        for _ in range(batches.batches_per_epoch):
+            batches.next_batch()
+        print(f"padding share over one epoch, batch_size={o['batch_size']}, "
+              f"{'packed' if packing else 'length-grouped'}: {batches.padding_fraction:.1%}")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -201,6 +201,16 @@ def parse_options(argv, options=OPTIONS, choices=CHOICES, ranges=RANGES, doc="")
     return cfg, explicit
 
 
+def parse_script_options(argv, options, doc):
+    """parse_options for a script's own table (a benchmark's, say): its values, or for a bad option one
+    sentence naming it and exit status 2, as the trainer does."""
+    try:
+        return parse_options(argv, options, {}, {}, doc)[0]
+    except OptionError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def check_config_file_name(arg):
     """A config file is python and is run as such, so only a .py file is taken as one: anything else
     given without --, a data file say, would otherwise run as code, set nothing and go unnoticed."""

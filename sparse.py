@@ -352,21 +352,31 @@ def load_delta(model, path):
     return sorted(k for k in metadata if k not in ("format", "base"))
 
 
+MERGE_OPTIONS = {
+    "base": ("", "the Hugging Face directory the delta was trained on"),
+    "delta": ("", "the delta file a sparse run wrote (sparse_delta.safetensors)"),
+    "out": ("", "where the merged Hugging Face directory is written"),
+}
+
+
 def main(argv):
-    """merge --base=HF_DIR --delta=FILE --out=HF_DIR: a directory of the base's family with the delta added."""
+    """merge --base=HF_DIR --delta=FILE --out=HF_DIR: a Hugging Face directory with the delta added."""
     from model import GPT
-    options = dict(arg[2:].partition("=")[::2] for arg in argv[1:] if arg.startswith("--"))
-    if argv[:1] != ["merge"] or not {"base", "delta", "out"} <= options.keys():
-        sys.exit("usage: python sparse.py merge --base=HF_DIR --delta=FILE --out=HF_DIR")
-    model = GPT.from_pretrained(options["base"])
+    from options import OptionError, parse_options
     try:
-        names = load_delta(model, options["delta"])
-    except ValueError as e:
+        if argv[:1] != ["merge"]:
+            raise OptionError("usage: python sparse.py merge --base=HF_DIR --delta=FILE --out=HF_DIR")
+        o, _ = parse_options(argv[1:], MERGE_OPTIONS, doc=main.__doc__)
+        missing = [f"--{name}" for name in MERGE_OPTIONS if not o[name]]
+        if missing:
+            raise OptionError(f"merge needs {', '.join(missing)}")
+        model = GPT.from_pretrained(o["base"])
+        names = load_delta(model, o["delta"])
+    except (OSError, ValueError) as e:  # OptionError included
         print(f"sparse.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    model.save_pretrained(options["out"])
-    print(f"merged {len(names)} matrices -> {options['out']}")
-
+    model.save_pretrained(o["out"])
+    print(f"merged {len(names)} matrices -> {o['out']}")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -23,19 +23,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from options import parse_script_options  # noqa: E402
 import checkpoint  # noqa: E402
 import zero_lite  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
-def option(name, default):
-    for arg in sys.argv[1:]:
-        if arg.startswith(f"--{name}="):
-            return type(default)(arg.split("=", 1)[1])
-    return default
+OPTIONS = {"dir": (tempfile.gettempdir(), "the folder (on the disk being measured) where the checkpoint is written")}
 
 
 def main():
+    args = parse_script_options(sys.argv[1:], OPTIONS, __doc__)
     model = GPT(GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768))
     optimizer = torch.optim.AdamW([{"params": list(model.parameters()), "lr": 1e-4, "base_lr": 1e-4}])
     for p in model.parameters():
@@ -43,7 +41,7 @@ def main():
     optimizer.step()  # creates the Adam moments that a real checkpoint holds
     engine = zero_lite.Engine(model, optimizer)
     state = {"step": 1, "engine": "native", "run_id": "bench", "options": {}, "model_config": vars(model.config)}
-    with tempfile.TemporaryDirectory(dir=option("dir", tempfile.gettempdir())) as out:
+    with tempfile.TemporaryDirectory(dir=args["dir"]) as out:
         began = time.perf_counter()
         path = checkpoint.save_checkpoint(out, 1, engine, state, keep=1, rank=0, world=1)
         save_s = time.perf_counter() - began

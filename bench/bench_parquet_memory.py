@@ -26,13 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from options import parse_script_options  # noqa: E402
 
 
-def option(name, default):
-    for arg in sys.argv[1:]:
-        if arg.startswith(f"--{name}="):
-            return type(default)(arg.split("=", 1)[1])
-    return True if isinstance(default, bool) and f"--{name}" in sys.argv[1:] else default
+OPTIONS = {"mb": (200, "size of the Parquet file written and read, in MB"),
+           "rows_per_group": (10000, "rows per Parquet row group"),
+           "keep": (False, "keep the written file")}
 
 
 def write_parquet(path, megabytes, rows_per_group, seed=0):
@@ -73,7 +73,8 @@ print(json.dumps({{"rss_before_mib": before_kib / 1024, "peak_rss_mib": peak_kib
 
 
 def main():
-    megabytes, rows_per_group = option("mb", 200), option("rows_per_group", 10000)
+    args = parse_script_options(sys.argv[1:], OPTIONS, __doc__)
+    megabytes, rows_per_group = args["mb"], args["rows_per_group"]
     folder = tempfile.mkdtemp(prefix="bench-parquet-")
     try:
         path = os.path.join(folder, "alpaca.parquet")
@@ -94,7 +95,7 @@ def main():
                   "sources": {name: hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:12]
                               for name in ("data.py", "bench/bench_parquet_memory.py")}}
     finally:
-        if not option("keep", False):
+        if not args["keep"]:
             shutil.rmtree(folder, ignore_errors=True)
     print(f"{'file MiB':>9} {'rows':>9} {'tokens':>12} {'RSS before':>11} {'peak RSS':>9} {'seconds':>8}")
     print(f"{result['file_mib']:9.1f} {rows:9,} {result['tokens']:12,} {result['rss_before_mib']:11.1f} "

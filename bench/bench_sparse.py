@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from options import parse_script_options  # noqa: E402
 import sparse  # noqa: E402
 from bench.bench_ce import source_digest  # noqa: E402
 from model import GPT, GPTConfig, apply_lora, only_optimize_lora  # noqa: E402
@@ -56,11 +57,8 @@ DENSITIES = (0.001, 0.01, 0.05)
 SOURCES = ["sparse.py", "sft_kernels/sparse_adam.py", "train_sft.py", "bench/bench_sparse.py"]
 
 
-def option(name, default):
-    for arg in sys.argv[2:]:
-        if arg.startswith(f"--{name}="):
-            return type(default)(arg.split("=", 1)[1])
-    return default
+CPU_OPTIONS = {"steps": (500, "fine-tuning steps of each variant"), "base_steps": (800, "steps of the base model"),
+               "sweep_steps": (120, "steps of each learning-rate trial")}
 
 
 def timed(fn, device):
@@ -340,6 +338,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["gpu"]:
         gpu("--dry-run" in sys.argv)
     elif sys.argv[1:2] == ["cpu"]:
-        cpu(option("steps", 500), option("base_steps", 800), option("sweep_steps", 120))
+        args = parse_script_options(sys.argv[2:], CPU_OPTIONS, __doc__)
+        cpu(args["steps"], args["base_steps"], args["sweep_steps"])
     else:
         sys.exit(__doc__)

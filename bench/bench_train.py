@@ -43,6 +43,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from options import parse_script_options  # noqa: E402
 from bench.bench_ce import source_digest  # noqa: E402
 from data import get_tokenizer, tokenize_turns  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -53,11 +54,8 @@ PEER = "compiled loop, loss inside"
 SOURCES = ["sft_kernels/cross_entropy.py", "model.py", "train_sft.py", "data.py", "zero_lite.py", "bench/bench_train.py"]
 
 
-def option(name, default):
-    for arg in sys.argv[1:]:
-        if arg.startswith(f"--{name}="):
-            return type(default)(arg.split("=", 1)[1])
-    return default
+OPTIONS = {"steps": (10, "timed training steps per row"), "warmup": (3, "untimed steps before them"),
+           "deepspeed_stages": ("2", "comma-separated ZeRO stages of the DeepSpeed rows; empty = none")}
 
 
 def nanogpt_loss(hidden, weight, labels, ignore_index=-100):
@@ -189,10 +187,11 @@ def add_ratios(rows, flops_per_token):
 
 
 def main():
+    args = parse_script_options(sys.argv[1:], OPTIONS, __doc__)
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA GPU")
-    steps, warmup = option("steps", 10), option("warmup", 3)
-    stages = [stage for stage in option("deepspeed_stages", "2").split(",") if stage]
+    steps, warmup = args["steps"], args["warmup"]
+    stages = [stage for stage in args["deepspeed_stages"].split(",") if stage]
     if any(stage not in ("0", "1", "2", "3") for stage in stages):
         print("bench_train.py: error: --deepspeed_stages takes ZeRO stages 0 to 3, comma-separated", file=sys.stderr)
         sys.exit(2)

@@ -30,16 +30,14 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from options import parse_script_options  # noqa: E402
 OPTIONS = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_seq_len=48", "--batch_size=4",
            "--learning_rate=3e-3", "--dropout=0.1", "--seed=7", "--max_steps=40", "--checkpoint_interval=2",
            "--keep_checkpoints=2", "--log_interval=5", "--eval_exact_match=0"]
 
 
-def option(name, default):
-    for arg in sys.argv[1:]:
-        if arg.startswith(f"--{name}="):
-            return type(default)(arg.split("=", 1)[1])
-    return default
+BENCH_OPTIONS = {"kills": (12, "runs killed with SIGKILL at a random moment"), "seed": (0, "seed of the kill times")}
 
 
 def write_data(path):
@@ -156,7 +154,8 @@ def soak(nproc, kills_wanted, training_s, reference, workdir, rng):
 
 
 def main():
-    kills_wanted, rng = option("kills", 12), random.Random(option("seed", 0))
+    args = parse_script_options(sys.argv[1:], BENCH_OPTIONS, __doc__)
+    kills_wanted, rng = args["kills"], random.Random(args["seed"])
     results = {"script": "bench/soak_kill.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
                "torch": torch.__version__, "options": OPTIONS, "kills_per_mode": kills_wanted, "modes": {}}

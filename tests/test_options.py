@@ -2,6 +2,8 @@
 checks that span options; every bad value or file is one sentence naming it. A property test
 (hypothesis) drives the parser with arbitrary command lines and config files."""
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import example, given, settings
@@ -163,3 +165,18 @@ def test_any_options_parse_or_name_the_option_or_file(tmp_path_factory, args, fi
         assert "--" in message or any(arg in message for arg in argv), message
         return
     check_options(cfg, explicit)
+
+
+SCRIPTS = [["sample.py"], ["data.py", "inspect"], ["sparse.py", "merge"], ["bench/bench_checkpoint.py"],
+           ["bench/bench_parquet_memory.py"], ["bench/bench_train.py"], ["bench/soak_kill.py"],
+           ["bench/bench_sparse.py", "cpu"]]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script[0])
+def test_every_script_parses_with_options_py(script):
+    """One parser for every script: an unknown option is the same one sentence and exit status 2."""
+    proc = subprocess.run([sys.executable, *script, "--no_such_option=1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    name = os.path.basename(script[0])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"{name}: error: unknown option --no_such_option (--help lists them)"

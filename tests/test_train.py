@@ -173,3 +173,19 @@ def test_init_from_a_checkpoint_takes_its_shape_and_the_runs_own_choices(tmp_pat
     proc = run_trainer([f"--init_from={foreign}", f"--data_path={data_file}", f"--output_dir={tmp_path}/f"],
                tmp_path, check=False)
     assert proc.returncode == 2 and "foreign is not a train_sft.py checkpoint" in proc.stderr
+
+
+def test_trained_tokens_per_s_counts_labelled_positions_only(tmp_path):
+    """Two rows in one batch: 'a'+'bc' is 3 positions, all trained (b, c, end-of-text); 'abcdef'+'g' is 7
+    positions, 2 trained. Padded to 7 each, the batch has 14 positions (4 of them padding) and 5 trained
+    tokens, so every log line's trained rate is 5/14 of its positional rate."""
+    data = tmp_path / "two.jsonl"
+    data.write_text('{"prompt": "a", "response": "bc"}\n{"prompt": "abcdef", "response": "g"}\n')
+    run_trainer([f"--data_path={data}", "--data_split=100,0", "--template={prompt}{response}", "--batch_size=2",
+                 "--max_steps=3", f"--output_dir={tmp_path / 'out'}"], tmp_path)
+    with open(tmp_path / "out" / "metrics.jsonl") as f:
+        records = [r for r in map(json.loads, f) if "loss" in r]
+    assert len(records) == 3
+    for r in records:
+        assert r["trained_tokens_per_s"] / r["tokens_per_s"] == pytest.approx(5 / 14, rel=1e-9)
+        assert r["padding"] == pytest.approx(4 / 14)
