@@ -28,10 +28,16 @@ def file_table(text):
 
 
 def relative_links(text):
-    """Link targets that are not web addresses or in-page anchors, without their #fragment."""
+    """(path, anchor) of every link that is not a web address; path is "" for an in-page anchor."""
     targets = (match.group(1) for match in LINK.finditer(text))
-    return [target.split("#", 1)[0] for target in targets
-            if not re.match(r"[a-z]+:", target) and not target.startswith("#")]
+    return [tuple((target + "#").split("#")[:2]) for target in targets if not re.match(r"[a-z]+:", target)]
+
+
+def anchors(text):
+    """The anchors GitHub makes of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.DOTALL)  # a "# comment" in a code block is no heading
+    headings = re.findall(r"^#+ (.+)$", prose, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
 
 
 def test_readme_is_a_front_page():
@@ -59,9 +65,13 @@ def test_the_file_table_names_nothing_that_is_gone():
     assert not stale, f"README.md's file table names {sorted(stale)}, which do not exist"
 
 
-def test_every_relative_link_points_at_a_file():
-    broken = [f"{page.relative_to(ROOT)}: {target}" for page in PAGES for target in relative_links(page.read_text())
-              if target and not (page.parent / target).exists()]
+def test_every_relative_link_points_at_a_file_and_heading():
+    broken = []
+    for page in PAGES:
+        for path, anchor in relative_links(page.read_text()):
+            target = page.parent / path if path else page
+            if not target.exists() or (anchor and target.suffix == ".md" and anchor not in anchors(target.read_text())):
+                broken.append(f"{page.relative_to(ROOT)}: {path}#{anchor}")
     assert not broken, f"links to nothing: {broken}"
 
 
@@ -69,4 +79,7 @@ def test_the_checks_above_can_fail():
     """A table without a file, and a link to nowhere, are caught by the same helpers."""
     text = "| file | what it holds |\n|---|---|\n| `model.py` | x |\n| `bench/` | y |\n\nmore"
     assert file_table(text) == {"model.py", "bench"}
-    assert relative_links("[a](docs/nowhere.md#x) [b](https://example.org) [c](#anchor)") == ["docs/nowhere.md"]
+    assert relative_links("[a](docs/nowhere.md#x) [b](https://example.org) [c](#anchor) [d](x.md)") == \
+        [("docs/nowhere.md", "x"), ("", "anchor"), ("x.md", "")]
+    assert anchors("# Title\n```bash\n# a comment\n```\n## ZeRO in the native engine (`--zero_stage`)\ntext") == \
+        {"title", "zero-in-the-native-engine---zero_stage"}
