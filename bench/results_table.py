@@ -212,7 +212,7 @@ def demo_headline(name, data):
     """README's demo command: its time and its final exact match."""
     minutes, seconds = divmod(round(data["wall_s"]), 60)
     return ("the demo: README's first command, from scratch",
-            f"**{data['exact_match']:.1%}** of 500 held-out prompts exactly right, eval loss {data['eval_loss']:.4f}, "
+            f"**{data['exact_match']:.1%}** of the held-out prompts exactly right, eval loss {data['eval_loss']:.4f}, "
             f"{minutes} min {seconds:02d} s for the whole command",
             f"{data['cpu']}, {data['cpu_cores']} cores, shared (load average {data['load_average_before'][0]:.2f} "
             f"before the run, {data['load_average_after'][0]:.2f} after)", name)

@@ -169,6 +169,9 @@ def test_a_figure_that_drifts_changes_the_rendered_results(tmp_path):
     after = results_table.render(tmp_path)
     assert after != before and f"| ours (triton) | {anchor['ms']:.2f} |" in after
     assert f"{anchor['ms']:.2f} ms and" in results_table.render_headline(tmp_path)
+    demo = json.loads((tmp_path / "demo_cpu.json").read_text())
+    (tmp_path / "demo_cpu.json").write_text(json.dumps({**demo, "exact_match": 0.5}))
+    assert "**50.0%** of the held-out prompts" in results_table.render_headline(tmp_path)
 
 
 def test_the_files_a_suite_run_writes_render(tmp_path):
