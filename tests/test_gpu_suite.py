@@ -1,5 +1,5 @@
-"""bench/gpu_suite.py without a GPU: its dry run, its step runner on stand-in steps, and README's
-results against bench/results/ (bench/results_table.py)."""
+"""bench/gpu_suite.py without a GPU: its dry run, its step runner on stand-in steps, and the results of
+README.md and docs/benchmarks.md against bench/results/ (bench/results_table.py)."""
 import json
 import os
 import shutil
@@ -139,10 +139,20 @@ def test_options_choose_steps_and_pass_arguments():
     assert gpu_suite.command(train, opts["args"]["train"])[1:] == ["bench/bench_train.py", "--deepspeed_stages=0,1"]
 
 
-def test_readme_results_are_rendered_from_bench_results():
+def test_readme_headline_and_benchmarks_page_are_rendered_from_bench_results():
     readme = (ROOT / "README.md").read_text()
-    assert results_table.readme_block(readme) == results_table.render(), \
-        "README.md's results differ from bench/results/: run python bench/results_table.py --write"
+    assert results_table.generated_block(readme, results_table.HEADLINE_BEGIN, results_table.HEADLINE_END) == \
+        results_table.render_headline(), "README.md's headline differs from bench/results/: run " \
+                                         "python bench/results_table.py --write"
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert results_table.generated_block(page) == results_table.render(), \
+        "docs/benchmarks.md's results differ from bench/results/: run python bench/results_table.py --write"
+
+
+def test_the_headline_has_a_row_per_claim_naming_its_file():
+    headline = results_table.render_headline()
+    for name in ("ce_", "train_", "engines_cpu.json", "sparse_cpu.json", "demo_cpu.json"):
+        assert f"| `{name}" in headline, name
 
 
 def test_a_figure_that_drifts_changes_the_rendered_results(tmp_path):
@@ -158,6 +168,10 @@ def test_a_figure_that_drifts_changes_the_rendered_results(tmp_path):
     ce_file.write_text(json.dumps(data))
     after = results_table.render(tmp_path)
     assert after != before and f"| ours (triton) | {anchor['ms']:.2f} |" in after
+    assert f"{anchor['ms']:.2f} ms and" in results_table.render_headline(tmp_path)
+    demo = json.loads((tmp_path / "demo_cpu.json").read_text())
+    (tmp_path / "demo_cpu.json").write_text(json.dumps({**demo, "exact_match": 0.5}))
+    assert "**50.0%** of the held-out prompts" in results_table.render_headline(tmp_path)
 
 
 def test_the_files_a_suite_run_writes_render(tmp_path):

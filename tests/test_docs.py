@@ -1,0 +1,85 @@
+"""README.md and docs/: the front page stays a front page, names every file of the repository, starts
+with the two commands CI runs, and no relative link points at nothing."""
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+COMMANDS = ("```bash\n"
+            "bash setup.sh && .venv/bin/torchrun --standalone --nproc_per_node=2 train_sft.py configs/demo.py "
+            "--overwrite_output_dir  # the demo SFT run\n"
+            "bash setup.sh && .venv/bin/python -m pytest -q")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def top_level_entries():
+    """The first path component of every tracked file; dotfiles left out, except .ci (CI's own folder)."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    names = {path.split("/", 1)[0] for path in files.splitlines()}
+    return {name for name in names if not name.startswith(".") or name == ".ci"}
+
+
+def file_table(text):
+    """The names in the first column of README's file table (the one headed `| file | what it holds |`)."""
+    table = text.split("| file | what it holds |", 1)[1].split("\n\n", 1)[0]
+    return {match.group(1).rstrip("/") for match in re.finditer(r"^\| `([^`]+)` \|", table, re.MULTILINE)}
+
+
+def relative_links(text):
+    """(path, anchor) of every link that is not a web address; path is "" for an in-page anchor."""
+    targets = (match.group(1) for match in LINK.finditer(text))
+    return [tuple((target + "#").split("#")[:2]) for target in targets if not re.match(r"[a-z]+:", target)]
+
+
+def anchors(text):
+    """The anchors GitHub makes of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.DOTALL)  # a "# comment" in a code block is no heading
+    headings = re.findall(r"^#+ (.+)$", prose, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_readme_is_a_front_page():
+    size = README.stat().st_size
+    assert size <= 15 * 1024, f"README.md is {size:,} bytes, over 15 KB: move prose into docs/"
+
+
+def test_readme_starts_with_the_two_commands():
+    title, rest = README.read_text().split("\n", 1)
+    assert title.startswith("# ")
+    assert rest.lstrip("\n").startswith(COMMANDS), "README.md must open with the demo and test commands"
+
+
+def test_ci_runs_the_test_command_readme_gives():
+    assert "bash setup.sh && .venv/bin/python -m pytest -q\n" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_file_table_names_every_top_level_entry():
+    missing = top_level_entries() - file_table(README.read_text())
+    assert not missing, f"README.md's file table lacks {sorted(missing)}"
+
+
+def test_the_file_table_names_nothing_that_is_gone():
+    stale = {name for name in file_table(README.read_text()) if not (ROOT / name).exists()}
+    assert not stale, f"README.md's file table names {sorted(stale)}, which do not exist"
+
+
+def test_every_relative_link_points_at_a_file_and_heading():
+    broken = []
+    for page in PAGES:
+        for path, anchor in relative_links(page.read_text()):
+            target = page.parent / path if path else page
+            if not target.exists() or (anchor and target.suffix == ".md" and anchor not in anchors(target.read_text())):
+                broken.append(f"{page.relative_to(ROOT)}: {path}#{anchor}")
+    assert not broken, f"links to nothing: {broken}"
+
+
+def test_the_checks_above_can_fail():
+    """A table without a file, and a link to nowhere, are caught by the same helpers."""
+    text = "| file | what it holds |\n|---|---|\n| `model.py` | x |\n| `bench/` | y |\n\nmore"
+    assert file_table(text) == {"model.py", "bench"}
+    assert relative_links("[a](docs/nowhere.md#x) [b](https://example.org) [c](#anchor) [d](x.md)") == \
+        [("docs/nowhere.md", "x"), ("", "anchor"), ("x.md", "")]
+    assert anchors("# Title\n```bash\n# a comment\n```\n## ZeRO in the native engine (`--zero_stage`)\ntext") == \
+        {"title", "zero-in-the-native-engine---zero_stage"}
