@@ -11,7 +11,7 @@ tokens, bf16, half of the labels masked, from scratch. Rows, all measured in thi
   train_sft --kernels=torch   the real trainer, --compile (cached data, batching, masking, loss
                               weighting, clipping, non-finite checks, logging every step), with
                               the chunked PyTorch loss
-  train_sft --kernels=triton  the same with the fused masked linear cross-entropy of kernels/
+  train_sft --kernels=triton  the same with the fused masked linear cross-entropy of sft_kernels/
   train_sft --engine=deepspeed --zero_stage=N
                               the triton row's options on DeepSpeed, for each N in
                               --deepspeed_stages (comma-separated; empty for none), where
