@@ -30,7 +30,8 @@ rank's master shard is a view of its own slice: no extra copy. Before the bounda
 crosses ranks: gradients accumulate locally at full size. Any world size works, including 1 (no
 communication) and sizes that do not divide the parameter counts (the padding is zeros and stays zero).
 
-train_sft.make_engine builds this engine or, with --engine=deepspeed, the adapter with the same interface in deepspeed_engine.py.
+train_sft.make_engine builds this engine or, with --engine=deepspeed, the adapter with the same
+interface in deepspeed_engine.py.
 """
 
 import contextlib
