@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, apply_lora
+import data
+from model import GPT, GPTConfig, apply_lora, family_config
 from options import MODEL_OPTIONS, OPTIONS, RESUME_MAY_CHANGE, OptionError
 
 # A checkpoint is a directory ckpt-<step>/ holding each rank's engine files, the trainer's state
@@ -439,7 +440,9 @@ def set_rng_state(state):
 
 def adopt_checkpoint_options(cfg, explicit, saved, path, names):
     """A checkpoint fixes these options: requested values must agree with it, the rest are taken
-    from it (on resume, the options in RESUME_MAY_CHANGE may be set anew on the command line)."""
+    from it (on resume, the options in RESUME_MAY_CHANGE may be set anew on the command line). An option
+    newer than the checkpoint is taken as its default, which is how that checkpoint's run went."""
+    saved = {name: saved.get(name, OPTIONS[name][0]) for name in names}
     for name in names:
         if name in explicit and name in RESUME_MAY_CHANGE and cfg["resume"]:
             continue
@@ -463,13 +466,16 @@ def starting_checkpoint(cfg, explicit, log, master):
         return checkpoint
     if cfg["init_from"] == "scratch":
         return None
-    if os.path.isfile(os.path.join(cfg["init_from"], "config.json")):  # a Hugging Face directory: ours say
-        cfg.update({k: v for k, v in exported_options(cfg["init_from"]).items() if k not in explicit})  # how trained
-        return None
+    if not os.path.isdir(cfg["init_from"]):
+        raise OptionError(f"--init_from={cfg['init_from']} is not a directory on disk (scratch, a local Hugging Face "
+                          f"directory or a checkpoint; nothing is downloaded)")
+    if os.path.isfile(os.path.join(cfg["init_from"], "config.json")):  # a Hugging Face directory: its tokenizer,
+        cfg.update({k: v for k, v in exported_options(cfg["init_from"]).items() if k not in explicit})  # and ours
+        return None  # say how they were trained
     path = find_checkpoint(cfg["init_from"], log)
     if path is None:
-        raise OptionError(f"--init_from={cfg['init_from']}: neither a Hugging Face GPT-2 directory "
-                          f"(config.json) nor a checkpoint")
+        raise OptionError(f"--init_from={cfg['init_from']}: neither a Hugging Face directory (config.json) "
+                          f"nor a checkpoint")
     checkpoint = load_checkpoint(path)
     adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, MODEL_OPTIONS)
     return checkpoint
@@ -494,8 +500,8 @@ def resume_run(checkpoint, engine, batches, rank):
 
 
 def build_model(cfg, n_vocab, checkpoint):
-    """A checkpoint (its own config), a Hugging Face GPT-2 directory, or scratch; then LoRA.
-    n_vocab is the tokenizer's; from scratch it is padded to a multiple of 64, which runs faster."""
+    """A checkpoint (its own config), a Hugging Face directory, or scratch (of --model_type's family); then
+    LoRA. n_vocab is the tokenizer's; from scratch it is padded to a multiple of 64, which runs faster."""
     if checkpoint is not None:  # its shape and weights; these three are the run's choice, not the checkpoint's
         run_choices = {k: cfg[k] for k in ("dropout", "attn_window", "gradient_checkpointing")}
         model = GPT(GPTConfig(**{**checkpoint["model_config"], **run_choices}))
@@ -506,10 +512,15 @@ def build_model(cfg, n_vocab, checkpoint):
     if cfg["init_from"] == "scratch":
         if cfg["n_embd"] % cfg["n_head"]:
             raise OptionError(f"--n_embd={cfg['n_embd']} must be a multiple of --n_head={cfg['n_head']}")
-        model = GPT(GPTConfig(block_size=cfg["max_seq_len"], vocab_size=-(-n_vocab // 64) * 64,
-                              n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                              dropout=cfg["dropout"], bias=cfg["bias"], attn_window=cfg["attn_window"],
-                              gradient_checkpointing=cfg["gradient_checkpointing"]))
+        gpt2_only = {"bias": cfg["bias"]} if cfg["model_type"] == "gpt2" else {}  # the Llama family has no biases
+        try:
+            model = GPT(family_config(cfg["model_type"], block_size=cfg["max_seq_len"],
+                                      vocab_size=-(-n_vocab // 64) * 64, n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                                      n_kv_head=cfg["n_kv_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
+                                      attn_window=cfg["attn_window"],
+                                      gradient_checkpointing=cfg["gradient_checkpointing"], **gpt2_only))
+        except ValueError as e:  # check_config's sentence names the field, which is the option of the same name
+            raise OptionError(f"--model_type={cfg['model_type']} from scratch: {e}") from None
     else:
         try:
             model = GPT.from_pretrained(cfg["init_from"], dropout=cfg["dropout"], attn_window=cfg["attn_window"],
@@ -531,23 +542,54 @@ def add_lora(model, options):
         raise OptionError(f"--lora_module_name={options['lora_module_name']!r} matches no Linear layer")
 
 
-EXPORTED_OPTIONS = ("tokenizer", "template", "attn_window")  # what GPT-2's own config.json cannot say
+EXPORTED_OPTIONS = ("tokenizer", "template", "attn_window")  # what a family's own config.json cannot say
 
 
-def export_hf(weights, model_config, cfg, output_dir):
-    """The consolidated weights in Hugging Face GPT-2 format (LoRA merged), plus sft_config.json with
-    the options that sample.py and a later --init_from need to use it as it was trained."""
+def export_hf(weights, model_config, cfg, output_dir, log=print):
+    """The consolidated weights in Hugging Face format of the model's family (LoRA merged), its tokenizer
+    (so that AutoTokenizer loads the one it was trained with; byte has no such form, which is logged) and
+    sft_config.json with the options that sample.py and a later --init_from need to use it as it was
+    trained. A directory tokenizer is copied in, so sft_config.json names the export itself."""
     hf_dir = os.path.join(output_dir, "hf")
-    build_model(cfg, None, {"model_config": model_config, "model": weights}).save_pretrained(hf_dir)
+    tokenizer = data.get_tokenizer(cfg["tokenizer"])
+    model = build_model(cfg, None, {"model_config": model_config, "model": weights})
+    model.save_pretrained(hf_dir, token_ids=token_ids(tokenizer))
+    try:
+        data.save_tokenizer(cfg["tokenizer"], hf_dir)
+    except ValueError as e:
+        log(f"export: {e}")
+    trained_with = {name: cfg[name] for name in EXPORTED_OPTIONS}
+    if isinstance(tokenizer, data.HFTokenizer):
+        trained_with["tokenizer"] = hf_dir
     with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
-        json.dump({name: cfg[name] for name in EXPORTED_OPTIONS}, f, indent=1)
+        json.dump(trained_with, f, indent=1)
     return hf_dir
 
 
+def token_ids(tokenizer):
+    """The special ids config.json names, which transformers' generate reads: end of text (a directory's
+    eos, and its bos and pad when it names them)."""
+    if not isinstance(tokenizer, data.HFTokenizer):  # GPT-2's convention: end-of-text begins and ends
+        return {"bos_token_id": tokenizer.eot_token, "eos_token_id": tokenizer.eot_token}
+    ids = {"eos_token_id": tokenizer.eot_token}
+    for role in ("bos", "pad"):
+        text = tokenizer.special_tokens.get(f"{role}_token")
+        encoded = tokenizer.encode(text, allowed_special="all") if text else []
+        if len(encoded) == 1:
+            ids[f"{role}_token_id"] = encoded[0]
+    return ids
+
+
 def exported_options(hf_dir):
-    """The sft_config.json of a Hugging Face directory that export_hf wrote; {} for any other."""
+    """The options a Hugging Face directory was trained with: the sft_config.json that export_hf wrote ({} for
+    a foreign directory) and, as its tokenizer, the directory itself when it holds tokenizer.json (unless it
+    was trained with gpt2 or byte). Read from where the directory is now, so a moved export stays whole."""
     path = os.path.join(hf_dir, "sft_config.json")
-    return json.load(open(path)) if os.path.isfile(path) else {}
+    trained_with = json.load(open(path)) if os.path.isfile(path) else {}
+    has_tokenizer = os.path.isfile(os.path.join(hf_dir, "tokenizer.json"))
+    if has_tokenizer and trained_with.get("tokenizer") not in ("gpt2", "byte"):
+        trained_with["tokenizer"] = hf_dir
+    return trained_with
 
 
 def load_model(path):

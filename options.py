@@ -12,6 +12,7 @@ import os
 import sys
 
 from data import DEFAULT_TEMPLATE
+from model import FAMILIES
 
 # Options: name -> (default, meaning). A config file (python) may set any of them, then
 # --key=value on the command line overrides. Types follow the defaults.
@@ -24,22 +25,28 @@ OPTIONS = {
                            "DeepSpeed-Chat directory's data/eval.json)"),
     "data_format": ("auto", "auto (detected per file) | prompt_response | prompt_chosen | prompt_completion | "
                             "messages | alpaca | sharegpt"),
-    "tokenizer": ("gpt2", "gpt2 | byte (256 byte tokens, for tiny CPU runs)"),
+    "tokenizer": ("gpt2", "gpt2 | byte (256 byte tokens, for tiny CPU runs) | a directory with tokenizer.json "
+                          "(Hugging Face's); default with --init_from=DIR: DIR's own tokenizer, if it has one"),
     "max_seq_len": (512, "most tokens in one sample, end-of-text included"),
     "truncate_prompt": (False, "cut over-long prompts from the left instead of dropping the sample"),
     "loss_on_prompt": (False, "train on prompt tokens too (DeepSpeed-Chat's behaviour, for comparison)"),
     "skip_bad_rows": (False, "skip and count malformed rows instead of stopping"),
     "template": (DEFAULT_TEMPLATE, "how a prompt and response become text: deepspeed_chat (this default) | raw | "
-                                   "chat, or a custom string with {prompt} and {response}"),
+                                   "chat | model (the tokenizer directory's own chat template; trains the assistant "
+                                   "turns only), or a custom string with {prompt} and {response}"),
     "packing": (False, "pack several samples per row (no attention between them) instead of padding"),
     "group_by_length": (True, "batch samples of similar length together (less padding); false = fully random"),
     "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),
     # model
-    "init_from": ("scratch", "scratch | a Hugging Face GPT-2 directory | a checkpoint directory or run directory"),
+    "init_from": ("scratch", "scratch | a Hugging Face directory (gpt2, llama, mistral, qwen2, qwen3) | a checkpoint "
+                            "directory or run directory"),
+    "model_type": ("gpt2", "the family of a model from scratch: gpt2 | llama | mistral | qwen2 | qwen3 (RMSNorm, "
+                           "rotary positions, SwiGLU; qwen2 adds qkv biases, qwen3 q/k norms)"),
     "n_layer": (12, "layers (scratch only)"),
     "n_head": (12, "attention heads (scratch only)"),
     "n_embd": (768, "width (scratch only)"),
-    "bias": (True, "biases in Linear and LayerNorm (scratch only)"),
+    "n_kv_head": (0, "key/value heads, grouped-query attention (scratch only); 0 = n_head"),
+    "bias": (True, "biases in Linear and LayerNorm (scratch, model_type gpt2 only: the Llama family has none)"),
     "attn_window": (0, "0 = full causal attention; w > 0 = attend to the last w positions only"),
     "dropout": (0.0, "dropout probability"),
     "gradient_checkpointing": (False, "recompute each block's activations in the backward to save memory"),
@@ -99,7 +106,7 @@ OPTIONS = {
 CHOICES = {
     "engine": ("native", "deepspeed"),
     "data_format": ("auto", "prompt_response", "prompt_chosen", "prompt_completion", "messages", "alpaca", "sharegpt"),
-    "tokenizer": ("gpt2", "byte"),
+    "model_type": tuple(FAMILIES),
     "kernels": ("torch", "triton"),
     "sparse_init": ("random", "gradient"),
     "lr_scheduler": ("cosine", "linear", "constant"),
@@ -117,7 +124,8 @@ RANGES = {"max_seq_len": (2, None), "zero_stage": (0, 3), "dropout": (0, 0.99), 
 
 
 # Options that shape the model: a checkpoint to start from must agree with them.
-MODEL_OPTIONS = ("tokenizer", "n_layer", "n_head", "n_embd", "bias", "lora_dim", "lora_scaling", "lora_module_name")
+MODEL_OPTIONS = ("tokenizer", "model_type", "n_layer", "n_head", "n_kv_head", "n_embd", "bias", "lora_dim",
+                 "lora_scaling", "lora_module_name")
 
 
 # Options that a resumed run may change; every other one is the checkpoint's. A run resumed on another

@@ -4,24 +4,30 @@ Generate from a trained model: one prompt, or an interactive chat, in the traini
     python sample.py --model=out/demo --prompt="reverse hello"
     python sample.py --model=out/demo --history=false      # chat; an empty line or Ctrl-D quits
     python sample.py --model=/path/to/gpt2 --tokenizer=gpt2 --prompt="..." --temperature=0.7 --top_p=0.9
+    python sample.py --model=/path/to/Qwen2.5-0.5B-Instruct --prompt="..."   # its own tokenizer and chat template
 
---model is a run directory (its latest checkpoint), a checkpoint directory, or a Hugging Face GPT-2
-directory (the hf/ export of a run, or any GPT-2 checkpoint on disk).
+--model is a run directory (its latest checkpoint), a checkpoint directory, or a Hugging Face directory
+of model_type gpt2, llama, mistral, qwen2 or qwen3 (the hf/ export of a run, or any such model on disk).
+A model trained with --template=model, or a Hugging Face directory whose tokenizer has a chat template,
+is prompted through that template and stops at its end-of-turn token.
 """
 
+import os
 import sys
 
 import torch
 
 from checkpoint import load_model
-from data import DEFAULT_TEMPLATE, get_tokenizer, render_prompt
+from data import (DEFAULT_TEMPLATE, MODEL_TEMPLATE, ChatTemplate, get_tokenizer, render_prompt,
+                  tokenizer_identity)
 from options import OptionError, parse_options
 
 OPTIONS = {
-    "model": ("out/demo", "run directory, checkpoint directory (ckpt-<step>), or Hugging Face GPT-2 directory"),
+    "model": ("out/demo", "run directory, checkpoint directory (ckpt-<step>), or Hugging Face directory"),
     "prompt": ("", "generate one response to this prompt and exit; empty = interactive chat"),
     "history": (True, "chat: show the model the earlier turns (false for models trained on single turns)"),
-    "tokenizer": ("", "gpt2 | byte; empty = what the model was trained with (gpt2 for foreign directories)"),
+    "tokenizer": ("", "gpt2 | byte | a directory with tokenizer.json; empty = what the model was trained with "
+                      "(a Hugging Face directory's own tokenizer.json, else gpt2)"),
     "max_new_tokens": (200, "most tokens generated per response"),
     "temperature": (0.0, "0 = greedy; higher = more random"),
     "top_k": (0, "sample from the k most likely tokens; 0 = all"),
@@ -29,14 +35,27 @@ OPTIONS = {
     "seed": (1337, "random seed for sampling"),
     "device": ("auto", "auto | cpu | cuda"),
 }
-CHOICES = {"tokenizer": ("", "gpt2", "byte"), "device": ("auto", "cpu", "cuda")}
+CHOICES = {"device": ("auto", "cpu", "cuda")}
 RANGES = {"top_p": (0.01, 1.0), "max_new_tokens": (1, None)}
+
+
+def same_tokenizer(a, b):
+    """Whether two tokenizer names mean one tokenizer: the same name, or two directories holding the same
+    files (a run's hf/ export holds a copy of the directory it was trained with)."""
+    if a == b:
+        return True
+    if not (os.path.isdir(a) and os.path.isdir(b)):
+        return False
+    try:
+        return tokenizer_identity(get_tokenizer(a)) == tokenizer_identity(get_tokenizer(b))
+    except ValueError:
+        return False
 
 
 def check_tokenizer(requested, trained_with, model, model_path):
     """The tokenizer to prompt with: the one the model was trained with, when it is known. Another one
     would feed it ids that mean other text (or lie past its vocabulary) and the answer would be noise."""
-    if requested and trained_with and requested != trained_with:
+    if requested and trained_with and not same_tokenizer(requested, trained_with):
         raise OptionError(f"--tokenizer={requested} but --model={model_path} was trained with the {trained_with} "
                           f"tokenizer; leave --tokenizer empty to use that one")
     name = requested or trained_with or "gpt2"
@@ -50,6 +69,17 @@ def check_tokenizer(requested, trained_with, model, model_path):
     return tokenizer
 
 
+def chat_template_of(tokenizer, template):
+    """The model's own chat template when it was trained with one (or, from a foreign Hugging Face directory,
+    when its tokenizer has one); None for a text template."""
+    if template == MODEL_TEMPLATE or template is None and getattr(tokenizer, "chat_template", None):
+        try:
+            return ChatTemplate(tokenizer)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+    return None
+
+
 def main(argv):
     args, _ = parse_options(argv, OPTIONS, CHOICES, RANGES, __doc__)
     torch.manual_seed(args["seed"])
@@ -59,19 +89,28 @@ def main(argv):
     model, trained_with = load_model(args["model"])
     model.to(device).eval()
     tokenizer = check_tokenizer(args["tokenizer"], trained_with.get("tokenizer"), model, args["model"])
-    template = trained_with.get("template", DEFAULT_TEMPLATE)
+    chat = chat_template_of(tokenizer, trained_with.get("template"))
+    template = trained_with.get("template") or DEFAULT_TEMPLATE
 
-    def respond(context):
-        ids = tokenizer.encode(context, allowed_special="all")[-model.config.block_size + 1:]
-        new = model.generate([ids], args["max_new_tokens"], temperature=args["temperature"],
-                             top_k=args["top_k"] or None, top_p=args["top_p"], eos_id=tokenizer.eot_token,
-                             vocab_limit=tokenizer.n_vocab)[0]
+    def respond(ids, end):
+        new = model.generate([ids[-model.config.block_size + 1:]], args["max_new_tokens"],
+                             temperature=args["temperature"], top_k=args["top_k"] or None, top_p=args["top_p"],
+                             eos_id=end, vocab_limit=tokenizer.n_vocab)[0]
         return tokenizer.decode(new)
 
+    if chat is not None:  # the model's chat template: messages in, its end-of-turn token ends each reply
+        def reply_to(messages):
+            return respond(chat.encode(messages, add_generation_prompt=True), chat.end_of_turn)
+    else:
+        def reply_to(messages):
+            context = "".join(render_prompt(m["content"], template) if m["role"] == "user" else
+                              m["content"] + tokenizer.decode([tokenizer.eot_token]) for m in messages)
+            return respond(tokenizer.encode(context, allowed_special="all"), tokenizer.eot_token)
+
     if args["prompt"]:
-        print(respond(render_prompt(args["prompt"], template)))
+        print(reply_to([{"role": "user", "content": args["prompt"]}]))
         return
-    history = ""  # earlier turns, so the model sees the conversation
+    messages = []  # earlier turns, so the model sees the conversation
     while True:
         try:
             user = input("you> ").strip()
@@ -79,11 +118,10 @@ def main(argv):
             break
         if not user:
             break
-        context = history + render_prompt(user, template)
-        reply = respond(context)
+        messages = (messages if args["history"] else []) + [{"role": "user", "content": user}]
+        reply = reply_to(messages)
         print(f"model> {reply}")
-        if args["history"]:
-            history = context + reply + tokenizer.decode([tokenizer.eot_token])
+        messages.append({"role": "assistant", "content": reply})
 
 
 if __name__ == "__main__":

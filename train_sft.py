@@ -438,7 +438,7 @@ def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world
     total = min(count, len(eval_set))
     indices = list(range(total))[rank::world]
     longest = max(len(eval_set.prompt_and_response(i)[1]) for i in range(total))
-    eot = tokenizer.eot_token
+    eot = eval_set.eot_token  # the end of every response: end-of-text, or a chat template's end-of-turn
     hits = torch.zeros(2, dtype=torch.float64, device=device)
     for start in range(0, -(-total // world), 64):
         chunk = indices[start:start + 64]
