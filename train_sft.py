@@ -562,7 +562,8 @@ def export(run, weights, model, optimizer):
     """Rank 0 writes the Hugging Face export of the consolidated weights and, for a sparse run, its delta."""
     if run.rank != 0:
         return
-    run.log(f"exported Hugging Face model -> {export_hf(weights, vars(model.config), run.cfg, run.cfg['output_dir'])}")
+    hf_dir = export_hf(weights, vars(model.config), run.cfg, run.cfg["output_dir"], log=run.log)
+    run.log(f"exported Hugging Face model -> {hf_dir}")
     if run.cfg["sparse_density"] > 0:
         path = os.path.join(run.cfg["output_dir"], "sparse_delta.safetensors")
         run.log(f"sparse delta -> {sparse.save_delta(optimizer, path, base_name=run.cfg['init_from'])}")
