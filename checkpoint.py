@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
 from model import GPT, GPTConfig, apply_lora
 from options import MODEL_OPTIONS, OPTIONS, RESUME_MAY_CHANGE, OptionError
 
@@ -439,15 +440,19 @@ def set_rng_state(state):
 
 def adopt_checkpoint_options(cfg, explicit, saved, path, names):
     """A checkpoint fixes these options: requested values must agree with it, the rest are taken
-    from it (on resume, the options in RESUME_MAY_CHANGE may be set anew on the command line)."""
+    from it (on resume, the options in RESUME_MAY_CHANGE may be set anew on the command line). An
+    option newer than the checkpoint keeps its value."""
     for name in names:
-        if name in explicit and name in RESUME_MAY_CHANGE and cfg["resume"]:
+        if name not in saved or name in explicit and name in RESUME_MAY_CHANGE and cfg["resume"]:
             continue
         if name in explicit and cfg[name] != saved[name]:
             hint = " (to put new LoRA on a trained model, start from its hf/ export)" if "lora" in name else ""
             raise OptionError(f"checkpoint {path} has {name}={saved[name]!r} but {name}={cfg[name]!r} "
                               f"was requested{hint}")
         cfg[name] = saved[name]
+
+
+THIS_RESUME_ONLY = ("resume_data_changed",)  # a choice for one resume, never inherited from the checkpoint
 
 
 def starting_checkpoint(cfg, explicit, log, master):
@@ -459,7 +464,8 @@ def starting_checkpoint(cfg, explicit, log, master):
             raise OptionError(f"--resume: no intact ckpt-<step> checkpoint of the run in "
                               f"--output_dir={cfg['output_dir']}")
         checkpoint = load_checkpoint(path)
-        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, list(OPTIONS))
+        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path,
+                                 [name for name in OPTIONS if name not in THIS_RESUME_ONLY])
         return checkpoint
     if cfg["init_from"] == "scratch":
         return None
@@ -473,6 +479,57 @@ def starting_checkpoint(cfg, explicit, log, master):
     checkpoint = load_checkpoint(path)
     adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, MODEL_OPTIONS)
     return checkpoint
+
+
+# Options that decide which samples a run sees and in which order, beside the files' contents.
+SAMPLE_OPTIONS = ("data_path", "eval_data_path", "tokenizer", "data_split", "data_format", "max_seq_len", "truncate_prompt",
+                  "loss_on_prompt", "skip_bad_rows", "template", "packing", "group_by_length", "batch_size", "seed")
+
+
+def data_identity(cfg, tokenizer):
+    """What the run's samples are made of: each training and eval file with its sha256 (the content hash
+    that keys the data cache too), the tokenizer's identity and the options that shape samples.
+    Checkpoints record it, so that --resume can tell the same data from other data."""
+    data_path, eval_path = cfg["data_path"], cfg["eval_data_path"]
+    if data_path == "demo":  # prepare_data has written the demo's files into the cache directory
+        data_path, eval_path = (os.path.join(cfg["cache_dir"], "demo", f"{name}.jsonl") for name in ("train", "eval"))
+    train, evaluation = data.split_jsonfile_directories(data.parse_sources(data_path, allow_directories=True))
+    evaluation = data.parse_sources(eval_path) + evaluation
+    return {"train": [[path, sha256_of(path)] for path, _ in train],
+            "eval": [[path, sha256_of(path)] for path, _ in evaluation],
+            "tokenizer": data.tokenizer_identity(tokenizer), "options": {name: cfg[name] for name in SAMPLE_OPTIONS}}
+
+
+def check_resumed_data(checkpoint, identity, n_samples, choice, log):
+    """--resume on data other than the checkpoint's (a training file edited or reordered, or a tokenizer
+    directory that tokenizes differently) stops with a sentence naming it, unless --resume_data_changed
+    says how to go on: from the same position (continue) or from the start of the epoch (restart_epoch,
+    which rewinds checkpoint["batches"]). Checkpoints from before data identities pass unchecked."""
+    saved, path = checkpoint.get("data"), checkpoint["path"]
+    if saved is None:
+        return
+    if [sha for _, sha in saved["eval"]] != [sha for _, sha in identity["eval"]]:
+        log(f"--resume: the eval data changed since {path} was written; eval losses before and after differ in it")
+    changed = [now for then, now in zip(saved["train"], identity["train"]) if then[1] != now[1]]
+    if saved["tokenizer"] != identity["tokenizer"]:
+        what = f"tokenizer {identity['options']['tokenizer']} tokenizes differently"
+    elif changed or len(saved["train"]) != len(identity["train"]):
+        what = f"training file {(changed or identity['train'])[0][0]} changed"
+    else:
+        return
+    epoch = checkpoint["batches"]["epoch"]
+    if choice == "stop":
+        raise OptionError(f"--resume: {what} since {path} was written (its sha256 differs): give "
+                          f"--resume_data_changed=continue to go on from the same position in it, or "
+                          f"--resume_data_changed=restart_epoch to start epoch {epoch} over on it")
+    if choice == "continue" and checkpoint["batches"]["samples"] != n_samples:
+        raise OptionError(f"--resume_data_changed=continue: {what} since {path} was written and gives "
+                          f"{n_samples} training samples instead of {checkpoint['batches']['samples']}, so the "
+                          f"same position means nothing in it: give --resume_data_changed=restart_epoch")
+    if choice == "restart_epoch":
+        checkpoint["batches"] = {"epoch": epoch, "position": 0, "samples": n_samples}
+    log(f"--resume_data_changed={choice}: {what} since {path} was written; the run "
+        + ("goes on from the same position" if choice == "continue" else f"starts epoch {epoch} over") + " in it")
 
 
 def resume_run(checkpoint, engine, batches, rank):

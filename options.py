@@ -85,6 +85,8 @@ OPTIONS = {
     # logging, eval, checkpoints
     "output_dir": ("out", "checkpoints, metrics.jsonl and the exported Hugging Face model"),
     "resume": (False, "continue the run in output_dir from its latest intact checkpoint"),
+    "resume_data_changed": ("stop", "--resume when a training file's content changed since the checkpoint: stop | "
+                                    "continue (the same data position) | restart_epoch (its epoch over, from the start)"),
     "overwrite_output_dir": (False, "a new run in an output_dir holding an earlier run's checkpoints or metrics "
                                     "removes them (and its hf/, tensorboard/) instead of stopping"),
     "log_interval": (10, "optimizer steps between log lines"),
@@ -105,6 +107,7 @@ CHOICES = {
     "lr_scheduler": ("cosine", "linear", "constant"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "resume_data_changed": ("stop", "continue", "restart_epoch"),
 }
 
 
@@ -122,7 +125,7 @@ MODEL_OPTIONS = ("tokenizer", "n_layer", "n_head", "n_embd", "bias", "lora_dim",
 
 # Options that a resumed run may change; every other one is the checkpoint's. A run resumed on another
 # number of ranks keeps its batch by changing gradient_accumulation_steps (2 ranks x 3 = 3 ranks x 2).
-RESUME_MAY_CHANGE = ("resume", "max_steps", "num_train_epochs", "log_interval", "eval_interval", "eval_exact_match",
+RESUME_MAY_CHANGE = ("resume", "resume_data_changed", "max_steps", "num_train_epochs", "log_interval", "eval_interval", "eval_exact_match",
                      "checkpoint_interval", "keep_checkpoints", "tensorboard", "device", "compile", "kernels",
                      "output_dir", "cache_dir", "gradient_accumulation_steps")
 

@@ -36,8 +36,9 @@ import deepspeed_engine
 import sft_kernels
 import sparse
 import zero_lite
-from checkpoint import (CheckpointError, build_model, check_output_dir, claim_output_dir, export_hf, from_rank0,
-                        resume_run, rng_state, save_checkpoint, starting_checkpoint)
+from checkpoint import (CheckpointError, build_model, check_output_dir, check_resumed_data, claim_output_dir,
+                        data_identity, export_hf, from_rank0, resume_run, rng_state, save_checkpoint,
+                        starting_checkpoint)
 from data import Batches, get_tokenizer, prepare_data
 from model import only_optimize_lora
 from options import OptionError, check_combinations, parse_options
@@ -68,6 +69,7 @@ class Run:
     device: torch.device
     autocast: contextlib.AbstractContextManager
     log: object
+    data: dict  # the data's identity, which checkpoints record (checkpoint.data_identity)
     metrics: object = None
 
 
@@ -112,9 +114,10 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def load_data(cfg, rank, world, log):
-    """The tokenizer, the train and eval sets (tokenized once per machine and cached) and this rank's
-    batches. A data problem is bad input: its message names the file, line or option."""
+def load_data(cfg, rank, world, log, checkpoint):
+    """The tokenizer, the train and eval sets (tokenized once per machine and cached), this rank's
+    batches and the data's identity, which a resumed run's checkpoint must share (or be told to accept
+    otherwise). A data problem is bad input: its message names the file, line or option."""
     try:
         tokenizer = get_tokenizer(cfg["tokenizer"])
         train_set, eval_set = prepare_data(
@@ -124,9 +127,12 @@ def load_data(cfg, rank, world, log):
             skip_bad_rows=cfg["skip_bad_rows"], seed=cfg["seed"], cache_dir=cfg["cache_dir"], log=log)
         batches = Batches(train_set, cfg["batch_size"], rank=rank, world_size=world, seed=cfg["seed"],
                           packing=cfg["packing"], group_by_length=cfg["group_by_length"])
+        identity = data_identity(cfg, tokenizer)
     except (OSError, ValueError) as e:
         raise OptionError(data_error_sentence(e, cfg["cache_dir"])) from None
-    return tokenizer, train_set, eval_set, batches
+    if checkpoint is not None and cfg["resume"]:
+        check_resumed_data(checkpoint, identity, len(train_set), cfg["resume_data_changed"], log)
+    return tokenizer, train_set, eval_set, batches, identity
 
 
 def count_steps(cfg, train_set, batches, world):
@@ -550,7 +556,7 @@ def checkpoint_now(run, engine, batches, model, step):
     if run.world > 1:
         rngs = [None] * run.world
         dist.all_gather_object(rngs, rng_state())
-    trainer_state = {"step": step, "batches": batches.state_dict(), "rng": rngs, "options": run.cfg,
+    trainer_state = {"step": step, "batches": batches.state_dict(), "rng": rngs, "data": run.data, "options": run.cfg,
                      "model_config": vars(model.config).copy(), "engine": run.cfg["engine"], "world_size": run.world,
                      "run_id": run.run_id}
     path = save_checkpoint(run.cfg["output_dir"], step, engine, trainer_state, run.cfg["keep_checkpoints"],
@@ -600,7 +606,7 @@ def main(argv):
     seed_everything(cfg["seed"])
 
     # Data: tokenized once per machine and cached; every rank draws its own micro-batches.
-    tokenizer, train_set, eval_set, batches = load_data(cfg, rank, world, log)
+    tokenizer, train_set, eval_set, batches, data = load_data(cfg, rank, world, log, checkpoint)
     accum = cfg["gradient_accumulation_steps"]
     total_steps = count_steps(cfg, train_set, batches, world)
 
@@ -614,7 +620,7 @@ def main(argv):
     engine = make_engine(cfg, model, optimizer)
     dtype = getattr(torch, cfg["dtype"])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    run = Run(cfg, run_id, rank, world, device, autocast, log)
+    run = Run(cfg, run_id, rank, world, device, autocast, log, data)
     if cfg["sparse_density"] > 0:
         if cfg["sparse_init"] == "gradient" and not cfg["resume"]:
             choose_sparse_entries(model, optimizer, batches, device, autocast)

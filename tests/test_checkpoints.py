@@ -19,7 +19,7 @@ import torch
 
 import checkpoint
 import train_sft
-from conftest import ROOT, run_trainer, write_reverse_pairs
+from conftest import ROOT, TINY, run_trainer, write_reverse_pairs
 from checkpoint import CheckpointError
 from options import OptionError
 
@@ -351,3 +351,51 @@ def test_resume_passes_over_a_corrupted_latest_checkpoint_and_ends_as_the_uninte
         "ckpt-00000002", "ckpt-00000003", "ckpt-00000003.rejected", "ckpt-best"]
     resumed = torch.load(out / "ckpt-00000003" / "model.pt", weights_only=True)
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+# ----------------------------------------------------------------------------- resuming on other data
+
+
+def train_here(args, tmp_path):
+    """train_sft.main in this process (a start-up costs seconds) on the tiny model; OptionError as raised."""
+    return train_sft.main(TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args)
+
+
+@pytest.mark.parametrize("edit", ["one_row", "reorder"])
+def test_resume_on_changed_data_stops_naming_the_file_and_the_option(tmp_path, edit):
+    """The same number of rows used to pass: only the sample count was compared."""
+    data_file = write_reverse_pairs(tmp_path / "train.jsonl", 120)
+    out = tmp_path / "out"
+    train_here([f"--data_path={data_file}", "--max_steps=2", f"--output_dir={out}"], tmp_path)
+    rows = open(data_file).read().splitlines(keepends=True)
+    rows = rows[::-1] if edit == "reorder" else [rows[0].replace("reverse", "flip")] + rows[1:]
+    open(data_file, "w").writelines(rows)
+    with pytest.raises(OptionError) as error:
+        train_here(["--resume", "--max_steps=4", f"--output_dir={out}"], tmp_path)
+    assert str(error.value) == (
+        f"--resume: training file {data_file} changed since {out}/ckpt-00000002 was written (its sha256 differs): "
+        f"give --resume_data_changed=continue to go on from the same position in it, or "
+        f"--resume_data_changed=restart_epoch to start epoch 0 over on it")
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == ["ckpt-00000002"]
+
+
+@pytest.mark.parametrize("choice, logged", [("continue", "goes on from the same position"),
+                                            ("restart_epoch", "starts epoch 0 over")])
+def test_resume_on_changed_data_goes_on_when_told(tmp_path, capsys, choice, logged):
+    data_file = write_reverse_pairs(tmp_path / "train.jsonl", 120)
+    out = tmp_path / "out"
+    train_here([f"--data_path={data_file}", "--max_steps=2", f"--output_dir={out}"], tmp_path)
+    rows = open(data_file).read().splitlines(keepends=True)
+    open(data_file, "w").writelines(rows[::-1] + (rows[:7] if choice == "restart_epoch" else []))
+    capsys.readouterr()
+    train_here(["--resume", "--max_steps=4", f"--resume_data_changed={choice}", f"--output_dir={out}"], tmp_path)
+    log = capsys.readouterr().out
+    assert f"--resume_data_changed={choice}: training file {data_file} changed since {out}/ckpt-00000002" in log
+    assert logged in log and f"resumed from {out}/ckpt-00000002 at step 2" in log
+    assert (out / "ckpt-00000004").is_dir()
+    # the next resume compares against the data the run now trains on, and does not inherit the choice
+    state = torch.load(out / "ckpt-00000004" / "trainer.pt", weights_only=True)
+    assert state["data"]["train"] == [[data_file, checkpoint.sha256_of(data_file)]]
+    open(data_file, "a").write(rows[0])
+    with pytest.raises(OptionError, match=f"--resume: training file {data_file} changed since {out}/ckpt-00000004"):
+        train_here(["--resume", "--max_steps=6", f"--output_dir={out}"], tmp_path)
