@@ -455,7 +455,36 @@ def adopt_checkpoint_options(cfg, explicit, saved, path, names):
 THIS_RESUME_ONLY = ("resume_data_changed",)  # a choice for one resume, never inherited from the checkpoint
 
 
-def starting_checkpoint(cfg, explicit, log, master):
+def keep_global_batch(cfg, explicit, checkpoint, world, log):
+    """A run resumed on another number of ranks keeps its samples per step (ranks x accumulation x
+    batch) by changing --gradient_accumulation_steps, so that it continues the same run; where that
+    cannot divide, it stops with a sentence naming the numbers. An explicit --gradient_accumulation_steps
+    that changes the batch is the user's choice, made with a notice."""
+    saved_world, saved = checkpoint.get("world_size", world), checkpoint["options"]
+    per_step = saved_world * saved["gradient_accumulation_steps"] * saved["batch_size"]
+    factors = f"({saved_world} ranks x {saved['gradient_accumulation_steps']} x {saved['batch_size']})"
+    accum, batch = cfg["gradient_accumulation_steps"], cfg["batch_size"]
+    if "gradient_accumulation_steps" in explicit:
+        if world * accum * batch != per_step:
+            log(f"--gradient_accumulation_steps={accum} changes the batch: {world * accum * batch} samples per step "
+                f"({world} ranks x {accum} x {batch}) instead of {checkpoint['path']}'s {per_step} {factors}")
+        return
+    if world == saved_world:
+        return
+    if per_step % (world * batch):
+        micro = per_step // batch
+        fitting = [str(n) for n in range(1, micro + 1) if micro % n == 0][:8]
+        raise OptionError(f"--resume on {world} rank(s) cannot keep {checkpoint['path']}'s {per_step} samples per step "
+                          f"{factors}: {per_step} is not a multiple of {world} ranks x --batch_size={batch}; resume on "
+                          f"{' or '.join([', '.join(fitting[:-1]), fitting[-1]] if len(fitting) > 1 else fitting)} "
+                          f"ranks, or give --gradient_accumulation_steps to change the batch")
+    cfg["gradient_accumulation_steps"] = per_step // (world * batch)
+    explicit.add("gradient_accumulation_steps")  # a DeepSpeed JSON's own value must now agree with it
+    log(f"--resume on {world} rank(s) instead of {saved_world}: --gradient_accumulation_steps="
+        f"{cfg['gradient_accumulation_steps']} keeps the checkpoint's {per_step} samples per step {factors}")
+
+
+def starting_checkpoint(cfg, explicit, log, master, world):
     """The checkpoint to resume (the whole run's state) or to start from (the model's shape and
     weights), with the options it fixes adopted into cfg; None when starting otherwise."""
     if cfg["resume"]:
@@ -466,6 +495,7 @@ def starting_checkpoint(cfg, explicit, log, master):
         checkpoint = load_checkpoint(path)
         adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path,
                                  [name for name in OPTIONS if name not in THIS_RESUME_ONLY])
+        keep_global_batch(cfg, explicit, checkpoint, world, log)
         return checkpoint
     if cfg["init_from"] == "scratch":
         return None
@@ -497,7 +527,8 @@ def data_identity(cfg, tokenizer):
     evaluation = data.parse_sources(eval_path) + evaluation
     return {"train": [[path, sha256_of(path)] for path, _ in train],
             "eval": [[path, sha256_of(path)] for path, _ in evaluation],
-            "tokenizer": data.tokenizer_identity(tokenizer), "options": {name: cfg[name] for name in SAMPLE_OPTIONS}}
+            "tokenizer": data.tokenizer_identity(tokenizer),
+            "options": {name: cfg[name] for name in SAMPLE_OPTIONS}}
 
 
 def check_resumed_data(checkpoint, identity, n_samples, choice, log):

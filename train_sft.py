@@ -597,7 +597,7 @@ def main(argv):
     if cfg["kernels"] == "triton" and not sft_kernels.runs_on(device):
         raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
                           "use --kernels=torch on CPU")
-    checkpoint = starting_checkpoint(cfg, explicit, log, rank == 0)
+    checkpoint = starting_checkpoint(cfg, explicit, log, rank == 0, world)
     if checkpoint is not None and cfg["resume"]:
         run_id = checkpoint["run_id"] or run_id  # the resumed run keeps its id
     if cfg["engine"] == "deepspeed":

@@ -361,3 +361,51 @@ def test_resume_on_ranks_that_cannot_share_the_position_is_one_sentence(tmp_path
     assert proc.returncode != 0 and 'train_sft.py", line' not in proc.stderr
     assert (f"train_sft.py: error: cannot resume from {out}/ckpt-{STEPS:08d}: it stopped after {2 * STEPS - 1} "
             f"micro-batches of epoch 0, which 2 ranks cannot share evenly") in proc.stderr
+
+
+# ----------------------------------------------------------------------------- resuming on fewer ranks keeps the batch
+
+
+@pytest.mark.slow
+def test_a_two_rank_stage2_checkpoint_resumed_on_one_rank_continues_the_same_run(tmp_path, data_file):
+    """It went on with 1 x 1 x 4 samples per step instead of 2 x 1 x 4, silently: another run."""
+    out = tmp_path / "run"
+    args = [f"--data_path={data_file}", "--zero_stage=2", "--max_steps=12", "--checkpoint_interval=6",
+            "--keep_checkpoints=5", f"--output_dir={out}"]
+    run_trainer(args, tmp_path, nproc=2)
+    uninterrupted = train_losses(out)
+    for later in ("ckpt-00000012", "hf"):  # as if the run had been stopped after step 6
+        shutil.rmtree(out / later)
+    proc = run_trainer(["--resume", f"--output_dir={out}"], tmp_path)
+    assert (f"--resume on 1 rank(s) instead of 2: --gradient_accumulation_steps=2 keeps the checkpoint's 8 samples "
+            f"per step (2 ranks x 1 x 4)") in proc.stdout
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, 13))
+    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)
+
+
+def resumed_options(world, explicit=(), **options):
+    """The options a resume on world ranks would train with, from a checkpoint of 2 ranks x 3 x 4."""
+    cfg = {"gradient_accumulation_steps": 3, "batch_size": 4, **options}
+    saved = {"world_size": 2, "options": {"gradient_accumulation_steps": 3, "batch_size": 4},
+             "path": "out/ckpt-00000006"}
+    logged = []
+    checkpoint.keep_global_batch(cfg, set(explicit), saved, world, logged.append)
+    return cfg, logged
+
+
+def test_a_world_size_change_keeps_the_global_batch_or_says_why_not():
+    assert resumed_options(3) == ({"gradient_accumulation_steps": 2, "batch_size": 4}, [
+        "--resume on 3 rank(s) instead of 2: --gradient_accumulation_steps=2 keeps the checkpoint's 24 samples per "
+        "step (2 ranks x 3 x 4)"])
+    assert resumed_options(2) == ({"gradient_accumulation_steps": 3, "batch_size": 4}, [])
+    with pytest.raises(checkpoint.OptionError) as error:
+        resumed_options(4)
+    assert str(error.value) == (
+        "--resume on 4 rank(s) cannot keep out/ckpt-00000006's 24 samples per step (2 ranks x 3 x 4): 24 is not a "
+        "multiple of 4 ranks x --batch_size=4; resume on 1, 2, 3 or 6 ranks, or give --gradient_accumulation_steps "
+        "to change the batch")
+    cfg, logged = resumed_options(4, explicit=["gradient_accumulation_steps"], gradient_accumulation_steps=1)
+    assert cfg["gradient_accumulation_steps"] == 1 and logged == [
+        "--gradient_accumulation_steps=1 changes the batch: 16 samples per step (4 ranks x 1 x 4) instead of "
+        "out/ckpt-00000006's 24 (2 ranks x 3 x 4)"]
