@@ -111,12 +111,18 @@ CHOICES = {
 }
 
 
-# Allowed ranges (lowest, highest or None), both inclusive; every other number must be at least 0.
-RANGES = {"max_seq_len": (2, None), "zero_stage": (0, 3), "dropout": (0, 0.99), "beta1": (0, 0.9999), "beta2": (0, 0.9999),
-          "min_lr_ratio": (0, 1), "sparse_density": (0, 1),
-          "sparse_regrow_share": (0, 1), **{name: (1, None) for name in (
-              "batch_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "log_interval",
-              "keep_checkpoints", "max_nonfinite_steps", "num_train_epochs")}}
+# Allowed ranges (lowest, highest or None), both inclusive; every other number must be at least 0. A
+# highest value is what the machine can honour: numpy seeds are 32-bit, 2.0 ** 64 is already a loss scale
+# no float16 run needs, and positions and accumulation far beyond any real run would only exhaust memory
+# before the first step (check_combinations also bounds what one step holds).
+RANGES = {"max_seq_len": (2, 2**20), "zero_stage": (0, 3), "dropout": (0, 0.99), "beta1": (0, 0.9999),
+          "beta2": (0, 0.9999), "min_lr_ratio": (0, 1), "sparse_density": (0, 1), "sparse_regrow_share": (0, 1),
+          "seed": (0, 2**32 - 1), "initial_scale_power": (0, 64), "gradient_accumulation_steps": (1, 2**14),
+          **{name: (1, None) for name in (
+              "batch_size", "n_layer", "n_head", "n_embd", "log_interval", "keep_checkpoints", "max_nonfinite_steps",
+              "num_train_epochs")}}
+
+MAX_STEP_POSITIONS = 2**28  # token positions one optimizer step holds at once (ids and labels: 4 GiB)
 
 
 # Options that shape the model: a checkpoint to start from must agree with them.
@@ -258,6 +264,12 @@ def check_combinations(cfg):
                 raise OptionError(f"--{name} is a DeepSpeed setting: it needs --engine=deepspeed")
     if cfg["offload"] and cfg["zero_stage"] == 0:
         raise OptionError("--offload moves the sharded optimizer state: it needs --zero_stage=1, 2 or 3")
+    positions = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["max_seq_len"]
+    if positions > MAX_STEP_POSITIONS:
+        raise OptionError(f"--gradient_accumulation_steps={cfg['gradient_accumulation_steps']} x --batch_size="
+                          f"{cfg['batch_size']} x --max_seq_len={cfg['max_seq_len']} is {positions:,} token positions, "
+                          f"which one optimizer step holds in memory at once (about {positions * 16 / 2**30:.0f} GiB "
+                          f"of ids and labels); lower one of them (at most {MAX_STEP_POSITIONS:,} positions)")
     if cfg["only_optimize_lora"] and not cfg["lora_dim"]:
         raise OptionError("--only_optimize_lora needs --lora_dim > 0")
     # Sparse fine-tuning lives in the optimizer, whose gathered gradients only the native engine's stage 0

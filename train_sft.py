@@ -152,6 +152,8 @@ def count_steps(cfg, train_set, batches, world):
 def prepare_model(cfg, n_vocab, checkpoint, device):
     """The model to train, on its device: built, checked against max_seq_len, LoRA-frozen as asked,
     with the chosen loss kernel and NEFTune noise."""
+    if checkpoint is None and cfg["init_from"] == "scratch":
+        check_scratch_model_fits(cfg, n_vocab, device)
     model = build_model(cfg, n_vocab, checkpoint)
     if cfg["max_seq_len"] - 1 > model.config.block_size:
         raise OptionError(f"--max_seq_len={cfg['max_seq_len']} needs {cfg['max_seq_len'] - 1} positions but the "
@@ -165,6 +167,22 @@ def prepare_model(cfg, n_vocab, checkpoint, device):
     if cfg["neftune_alpha"] > 0:
         add_neftune_noise(model, cfg["neftune_alpha"])
     return model.to(device)
+
+
+def check_scratch_model_fits(cfg, n_vocab, device):
+    """A model from scratch is built whole on every rank before any engine shards it: options whose
+    weights alone exceed the device's memory stop here with a sentence, not in the allocator."""
+    n_embd = cfg["n_embd"]
+    n_params = (n_vocab + cfg["max_seq_len"]) * n_embd + cfg["n_layer"] * 12 * n_embd**2  # GPT-2's shape
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n_params * 4 > memory:
+        raise OptionError(f"--n_layer={cfg['n_layer']} --n_embd={n_embd} --max_seq_len={cfg['max_seq_len']} make a "
+                          f"model of about {n_params:,} parameters, whose float32 weights alone "
+                          f"({n_params * 4 / 2**30:,.0f} GiB) exceed the {memory / 2**30:,.0f} GiB of this "
+                          f"{device.type} device; make it smaller")
 
 
 def make_optimizer(model, cfg, fused, total_steps=1):
