@@ -38,6 +38,7 @@ from options import MODEL_OPTIONS, OPTIONS, RESUME_MAY_CHANGE, OptionError
 # previous intact checkpoint. run.lock, locked by rank 0 for the run's life, keeps a second run out.
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8,})")
 LEFTOVER_NAME = re.compile(r"(ckpt-\d{8,})\.(tmp|old)")  # being written, or being replaced, when a crash came
+REJECTED_NAME = re.compile(r"ckpt-(\d{8,})\.rejected(\d*)")  # passed over by a resume (move_aside)
 TRAINER_FILE, WEIGHTS_FILE, MANIFEST_FILE = "trainer.pt", "model.pt", "manifest.json"
 RUN_FILE, LOCK_FILE = "run.json", "run.lock"
 RUN_OUTPUTS = re.compile(r"metrics\.jsonl|hf|tensorboard|nonfinite-step-\d{8}-rank\d+\.json")  # besides checkpoints
@@ -391,9 +392,12 @@ def replace_directory(src, dst):
 
 
 def remove_old_checkpoints(output_dir, keep, run_id):
-    """Keeps the latest `keep` of this run's checkpoints by step; every other run's and name is left alone."""
+    """Keeps the latest `keep` of this run's checkpoints by step, and the latest `keep` of those that a resume
+    set aside as <name>.rejected (to look at, not to fill the disk); every other name is left alone."""
     ours = [path for _, path in list_checkpoints(output_dir) if run_of(path) == run_id]
-    for path in ours[:-keep]:
+    rejected = sorted((int(match.group(1)), int(match.group(2) or 1), match.group(0))
+                      for match in map(REJECTED_NAME.fullmatch, os.listdir(output_dir)) if match)
+    for path in ours[:-keep] + [os.path.join(output_dir, name) for *_, name in rejected[:-keep]]:
         shutil.rmtree(path)
 
 
@@ -490,8 +494,9 @@ def starting_checkpoint(cfg, explicit, log, master, world):
     if cfg["resume"]:
         path = find_checkpoint(cfg["output_dir"], log, set_aside=master)
         if path is None:
-            raise OptionError(f"--resume: no intact ckpt-<step> checkpoint of the run in "
-                              f"--output_dir={cfg['output_dir']}")
+            raise OptionError(f"--resume: no intact ckpt-<step> checkpoint of the run in --output_dir="
+                              f"{cfg['output_dir']}; start the run anew without --resume, with --overwrite_output_dir "
+                              f"to replace what it holds")
         checkpoint = load_checkpoint(path)
         adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path,
                                  [name for name in OPTIONS if name not in THIS_RESUME_ONLY])

@@ -245,6 +245,9 @@ def read_config_file(path, options):
     scope = {}
     try:
         exec(compile(open(path).read(), path, "exec"), scope)
+    except SystemExit as e:  # else the run would end here, silently, with the file's exit status
+        raise OptionError(f"config file {shown} called sys.exit({e.code if e.code is not None else ''}) or raised "
+                          f"SystemExit: a config file only assigns options") from None
     except Exception as e:
         raise OptionError(f"config file {shown} failed to run: {type(e).__name__}: {e}") from None
     values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
@@ -264,6 +267,9 @@ def check_combinations(cfg):
                 raise OptionError(f"--{name} is a DeepSpeed setting: it needs --engine=deepspeed")
     if cfg["offload"] and cfg["zero_stage"] == 0:
         raise OptionError("--offload moves the sharded optimizer state: it needs --zero_stage=1, 2 or 3")
+    if cfg["data_path"] == "demo" and cfg["eval_data_path"]:
+        raise OptionError(f"--eval_data_path={printable(cfg['eval_data_path'])} is not used with --data_path=demo, "
+                          f"which brings its own eval set: give your training files as --data_path too, or leave it out")
     positions = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["max_seq_len"]
     if positions > MAX_STEP_POSITIONS:
         raise OptionError(f"--gradient_accumulation_steps={cfg['gradient_accumulation_steps']} x --batch_size="

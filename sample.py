@@ -50,6 +50,16 @@ def check_tokenizer(requested, trained_with, model, model_path):
     return tokenizer
 
 
+def fit_to_context(ids, block_size):
+    """The prompt's last block_size - 1 tokens, leaving a position for the answer, with a notice when its
+    start is cut: the model cannot see that part, and its answer would ignore it without a word."""
+    keep = block_size - 1
+    if len(ids) > keep:
+        print(f"sample.py: the prompt has {len(ids)} tokens but the model sees {block_size} positions: its first "
+              f"{len(ids) - keep} tokens are left out", file=sys.stderr)
+    return ids[-keep:]
+
+
 def main(argv):
     args, _ = parse_options(argv, OPTIONS, CHOICES, RANGES, __doc__)
     torch.manual_seed(args["seed"])
@@ -62,7 +72,7 @@ def main(argv):
     template = trained_with.get("template", DEFAULT_TEMPLATE)
 
     def respond(context):
-        ids = tokenizer.encode(context, allowed_special="all")[-model.config.block_size + 1:]
+        ids = fit_to_context(tokenizer.encode(context, allowed_special="all"), model.config.block_size)
         new = model.generate([ids], args["max_new_tokens"], temperature=args["temperature"],
                              top_k=args["top_k"] or None, top_p=args["top_p"], eos_id=tokenizer.eot_token,
                              vocab_limit=tokenizer.n_vocab)[0]

@@ -399,3 +399,28 @@ def test_resume_on_changed_data_goes_on_when_told(tmp_path, capsys, choice, logg
     open(data_file, "a").write(rows[0])
     with pytest.raises(OptionError, match=f"--resume: training file {data_file} changed since {out}/ckpt-00000004"):
         train_here(["--resume", "--max_steps=6", f"--output_dir={out}"], tmp_path)
+
+
+def test_resume_without_a_checkpoint_names_overwrite_output_dir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    cfg = {"resume": True, "output_dir": str(out)}
+    with pytest.raises(OptionError) as error:
+        checkpoint.starting_checkpoint(cfg, set(), print, True, 1)
+    assert str(error.value) == (
+        f"--resume: no intact ckpt-<step> checkpoint of the run in --output_dir={out}; start the run anew "
+        f"without --resume, with --overwrite_output_dir to replace what it holds")
+
+
+def test_rotation_keeps_only_the_newest_rejected_checkpoints(tmp_path):
+    """Every resume that passed over a damaged checkpoint left a .rejected directory, forever."""
+    out = tmp_path / "out"
+    for step in (1, 2, 3):
+        make_checkpoint(out, step, "this-run")
+    for name in ("ckpt-00000004.rejected", "ckpt-00000005.rejected", "ckpt-00000005.rejected2",
+                 "ckpt-00000006.rejected"):
+        (out / name).mkdir()
+    checkpoint.remove_old_checkpoints(str(out), 2, "this-run")
+    assert sorted(os.listdir(out)) == ["ckpt-00000002", "ckpt-00000003", "ckpt-00000005.rejected2",
+                                       "ckpt-00000006.rejected"]

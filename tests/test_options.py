@@ -241,3 +241,21 @@ def test_a_scratch_model_larger_than_the_machine_is_refused_before_it_is_built()
         train_sft.prepare_model(cfg, 50257, None, torch.device("cpu"))
     assert str(error.value).startswith("--n_layer=100000 --n_embd=8192 --max_seq_len=512 make a model of about "
                                        "80,531,052,699,648 parameters, whose float32 weights alone (300,002 GiB) exceed the ")
+
+
+def test_a_config_file_that_exits_is_an_error_naming_it(tmp_path):
+    """sys.exit(0) in a config file ended the run with exit 0 and no output, which looks like success."""
+    path = tmp_path / "leaves.py"
+    path.write_text("n_layer = 2\nimport sys\nsys.exit(0)\n")
+    with pytest.raises(options.OptionError) as error:
+        options.parse_options([str(path)])
+    assert str(error.value) == (f"config file {path} called sys.exit(0) or raised SystemExit: a config file "
+                                f"only assigns options")
+
+
+def test_an_eval_file_with_the_demo_is_refused_not_ignored():
+    cfg, _ = options.parse_options(["--eval_data_path=missing.jsonl"])
+    with pytest.raises(options.OptionError) as error:
+        options.check_combinations(cfg)
+    assert str(error.value) == ("--eval_data_path=missing.jsonl is not used with --data_path=demo, which brings its "
+                                "own eval set: give your training files as --data_path too, or leave it out")

@@ -409,3 +409,26 @@ def test_a_world_size_change_keeps_the_global_batch_or_says_why_not():
     assert cfg["gradient_accumulation_steps"] == 1 and logged == [
         "--gradient_accumulation_steps=1 changes the batch: 16 samples per step (4 ranks x 1 x 4) instead of "
         "out/ckpt-00000006's 24 (2 ranks x 3 x 4)"]
+
+
+# ----------------------------------------------------------------------------- data paths that are not files
+
+
+def test_a_data_path_that_is_not_a_readable_file_says_what_it_is(tmp_path):
+    """A FIFO, a symlink loop and a non-numeric weight all said "not found", which sends one looking elsewhere."""
+    fifo, loop, data_file = tmp_path / "rows.jsonl", tmp_path / "loop.jsonl", tmp_path / "train.jsonl"
+    os.mkfifo(fifo)
+    os.symlink(loop, loop)
+    write_reverse_pairs(data_file, 4)
+    cases = {
+        str(fifo): f"--data_path: {fifo} is a FIFO (named pipe), not a regular file",
+        str(loop): f"--data_path: {loop} is a symbolic link that loops back on itself",
+        f"{data_file}:abc": f"--data_path: in {data_file}:abc, 'abc' is not a weight (FILE:WEIGHT takes a positive "
+                            f"number, as in {data_file}:2)",
+    }
+    for spec, message in cases.items():
+        with pytest.raises(train_sft.OptionError) as error:
+            train_sft.check_data_files(f"{data_file},{spec}", "data_path")
+        assert str(error.value) == message
+    train_sft.check_data_files(f"{data_file}:2, {data_file}", "data_path")  # fine: nothing raised
+    train_sft.check_data_files(str(tmp_path / "absent.jsonl"), "eval_data_path")  # data.py names what is missing
