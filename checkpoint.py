@@ -517,8 +517,9 @@ def starting_checkpoint(cfg, explicit, log, master, world):
 
 
 # Options that decide which samples a run sees and in which order, beside the files' contents.
-SAMPLE_OPTIONS = ("data_path", "eval_data_path", "tokenizer", "data_split", "data_format", "max_seq_len", "truncate_prompt",
-                  "loss_on_prompt", "skip_bad_rows", "template", "packing", "group_by_length", "batch_size", "seed")
+SAMPLE_OPTIONS = ("data_path", "eval_data_path", "tokenizer", "data_split", "data_format", "max_seq_len",
+                  "truncate_prompt", "loss_on_prompt", "skip_bad_rows", "template", "packing", "group_by_length",
+                  "batch_size", "seed")
 
 
 def data_identity(cfg, tokenizer):

@@ -269,7 +269,8 @@ def check_combinations(cfg):
         raise OptionError("--offload moves the sharded optimizer state: it needs --zero_stage=1, 2 or 3")
     if cfg["data_path"] == "demo" and cfg["eval_data_path"]:
         raise OptionError(f"--eval_data_path={printable(cfg['eval_data_path'])} is not used with --data_path=demo, "
-                          f"which brings its own eval set: give your training files as --data_path too, or leave it out")
+                          f"which brings its own eval set: give your training files as --data_path too, or leave "
+                          f"it out")
     positions = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["max_seq_len"]
     if positions > MAX_STEP_POSITIONS:
         raise OptionError(f"--gradient_accumulation_steps={cfg['gradient_accumulation_steps']} x --batch_size="
