@@ -80,6 +80,9 @@ def claim_output_dir(output_dir, resume, overwrite, rank, world, log):
                 make_room_for_new_run(output_dir, overwrite, log)
         except OptionError as e:
             error = str(e)
+            if lock is not None:  # refused: the directory was never this run's (write_outcome leaves it alone)
+                lock.truncate(0)
+                lock.close()
     error, run_id = from_rank0((error, uuid.uuid4().hex), world)
     if error:
         raise OptionError(error)
@@ -378,6 +381,24 @@ def write_run_record(output_dir, run_id):
         with open(path + ".tmp", "w") as f:
             json.dump({"run_id": run_id}, f)
         os.replace(path + ".tmp", path)
+
+
+def write_outcome(output_dir, exit_code, reason):
+    """Adds how the run ended (exit_code, and reason: the sentence it printed) to output_dir/run.json, for
+    a scheduler: under torchrun the job's own exit status is 1 whatever the ranks' was. Only the process
+    that holds output_dir's lock writes, so a run refused because another one holds it leaves that run's
+    record alone. Returns whether it wrote."""
+    path = os.path.join(output_dir, RUN_FILE)
+    try:
+        with open(os.path.join(output_dir, LOCK_FILE)) as f:
+            if f.read().strip() != f"pid {os.getpid()} on {socket.gethostname()}":
+                return False
+        with open(path + ".tmp", "w") as f:
+            json.dump({**(read_json_object(path) or {}), "exit_code": exit_code, "reason": reason}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:  # the record is a courtesy; the exit status and the printed sentence remain
+        return False
+    return True
 
 
 def replace_directory(src, dst):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import deepspeed_engine
@@ -40,7 +41,7 @@ import sparse
 import zero_lite
 from checkpoint import (CheckpointError, build_model, check_output_dir, check_resumed_data, claim_output_dir,
                         data_identity, export_hf, from_rank0, resume_run, rng_state, save_checkpoint,
-                        starting_checkpoint)
+                        starting_checkpoint, write_outcome)
 from data import Batches, get_tokenizer, prepare_data
 from model import only_optimize_lora
 from options import OptionError, check_combinations, parse_options
@@ -757,20 +758,47 @@ def main(argv):
     return result
 
 
-if __name__ == "__main__":
+def outcome(argv):
+    """(exit status, the sentence that says why) of a run: 0 done, 2 bad input, 3 NaN/Inf, 4 a checkpoint
+    not written, 128 + the signal when stopped by one. The sentence is empty on ranks other than 0 where
+    rank 0 has the same one to print."""
     try:
-        main(sys.argv[1:])
+        main(argv)
+        return 0, "done"
     except OptionError as e:  # bad input: one sentence, no traceback
-        print(f"train_sft.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2, f"error: {e}"
     except CheckpointError as e:  # a full disk, say: one sentence, no traceback
-        print(f"train_sft.py: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CHECKPOINT_NOT_WRITTEN)
+        return EXIT_CHECKPOINT_NOT_WRITTEN, f"error: {e}"
     except RunStopped as e:
-        if str(e):
-            print(f"train_sft.py: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        return e.exit_code, str(e)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps, where there is no step to finish
-        print("train_sft.py: interrupted; the latest checkpoint in output_dir, if any, holds the run's work",
-              file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        return 128 + signal.SIGINT, "interrupted; the latest checkpoint in output_dir, if any, holds the run's work"
+
+
+def report_outcome(argv, exit_code, sentence):
+    """The sentence once, from rank 0; the outcome in output_dir/run.json (checkpoint.write_outcome); and
+    under torchrun the sentence in the error file it reads, so that its failure summary shows it rather
+    than a pointer to its documentation."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0 and exit_code:
+        print(f"train_sft.py: {sentence}", file=sys.stderr)
+    if rank == 0:
+        try:
+            write_outcome(parse_options(argv)[0]["output_dir"], exit_code, sentence)
+        except OptionError:
+            pass  # options that do not parse name no output directory
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and exit_code and sentence:
+        with open(error_file, "w") as f:
+            json.dump({"message": f"train_sft.py: {sentence}", "timestamp": int(time.time())}, f)
+
+
+@record  # an unexpected exception (a bug) reaches torchrun's failure summary with its traceback
+def run_from_command_line(argv):
+    exit_code, sentence = outcome(argv)
+    report_outcome(argv, exit_code, sentence)
+    sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    run_from_command_line(sys.argv[1:])

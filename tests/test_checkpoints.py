@@ -424,3 +424,42 @@ def test_rotation_keeps_only_the_newest_rejected_checkpoints(tmp_path):
     checkpoint.remove_old_checkpoints(str(out), 2, "this-run")
     assert sorted(os.listdir(out)) == ["ckpt-00000002", "ckpt-00000003", "ckpt-00000005.rejected2",
                                        "ckpt-00000006.rejected"]
+
+
+# ----------------------------------------------------------------------------- how a run ended, for a scheduler
+
+
+def test_run_json_records_how_the_run_ended(tmp_path, data_file):
+    out = tmp_path / "out"
+    proc = run_trainer([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={out}"], tmp_path)
+    record = json.loads((out / "run.json").read_text())
+    assert record["exit_code"] == 0 and record["reason"] == "done" and len(record["run_id"]) == 32
+    proc = run_trainer([f"--data_path={tmp_path}/none.jsonl", f"--output_dir={tmp_path}/new"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert json.loads((tmp_path / "new" / "run.json").read_text()) == {
+        "exit_code": 2, "reason": f"error: data file '{tmp_path}/none.jsonl' not found"}
+    assert proc.stderr.strip().splitlines()[-1] == f"train_sft.py: error: data file '{tmp_path}/none.jsonl' not found"
+    # a run refused because another holds the directory leaves that run's record alone
+    lock = checkpoint.lock_output_dir(str(out))
+    try:
+        proc = run_trainer([f"--data_path={data_file}", "--resume", f"--output_dir={out}"], tmp_path, check=False)
+    finally:
+        lock.close()
+    assert proc.returncode == 2 and json.loads((out / "run.json").read_text()) == record
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_full_disk_is_one_sentence_and_exit_4_in_run_json(tmp_path, data_file,
+                                                                          disk_for_one_checkpoint):
+    """torchrun's own exit status is 1 for any failed rank (it printed a ChildFailedError with a pointer to
+    its documentation, and each rank its own copy of the sentence): run.json keeps the 4."""
+    out = disk_for_one_checkpoint / "out"
+    proc = run_trainer([f"--data_path={data_file}", "--max_steps=4", "--checkpoint_interval=1", "--keep_checkpoints=5",
+                        f"--output_dir={out}"], tmp_path, nproc=2, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["exit_code"] == 4 and record["reason"].startswith("error: checkpoint step 2 needs about ")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train_sft.py: error: ")]
+    assert lines == [f"train_sft.py: {record['reason']}"], proc.stderr[-3000:]
+    assert f"traceback : train_sft.py: {record['reason']}" in proc.stderr  # torchrun's summary shows it
+    assert "To enable traceback see" not in proc.stderr and 'train_sft.py", line' not in proc.stderr
