@@ -17,6 +17,7 @@ one seam: zero_lite.py (native) and deepspeed_engine.py.
 """
 
 import contextlib
+import ctypes
 import errno
 import json
 import math
@@ -80,8 +81,26 @@ class Run:
 # Setup: distributed, device, data
 
 
+def stop_when_the_launcher_dies():
+    """torchrun starts each rank in a session of its own, so a kill -9 of torchrun (or of its process group)
+    would leave the ranks training on and holding the output directory's lock. Here the kernel sends this
+    process SIGTERM when its parent dies (Linux's parent-death signal), and it stops as on any SIGTERM:
+    it finishes the step, writes a checkpoint, releases the lock and exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 def setup_distributed(cfg):
     """Initialises torch.distributed when launched by torchrun; returns (rank, local_rank, world_size, device)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # launched by torchrun
+        stop_when_the_launcher_dies()
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())

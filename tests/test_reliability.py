@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -432,3 +433,61 @@ def test_a_data_path_that_is_not_a_readable_file_says_what_it_is(tmp_path):
         assert str(error.value) == message
     train_sft.check_data_files(f"{data_file}:2, {data_file}", "data_path")  # fine: nothing raised
     train_sft.check_data_files(str(tmp_path / "absent.jsonl"), "eval_data_path")  # data.py names what is missing
+
+
+# ----------------------------------------------------------------------------- no orphaned ranks
+
+
+def children_of(pid):
+    """The ids of the processes whose parent is pid (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def running(pid):
+    """Whether pid is a live process (a zombie waiting for its reaper is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_kill_9_of_torchrun_stops_every_rank_with_a_checkpoint(tmp_path, data_file, uninterrupted):
+    """Each rank runs in a session of its own: they trained to the end, holding run.lock, after torchrun died."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py", *TINY,
+           f"--cache_dir={tmp_path / 'cache'}", f"--data_path={data_file}", f"--output_dir={out}", *LONG_RUN]
+    errors = open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=errors, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 2 |"):
+            break
+    ranks = children_of(proc.pid)
+    assert len(ranks) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(running(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in ranks)
+    errors.seek(0)
+    stderr = errors.read()
+    step = stopped_step(stderr, "SIGTERM")
+    assert 2 <= step < STEPS and sorted(p.name for p in out.glob("ckpt-*")) == [f"ckpt-{step:08d}"]
+    assert json.loads((out / "run.json").read_text())["exit_code"] == 128 + signal.SIGTERM
+    run_trainer(["--resume", f"--output_dir={out}"], tmp_path, nproc=2)  # the lock is free
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)
