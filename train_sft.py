@@ -809,7 +809,10 @@ def report_outcome(argv, exit_code, sentence):
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and exit_code and sentence:
         with open(error_file, "w") as f:
-            json.dump({"message": f"train_sft.py: {sentence}", "timestamp": int(time.time())}, f)
+            # torchrun's summary prints py_callstack; here it is the sentence, which says more than a traceback
+            sentence = f"train_sft.py: {sentence}"
+            json.dump({"message": {"message": sentence, "extraInfo": {"py_callstack": sentence,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
 
 
 @record  # an unexpected exception (a bug) reaches torchrun's failure summary with its traceback
