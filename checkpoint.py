@@ -38,6 +38,7 @@ from options import MODEL_OPTIONS, OPTIONS, RESUME_MAY_CHANGE, OptionError
 # previous intact checkpoint. run.lock, locked by rank 0 for the run's life, keeps a second run out.
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8,})")
 LEFTOVER_NAME = re.compile(r"(ckpt-\d{8,})\.(tmp|old)")  # being written, or being replaced, when a crash came
+REJECTED_NAME = re.compile(r"ckpt-(\d{8,})\.rejected(\d*)")  # passed over by a resume (move_aside)
 TRAINER_FILE, WEIGHTS_FILE, MANIFEST_FILE = "trainer.pt", "model.pt", "manifest.json"
 RUN_FILE, LOCK_FILE = "run.json", "run.lock"
 RUN_OUTPUTS = re.compile(r"metrics\.jsonl|hf|tensorboard|nonfinite-step-\d{8}-rank\d+\.json")  # besides checkpoints
@@ -79,6 +80,9 @@ def claim_output_dir(output_dir, resume, overwrite, rank, world, log):
                 make_room_for_new_run(output_dir, overwrite, log)
         except OptionError as e:
             error = str(e)
+            if lock is not None:  # refused: the directory was never this run's (write_outcome leaves it alone)
+                lock.truncate(0)
+                lock.close()
     error, run_id = from_rank0((error, uuid.uuid4().hex), world)
     if error:
         raise OptionError(error)
@@ -379,6 +383,24 @@ def write_run_record(output_dir, run_id):
         os.replace(path + ".tmp", path)
 
 
+def write_outcome(output_dir, exit_code, reason):
+    """Adds how the run ended (exit_code, and reason: the sentence it printed) to output_dir/run.json, for
+    a scheduler: under torchrun the job's own exit status is 1 whatever the ranks' was. Only the process
+    that holds output_dir's lock writes, so a run refused because another one holds it leaves that run's
+    record alone. Returns whether it wrote."""
+    path = os.path.join(output_dir, RUN_FILE)
+    try:
+        with open(os.path.join(output_dir, LOCK_FILE)) as f:
+            if f.read().strip() != f"pid {os.getpid()} on {socket.gethostname()}":
+                return False
+        with open(path + ".tmp", "w") as f:
+            json.dump({**(read_json_object(path) or {}), "exit_code": exit_code, "reason": reason}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:  # the record is a courtesy; the exit status and the printed sentence remain
+        return False
+    return True
+
+
 def replace_directory(src, dst):
     """Renames src to dst; an existing dst (the same step saved again) is moved aside first, so a
     complete checkpoint exists at every moment (remove_leftovers restores it after a crash)."""
@@ -391,9 +413,12 @@ def replace_directory(src, dst):
 
 
 def remove_old_checkpoints(output_dir, keep, run_id):
-    """Keeps the latest `keep` of this run's checkpoints by step; every other run's and name is left alone."""
+    """Keeps the latest `keep` of this run's checkpoints by step, and the latest `keep` of those that a resume
+    set aside as <name>.rejected (to look at, not to fill the disk); every other name is left alone."""
     ours = [path for _, path in list_checkpoints(output_dir) if run_of(path) == run_id]
-    for path in ours[:-keep]:
+    rejected = sorted((int(match.group(1)), int(match.group(2) or 1), match.group(0))
+                      for match in map(REJECTED_NAME.fullmatch, os.listdir(output_dir)) if match)
+    for path in ours[:-keep] + [os.path.join(output_dir, name) for *_, name in rejected[:-keep]]:
         shutil.rmtree(path)
 
 
@@ -453,16 +478,51 @@ def adopt_checkpoint_options(cfg, explicit, saved, path, names):
         cfg[name] = saved[name]
 
 
-def starting_checkpoint(cfg, explicit, log, master):
+THIS_RESUME_ONLY = ("resume_data_changed",)  # a choice for one resume, never inherited from the checkpoint
+
+
+def keep_global_batch(cfg, explicit, checkpoint, world, log):
+    """A run resumed on another number of ranks keeps its samples per step (ranks x accumulation x
+    batch) by changing --gradient_accumulation_steps, so that it continues the same run; where that
+    cannot divide, it stops with a sentence naming the numbers. An explicit --gradient_accumulation_steps
+    that changes the batch is the user's choice, made with a notice."""
+    saved_world, saved = checkpoint.get("world_size", world), checkpoint["options"]
+    per_step = saved_world * saved["gradient_accumulation_steps"] * saved["batch_size"]
+    factors = f"({saved_world} ranks x {saved['gradient_accumulation_steps']} x {saved['batch_size']})"
+    accum, batch = cfg["gradient_accumulation_steps"], cfg["batch_size"]
+    if "gradient_accumulation_steps" in explicit:
+        if world * accum * batch != per_step:
+            log(f"--gradient_accumulation_steps={accum} changes the batch: {world * accum * batch} samples per step "
+                f"({world} ranks x {accum} x {batch}) instead of {checkpoint['path']}'s {per_step} {factors}")
+        return
+    if world == saved_world:
+        return
+    if per_step % (world * batch):
+        micro = per_step // batch
+        fitting = [str(n) for n in range(1, micro + 1) if micro % n == 0][:8]
+        raise OptionError(f"--resume on {world} rank(s) cannot keep {checkpoint['path']}'s {per_step} samples per step "
+                          f"{factors}: {per_step} is not a multiple of {world} ranks x --batch_size={batch}; resume on "
+                          f"{' or '.join([', '.join(fitting[:-1]), fitting[-1]] if len(fitting) > 1 else fitting)} "
+                          f"ranks, or give --gradient_accumulation_steps to change the batch")
+    cfg["gradient_accumulation_steps"] = per_step // (world * batch)
+    explicit.add("gradient_accumulation_steps")  # a DeepSpeed JSON's own value must now agree with it
+    log(f"--resume on {world} rank(s) instead of {saved_world}: --gradient_accumulation_steps="
+        f"{cfg['gradient_accumulation_steps']} keeps the checkpoint's {per_step} samples per step {factors}")
+
+
+def starting_checkpoint(cfg, explicit, log, master, world):
     """The checkpoint to resume (the whole run's state) or to start from (the model's shape and
     weights), with the options it fixes adopted into cfg; None when starting otherwise."""
     if cfg["resume"]:
         path = find_checkpoint(cfg["output_dir"], log, set_aside=master)
         if path is None:
-            raise OptionError(f"--resume: no intact ckpt-<step> checkpoint of the run in "
-                              f"--output_dir={cfg['output_dir']}")
+            raise OptionError(f"--resume: no intact ckpt-<step> checkpoint of the run in --output_dir="
+                              f"{cfg['output_dir']}; start the run anew without --resume, with --overwrite_output_dir "
+                              f"to replace what it holds")
         checkpoint = load_checkpoint(path)
-        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, list(OPTIONS))
+        adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path,
+                                 [name for name in OPTIONS if name not in THIS_RESUME_ONLY])
+        keep_global_batch(cfg, explicit, checkpoint, world, log)
         return checkpoint
     if cfg["init_from"] == "scratch":
         return None
@@ -479,6 +539,59 @@ def starting_checkpoint(cfg, explicit, log, master):
     checkpoint = load_checkpoint(path)
     adopt_checkpoint_options(cfg, explicit, checkpoint["options"], path, MODEL_OPTIONS)
     return checkpoint
+
+
+# Options that decide which samples a run sees and in which order, beside the files' contents.
+SAMPLE_OPTIONS = ("data_path", "eval_data_path", "tokenizer", "data_split", "data_format", "max_seq_len",
+                  "truncate_prompt", "loss_on_prompt", "skip_bad_rows", "template", "packing", "group_by_length",
+                  "batch_size", "seed")
+
+
+def data_identity(cfg, tokenizer):
+    """What the run's samples are made of: each training and eval file with its sha256 (the content hash
+    that keys the data cache too), the tokenizer's identity and the options that shape samples.
+    Checkpoints record it, so that --resume can tell the same data from other data."""
+    data_path, eval_path = cfg["data_path"], cfg["eval_data_path"]
+    if data_path == "demo":  # prepare_data has written the demo's files into the cache directory
+        data_path, eval_path = (os.path.join(cfg["cache_dir"], "demo", f"{name}.jsonl") for name in ("train", "eval"))
+    train, evaluation = data.split_jsonfile_directories(data.parse_sources(data_path, allow_directories=True))
+    evaluation = data.parse_sources(eval_path) + evaluation
+    return {"train": [[path, sha256_of(path)] for path, _ in train],
+            "eval": [[path, sha256_of(path)] for path, _ in evaluation],
+            "tokenizer": data.tokenizer_identity(tokenizer),
+            "options": {name: cfg[name] for name in SAMPLE_OPTIONS}}
+
+
+def check_resumed_data(checkpoint, identity, n_samples, choice, log):
+    """--resume on data other than the checkpoint's (a training file edited or reordered, or a tokenizer
+    directory that tokenizes differently) stops with a sentence naming it, unless --resume_data_changed
+    says how to go on: from the same position (continue) or from the start of the epoch (restart_epoch,
+    which rewinds checkpoint["batches"]). Checkpoints from before data identities pass unchecked."""
+    saved, path = checkpoint.get("data"), checkpoint["path"]
+    if saved is None:
+        return
+    if [sha for _, sha in saved["eval"]] != [sha for _, sha in identity["eval"]]:
+        log(f"--resume: the eval data changed since {path} was written; eval losses before and after differ in it")
+    changed = [now for then, now in zip(saved["train"], identity["train"]) if then[1] != now[1]]
+    if saved["tokenizer"] != identity["tokenizer"]:
+        what = f"tokenizer {identity['options']['tokenizer']} tokenizes differently"
+    elif changed or len(saved["train"]) != len(identity["train"]):
+        what = f"training file {(changed or identity['train'])[0][0]} changed"
+    else:
+        return
+    epoch = checkpoint["batches"]["epoch"]
+    if choice == "stop":
+        raise OptionError(f"--resume: {what} since {path} was written (its sha256 differs): give "
+                          f"--resume_data_changed=continue to go on from the same position in it, or "
+                          f"--resume_data_changed=restart_epoch to start epoch {epoch} over on it")
+    if choice == "continue" and checkpoint["batches"]["samples"] != n_samples:
+        raise OptionError(f"--resume_data_changed=continue: {what} since {path} was written and gives "
+                          f"{n_samples} training samples instead of {checkpoint['batches']['samples']}, so the "
+                          f"same position means nothing in it: give --resume_data_changed=restart_epoch")
+    if choice == "restart_epoch":
+        checkpoint["batches"] = {"epoch": epoch, "position": 0, "samples": n_samples}
+    log(f"--resume_data_changed={choice}: {what} since {path} was written; the run "
+        + ("goes on from the same position" if choice == "continue" else f"starts epoch {epoch} over") + " in it")
 
 
 def resume_run(checkpoint, engine, batches, rank):

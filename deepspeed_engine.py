@@ -57,7 +57,26 @@ def read_deepspeed_json(path):
         raise OptionError(f"--deepspeed_config={path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise OptionError(f"--deepspeed_config={path} must hold a JSON object, not {type(config).__name__}")
+    check_field_types(config, path)
     return config
+
+
+# The JSON fields that the trainer reads or adds to, by the type they must have.
+JSON_OBJECTS = ("zero_optimization", "zero_optimization.offload_optimizer", "fp16", "bf16", "torch_autocast")
+JSON_BOOLEANS = ("fp16.enabled", "bf16.enabled", "torch_autocast.enabled")
+JSON_INTEGERS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "zero_optimization.stage", "fp16.initial_scale_power")
+
+
+def check_field_types(config, path):
+    """A field the trainer reads, of another type than DeepSpeed's (a list for a section, say), is one
+    sentence naming it here rather than a TypeError inside the trainer or DeepSpeed."""
+    for fields, wanted, kind in ((JSON_OBJECTS, dict, "a JSON object"), (JSON_BOOLEANS, bool, "true or false"),
+                                 (JSON_INTEGERS, int, "an integer")):
+        for field in fields:
+            value = json_field(config, field)
+            if value is not None and (not isinstance(value, wanted) or wanted is int and isinstance(value, bool)):
+                raise OptionError(f"--deepspeed_config={path}: {field} must be {kind}, not {type(value).__name__}")
 
 
 def json_field(config, dotted):

@@ -92,6 +92,8 @@ OPTIONS = {
     # logging, eval, checkpoints
     "output_dir": ("out", "checkpoints, metrics.jsonl and the exported Hugging Face model"),
     "resume": (False, "continue the run in output_dir from its latest intact checkpoint"),
+    "resume_data_changed": ("stop", "--resume when a training file's content changed since the checkpoint: stop | "
+                                    "continue (the same data position) | restart_epoch (its epoch over, from the start)"),
     "overwrite_output_dir": (False, "a new run in an output_dir holding an earlier run's checkpoints or metrics "
                                     "removes them (and its hf/, tensorboard/) instead of stopping"),
     "log_interval": (10, "optimizer steps between log lines"),
@@ -112,15 +114,22 @@ CHOICES = {
     "lr_scheduler": ("cosine", "linear", "constant"),
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "resume_data_changed": ("stop", "continue", "restart_epoch"),
 }
 
 
-# Allowed ranges (lowest, highest or None), both inclusive; every other number must be at least 0.
-RANGES = {"max_seq_len": (2, None), "zero_stage": (0, 3), "dropout": (0, 0.99), "beta1": (0, 0.9999), "beta2": (0, 0.9999),
-          "min_lr_ratio": (0, 1), "sparse_density": (0, 1),
-          "sparse_regrow_share": (0, 1), **{name: (1, None) for name in (
-              "batch_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "log_interval",
-              "keep_checkpoints", "max_nonfinite_steps", "num_train_epochs")}}
+# Allowed ranges (lowest, highest or None), both inclusive; every other number must be at least 0. A
+# highest value is what the machine can honour: numpy seeds are 32-bit, 2.0 ** 64 is already a loss scale
+# no float16 run needs, and positions and accumulation far beyond any real run would only exhaust memory
+# before the first step (check_combinations also bounds what one step holds).
+RANGES = {"max_seq_len": (2, 2**20), "zero_stage": (0, 3), "dropout": (0, 0.99), "beta1": (0, 0.9999),
+          "beta2": (0, 0.9999), "min_lr_ratio": (0, 1), "sparse_density": (0, 1), "sparse_regrow_share": (0, 1),
+          "seed": (0, 2**32 - 1), "initial_scale_power": (0, 64), "gradient_accumulation_steps": (1, 2**14),
+          **{name: (1, None) for name in (
+              "batch_size", "n_layer", "n_head", "n_embd", "log_interval", "keep_checkpoints", "max_nonfinite_steps",
+              "num_train_epochs")}}
+
+MAX_STEP_POSITIONS = 2**28  # token positions one optimizer step holds at once (ids and labels: 4 GiB)
 
 
 # Options that shape the model: a checkpoint to start from must agree with them.
@@ -130,7 +139,7 @@ MODEL_OPTIONS = ("tokenizer", "model_type", "n_layer", "n_head", "n_kv_head", "n
 
 # Options that a resumed run may change; every other one is the checkpoint's. A run resumed on another
 # number of ranks keeps its batch by changing gradient_accumulation_steps (2 ranks x 3 = 3 ranks x 2).
-RESUME_MAY_CHANGE = ("resume", "max_steps", "num_train_epochs", "log_interval", "eval_interval", "eval_exact_match",
+RESUME_MAY_CHANGE = ("resume", "resume_data_changed", "max_steps", "num_train_epochs", "log_interval", "eval_interval", "eval_exact_match",
                      "checkpoint_interval", "keep_checkpoints", "tensorboard", "device", "compile", "kernels",
                      "output_dir", "cache_dir", "gradient_accumulation_steps")
 
@@ -244,6 +253,9 @@ def read_config_file(path, options):
     scope = {}
     try:
         exec(compile(open(path).read(), path, "exec"), scope)
+    except SystemExit as e:  # else the run would end here, silently, with the file's exit status
+        raise OptionError(f"config file {shown} called sys.exit({e.code if e.code is not None else ''}) or raised "
+                          f"SystemExit: a config file only assigns options") from None
     except Exception as e:
         raise OptionError(f"config file {shown} failed to run: {type(e).__name__}: {e}") from None
     values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
@@ -263,6 +275,16 @@ def check_combinations(cfg):
                 raise OptionError(f"--{name} is a DeepSpeed setting: it needs --engine=deepspeed")
     if cfg["offload"] and cfg["zero_stage"] == 0:
         raise OptionError("--offload moves the sharded optimizer state: it needs --zero_stage=1, 2 or 3")
+    if cfg["data_path"] == "demo" and cfg["eval_data_path"]:
+        raise OptionError(f"--eval_data_path={printable(cfg['eval_data_path'])} is not used with --data_path=demo, "
+                          f"which brings its own eval set: give your training files as --data_path too, or leave "
+                          f"it out")
+    positions = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["max_seq_len"]
+    if positions > MAX_STEP_POSITIONS:
+        raise OptionError(f"--gradient_accumulation_steps={cfg['gradient_accumulation_steps']} x --batch_size="
+                          f"{cfg['batch_size']} x --max_seq_len={cfg['max_seq_len']} is {positions:,} token positions, "
+                          f"which one optimizer step holds in memory at once (about {positions * 16 / 2**30:.0f} GiB "
+                          f"of ids and labels); lower one of them (at most {MAX_STEP_POSITIONS:,} positions)")
     if cfg["only_optimize_lora"] and not cfg["lora_dim"]:
         raise OptionError("--only_optimize_lora needs --lora_dim > 0")
     # Sparse fine-tuning lives in the optimizer, whose gathered gradients only the native engine's stage 0

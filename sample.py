@@ -80,6 +80,16 @@ def chat_template_of(tokenizer, template):
     return None
 
 
+def fit_to_context(ids, block_size):
+    """The prompt's last block_size - 1 tokens, leaving a position for the answer, with a notice when its
+    start is cut: the model cannot see that part, and its answer would ignore it without a word."""
+    keep = block_size - 1
+    if len(ids) > keep:
+        print(f"sample.py: the prompt has {len(ids)} tokens but the model sees {block_size} positions: its first "
+              f"{len(ids) - keep} tokens are left out", file=sys.stderr)
+    return ids[-keep:]
+
+
 def main(argv):
     args, _ = parse_options(argv, OPTIONS, CHOICES, RANGES, __doc__)
     torch.manual_seed(args["seed"])
@@ -93,7 +103,7 @@ def main(argv):
     template = trained_with.get("template") or DEFAULT_TEMPLATE
 
     def respond(ids, end):
-        new = model.generate([ids[-model.config.block_size + 1:]], args["max_new_tokens"],
+        new = model.generate([fit_to_context(ids, model.config.block_size)], args["max_new_tokens"],
                              temperature=args["temperature"], top_k=args["top_k"] or None, top_p=args["top_p"],
                              eos_id=end, vocab_limit=tokenizer.n_vocab)[0]
         return tokenizer.decode(new)

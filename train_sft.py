@@ -17,12 +17,15 @@ one seam: zero_lite.py (native) and deepspeed_engine.py.
 """
 
 import contextlib
+import ctypes
+import errno
 import json
 import math
 import os
 import random
 import resource
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -30,14 +33,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import deepspeed_engine
 import sft_kernels
 import sparse
 import zero_lite
-from checkpoint import (CheckpointError, build_model, check_output_dir, claim_output_dir, export_hf, from_rank0,
-                        resume_run, rng_state, save_checkpoint, starting_checkpoint)
+from checkpoint import (CheckpointError, build_model, check_output_dir, check_resumed_data, claim_output_dir,
+                        data_identity, export_hf, from_rank0, resume_run, rng_state, save_checkpoint,
+                        starting_checkpoint, write_outcome)
 from data import Batches, get_tokenizer, prepare_data
 from model import only_optimize_lora
 from options import OptionError, check_combinations, parse_options
@@ -68,6 +73,7 @@ class Run:
     device: torch.device
     autocast: contextlib.AbstractContextManager
     log: object
+    data: dict  # the data's identity, which checkpoints record (checkpoint.data_identity)
     metrics: object = None
 
 
@@ -75,8 +81,26 @@ class Run:
 # Setup: distributed, device, data
 
 
+def stop_when_the_launcher_dies():
+    """torchrun starts each rank in a session of its own, so a kill -9 of torchrun (or of its process group)
+    would leave the ranks training on and holding the output directory's lock. Here the kernel sends this
+    process SIGTERM when its parent dies (Linux's parent-death signal), and it stops as on any SIGTERM:
+    it finishes the step, writes a checkpoint, releases the lock and exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 def setup_distributed(cfg):
     """Initialises torch.distributed when launched by torchrun; returns (rank, local_rank, world_size, device)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # launched by torchrun
+        stop_when_the_launcher_dies()
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
@@ -106,15 +130,44 @@ def data_error_sentence(e, cache_dir):
     return f"--cache_dir={cache_dir} cannot be used: {e.strerror} ({e.filename})" if inside else str(e)
 
 
+def check_data_files(spec, option):
+    """One sentence for a data path that exists but cannot be read as data (a FIFO would block the
+    reader; a symlink loop never resolves) and for a FILE:WEIGHT whose weight is no number, where the
+    data loader would only say "not found". A path that does not exist is left to it to name."""
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        path, colon, weight = item.rpartition(":")
+        if colon and not os.path.lexists(item) and os.path.lexists(path):
+            try:
+                float(weight)
+            except ValueError:
+                raise OptionError(f"--{option}: in {item}, {weight!r} is not a weight (FILE:WEIGHT takes a positive "
+                                  f"number, as in {path}:2)") from None
+        else:
+            path = item
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OptionError(f"--{option}: {path} is a symbolic link that loops back on itself") from None
+            continue
+        kind = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode))
+        if kind:
+            raise OptionError(f"--{option}: {path} is {kind}, not a regular file")
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def load_data(cfg, rank, world, log):
-    """The tokenizer, the train and eval sets (tokenized once per machine and cached) and this rank's
-    batches. A data problem is bad input: its message names the file, line or option."""
+def load_data(cfg, rank, world, log, checkpoint):
+    """The tokenizer, the train and eval sets (tokenized once per machine and cached), this rank's
+    batches and the data's identity, which a resumed run's checkpoint must share (or be told to accept
+    otherwise). A data problem is bad input: its message names the file, line or option."""
+    for option in ("data_path", "eval_data_path"):
+        check_data_files(cfg[option] if cfg[option] != "demo" else "", option)
     try:
         tokenizer = get_tokenizer(cfg["tokenizer"])
         train_set, eval_set = prepare_data(
@@ -124,9 +177,12 @@ def load_data(cfg, rank, world, log):
             skip_bad_rows=cfg["skip_bad_rows"], seed=cfg["seed"], cache_dir=cfg["cache_dir"], log=log)
         batches = Batches(train_set, cfg["batch_size"], rank=rank, world_size=world, seed=cfg["seed"],
                           packing=cfg["packing"], group_by_length=cfg["group_by_length"])
+        identity = data_identity(cfg, tokenizer)
     except (OSError, ValueError) as e:
         raise OptionError(data_error_sentence(e, cfg["cache_dir"])) from None
-    return tokenizer, train_set, eval_set, batches
+    if checkpoint is not None and cfg["resume"]:
+        check_resumed_data(checkpoint, identity, len(train_set), cfg["resume_data_changed"], log)
+    return tokenizer, train_set, eval_set, batches, identity
 
 
 def count_steps(cfg, train_set, batches, world):
@@ -146,6 +202,8 @@ def count_steps(cfg, train_set, batches, world):
 def prepare_model(cfg, n_vocab, checkpoint, device):
     """The model to train, on its device: built, checked against max_seq_len, LoRA-frozen as asked,
     with the chosen loss kernel and NEFTune noise."""
+    if checkpoint is None and cfg["init_from"] == "scratch":
+        check_scratch_model_fits(cfg, n_vocab, device)
     model = build_model(cfg, n_vocab, checkpoint)
     if cfg["max_seq_len"] - 1 > model.config.block_size:
         raise OptionError(f"--max_seq_len={cfg['max_seq_len']} needs {cfg['max_seq_len'] - 1} positions but the "
@@ -159,6 +217,22 @@ def prepare_model(cfg, n_vocab, checkpoint, device):
     if cfg["neftune_alpha"] > 0:
         add_neftune_noise(model, cfg["neftune_alpha"])
     return model.to(device)
+
+
+def check_scratch_model_fits(cfg, n_vocab, device):
+    """A model from scratch is built whole on every rank before any engine shards it: options whose
+    weights alone exceed the device's memory stop here with a sentence, not in the allocator."""
+    n_embd = cfg["n_embd"]
+    n_params = (n_vocab + cfg["max_seq_len"]) * n_embd + cfg["n_layer"] * 12 * n_embd**2  # GPT-2's shape
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n_params * 4 > memory:
+        raise OptionError(f"--n_layer={cfg['n_layer']} --n_embd={n_embd} --max_seq_len={cfg['max_seq_len']} make a "
+                          f"model of about {n_params:,} parameters, whose float32 weights alone "
+                          f"({n_params * 4 / 2**30:,.0f} GiB) exceed the {memory / 2**30:,.0f} GiB of this "
+                          f"{device.type} device; make it smaller")
 
 
 def make_optimizer(model, cfg, fused, total_steps=1):
@@ -550,7 +624,7 @@ def checkpoint_now(run, engine, batches, model, step):
     if run.world > 1:
         rngs = [None] * run.world
         dist.all_gather_object(rngs, rng_state())
-    trainer_state = {"step": step, "batches": batches.state_dict(), "rng": rngs, "options": run.cfg,
+    trainer_state = {"step": step, "batches": batches.state_dict(), "rng": rngs, "data": run.data, "options": run.cfg,
                      "model_config": vars(model.config).copy(), "engine": run.cfg["engine"], "world_size": run.world,
                      "run_id": run.run_id}
     path = save_checkpoint(run.cfg["output_dir"], step, engine, trainer_state, run.cfg["keep_checkpoints"],
@@ -592,7 +666,7 @@ def main(argv):
     if cfg["kernels"] == "triton" and not sft_kernels.runs_on(device):
         raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
                           "use --kernels=torch on CPU")
-    checkpoint = starting_checkpoint(cfg, explicit, log, rank == 0)
+    checkpoint = starting_checkpoint(cfg, explicit, log, rank == 0, world)
     if checkpoint is not None and cfg["resume"]:
         run_id = checkpoint["run_id"] or run_id  # the resumed run keeps its id
     if cfg["engine"] == "deepspeed":
@@ -601,7 +675,7 @@ def main(argv):
     seed_everything(cfg["seed"])
 
     # Data: tokenized once per machine and cached; every rank draws its own micro-batches.
-    tokenizer, train_set, eval_set, batches = load_data(cfg, rank, world, log)
+    tokenizer, train_set, eval_set, batches, data = load_data(cfg, rank, world, log, checkpoint)
     accum = cfg["gradient_accumulation_steps"]
     total_steps = count_steps(cfg, train_set, batches, world)
 
@@ -615,7 +689,7 @@ def main(argv):
     engine = make_engine(cfg, model, optimizer)
     dtype = getattr(torch, cfg["dtype"])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    run = Run(cfg, run_id, rank, world, device, autocast, log)
+    run = Run(cfg, run_id, rank, world, device, autocast, log, data)
     if cfg["sparse_density"] > 0:
         if cfg["sparse_init"] == "gradient" and not cfg["resume"]:
             choose_sparse_entries(model, optimizer, batches, device, autocast)
@@ -704,20 +778,50 @@ def main(argv):
     return result
 
 
-if __name__ == "__main__":
+def outcome(argv):
+    """(exit status, the sentence that says why) of a run: 0 done, 2 bad input, 3 NaN/Inf, 4 a checkpoint
+    not written, 128 + the signal when stopped by one. The sentence is empty on ranks other than 0 where
+    rank 0 has the same one to print."""
     try:
-        main(sys.argv[1:])
+        main(argv)
+        return 0, "done"
     except OptionError as e:  # bad input: one sentence, no traceback
-        print(f"train_sft.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2, f"error: {e}"
     except CheckpointError as e:  # a full disk, say: one sentence, no traceback
-        print(f"train_sft.py: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_CHECKPOINT_NOT_WRITTEN)
+        return EXIT_CHECKPOINT_NOT_WRITTEN, f"error: {e}"
     except RunStopped as e:
-        if str(e):
-            print(f"train_sft.py: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        return e.exit_code, str(e)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps, where there is no step to finish
-        print("train_sft.py: interrupted; the latest checkpoint in output_dir, if any, holds the run's work",
-              file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        return 128 + signal.SIGINT, "interrupted; the latest checkpoint in output_dir, if any, holds the run's work"
+
+
+def report_outcome(argv, exit_code, sentence):
+    """The sentence once, from rank 0; the outcome in output_dir/run.json (checkpoint.write_outcome); and
+    under torchrun the sentence in the error file it reads, so that its failure summary shows it rather
+    than a pointer to its documentation."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0 and exit_code:
+        print(f"train_sft.py: {sentence}", file=sys.stderr)
+    if rank == 0:
+        try:
+            write_outcome(parse_options(argv)[0]["output_dir"], exit_code, sentence)
+        except OptionError:
+            pass  # options that do not parse name no output directory
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and exit_code and sentence:
+        with open(error_file, "w") as f:
+            # torchrun's summary prints py_callstack; here it is the sentence, which says more than a traceback
+            sentence = f"train_sft.py: {sentence}"
+            json.dump({"message": {"message": sentence, "extraInfo": {"py_callstack": sentence,
+                                                                      "timestamp": str(int(time.time()))}}}, f)
+
+
+@record  # an unexpected exception (a bug) reaches torchrun's failure summary with its traceback
+def run_from_command_line(argv):
+    exit_code, sentence = outcome(argv)
+    report_outcome(argv, exit_code, sentence)
+    sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    run_from_command_line(sys.argv[1:])

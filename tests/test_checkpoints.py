@@ -19,7 +19,7 @@ import torch
 
 import checkpoint
 import train_sft
-from conftest import ROOT, run_trainer, write_reverse_pairs
+from conftest import ROOT, TINY, run_trainer, write_reverse_pairs
 from checkpoint import CheckpointError
 from options import OptionError
 
@@ -351,3 +351,115 @@ def test_resume_passes_over_a_corrupted_latest_checkpoint_and_ends_as_the_uninte
         "ckpt-00000002", "ckpt-00000003", "ckpt-00000003.rejected", "ckpt-best"]
     resumed = torch.load(out / "ckpt-00000003" / "model.pt", weights_only=True)
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+# ----------------------------------------------------------------------------- resuming on other data
+
+
+def train_here(args, tmp_path):
+    """train_sft.main in this process (a start-up costs seconds) on the tiny model; OptionError as raised."""
+    return train_sft.main(TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args)
+
+
+@pytest.mark.parametrize("edit", ["one_row", "reorder"])
+def test_resume_on_changed_data_stops_naming_the_file_and_the_option(tmp_path, edit):
+    """The same number of rows used to pass: only the sample count was compared."""
+    data_file = write_reverse_pairs(tmp_path / "train.jsonl", 120)
+    out = tmp_path / "out"
+    train_here([f"--data_path={data_file}", "--max_steps=2", f"--output_dir={out}"], tmp_path)
+    rows = open(data_file).read().splitlines(keepends=True)
+    rows = rows[::-1] if edit == "reorder" else [rows[0].replace("reverse", "flip")] + rows[1:]
+    open(data_file, "w").writelines(rows)
+    with pytest.raises(OptionError) as error:
+        train_here(["--resume", "--max_steps=4", f"--output_dir={out}"], tmp_path)
+    assert str(error.value) == (
+        f"--resume: training file {data_file} changed since {out}/ckpt-00000002 was written (its sha256 differs): "
+        f"give --resume_data_changed=continue to go on from the same position in it, or "
+        f"--resume_data_changed=restart_epoch to start epoch 0 over on it")
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == ["ckpt-00000002"]
+
+
+@pytest.mark.parametrize("choice, logged", [("continue", "goes on from the same position"),
+                                            ("restart_epoch", "starts epoch 0 over")])
+def test_resume_on_changed_data_goes_on_when_told(tmp_path, capsys, choice, logged):
+    data_file = write_reverse_pairs(tmp_path / "train.jsonl", 120)
+    out = tmp_path / "out"
+    train_here([f"--data_path={data_file}", "--max_steps=2", f"--output_dir={out}"], tmp_path)
+    rows = open(data_file).read().splitlines(keepends=True)
+    open(data_file, "w").writelines(rows[::-1] + (rows[:7] if choice == "restart_epoch" else []))
+    capsys.readouterr()
+    train_here(["--resume", "--max_steps=4", f"--resume_data_changed={choice}", f"--output_dir={out}"], tmp_path)
+    log = capsys.readouterr().out
+    assert f"--resume_data_changed={choice}: training file {data_file} changed since {out}/ckpt-00000002" in log
+    assert logged in log and f"resumed from {out}/ckpt-00000002 at step 2" in log
+    assert (out / "ckpt-00000004").is_dir()
+    # the next resume compares against the data the run now trains on, and does not inherit the choice
+    state = torch.load(out / "ckpt-00000004" / "trainer.pt", weights_only=True)
+    assert state["data"]["train"] == [[data_file, checkpoint.sha256_of(data_file)]]
+    open(data_file, "a").write(rows[0])
+    with pytest.raises(OptionError, match=f"--resume: training file {data_file} changed since {out}/ckpt-00000004"):
+        train_here(["--resume", "--max_steps=6", f"--output_dir={out}"], tmp_path)
+
+
+def test_resume_without_a_checkpoint_names_overwrite_output_dir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    cfg = {"resume": True, "output_dir": str(out)}
+    with pytest.raises(OptionError) as error:
+        checkpoint.starting_checkpoint(cfg, set(), print, True, 1)
+    assert str(error.value) == (
+        f"--resume: no intact ckpt-<step> checkpoint of the run in --output_dir={out}; start the run anew "
+        f"without --resume, with --overwrite_output_dir to replace what it holds")
+
+
+def test_rotation_keeps_only_the_newest_rejected_checkpoints(tmp_path):
+    """Every resume that passed over a damaged checkpoint left a .rejected directory, forever."""
+    out = tmp_path / "out"
+    for step in (1, 2, 3):
+        make_checkpoint(out, step, "this-run")
+    for name in ("ckpt-00000004.rejected", "ckpt-00000005.rejected", "ckpt-00000005.rejected2",
+                 "ckpt-00000006.rejected"):
+        (out / name).mkdir()
+    checkpoint.remove_old_checkpoints(str(out), 2, "this-run")
+    assert sorted(os.listdir(out)) == ["ckpt-00000002", "ckpt-00000003", "ckpt-00000005.rejected2",
+                                       "ckpt-00000006.rejected"]
+
+
+# ----------------------------------------------------------------------------- how a run ended, for a scheduler
+
+
+def test_run_json_records_how_the_run_ended(tmp_path, data_file):
+    out = tmp_path / "out"
+    proc = run_trainer([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={out}"], tmp_path)
+    record = json.loads((out / "run.json").read_text())
+    assert record["exit_code"] == 0 and record["reason"] == "done" and len(record["run_id"]) == 32
+    proc = run_trainer([f"--data_path={tmp_path}/none.jsonl", f"--output_dir={tmp_path}/new"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert json.loads((tmp_path / "new" / "run.json").read_text()) == {
+        "exit_code": 2, "reason": f"error: data file '{tmp_path}/none.jsonl' not found"}
+    assert proc.stderr.strip().splitlines()[-1] == f"train_sft.py: error: data file '{tmp_path}/none.jsonl' not found"
+    # a run refused because another holds the directory leaves that run's record alone
+    lock = checkpoint.lock_output_dir(str(out))
+    try:
+        proc = run_trainer([f"--data_path={data_file}", "--resume", f"--output_dir={out}"], tmp_path, check=False)
+    finally:
+        lock.close()
+    assert proc.returncode == 2 and json.loads((out / "run.json").read_text()) == record
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_full_disk_is_one_sentence_and_exit_4_in_run_json(tmp_path, data_file,
+                                                                          disk_for_one_checkpoint):
+    """torchrun's own exit status is 1 for any failed rank (it printed a ChildFailedError with a pointer to
+    its documentation, and each rank its own copy of the sentence): run.json keeps the 4."""
+    out = disk_for_one_checkpoint / "out"
+    proc = run_trainer([f"--data_path={data_file}", "--max_steps=4", "--checkpoint_interval=1", "--keep_checkpoints=5",
+                        f"--output_dir={out}"], tmp_path, nproc=2, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["exit_code"] == 4 and record["reason"].startswith("error: checkpoint step 2 needs about ")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train_sft.py: error: ")]
+    assert lines == [f"train_sft.py: {record['reason']}"], proc.stderr[-3000:]
+    assert f"traceback : train_sft.py: {record['reason']}" in proc.stderr  # torchrun's summary shows it
+    assert "To enable traceback see" not in proc.stderr and 'train_sft.py", line' not in proc.stderr

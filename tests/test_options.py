@@ -35,7 +35,7 @@ def test_options_are_typed_and_named_in_errors(tmp_path):
     bad = {"--max_step=5": "unknown option --max_step", "--max_steps=five": "--max_steps must be int",
            "--compile=maybe": "--compile must be true or false", "--dtype=fp8": "--dtype must be one of",
            "--batch_size": "--batch_size needs a value", "--batch_size=0": "--batch_size must be at least 1",
-           "--learning_rate=-1e-3": "--learning_rate must be at least 0", "--max_seq_len=1": "at least 2",
+           "--learning_rate=-1e-3": "--learning_rate must be at least 0", "--max_seq_len=1": "between 2 and 1048576",
            "--dropout=2": "--dropout must be between 0 and 0.99"}
     for arg, message in bad.items():
         with pytest.raises(options.OptionError, match=message):
@@ -149,6 +149,9 @@ def check_options(cfg, explicit):
 @example(args=[], files=[[("grad_clip", "10 ** 400")]])
 @example(args=["0\n"], files=[])
 @example(args=["a\n.jsonl"], files=[])
+@example(args=["--gradient_accumulation_steps=1000000000"], files=[])
+@example(args=["--seed=99999999999999999999999"], files=[])
+@example(args=["--gradient_accumulation_steps=16384", "--batch_size=100000"], files=[])
 def test_any_options_parse_or_name_the_option_or_file(tmp_path_factory, args, files):
     folder = tmp_path_factory.mktemp("opts")
     paths = []
@@ -165,6 +168,10 @@ def test_any_options_parse_or_name_the_option_or_file(tmp_path_factory, args, fi
         assert "--" in message or any(arg in message for arg in argv), message
         return
     check_options(cfg, explicit)
+    try:  # and the checks across options either pass or name the options in one line
+        options.check_combinations(cfg)
+    except options.OptionError as error:
+        assert "\n" not in str(error) and "--" in str(error), str(error)
 
 
 SCRIPTS = [["sample.py"], ["data.py", "inspect"], ["sparse.py", "merge"], ["bench/bench_checkpoint.py"],
@@ -180,3 +187,75 @@ def test_every_script_parses_with_options_py(script):
     name = os.path.basename(script[0])
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"{name}: error: unknown option --no_such_option (--help lists them)"
+
+
+# ----------------------------------------------------------------------------- absurd values: one sentence each
+
+@pytest.mark.parametrize("arg, message", [
+    # accepted, it built a list of 10**9 micro-batches before the first step, growing ~6 MB/s
+    ("--gradient_accumulation_steps=1000000000", "--gradient_accumulation_steps must be between 1 and 16384"),
+    ("--max_seq_len=1000000000", "--max_seq_len must be between 2 and 1048576"),  # a 128 GB position table
+    ("--seed=99999999999999999999999", "--seed must be between 0 and 4294967295"),  # beyond numpy's seeds
+    ("--seed=-1", "--seed must be between 0 and 4294967295"),
+    ("--initial_scale_power=5000", "--initial_scale_power must be between 0 and 64"),  # 2.0 ** 5000 overflows
+])
+def test_absurd_numbers_are_refused_with_their_range(arg, message):
+    with pytest.raises(options.OptionError) as error:
+        options.parse_options([arg])
+    assert str(error.value) == f"command line: {message}, got {int(arg.partition('=')[2])}"
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_any_work():
+    cfg, _ = options.parse_options(["--gradient_accumulation_steps=16384", "--batch_size=4096",
+                                    "--max_seq_len=4096"])
+    with pytest.raises(options.OptionError) as error:
+        options.check_combinations(cfg)
+    assert str(error.value) == (
+        "--gradient_accumulation_steps=16384 x --batch_size=4096 x --max_seq_len=4096 is 274,877,906,944 token "
+        "positions, which one optimizer step holds in memory at once (about 4096 GiB of ids and labels); lower "
+        "one of them (at most 268,435,456 positions)")
+
+
+@pytest.mark.parametrize("json_text, message", [
+    ('{"zero_optimization": [1]}', "zero_optimization must be a JSON object, not list"),
+    ('{"zero_optimization": {"offload_optimizer": "cpu"}}',
+     "zero_optimization.offload_optimizer must be a JSON object, not str"),
+    ('{"fp16": {"enabled": "yes"}}', "fp16.enabled must be true or false, not str"),
+    ('{"train_batch_size": "8"}', "train_batch_size must be an integer, not str"),
+    ('{"zero_optimization": {"stage": 2.5}}', "zero_optimization.stage must be an integer, not float"),
+])
+def test_deepspeed_json_fields_of_the_wrong_type_are_one_sentence(tmp_path, json_text, message):
+    import deepspeed_engine  # DeepSpeed itself is imported only when it trains
+    path = tmp_path / "ds.json"
+    path.write_text(json_text)
+    with pytest.raises(options.OptionError) as error:
+        deepspeed_engine.read_deepspeed_json(str(path))
+    assert str(error.value) == f"--deepspeed_config={path}: {message}"
+
+
+def test_a_scratch_model_larger_than_the_machine_is_refused_before_it_is_built():
+    import torch
+    import train_sft
+    cfg, _ = options.parse_options(["--n_layer=100000", "--n_embd=8192"])
+    with pytest.raises(options.OptionError) as error:
+        train_sft.prepare_model(cfg, 50257, None, torch.device("cpu"))
+    assert str(error.value).startswith("--n_layer=100000 --n_embd=8192 --max_seq_len=512 make a model of about "
+                                       "80,531,052,699,648 parameters, whose float32 weights alone (300,002 GiB) exceed the ")
+
+
+def test_a_config_file_that_exits_is_an_error_naming_it(tmp_path):
+    """sys.exit(0) in a config file ended the run with exit 0 and no output, which looks like success."""
+    path = tmp_path / "leaves.py"
+    path.write_text("n_layer = 2\nimport sys\nsys.exit(0)\n")
+    with pytest.raises(options.OptionError) as error:
+        options.parse_options([str(path)])
+    assert str(error.value) == (f"config file {path} called sys.exit(0) or raised SystemExit: a config file "
+                                f"only assigns options")
+
+
+def test_an_eval_file_with_the_demo_is_refused_not_ignored():
+    cfg, _ = options.parse_options(["--eval_data_path=missing.jsonl"])
+    with pytest.raises(options.OptionError) as error:
+        options.check_combinations(cfg)
+    assert str(error.value) == ("--eval_data_path=missing.jsonl is not used with --data_path=demo, which brings its "
+                                "own eval set: give your training files as --data_path too, or leave it out")

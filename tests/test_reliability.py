@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -361,3 +362,132 @@ def test_resume_on_ranks_that_cannot_share_the_position_is_one_sentence(tmp_path
     assert proc.returncode != 0 and 'train_sft.py", line' not in proc.stderr
     assert (f"train_sft.py: error: cannot resume from {out}/ckpt-{STEPS:08d}: it stopped after {2 * STEPS - 1} "
             f"micro-batches of epoch 0, which 2 ranks cannot share evenly") in proc.stderr
+
+
+# ----------------------------------------------------------------------------- resuming on fewer ranks keeps the batch
+
+
+@pytest.mark.slow
+def test_a_two_rank_stage2_checkpoint_resumed_on_one_rank_continues_the_same_run(tmp_path, data_file):
+    """It went on with 1 x 1 x 4 samples per step instead of 2 x 1 x 4, silently: another run."""
+    out = tmp_path / "run"
+    args = [f"--data_path={data_file}", "--zero_stage=2", "--max_steps=12", "--checkpoint_interval=6",
+            "--keep_checkpoints=5", f"--output_dir={out}"]
+    run_trainer(args, tmp_path, nproc=2)
+    uninterrupted = train_losses(out)
+    for later in ("ckpt-00000012", "hf"):  # as if the run had been stopped after step 6
+        shutil.rmtree(out / later)
+    proc = run_trainer(["--resume", f"--output_dir={out}"], tmp_path)
+    assert (f"--resume on 1 rank(s) instead of 2: --gradient_accumulation_steps=2 keeps the checkpoint's 8 samples "
+            f"per step (2 ranks x 1 x 4)") in proc.stdout
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, 13))
+    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)
+
+
+def resumed_options(world, explicit=(), **options):
+    """The options a resume on world ranks would train with, from a checkpoint of 2 ranks x 3 x 4."""
+    cfg = {"gradient_accumulation_steps": 3, "batch_size": 4, **options}
+    saved = {"world_size": 2, "options": {"gradient_accumulation_steps": 3, "batch_size": 4},
+             "path": "out/ckpt-00000006"}
+    logged = []
+    checkpoint.keep_global_batch(cfg, set(explicit), saved, world, logged.append)
+    return cfg, logged
+
+
+def test_a_world_size_change_keeps_the_global_batch_or_says_why_not():
+    assert resumed_options(3) == ({"gradient_accumulation_steps": 2, "batch_size": 4}, [
+        "--resume on 3 rank(s) instead of 2: --gradient_accumulation_steps=2 keeps the checkpoint's 24 samples per "
+        "step (2 ranks x 3 x 4)"])
+    assert resumed_options(2) == ({"gradient_accumulation_steps": 3, "batch_size": 4}, [])
+    with pytest.raises(checkpoint.OptionError) as error:
+        resumed_options(4)
+    assert str(error.value) == (
+        "--resume on 4 rank(s) cannot keep out/ckpt-00000006's 24 samples per step (2 ranks x 3 x 4): 24 is not a "
+        "multiple of 4 ranks x --batch_size=4; resume on 1, 2, 3 or 6 ranks, or give --gradient_accumulation_steps "
+        "to change the batch")
+    cfg, logged = resumed_options(4, explicit=["gradient_accumulation_steps"], gradient_accumulation_steps=1)
+    assert cfg["gradient_accumulation_steps"] == 1 and logged == [
+        "--gradient_accumulation_steps=1 changes the batch: 16 samples per step (4 ranks x 1 x 4) instead of "
+        "out/ckpt-00000006's 24 (2 ranks x 3 x 4)"]
+
+
+# ----------------------------------------------------------------------------- data paths that are not files
+
+
+def test_a_data_path_that_is_not_a_readable_file_says_what_it_is(tmp_path):
+    """A FIFO, a symlink loop and a non-numeric weight all said "not found", which sends one looking elsewhere."""
+    fifo, loop, data_file = tmp_path / "rows.jsonl", tmp_path / "loop.jsonl", tmp_path / "train.jsonl"
+    os.mkfifo(fifo)
+    os.symlink(loop, loop)
+    write_reverse_pairs(data_file, 4)
+    cases = {
+        str(fifo): f"--data_path: {fifo} is a FIFO (named pipe), not a regular file",
+        str(loop): f"--data_path: {loop} is a symbolic link that loops back on itself",
+        f"{data_file}:abc": f"--data_path: in {data_file}:abc, 'abc' is not a weight (FILE:WEIGHT takes a positive "
+                            f"number, as in {data_file}:2)",
+    }
+    for spec, message in cases.items():
+        with pytest.raises(train_sft.OptionError) as error:
+            train_sft.check_data_files(f"{data_file},{spec}", "data_path")
+        assert str(error.value) == message
+    train_sft.check_data_files(f"{data_file}:2, {data_file}", "data_path")  # fine: nothing raised
+    train_sft.check_data_files(str(tmp_path / "absent.jsonl"), "eval_data_path")  # data.py names what is missing
+
+
+# ----------------------------------------------------------------------------- no orphaned ranks
+
+
+def children_of(pid):
+    """The ids of the processes whose parent is pid (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def running(pid):
+    """Whether pid is a live process (a zombie waiting for its reaper is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_kill_9_of_torchrun_stops_every_rank_with_a_checkpoint(tmp_path, data_file, uninterrupted):
+    """Each rank runs in a session of its own: they trained to the end, holding run.lock, after torchrun died."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py", *TINY,
+           f"--cache_dir={tmp_path / 'cache'}", f"--data_path={data_file}", f"--output_dir={out}", *LONG_RUN]
+    errors = open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=errors, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 2 |"):
+            break
+    ranks = children_of(proc.pid)
+    assert len(ranks) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(running(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in ranks)
+    errors.seek(0)
+    stderr = errors.read()
+    step = stopped_step(stderr, "SIGTERM")
+    assert 2 <= step < STEPS and sorted(p.name for p in out.glob("ckpt-*")) == [f"ckpt-{step:08d}"]
+    assert json.loads((out / "run.json").read_text())["exit_code"] == 128 + signal.SIGTERM
+    run_trainer(["--resume", f"--output_dir={out}"], tmp_path, nproc=2)  # the lock is free
+    resumed = train_losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)

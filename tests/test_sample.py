@@ -55,3 +55,12 @@ def test_sample_refuses_a_tokenizer_the_model_was_not_trained_with():
     with pytest.raises(options.OptionError, match="--tokenizer=byte has 257 tokens but --model=m only 100"):
         sample.check_tokenizer("byte", None, TinyModel(100), "m")
     assert sample.check_tokenizer("", "byte", TinyModel(320), "m").n_vocab == 257
+
+
+def test_a_prompt_longer_than_the_context_is_cut_with_a_notice(capsys):
+    """The start of a long prompt was dropped silently: the answer then ignores what the user wrote first."""
+    assert sample.fit_to_context(list(range(10)), block_size=16) == list(range(10))
+    assert capsys.readouterr().err == ""
+    assert sample.fit_to_context(list(range(40)), block_size=16) == list(range(25, 40))
+    assert capsys.readouterr().err == ("sample.py: the prompt has 40 tokens but the model sees 16 positions: its "
+                                       "first 25 tokens are left out\n")
