@@ -19,6 +19,7 @@ through the `tokenizers` library. Templates: text templates for (prompt, respons
 """
 
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from array import array
@@ -1362,6 +1364,32 @@ class Batches:
         self.step = state["position"] // self.world_size
         if self.step >= self.batches_per_epoch:  # on fewer batches per rank, the rest of that epoch is its tail
             self._start_epoch(state["epoch"] + 1)
+
+
+def check_data_files(spec, option):
+    """One sentence for a data path that exists but cannot be read as data (a FIFO would block the
+    reader; a symlink loop never resolves) and for a FILE:WEIGHT whose weight is no number, where the
+    data loader would only say "not found". A path that does not exist is left to it to name."""
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        path, colon, weight = item.rpartition(":")
+        if colon and not os.path.lexists(item) and os.path.lexists(path):
+            try:
+                float(weight)
+            except ValueError:
+                raise ValueError(f"--{option}: in {item}, {weight!r} is not a weight (FILE:WEIGHT takes a positive "
+                                  f"number, as in {path}:2)") from None
+        else:
+            path = item
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ValueError(f"--{option}: {path} is a symbolic link that loops back on itself") from None
+            continue
+        kind = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode))
+        if kind:
+            raise ValueError(f"--{option}: {path} is {kind}, not a regular file")
 
 
 # -----------------------------------------------------------------------------

@@ -18,14 +18,12 @@ one seam: zero_lite.py (native) and deepspeed_engine.py.
 
 import contextlib
 import ctypes
-import errno
 import json
 import math
 import os
 import random
 import resource
 import signal
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +41,7 @@ import zero_lite
 from checkpoint import (CheckpointError, build_model, check_output_dir, check_resumed_data, claim_output_dir,
                         data_identity, export_hf, from_rank0, resume_run, rng_state, save_checkpoint,
                         starting_checkpoint, write_outcome)
-from data import Batches, get_tokenizer, prepare_data
+from data import Batches, check_data_files, get_tokenizer, prepare_data
 from model import only_optimize_lora
 from options import OptionError, check_combinations, parse_options
 
@@ -130,32 +128,6 @@ def data_error_sentence(e, cache_dir):
     return f"--cache_dir={cache_dir} cannot be used: {e.strerror} ({e.filename})" if inside else str(e)
 
 
-def check_data_files(spec, option):
-    """One sentence for a data path that exists but cannot be read as data (a FIFO would block the
-    reader; a symlink loop never resolves) and for a FILE:WEIGHT whose weight is no number, where the
-    data loader would only say "not found". A path that does not exist is left to it to name."""
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        path, colon, weight = item.rpartition(":")
-        if colon and not os.path.lexists(item) and os.path.lexists(path):
-            try:
-                float(weight)
-            except ValueError:
-                raise OptionError(f"--{option}: in {item}, {weight!r} is not a weight (FILE:WEIGHT takes a positive "
-                                  f"number, as in {path}:2)") from None
-        else:
-            path = item
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise OptionError(f"--{option}: {path} is a symbolic link that loops back on itself") from None
-            continue
-        kind = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-                stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode))
-        if kind:
-            raise OptionError(f"--{option}: {path} is {kind}, not a regular file")
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -166,9 +138,9 @@ def load_data(cfg, rank, world, log, checkpoint):
     """The tokenizer, the train and eval sets (tokenized once per machine and cached), this rank's
     batches and the data's identity, which a resumed run's checkpoint must share (or be told to accept
     otherwise). A data problem is bad input: its message names the file, line or option."""
-    for option in ("data_path", "eval_data_path"):
-        check_data_files(cfg[option] if cfg[option] != "demo" else "", option)
     try:
+        for option in ("data_path", "eval_data_path"):
+            check_data_files(cfg[option] if cfg[option] != "demo" else "", option)
         tokenizer = get_tokenizer(cfg["tokenizer"])
         train_set, eval_set = prepare_data(
             cfg["data_path"], cfg["tokenizer"], cfg["max_seq_len"], eval_data_path=cfg["eval_data_path"],

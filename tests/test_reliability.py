@@ -379,7 +379,7 @@ def test_a_two_rank_stage2_checkpoint_resumed_on_one_rank_continues_the_same_run
         shutil.rmtree(out / later)
     proc = run_trainer(["--resume", f"--output_dir={out}"], tmp_path)
     assert (f"--resume on 1 rank(s) instead of 2: --gradient_accumulation_steps=2 keeps the checkpoint's 8 samples "
-            f"per step (2 ranks x 1 x 4)") in proc.stdout
+            "per step (2 ranks x 1 x 4)") in proc.stdout
     resumed = train_losses(out)
     assert sorted(resumed) == list(range(1, 13))
     assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)
@@ -428,11 +428,11 @@ def test_a_data_path_that_is_not_a_readable_file_says_what_it_is(tmp_path):
                             f"number, as in {data_file}:2)",
     }
     for spec, message in cases.items():
-        with pytest.raises(train_sft.OptionError) as error:
-            train_sft.check_data_files(f"{data_file},{spec}", "data_path")
+        with pytest.raises(ValueError) as error:
+            data.check_data_files(f"{data_file},{spec}", "data_path")
         assert str(error.value) == message
-    train_sft.check_data_files(f"{data_file}:2, {data_file}", "data_path")  # fine: nothing raised
-    train_sft.check_data_files(str(tmp_path / "absent.jsonl"), "eval_data_path")  # data.py names what is missing
+    data.check_data_files(f"{data_file}:2, {data_file}", "data_path")  # fine: nothing raised
+    data.check_data_files(str(tmp_path / "absent.jsonl"), "eval_data_path")  # data.py names what is missing
 
 
 # ----------------------------------------------------------------------------- no orphaned ranks
