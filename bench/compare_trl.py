@@ -25,7 +25,7 @@ process: data preparation (all rows of the file) and training (the first --rows 
   timestamped by this process; trained tokens per second = the labelled positions of the trained rows
   (from the verified masks; padding and prompts do not count) / that time; CPU seconds read from
   /proc over the same span; step time = the median gap between step lines; peak RSS of the process
-  (peak GPU memory on a GPU, torch.cuda.max_memory_allocated in both);
+  (its VmHWM, polled) and on a GPU peak GPU memory (torch.cuda.max_memory_allocated in both);
 - eval loss of both final models (the project's exported hf/ dir, TRL's saved dir) through one
   evaluator here: transformers' GPT2LMHeadModel, token-weighted cross-entropy on the held-out rows.
 Min and median over the pairs, the load average before and after, and the machine go to
@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -89,16 +90,36 @@ def proc_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_peak_rss_mib(pid):
+    """VmHWM of a running process: the peak resident memory of the program it runs now."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def watch_peak_rss(pid, peak, stop):
+    """Reads the process's high-water mark until stop is set; the last reading is its peak (to within
+    the polling interval before it exits). ru_maxrss cannot give it: Linux folds in the memory of the
+    parent that forked the process, before its exec."""
+    while not stop.wait(0.05):
+        try:
+            peak[0] = proc_peak_rss_mib(pid) or peak[0]
+        except (OSError, ValueError):
+            return
+
+
 def run_measured(argv, env=None, cwd=ROOT):
     """Runs argv to its end; returns its stdout lines, each with the time it arrived here and the
-    process's CPU seconds then, its exit status, wall seconds, total CPU seconds and peak RSS.
-
-    os.wait4 reports this one child's own resource use, so runs in a row do not mix."""
+    process's CPU seconds then, its exit status, wall seconds, total CPU seconds and peak RSS."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stderr:
         env = dict(env or os.environ, PYTHONUNBUFFERED="1")  # each line as it is printed
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 errors="replace")
+        peak, stop = [None], threading.Event()
+        watcher = threading.Thread(target=watch_peak_rss, args=(proc.pid, peak, stop), daemon=True)
+        watcher.start()
         lines = []
         for line in proc.stdout:
             try:
@@ -106,12 +127,14 @@ def run_measured(argv, env=None, cwd=ROOT):
             except (OSError, IndexError):
                 cpu = None
             lines.append((time.perf_counter(), cpu, line.rstrip("\n")))
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time
+        stop.set()
+        watcher.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         stderr.seek(0)
         err = stderr.read()
     result = {"lines": lines, "returncode": proc.returncode, "wall_s": time.perf_counter() - start,
-              "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
+              "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": peak[0]}
     if proc.returncode != 0:
         out = "\n".join(line for _, _, line in lines[-30:])
         raise RuntimeError(f"{' '.join(map(str, argv[:3]))} ... exited with {proc.returncode}:\n{out}\n{err[-4000:]}")
@@ -123,8 +146,9 @@ def worker_report(result):
     return json.loads(next(line for _, _, line in reversed(result["lines"]) if line.startswith("{")))
 
 
-def training_span(result, start_line, step_line):
-    """Training wall and CPU seconds from the loop-start line to the last step line, and the step gaps."""
+def training_span(result, start_line, step_line, gpu=False):
+    """Training wall and CPU seconds from the loop-start line to the last step line, the step gaps, and
+    on a GPU the peak GPU memory that the lines report."""
     start = next((t, cpu) for t, cpu, line in result["lines"] if start_line.match(line))
     steps = [(t, cpu) for t, cpu, line in result["lines"] if step_line.match(line)]
     gaps = [b[0] - a[0] for a, b in zip(steps, steps[1:])]
@@ -132,7 +156,7 @@ def training_span(result, start_line, step_line):
     cpu = steps[-1][1] - start[1] if None not in (start[1], steps[-1][1]) else None
     return {"steps": len(steps), "wall_s": steps[-1][0] - start[0], "cpu_s": cpu,
             "step_s_median": statistics.median(gaps) if gaps else None, "step_s_min": min(gaps) if gaps else None,
-            "peak_gpu_gib": max(peaks) if peaks else None}
+            "peak_gpu_gib": max(peaks) if peaks and gpu else None}
 
 
 # ----------------------------------------------------------------------------- the TRL side (peers' Python)
@@ -503,8 +527,11 @@ def prepare_pair(args, spec, workdir, k):
                 "rows_file": str(workdir / f"prep{k}_trl_rows.jsonl")}
     trl = run_measured(peers_command(args["peers_python"], "trl_prep", write_spec(trl_spec, workdir / f"prep{k}_trl.json")),
                        env=env)
-    return ({**worker_report(project), "process_peak_rss_mib": project["peak_rss_mib"]},
-            {**worker_report(trl), "process_peak_rss_mib": trl["peak_rss_mib"]}, project_spec, trl_spec)
+    rows = []
+    for result in (project, trl):
+        report = worker_report(result)
+        rows.append({**report, "added_rss_mib": report["peak_rss_mib"] - report["rss_before_mib"]})
+    return (*rows, project_spec, trl_spec)
 
 
 def train_pair(args, spec, workdir, k, trained_tokens):
@@ -517,7 +544,7 @@ def train_pair(args, spec, workdir, k, trained_tokens):
     rows = {}
     for name, result, start, step, model_dir in (("project", project, PROJECT_START, PROJECT_STEP, out / "project" / "hf"),
                                                  ("trl", trl, TRL_START, TRL_STEP, out / "trl")):
-        span = training_span(result, start, step)
+        span = training_span(result, start, step, gpu=args["device"] == "cuda")
         if span["steps"] != args["rows"] // args["batch_size"]:
             raise RuntimeError(f"{name} printed {span['steps']} step lines, not {args['rows'] // args['batch_size']}")
         rows[name] = {**span, "trained_tokens_per_s": trained_tokens / span["wall_s"],
@@ -534,6 +561,7 @@ def print_table(record):
     print("figure (min / median over pairs)          | project          | TRL              | project/TRL (median)")
     for label, key in (("data prep wall s", ("prep", "wall_s")), ("data prep CPU s", ("prep", "cpu_s")),
                        ("data prep peak RSS MiB", ("prep", "peak_rss_mib")),
+                       ("data prep added RSS MiB", ("prep", "added_rss_mib")),
                        ("trained tokens/s", ("train", "trained_tokens_per_s")),
                        ("trained tokens/CPU-s", ("train", "trained_tokens_per_cpu_s")),
                        ("step s", ("train", "step_s_median")), ("train peak RSS MiB", ("train", "peak_rss_mib")),
@@ -592,13 +620,13 @@ def run_benchmark(args):
     for name in ("project", "trl"):
         systems[name] = {
             "prep": {key: summary([r[key] for r in prep[name]]) for key in ("wall_s", "cpu_s", "peak_rss_mib",
-                                                                          "rss_before_mib", "process_peak_rss_mib")},
+                                                                          "rss_before_mib", "added_rss_mib")},
             "train": {key: summary([r[key] for r in train[name]]) for key in (
                 "wall_s", "cpu_s", "trained_tokens_per_s", "trained_tokens_per_cpu_s", "step_s_median", "step_s_min",
                 "peak_rss_mib", "peak_gpu_gib", "process_wall_s", "process_cpu_s")},
             "eval": {"loss": summary(evals[name])}, "prep_runs": prep[name], "train_runs": train[name]}
     ratios = {}
-    for section, key in (("prep", "wall_s"), ("prep", "cpu_s"), ("prep", "peak_rss_mib"),
+    for section, key in (("prep", "wall_s"), ("prep", "cpu_s"), ("prep", "peak_rss_mib"), ("prep", "added_rss_mib"),
                          ("train", "trained_tokens_per_s"), ("train", "trained_tokens_per_cpu_s"),
                          ("train", "step_s_median"), ("train", "peak_rss_mib"), ("train", "peak_gpu_gib")):
         a, b = systems["project"][section][key], systems["trl"][section][key]

@@ -74,9 +74,11 @@ def test_training_time_runs_from_the_loop_start_line_to_the_last_step_line():
     lines = [(0.0, 1.0, "data: reused cache"), (2.0, 3.0, "rank 0 model state at start: weights 1 MiB"),
              (3.0, 4.0, "step 1 | loss 10.9 | peak_mem_gib 0.5"), (3.5, 5.0, "step 2 | loss 10.1 | peak_mem_gib 0.7"),
              (4.5, 6.5, "step 3 | loss 9.8 | peak_mem_gib 0.6"), (9.0, 9.0, "eval step 3: loss 9.7")]
-    span = compare_trl.training_span({"lines": lines}, compare_trl.PROJECT_START, compare_trl.PROJECT_STEP)
+    span = compare_trl.training_span({"lines": lines}, compare_trl.PROJECT_START, compare_trl.PROJECT_STEP, gpu=True)
     assert span == {"steps": 3, "wall_s": 2.5, "cpu_s": 3.5, "step_s_median": 0.75, "step_s_min": 0.5,
                     "peak_gpu_gib": 0.7}
+    on_cpu = compare_trl.training_span({"lines": lines}, compare_trl.PROJECT_START, compare_trl.PROJECT_STEP)
+    assert on_cpu["peak_gpu_gib"] is None, "on a CPU the project's peak_mem_gib is resident memory, not GPU memory"
 
 
 def test_the_peers_side_imports_trl_at_the_projects_torch_version():
@@ -88,3 +90,15 @@ def test_the_peers_side_imports_trl_at_the_projects_torch_version():
         pytest.skip(f"TRL is not set up for bench/compare_trl.py: {e}")
     assert versions["trl"] == "1.16.0"
     assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+def test_a_measured_process_reports_its_own_peak_memory_and_its_lines_as_they_come():
+    """The peak is the child's (300 MiB written), not this process's memory at the fork (pytest with
+    torch loaded), which ru_maxrss would report."""
+    import sys
+    child = "import time; x = b'x' * (300 << 20); print('allocated', flush=True); time.sleep(0.3); print('done')"
+    result = compare_trl.run_measured([sys.executable, "-c", child])
+    assert [line for _, _, line in result["lines"]] == ["allocated", "done"]
+    assert 300 <= result["peak_rss_mib"] < 400
+    (first, _, _), (last, _, _) = result["lines"]
+    assert last - first >= 0.3 and result["cpu_s"] > 0
