@@ -1,6 +1,7 @@
 """The same training run on each engine and ZeRO stage, side by side: loss curves, speed, memory.
 
     python bench/compare_engines.py        # CPU: 2 gloo ranks, the demo task, fp32; GPU: 1 GPU, GPT-2 124M, bf16
+    python bench/compare_engines.py --preset=gpt2_124m_cpu   # CPU: 2 gloo ranks, GPT-2 124M's shape, 64 tokens
     python bench/compare_engines.py --engines=native,deepspeed --stages=0,1,2,3 --steps=60 --nproc=2
 
 Each (engine, stage) is a real `torchrun train_sft.py` with the same options and seed; a native
@@ -8,11 +9,15 @@ stage the native engine does not have yet is listed as such. Every row is compar
 one (native stage 0 by default). tokens/s is the median over the steps after --warmup; peak memory
 is each rank's (CPU: peak resident memory of the process; GPU: torch.cuda.max_memory_allocated);
 model state is each rank's engine.memory_report() beside the ZeRO paper's fp32 formula. Writes
-bench/results/engines_<device>.json and a loss-curve PNG beside it.
+bench/results/engines_<device>.json (gpt2_124m_cpu: engines_124m_<device>.json) and a loss-curve PNG
+beside it. gpt2_124m_cpu is GPT-2 small's shape at a size a 2-core CPU runs in about ten minutes for
+all eight rows: short packed sequences and a few steps, so its tokens/s are about the engines' cost
+per step on a real model's parameter count, not about long-sequence compute.
 """
 import datetime
 import importlib.metadata
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,12 +30,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.bench_ce import source_digest  # noqa: E402
+from bench.compare_trl import machine  # noqa: E402
 from options import OptionError, parse_options  # noqa: E402
 
 OPTIONS = {
     "engines": ("native,deepspeed", "comma-separated engines to run"),
     "stages": ("0,1,2,3", "comma-separated ZeRO stages to run on each engine"),
     "preset": ("auto", "demo (a 0.8M-parameter GPT on the built-in task) | gpt2_124m (GPT-2 small's shape) | "
+                       "gpt2_124m_cpu (GPT-2 small's shape, 64-token packed rows, a few steps) | "
                        "auto (demo on a CPU, gpt2_124m on a GPU)"),
     "nproc": (0, "processes (ranks) per run; 0 = 2 on a CPU, 1 on a GPU"),
     "steps": (40, "optimizer steps per run"),
@@ -39,14 +46,20 @@ OPTIONS = {
     "device": ("auto", "cpu | cuda | auto"),
     "seed": (1337, "the seed of every run"),
 }
-CHOICES = {"preset": ("auto", "demo", "gpt2_124m"), "dtype": ("auto", "float32", "bfloat16"),
+CHOICES = {"preset": ("auto", "demo", "gpt2_124m", "gpt2_124m_cpu"), "dtype": ("auto", "float32", "bfloat16"),
            "device": ("auto", "cpu", "cuda")}
 RANGES = {"steps": (2, None)}
 PRESETS = {  # trainer options of each preset, on top of the ones every run shares
     "demo": ["configs/demo.py", "--batch_size=16", "--warmup_steps=0"],
     "gpt2_124m": ["--data_path=demo", "--tokenizer=gpt2", "--n_layer=12", "--n_head=12", "--n_embd=768",
                   "--max_seq_len=1024", "--batch_size=8", "--packing", "--learning_rate=6e-4"],
+    "gpt2_124m_cpu": ["--data_path=demo", "--tokenizer=gpt2", "--n_layer=12", "--n_head=12", "--n_embd=768",
+                      "--max_seq_len=64", "--batch_size=2", "--packing", "--learning_rate=6e-4"],
 }
+# A preset's own --steps and --warmup, where the command line does not set them.
+PRESET_STEPS = {"gpt2_124m_cpu": {"steps": 8, "warmup": 2}}
+# The JSON's name: engines_<prefix><device>.json.
+PRESET_FILE_PREFIX = {"gpt2_124m_cpu": "124m_"}
 
 
 def run_trainer(engine, stage, args, workdir):
@@ -116,13 +129,14 @@ def plot(rows, path):
 
 
 def main(argv):
-    args, _ = parse_options(argv, OPTIONS, CHOICES, RANGES, __doc__)
+    args, explicit = parse_options(argv, OPTIONS, CHOICES, RANGES, __doc__)
     gpu = args["device"] == "cuda" or args["device"] == "auto" and torch.cuda.is_available()
     defaults = {"device": ("cpu", "cuda"), "preset": ("demo", "gpt2_124m"), "dtype": ("float32", "bfloat16")}
     args.update({name: pair[gpu] for name, pair in defaults.items() if args[name] == "auto"})
     args["nproc"] = args["nproc"] or (1 if gpu else 2)
+    args.update({k: v for k, v in PRESET_STEPS.get(args["preset"], {}).items() if k not in explicit})
     engines, stages = args["engines"].split(","), [int(s) for s in args["stages"].split(",")]
-    rows = []
+    rows, loadavg_before = [], os.getloadavg()  # the machine may be shared: its load goes with the figures
     with tempfile.TemporaryDirectory() as workdir:
         for engine in engines:
             for stage in stages:
@@ -136,10 +150,13 @@ def main(argv):
     print_table(rows, checkpoints)
 
     device = torch.cuda.get_device_name() if args["device"] == "cuda" else "cpu"
-    name = device.replace(" ", "_")
+    name = PRESET_FILE_PREFIX.get(args["preset"], "") + device.replace(" ", "_")
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     record = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(),
+              "loadavg_before": [round(x, 2) for x in loadavg_before],
+              "loadavg_after": [round(x, 2) for x in os.getloadavg()],
               "torch": torch.__version__, "deepspeed": importlib.metadata.version("deepspeed"), "options": args,
               "sources": source_digest(["train_sft.py", "zero_lite.py", "model.py", "data.py"]), "rows": rows}
     (results / f"engines_{name}.json").write_text(json.dumps(record, indent=1))

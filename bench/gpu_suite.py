@@ -24,8 +24,13 @@ runs in bench/results/ and the code; every run records the measured seconds in i
   sparse     64      45 s   90 s  bench/bench_sparse.py, where it exists (DeepSpeed's FusedAdam
                                   builds just in time, ~40 s on an H100 machine)
   profile   128      25 s   60 s  bench/profile_ce.py: a few GEMMs and 4 kernel variants
-  total             490 s         --time_limit (default 540 s) caps the whole: a step gets at most
-                                  what is left, and none starts with under 20 s left
+  trl       256     150 s  240 s  bench/compare_trl.py: TRL's SFTTrainer against train_sft.py, 3
+                                  alternating pairs of data preparation (~15 s for TRL) and 20 steps
+                                  of a 16M GPT-2 (start-up dominates); skipped where TRL does not
+                                  import (carry trl, accelerate and datasets wheels in .whl/)
+  total             640 s         --time_limit (default 540 s) caps the whole: a step gets at most
+                                  what is left, and none starts with under 20 s left; the last step
+                                  gets what the others leave
 
 --only / --skip take step names; --STEP_args passes options to a step's script (for example
 --train_args="--deepspeed_stages=0,1,2,3", each DeepSpeed stage at ~60 s). Every JSON goes to
@@ -90,6 +95,7 @@ STEPS = [
     Step("engines", 32, "bench/compare_engines.py", 60, 120, optional=True),
     Step("sparse", 64, "bench/bench_sparse.py", 45, 90, optional=True),
     Step("profile", 128, "bench/profile_ce.py", 25, 60),
+    Step("trl", 256, "bench/compare_trl.py", 150, 240),
 ]
 
 
@@ -204,6 +210,8 @@ def run(opts, device, started):
             row["status"] = "skipped (no .whl/: the peers from packages will be missing)"
         elif step.optional and not (ROOT / step.script).exists():
             row["status"] = f"skipped ({step.script} does not exist)"
+        elif step.name == "trl" and not trl_installed(env):
+            row["status"] = "skipped (TRL does not import here: carry its wheels, see bench/requirements-peers.txt)"
         elif left < MIN_START_S:
             row["status"] = f"skipped (the suite's time limit: {max(left, 0):.0f} s left)"
         else:
@@ -232,6 +240,12 @@ def merge_earlier(summary, earlier):
         old = before.get(row["step"])
         if row["status"] == "skipped (not chosen)" and old and old["status"] != "skipped (not chosen)":
             summary["steps"][i] = {**old, "earlier_run": old.get("earlier_run", earlier["date"])}
+
+
+def trl_installed(env=None):
+    """Whether bench/compare_trl.py's peers (TRL and its dependencies) import in the Python it will use."""
+    from bench import compare_trl
+    return compare_trl.peers_installed(compare_trl.default_peers_python(), env)
 
 
 def exit_status(rows):
@@ -373,6 +387,10 @@ def check_step(step):
             carried = wheel_holding("deepspeed")
             why_not += f"; carried in .whl/{carried}" if carried else "; not in .whl/ either"
         lines.append(f"DeepSpeed rows: {', '.join(rows) if rows else 'skipped here: ' + why_not}")
+    if step.name == "trl":
+        python = module.default_peers_python()
+        lines.append(f"peers (TRL, accelerate, datasets) in {python}: "
+                     f"{'installed' if trl_installed() else 'not installed here; the step will be skipped'}")
     return lines
 
 
