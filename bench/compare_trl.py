@@ -186,7 +186,7 @@ def trl_dataset(spec, path, rows):
     return dataset.map(to_prompt_completion, remove_columns=dataset.column_names)
 
 
-def trl_config(spec, output_dir, max_steps, callbacks_log=False):
+def trl_config(spec, output_dir, max_steps):
     """SFTConfig with the project's hyperparameters; TRL's own defaults that differ (bf16 on, gradient
     checkpointing on, beta2 0.999, learning rate 2e-5) are overridden."""
     from trl import SFTConfig
@@ -203,6 +203,7 @@ def trl_config(spec, output_dir, max_steps, callbacks_log=False):
 
 
 def load_trl_model(spec):
+    """The saved init and the converted tokenizer, as a TRL user loads them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.manual_seed(spec["seed"])
@@ -366,10 +367,12 @@ def project_command(args, spec, output_dir, cache_dir):
 
 
 def peers_command(python, worker, spec_path):
+    """This file run as one of its workers in the peers' Python."""
     return [str(python), str(Path(__file__).resolve()), f"--worker={worker}", str(spec_path)]
 
 
 def write_spec(spec, path):
+    """A worker's settings as a JSON file: the peers' side cannot import the project's option parser."""
     Path(path).write_text(json.dumps(spec))
     return path
 
@@ -427,6 +430,7 @@ def eval_loss(model_dir, eval_set, device, batch_size=32):
 
 
 def summary(values):
+    """Min and median of the runs (None where a figure does not apply, such as GPU memory on a CPU)."""
     values = [v for v in values if v is not None]
     return {"min": min(values), "median": statistics.median(values), "runs": values} if values else None
 
