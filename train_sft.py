@@ -356,10 +356,13 @@ def report_model_state(engine, device, rank, world, stage, n_params, n_trained, 
 
 
 def peak_memory_gib(device):
-    """Peak tensor memory on a GPU; on a CPU, this process's peak resident memory."""
+    """Peak tensor memory on a GPU; on a CPU, this process's own peak resident memory (Linux's VmHWM:
+    ru_maxrss, the fallback elsewhere, also counts what the parent held when it started this process)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    if os.path.exists("/proc/self/status"):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 

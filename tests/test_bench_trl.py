@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench import compare_trl
-from train_sft import parse_options
+from options import parse_options
 
 
 def default_args(**overrides):

@@ -6,13 +6,15 @@ JSONL file, and reads metrics.jsonl."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import checkpoint
 import train_sft
-from conftest import run_trainer, train_losses
+from conftest import ROOT, run_trainer, train_losses
 
 
 # ----------------------------------------------------------------------------- setup and schedule
@@ -189,3 +191,14 @@ def test_trained_tokens_per_s_counts_labelled_positions_only(tmp_path):
     for r in records:
         assert r["trained_tokens_per_s"] / r["tokens_per_s"] == pytest.approx(5 / 14, rel=1e-9)
         assert r["padding"] == pytest.approx(4 / 14)
+
+
+def test_cpu_peak_memory_is_this_process_own_not_its_parents():
+    """A child started from a parent holding 2 GiB reports its own peak: ru_maxrss alone would report the
+    parent's 2 GiB, which made every rank's peak_mem_gib include its launcher's memory."""
+    held = b"\x01" * 2**31  # touched, so resident
+    code = "import torch, train_sft; print(train_sft.peak_memory_gib(torch.device('cpu')))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    del held
+    assert proc.returncode == 0, proc.stderr
+    assert 0.05 < float(proc.stdout) < 1.5
