@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import sample
+from checkpoint import starting_checkpoint
 from conftest import ROOT, TINY, make_chatml_tokenizer_dir, run_trainer, train_losses
 from data import ChatTemplate, get_tokenizer
 from model import GPT, family_config
+from options import OptionError, parse_options
 
 # Options for a model from a directory: its sizes and tokenizer are the directory's.
 FROM_DIR = ["--max_seq_len=96", "--batch_size=4", "--learning_rate=3e-3", "--log_interval=1", "--seed=7"]
@@ -116,6 +118,32 @@ def test_sample_chats_through_the_models_template_from_the_run_and_its_export(qw
         assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(sample.OptionError, match="--tokenizer=byte but --model=.* was trained with the"):
         sample.main([f"--model={out / 'hf'}", "--tokenizer=byte", "--prompt=hi"])
+
+
+# ----------------------------------------------------------------------------- configs/qwen2_5_0_5b.py
+
+QWEN_CONFIG = os.path.join(ROOT, "configs", "qwen2_5_0_5b.py")
+# The config's GPU choices, made CPU-sized: everything else (template, schedule, intervals) stays the config's.
+ON_CPU = ["--device=cpu", "--dtype=float32", "--compile=false", "--kernels=torch", "--max_seq_len=96", "--batch_size=4",
+          "--gradient_accumulation_steps=1", "--max_steps=2", "--log_interval=1"]
+
+
+def test_the_qwen2_5_config_parses_and_stops_without_init_from():
+    cfg, explicit = parse_options([QWEN_CONFIG])
+    assert cfg["template"] == "model" and cfg["dtype"] == "bfloat16" and cfg["kernels"] == "triton"
+    assert "tokenizer" not in explicit  # the directory's own tokenizer, not the gpt2 default
+    with pytest.raises(OptionError, match=r"--init_from=/path/to/Qwen2.5-0.5B-Instruct is not a directory on disk"):
+        starting_checkpoint(cfg, explicit, print, True, 1)
+
+
+def test_the_qwen2_5_config_fine_tunes_a_qwen2_directory_with_its_template(qwen2_run, tmp_path):
+    directory, data_file, _ = qwen2_run
+    out = tmp_path / "run"
+    run_trainer([QWEN_CONFIG, f"--init_from={directory}", f"--data_path={data_file}", *ON_CPU,
+                 f"--output_dir={out}"], tmp_path, tiny=[])
+    assert sorted(train_losses(out)) == [1, 2]
+    trained_with = json.loads((out / "hf" / "sft_config.json").read_text())
+    assert trained_with["template"] == "model" and trained_with["tokenizer"] == str(out / "hf")
 
 
 # ----------------------------------------------------------------------------- every engine on the family
