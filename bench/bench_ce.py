@@ -2,14 +2,16 @@
 
     python bench/bench_ce.py
 
-Shapes: hidden 768, GPT-2 vocabulary 50,257, bf16; the anchor of ../shared/ANCHORS.md (16k tokens,
-50% masked) first, then token counts 4k/16k/64k times masked shares 0/50/90%. Per implementation:
+Shapes, bf16: hidden 768 and GPT-2's vocabulary of 50,257, the anchor of ../shared/ANCHORS.md (16k
+tokens, 50% masked) first, then token counts 4k/16k/64k times masked shares 0/50/90%; last, Qwen2.5-0.5B's
+head, hidden 896 and a vocabulary of 151,936, at 16k tokens, 50% masked. Per implementation:
 median fwd+bwd time (triton.testing.do_bench), peak extra memory (max_memory_allocated above what
 was allocated before the call; the .grad tensors it creates count, as for every peer) and the
 loss's relative error against the fp32 reference. Peers: PyTorch eager, torch.compile of the same,
 and, where their packages are installed (../shared/tools/gpu-wheels.sh carries them), Liger-Kernel's
 fused linear cross-entropy and its cross-entropy on materialised logits, and Apple's Cut
 Cross-Entropy with its defaults (impl "cce", gradient filter "high", no autotuning).
+Every implementation runs on the same inputs at every shape (torch.compile compiled anew for each).
 Prints a table and rewrites bench/results/ce_<device>.json after every shape, so a run stopped by a
 time limit keeps the shapes it finished ("complete": false until the last). A peer that fails
 gets an error note in its row; the exit status is 1 when our own kernel failed anywhere.
@@ -30,10 +32,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-HIDDEN, VOCAB, DTYPE, IGNORE = 768, 50257, torch.bfloat16, -100
-ANCHOR = (16384, 0.5)
-CASES = [ANCHOR] + [(tokens, masked) for tokens in (4096, 16384, 65536) for masked in (0.0, 0.5, 0.9)
-                    if (tokens, masked) != ANCHOR]
+HIDDEN, VOCAB, DTYPE, IGNORE = 768, 50257, torch.bfloat16, -100  # the file's hidden and vocab: GPT-2's
+QWEN_HIDDEN, QWEN_VOCAB = 896, 151936  # Qwen2.5-0.5B's head
+ANCHOR = (16384, 0.5, HIDDEN, VOCAB)
+# (tokens, masked share, hidden, vocabulary); rows record their hidden and vocab
+CASES = [ANCHOR] + [(tokens, masked, HIDDEN, VOCAB) for tokens in (4096, 16384, 65536) for masked in (0.0, 0.5, 0.9)
+                    if (tokens, masked) != ANCHOR[:2]] + [(16384, 0.5, QWEN_HIDDEN, QWEN_VOCAB)]
 OURS = "ours (triton)"
 
 
@@ -118,11 +122,11 @@ def source_digest(paths):
     return {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:12] for path in paths}
 
 
-def make_inputs(tokens, masked_share, seed=0):
+def make_inputs(tokens, masked_share, n_hidden=HIDDEN, vocab=VOCAB, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    hidden = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).to(DTYPE).requires_grad_()
-    weight = (torch.randn(VOCAB, HIDDEN, device="cuda", generator=gen) / HIDDEN**0.5).to(DTYPE).requires_grad_()
-    labels = torch.randint(0, VOCAB, (tokens,), device="cuda", generator=gen)
+    hidden = torch.randn(tokens, n_hidden, device="cuda", generator=gen).to(DTYPE).requires_grad_()
+    weight = (torch.randn(vocab, n_hidden, device="cuda", generator=gen) / n_hidden**0.5).to(DTYPE).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
     labels[torch.rand(tokens, device="cuda", generator=gen) < masked_share] = IGNORE
     return hidden, weight, labels
 
@@ -185,20 +189,22 @@ def main():
             "sources": source_digest(["sft_kernels/cross_entropy.py", "bench/bench_ce.py"]),
             "hidden": HIDDEN, "vocab": VOCAB, "dtype": str(DTYPE)}
     rows = []
-    print(f"{'tokens':>6} {'masked':>6}  {'implementation':<24} {'ms':>8} {'peak MiB':>9} {'loss rel err':>12}")
-    for tokens, masked in CASES:
+    print(f"{'vocab':>7} {'tokens':>6} {'masked':>6}  {'implementation':<24} {'ms':>8} {'peak MiB':>9} "
+          f"{'loss rel err':>12}")
+    for case in CASES:
+        tokens, masked, n_hidden, vocab = case
         torch._dynamo.reset()  # a fresh compile per shape, never the recompile-limit fallback to eager
-        hidden, weight, labels = make_inputs(tokens, masked)
+        hidden, weight, labels = make_inputs(tokens, masked, n_hidden, vocab)
         ref = reference_loss(hidden, weight, labels)
         for name, loss_fn in impls.items():
-            result = {"tokens": tokens, "masked_share": masked, "implementation": name,
-                      **measure(loss_fn, hidden, weight, labels, ref)}
+            result = {"tokens": tokens, "masked_share": masked, "hidden": n_hidden, "vocab": vocab,
+                      "implementation": name, **measure(loss_fn, hidden, weight, labels, ref)}
             rows.append(result)
             fmt = lambda key, spec: "-" if result[key] is None else format(result[key], spec)  # noqa: E731
-            print(f"{tokens:>6} {masked:>6.0%}  {name:<24} {fmt('ms', '8.2f')} {fmt('peak_extra_mib', '9.0f')} "
-                  f"{fmt('loss_rel_err', '12.1e')} {result.get('note', '')}")
+            print(f"{vocab:>7} {tokens:>6} {masked:>6.0%}  {name:<24} {fmt('ms', '8.2f')} "
+                  f"{fmt('peak_extra_mib', '9.0f')} {fmt('loss_rel_err', '12.1e')} {result.get('note', '')}")
         del hidden, weight, labels
-        out = write_results(meta, rows, complete=(tokens, masked) == CASES[-1])
+        out = write_results(meta, rows, complete=case == CASES[-1])
     print(f"wrote {out.relative_to(ROOT)}")
     ours_failed = [row for row in rows if row["implementation"] == OURS and row["ms"] is None]
     if ours_failed:

@@ -1,4 +1,5 @@
-"""Every GPU figure of the project from one command, in under nine minutes on one GPU.
+"""The project's GPU figures from one command in under nine minutes on one GPU, the comparisons with
+other systems' engines and trainers from a second.
 
     bash bench/gpu_suite.sh [--dry-run] [--only=STEP,...] [--skip=STEP,...] [--time_limit=540]
                             [--out=DIR] [--STEP_args="..."]
@@ -13,24 +14,32 @@ runs in bench/results/ and the code; every run records the measured seconds in i
                                   PYTHONPATH=/tmp/site and TORCH_CUDA_ARCH_LIST=9.0 for the rest
   tests       4      30 s  120 s  python -m pytest -m gpu: imports (~10 s), the Triton kernels
                                   compiled for three dtypes, four tests of under a second
-  ce          8     120 s  240 s  bench/bench_ce.py: 9 shapes x 6 implementations; do_bench takes at
+  ce          8     135 s  240 s  bench/bench_ce.py: 10 shapes x 6 implementations; do_bench takes at
                                   least 8 calls (up to ~1.5 s for the eager peers at 64k tokens), and
-                                  torch.compile compiles every shape anew (~20 s the first, ~4 s after)
+                                  torch.compile compiles every shape anew (~20 s the first, ~4 s after);
+                                  the last shape, Qwen2.5's 151,936-word head, ~15 s
   train      16     200 s  300 s  bench/bench_train.py: the compiled loop (~40 s to compile GPT-2 with
                                   its loss) and 3 trainer processes (imports, data, compile, 13
                                   steps, final eval and a 1.5 GB checkpoint: ~60 s the first, less
                                   once inductor's cache holds the model's graph; DeepSpeed ~60 s)
+  llama     512     120 s  240 s  bench/bench_train.py --shape=qwen2_5_0_5b --rows=triton: the
+                                  trainer at Qwen2.5-0.5B's shape (494M parameters; ~10 s to build
+                                  and write its weights, imports, ~60 s to compile 24 layers, 13
+                                  steps, final eval, a 6 GB checkpoint and the export); its peer
+                                  with --llama_args="--rows=peer,triton" (~70 s more)
+  profile   128      25 s   60 s  bench/profile_ce.py: a few GEMMs and 4 kernel variants
+  total             520 s         --time_limit (default 540 s) caps the whole: a step gets at most
+                                  what is left, and none starts with under 20 s left; the last step
+                                  gets what the others leave
+Extra steps, run only when --only names them (with the ones above they would not fit the limit):
   engines    32      60 s  120 s  bench/compare_engines.py, where it exists
   sparse     64      45 s   90 s  bench/bench_sparse.py, where it exists (DeepSpeed's FusedAdam
                                   builds just in time, ~40 s on an H100 machine)
-  profile   128      25 s   60 s  bench/profile_ce.py: a few GEMMs and 4 kernel variants
   trl       256     150 s  240 s  bench/compare_trl.py: TRL's SFTTrainer against train_sft.py, 3
                                   alternating pairs of data preparation (~15 s for TRL) and 20 steps
                                   of a 16M GPT-2 (start-up dominates); skipped where TRL does not
                                   import (carry trl, accelerate and datasets wheels in .whl/)
-  total             640 s         --time_limit (default 540 s) caps the whole: a step gets at most
-                                  what is left, and none starts with under 20 s left; the last step
-                                  gets what the others leave
+  total             255 s         bash bench/gpu_suite.sh --only=engines,sparse,trl
 
 --only / --skip take step names; --STEP_args passes options to a step's script (for example
 --train_args="--deepspeed_stages=0,1,2,3", each DeepSpeed stage at ~60 s). Every JSON goes to
@@ -48,7 +57,9 @@ whether train_sft.py has the --engine option for the DeepSpeed rows.
 
 Exit status: 0 when every step that ran passed; 2 for a bad option or no GPU (nothing runs);
 otherwise the sum of the codes of the failed steps (a step stopped at its limit has failed, a
-skipped one has not; in a dry run, the steps whose wiring is broken).
+skipped one has not; in a dry run, the steps whose wiring is broken). An exit status holds 8 bits:
+a sum of 256 or more (trl or llama failed) exits 255, which no sum of codes is (none is 2), and
+the summary holds the sum itself.
 """
 import datetime
 import importlib
@@ -75,6 +86,7 @@ SITE = "/tmp/site"
 VOCAB = ROOT / ".cache" / "r50k_base.tiktoken"
 MIN_START_S = 20
 CE_TARGET_MS, CE_TARGET_MIB, TRAIN_TARGET = 4.0, 256.0, 1.15
+QWEN_VOCAB = 151936  # bench_ce's row at Qwen2.5's vocabulary
 
 
 @dataclass
@@ -85,17 +97,21 @@ class Step:
     estimate_s: int
     limit_s: int
     optional: bool = False  # skipped, not failed, where the script does not exist (yet)
+    extra: bool = False     # runs only when --only names it
+    args: tuple = ()        # the script's options, before the run's own --STEP_args
 
 
 STEPS = [
     Step("wheels", 1, "", 10, 60),
     Step("tests", 4, "tests", 30, 120),
-    Step("ce", 8, "bench/bench_ce.py", 120, 240),
+    Step("ce", 8, "bench/bench_ce.py", 135, 240),
     Step("train", 16, "bench/bench_train.py", 200, 300),
-    Step("engines", 32, "bench/compare_engines.py", 60, 120, optional=True),
-    Step("sparse", 64, "bench/bench_sparse.py", 45, 90, optional=True),
+    Step("llama", 512, "bench/bench_train.py", 120, 240,
+         args=("--shape=qwen2_5_0_5b", "--rows=triton", "--deepspeed_stages=")),
     Step("profile", 128, "bench/profile_ce.py", 25, 60),
-    Step("trl", 256, "bench/compare_trl.py", 150, 240),
+    Step("engines", 32, "bench/compare_engines.py", 60, 120, optional=True, extra=True),
+    Step("sparse", 64, "bench/bench_sparse.py", 45, 90, optional=True, extra=True),
+    Step("trl", 256, "bench/compare_trl.py", 150, 240, extra=True),
 ]
 
 
@@ -106,7 +122,7 @@ class OptionError(ValueError):
 def parse_options(argv):
     """--dry-run, --only, --skip, --time_limit, --out and --STEP_args; returns a dict."""
     names = [step.name for step in STEPS]
-    opts = {"dry_run": False, "steps": names, "time_limit": 540.0, "out": os.environ.get("OUT", ""),
+    opts = {"dry_run": False, "steps": [step.name for step in STEPS if not step.extra], "time_limit": 540.0, "out": os.environ.get("OUT", ""),
             "args": {name: [] for name in names}}
     skip = []
     for arg in argv:
@@ -144,7 +160,7 @@ def command(step, args):
                 "--no-cache-dir", "--upgrade", "--target", SITE, *map(str, sorted(WHEELS.glob("*.whl"))), *args]
     if step.name == "tests":
         return [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "tests", *args]
-    return [sys.executable, step.script, *args]
+    return [sys.executable, step.script, *step.args, *args]
 
 
 def device_name():
@@ -261,24 +277,58 @@ def read_json(path):
         return None
 
 
+def ce_rows_at(ce, vocab=None, tokens=16384, masked_share=0.5):
+    """implementation -> its figures in a bench_ce file at one shape; vocab None is the file's own (GPT-2's),
+    which is also that of rows that name none."""
+    own = ce.get("vocab")
+    return {r["implementation"]: {k: r.get(k) for k in ("ms", "peak_extra_mib", "note") if r.get(k) is not None}
+            for r in ce["results"] if (r["tokens"], r["masked_share"], r.get("vocab", own)) ==
+            (tokens, masked_share, own if vocab is None else vocab)}
+
+
 def figures(device):
-    """The anchor row of bench_ce and the training rows, from this device's files, against the targets."""
+    """The anchor row of bench_ce (and its row at Qwen2.5's vocabulary) and the training rows, from this
+    device's files, against the targets."""
     out = {}
     ce = read_json(RESULTS / f"ce_{file_name(device)}.json")
     if ce:
-        anchor = {r["implementation"]: r for r in ce["results"] if (r["tokens"], r["masked_share"]) == (16384, 0.5)}
-        ours = anchor.get("ours (triton)", {})
-        out["ce_anchor"] = {name: {k: r.get(k) for k in ("ms", "peak_extra_mib", "note") if r.get(k) is not None}
-                            for name, r in anchor.items()}
+        out["ce_anchor"] = ce_rows_at(ce)
+        ours = out["ce_anchor"].get("ours (triton)", {})
         if ours.get("ms") is not None:
             out["ce_target_met"] = ours["ms"] <= CE_TARGET_MS and ours["peak_extra_mib"] <= CE_TARGET_MIB
+        if ce_rows_at(ce, QWEN_VOCAB):
+            out["ce_qwen_vocab"] = ce_rows_at(ce, QWEN_VOCAB)
     train = read_json(RESULTS / f"train_{file_name(device)}.json")
     if train:
         out["train"] = train["rows"]
         ratio = train["rows"].get("train_sft --kernels=triton", {}).get("vs_peer")
         if ratio is not None:
             out["train_target_met"] = ratio >= TRAIN_TARGET
+    llama = read_json(RESULTS / f"train_qwen2_5_0_5b_{file_name(device)}.json")
+    if llama:
+        out["llama"] = llama["rows"]
     return out
+
+
+def print_ce_rows(title, rows):
+    ours = rows.get("ours (triton)", {}).get("ms")
+    print(f"\n{title}:")
+    for name, r in rows.items():
+        if r.get("ms") is None:
+            print(f"  {name:<26} {r.get('note', 'no figure')}")
+            continue
+        ratio = f"{r['ms'] / ours:6.2f}x ours" if ours else ""
+        print(f"  {name:<26} {r['ms']:8.2f} ms {r['peak_extra_mib']:8.0f} MiB  {ratio}")
+
+
+def print_train_rows(title, rows):
+    print(f"\n{title}:")
+    for name, r in rows.items():
+        if "tokens_per_s" not in r:
+            print(f"  {name:<46} {r.get('error', 'no figure')}")
+            continue
+        ratio = f"{r['vs_peer']:5.2f}x peer" if "vs_peer" in r else ""
+        print(f"  {name:<46} {r['tokens_per_s']:>9,.0f} tok/s {r['mfu']:6.1%} MFU {r['peak_gib']:6.2f} GiB  {ratio}")
 
 
 def print_summary(summary):
@@ -291,29 +341,20 @@ def print_summary(summary):
     print(f"{'total':<8} {'(this run)':<44} {summary['total_s']:>7.0f} {summary['time_limit_s']:>6.0f}")
     figs = summary["figures"]
     if "ce_anchor" in figs:
-        ours = figs["ce_anchor"].get("ours (triton)", {}).get("ms")
-        print(f"\nbench_ce anchor, 16,384 tokens, half masked ({summary['device']}):")
-        for name, r in figs["ce_anchor"].items():
-            if r.get("ms") is None:
-                print(f"  {name:<26} {r.get('note', 'no figure')}")
-                continue
-            ratio = f"{r['ms'] / ours:6.2f}x ours" if ours else ""
-            print(f"  {name:<26} {r['ms']:8.2f} ms {r['peak_extra_mib']:8.0f} MiB  {ratio}")
+        print_ce_rows(f"bench_ce anchor, 16,384 tokens, half masked ({summary['device']})", figs["ce_anchor"])
         if "ce_target_met" in figs:
             print(f"  target ours <= {CE_TARGET_MS} ms and <= {CE_TARGET_MIB:.0f} MiB: "
                   f"{'met' if figs['ce_target_met'] else 'MISSED'}")
+    if "ce_qwen_vocab" in figs:
+        print_ce_rows(f"bench_ce at Qwen2.5's vocabulary {QWEN_VOCAB:,}, hidden 896, 16,384 tokens, half masked",
+                      figs["ce_qwen_vocab"])
     if "train" in figs:
-        print("\nbench_train, GPT-2 124M shape, 16 x 1024, bf16, half masked:")
-        for name, r in figs["train"].items():
-            if "tokens_per_s" not in r:
-                print(f"  {name:<46} {r.get('error', 'no figure')}")
-                continue
-            ratio = f"{r['vs_peer']:5.2f}x peer" if "vs_peer" in r else ""
-            print(f"  {name:<46} {r['tokens_per_s']:>9,.0f} tok/s {r['mfu']:6.1%} MFU "
-                  f"{r['peak_gib']:6.2f} GiB  {ratio}")
+        print_train_rows("bench_train, GPT-2 124M shape, 16 x 1024, bf16, half masked", figs["train"])
         if "train_target_met" in figs:
             print(f"  target train_sft --kernels=triton >= {TRAIN_TARGET}x the compiled loop: "
                   f"{'met' if figs['train_target_met'] else 'MISSED'}")
+    if "llama" in figs:
+        print_train_rows("bench_train, Qwen2.5-0.5B shape, 16 x 1024, bf16, half masked", figs["llama"])
     failed = [row["step"] for row in summary["steps"]
               if not row["status"].startswith(("ok", "skipped")) and "earlier_run" not in row]
     print(f"\nexit status {summary['exit_status']} (failed: {', '.join(failed) or 'none'})")
@@ -356,8 +397,28 @@ def check_peer(module, attribute):
     return f"not installed here; carried in .whl/{carried}" if carried else "not installed here, not in .whl/"
 
 
-def check_step(step):
-    """Lines saying what the step will run and with which peers; raises where its wiring is broken."""
+def check_bench_train(module, argv):
+    """Lines for a bench_train step run with argv: its options valid, the vocabulary its data needs,
+    whether its DeepSpeed rows can run; raises where they cannot."""
+    from options import parse_options
+    shape, rows, stages = module.check_args(parse_options(argv, module.OPTIONS, {}, {})[0])
+    if not VOCAB.exists():
+        raise FileNotFoundError(f"{VOCAB.relative_to(ROOT)} is missing (bash setup.sh fetches it); "
+                                "the GPU machine cannot download it, so it must be carried")
+    lines = [f"shape {shape} ({module.SHAPES[shape][0]}), rows {', '.join(rows) or 'none'}",
+             f"{VOCAB.relative_to(ROOT)} present (carry it to the GPU machine)"]
+    ds_rows, why_not = module.deepspeed_rows(stages)
+    if why_not and "not installed" in why_not:
+        carried = wheel_holding("deepspeed")
+        why_not += f"; carried in .whl/{carried}" if carried else "; not in .whl/ either"
+    if stages:
+        lines.append(f"DeepSpeed rows: {', '.join(ds_rows) if ds_rows else 'skipped here: ' + why_not}")
+    return lines
+
+
+def check_step(step, args=()):
+    """Lines saying what the step will run (with the run's own args) and with which peers; raises where
+    its wiring is broken."""
     if step.name == "wheels":
         wheels = sorted("-".join(w.name.split("-")[:2]) for w in WHEELS.glob("*.whl"))  # name-version
         return [f"{len(wheels)} wheels in .whl/: {', '.join(wheels)}" if wheels else
@@ -377,16 +438,8 @@ def check_step(step):
     if step.name == "ce":
         lines += [f"peer {name}: {module_path}.{attribute}: {check_peer(module_path, attribute)}"
                   for name, (_, module_path, attribute, _) in module.PACKAGE_PEERS.items()]
-    if step.name == "train":
-        if not VOCAB.exists():
-            raise FileNotFoundError(f"{VOCAB.relative_to(ROOT)} is missing (bash setup.sh fetches it); "
-                                    "the GPU machine cannot download it, so it must be carried")
-        lines.append(f"{VOCAB.relative_to(ROOT)} present (carry it to the GPU machine)")
-        rows, why_not = module.deepspeed_rows([2])
-        if why_not and "not installed" in why_not:
-            carried = wheel_holding("deepspeed")
-            why_not += f"; carried in .whl/{carried}" if carried else "; not in .whl/ either"
-        lines.append(f"DeepSpeed rows: {', '.join(rows) if rows else 'skipped here: ' + why_not}")
+    if step.script == "bench/bench_train.py":
+        lines += check_bench_train(module, [*step.args, *args])
     if step.name == "trl":
         python = module.default_peers_python()
         lines.append(f"peers (TRL, accelerate, datasets) in {python}: "
@@ -401,13 +454,14 @@ def dry_run(opts):
     for step in STEPS:
         chosen = step.name in opts["steps"]
         try:
-            lines = check_step(step)
+            lines = check_step(step, opts["args"][step.name])
         except Exception as exc:
             lines = [f"BROKEN: {exc!r}"]
             status += step.code
         will_run = chosen and ((ROOT / step.script).exists() if step.script else any(WHEELS.glob("*.whl")))
         total += step.estimate_s if will_run else 0
-        budget = f"{step.estimate_s:>7} s {step.limit_s:>4} s" if chosen else f"{'not chosen':>16}"
+        budget = (f"{step.estimate_s:>7} s {step.limit_s:>4} s" if chosen else
+                  f"{'extra: --only':>16}" if step.extra else f"{'not chosen':>16}")
         print(f"{step.name:<8} {step.code:>4} {budget}  {lines[0]}")
         for line in lines[1:]:
             print(f"{'':<8} {'':>4} {'':>16}  {line}")
@@ -441,5 +495,11 @@ def main(argv):
     return summary["exit_status"]
 
 
+def process_exit_status(status):
+    """The exit status for a sum of step codes: an exit status keeps 8 bits, so a sum of 256 or more
+    exits 255 (no sum of codes is 255: none of them is 2) instead of wrapping to a success."""
+    return status if status < 256 else 255
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(process_exit_status(main(sys.argv[1:])))

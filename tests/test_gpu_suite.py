@@ -10,8 +10,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import gpu_suite, results_table
+from bench import bench_train, gpu_suite, results_table
+from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +25,47 @@ def test_dry_run_lists_every_step_and_finds_the_wiring_intact(capsys):
     listed = [line.split()[0] for line in out.splitlines()[1:] if line[:1].isalpha()]
     assert listed == [step.name for step in gpu_suite.STEPS] + ["total", "dry"]
     assert "peer cut cross-entropy: cut_cross_entropy.linear_cross_entropy" in out
+    assert "shape qwen2_5_0_5b (Qwen2.5-0.5B), rows triton" in out
+    extras = [line.split()[0] for line in out.splitlines() if "extra: --only" in line]
+    assert extras == [step.name for step in gpu_suite.STEPS if step.extra] and "trl" in extras
     assert "dry run: wiring ok" in out
+
+
+def test_the_default_steps_fit_the_default_time_limit():
+    opts = gpu_suite.parse_options([])
+    default = [step for step in gpu_suite.STEPS if step.name in opts["steps"]]
+    assert [step.name for step in default] == ["wheels", "tests", "ce", "train", "llama", "profile"]
+    assert sum(step.estimate_s for step in default) <= opts["time_limit"]
+    assert gpu_suite.parse_options(["--only=trl,llama"])["steps"] == ["llama", "trl"]
+
+
+def test_the_llama_step_runs_bench_train_at_qwen2_5_shape_and_its_options_are_checked(capsys):
+    llama = next(step for step in gpu_suite.STEPS if step.name == "llama")
+    opts = gpu_suite.parse_options(["--llama_args=--rows=peer,triton"])
+    assert gpu_suite.command(llama, opts["args"]["llama"])[1:] == [
+        "bench/bench_train.py", "--shape=qwen2_5_0_5b", "--rows=triton", "--deepspeed_stages=", "--rows=peer,triton"]
+    assert gpu_suite.dry_run(gpu_suite.parse_options(["--dry-run", "--only=llama", "--llama_args=--shape=qwen9"])) == 512
+    assert "BROKEN: ValueError(\"--shape must be one of gpt2_124m, qwen2_5_0_5b, got 'qwen9'\")" in capsys.readouterr().out
+
+
+def test_a_sum_of_codes_beyond_8_bits_exits_255_not_0():
+    assert [gpu_suite.process_exit_status(status) for status in (0, 2, 8 + 128, 256, 512 + 8)] == [0, 2, 136, 255, 255]
+
+
+def test_bench_train_shapes_and_their_files():
+    with torch.device("meta"):
+        qwen = GPT(bench_train.model_config("qwen2_5_0_5b"))
+    assert sum(p.numel() for p in qwen.parameters()) == 494_032_768  # Qwen2.5-0.5B's parameter count
+    assert qwen.config.kv_heads == 2 and qwen.config.tie_word_embeddings and qwen.config.qkv_bias
+    assert bench_train.model_config("gpt2_124m") == GPTConfig(block_size=1024, vocab_size=50304)
+    assert bench_train.result_file("gpt2_124m", "NVIDIA H200").name == "train_NVIDIA_H200.json"
+    assert bench_train.result_file("qwen2_5_0_5b", "NVIDIA H200").name == "train_qwen2_5_0_5b_NVIDIA_H200.json"
+    args = {"shape": "qwen2_5_0_5b", "rows": "triton", "deepspeed_stages": ""}
+    assert bench_train.check_args(args) == ("qwen2_5_0_5b", ["triton"], [])
+    with pytest.raises(ValueError, match="--rows takes peer, torch and triton"):
+        bench_train.check_args({**args, "rows": "peer,fused"})
+    with pytest.raises(ValueError, match="there is no row to measure"):
+        bench_train.check_args({**args, "rows": ""})
 
 
 def test_the_shell_entry_point_runs_the_suite():
@@ -183,6 +225,11 @@ def test_the_files_a_suite_run_writes_render(tmp_path):
                 "loss_rel_err": None if ms is None else 1e-6, **({"note": "error: boom"} if ms is None else {})}
                for name, ms, mib in [("ours (triton)", 3.9, 240.0), ("torch.compile", 9.0, 1744.0),
                                      ("cut cross-entropy", None, None)]]
+    ce_rows += [{"tokens": 16384, "masked_share": 0.5, "hidden": 896, "vocab": 151936, "implementation": name,
+                 "ms": ms, "peak_extra_mib": mib, "loss_rel_err": 2e-6} for name, ms, mib in
+                [("ours (triton)", 12.5, 700.0), ("torch.compile", 30.0, 5200.0)]]
+    qwen_shape = {"name": "Qwen2.5-0.5B", **bench_train.SHAPES["qwen2_5_0_5b"][1], "batch": 16, "seq": 1024,
+                  "dtype": "bfloat16", "masked_share": 0.5}
     files = {
         "ce": {**common, "triton": "3.6.0", "peers": {"liger-kernel": "not installed", "cut-cross-entropy": "25.1.1"},
                "skipped_peers": {"liger fused linear CE": "liger-kernel is not installed"}, "hidden": 768,
@@ -194,6 +241,11 @@ def test_the_files_a_suite_run_writes_render(tmp_path):
                   "rows": {"compiled loop, loss inside": {"tokens_per_s": 5e5, "peak_gib": 9.0, "mfu": 0.43,
                                                           "vs_peer": 1.0},
                            "train_sft --kernels=triton": {"error": "CalledProcessError(1)"}}},
+        "train_qwen2_5_0_5b": {**common, "shape": qwen_shape, "steps": 10, "warmup": 3,
+                               "peer": "compiled loop, loss inside", "complete": True,
+                               "skipped": {"compiled loop, loss inside": "not in --rows=triton"},
+                               "rows": {"train_sft --kernels=triton": {"tokens_per_s": 1.2e5, "peak_gib": 40.0,
+                                                                       "mfu": 0.36}}},
         "gpu_suite": {"device": device, "date": "2026-12-01", "time_limit_s": 540.0, "total_s": 300.0,
                       "steps": [{"step": "ce", "status": "ok", "seconds": 100.0, "earlier_run": "2026-11-30"},
                                 {"step": "train", "status": "timeout (killed at 300 s)", "seconds": 300.0}]},
@@ -207,8 +259,17 @@ def test_the_files_a_suite_run_writes_render(tmp_path):
                      "`model.py` 0123456789ab", "the peer is `compiled loop, loss inside`",
                      "| train_sft --kernels=triton | failed: CalledProcessError(1) |",
                      "| deepspeed: not measured, train_sft.py has no --engine/--zero_stage options |",
-                     "ce ok 100 s (run of 2026-11-30); train timeout (killed at 300 s) 300 s; 300 s in all"):
+                     "ce ok 100 s (run of 2026-11-30); train timeout (killed at 300 s) 300 s; 300 s in all",
+                     "At hidden 896 and a vocabulary of 151,936 (Qwen2.5-0.5B's head), 16,384 tokens, 50% of the "
+                     "labels masked:\n\n| implementation | ms |", "| torch.compile | 30.00 | 5,200 | 2.0e-06 | 2.40x |",
+                     "**Training steps**, Qwen2.5-0.5B shape (24 layers, 896 wide, 14 query heads sharing 2 key/value "
+                     "heads, SwiGLU 4,864 wide, qwen2's RMSNorm and rotary positions, tied head, vocabulary 151,936)",
+                     "| train_sft --kernels=triton | 120,000 | 36.0% | 40.00 | - |",
+                     "| compiled loop, loss inside: not measured, not in --rows=triton | - | - | - | - |"):
         assert expected in block, expected
+    anchor_table = block.split("The anchor:")[1].split("Every shape")[0]
+    assert "30.00" not in anchor_table and "12.50" not in anchor_table  # Qwen's head is not the anchor
+    assert block.index("GPT-2 124M shape") < block.index("Qwen2.5-0.5B shape")
 
 
 def test_the_summary_prints_each_step_and_the_targets(tmp_path, monkeypatch, capsys):
@@ -230,3 +291,22 @@ def test_the_summary_prints_each_step_and_the_targets(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "target ours <= 4.0 ms and <= 256 MiB: MISSED" in out and "2.00x ours" in out
     assert "1.20x peer" in out and "CalledProcessError(1)" in out and "exit status 16 (failed: train)" in out
+
+
+def test_the_summary_shows_qwen2_5s_head_and_training_rows_apart_from_the_anchor(tmp_path, monkeypatch, capsys):
+    ce = {"vocab": 50257, "results": [
+        {"tokens": 16384, "masked_share": 0.5, "vocab": vocab, "implementation": name, "ms": ms, "peak_extra_mib": 250.0}
+        for vocab, name, ms in [(50257, "ours (triton)", 3.9), (50257, "torch.compile", 9.0),
+                                (151936, "ours (triton)", 12.0), (151936, "torch.compile", 30.0)]]}
+    llama = {"rows": {"train_sft --kernels=triton": {"tokens_per_s": 1.2e5, "peak_gib": 40.0, "mfu": 0.36}}}
+    (tmp_path / "ce_Fake_GPU.json").write_text(json.dumps(ce))
+    (tmp_path / "train_qwen2_5_0_5b_Fake_GPU.json").write_text(json.dumps(llama))
+    monkeypatch.setattr(gpu_suite, "RESULTS", tmp_path)
+    figures = gpu_suite.figures("Fake GPU")
+    assert figures["ce_anchor"]["ours (triton)"]["ms"] == 3.9 and figures["ce_target_met"] is True
+    assert figures["ce_qwen_vocab"]["torch.compile"]["ms"] == 30.0 and "train" not in figures
+    gpu_suite.print_summary({"device": "Fake GPU", "time_limit_s": 540.0, "total_s": 120.0, "exit_status": 0,
+                             "figures": figures, "steps": []})
+    out = capsys.readouterr().out
+    assert "bench_ce at Qwen2.5's vocabulary 151,936" in out and "2.50x ours" in out
+    assert "bench_train, Qwen2.5-0.5B shape" in out and "120,000 tok/s" in out
