@@ -1,13 +1,14 @@
 """README's demo, timed: the whole command, and the exact match and eval loss it ends with.
 
-    python bench/bench_demo.py
+    python bench/bench_demo.py [--config=configs/demo.py]
 
-Runs README's demo command (torchrun, 2 processes, configs/demo.py) into out/bench_demo (its own
-directory, so out/demo is left alone), timing the whole command from start to exit: data generation,
-tokenizing, 2000 steps, evaluation, the last checkpoint and the export. Reads the final eval record
-from its metrics.jsonl and writes bench/results/demo_<device>.json with the machine (CPU model,
-cores, load average before and after: the machine may be shared, which slows the run) and the
-digests of the sources it ran.
+Runs README's demo command (torchrun, 2 processes, configs/demo.py, or the config given, such as
+configs/demo_llama.py) into out/bench_<config name> (its own directory, so out/demo is left alone),
+timing the whole command from start to exit: data generation, tokenizing, 2000 steps, evaluation,
+the last checkpoint and the export. Reads the final eval record from its metrics.jsonl and writes
+bench/results/<config name>_cpu.json (demo_cpu.json, demo_llama_cpu.json) with the machine (CPU
+model, cores, load average before and after: the machine may be shared, which slows the run) and
+the digests of the sources it ran.
 """
 import datetime
 import json
@@ -24,12 +25,30 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.bench_ce import source_digest  # noqa: E402
+from options import parse_script_options  # noqa: E402
 
-OUTPUT_DIR = "out/bench_demo"
-COMMAND = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py", "configs/demo.py",
-           "--overwrite_output_dir", f"--output_dir={OUTPUT_DIR}"]
-SOURCES = ["train_sft.py", "options.py", "checkpoint.py", "model.py", "data.py", "zero_lite.py", "configs/demo.py",
-           "bench/bench_demo.py"]
+OPTIONS = {"config": ("configs/demo.py", "the demo's config file (relative to the repository); the result goes to "
+                                         "bench/results/<its name>_cpu.json")}
+SOURCES = ["train_sft.py", "options.py", "checkpoint.py", "model.py", "data.py", "zero_lite.py"]  # + config, this file
+
+
+def config_name(config):
+    """configs/demo_llama.py -> demo_llama: the name of its output directory and result file."""
+    return Path(config).stem
+
+
+def output_dir(config):
+    return f"out/bench_{config_name(config)}"
+
+
+def command(config):
+    """README's demo command with this config, into its own output directory."""
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py", config,
+            "--overwrite_output_dir", f"--output_dir={output_dir(config)}"]
+
+
+def result_path(config):
+    return ROOT / "bench" / "results" / f"{config_name(config)}_cpu.json"
 
 
 def cpu_model():
@@ -54,18 +73,24 @@ def final_eval(metrics_path):
 
 
 def main():
+    config = parse_script_options(sys.argv[1:], OPTIONS, __doc__)["config"]
+    if not config.endswith(".py") or not (ROOT / config).is_file():
+        print(f"bench_demo.py: error: --config={config} is not a config file (a .py file on disk)", file=sys.stderr)
+        sys.exit(2)
+    argv = command(config)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *COMMAND], cwd=ROOT)
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT)
     wall_s = time.perf_counter() - start
     load_after = os.getloadavg()
     if proc.returncode != 0:
         sys.exit(f"the demo run failed with exit status {proc.returncode}; see its output above")
-    final = final_eval(ROOT / OUTPUT_DIR / "metrics.jsonl")
+    final = final_eval(ROOT / output_dir(config) / "metrics.jsonl")
     result = {
         "script": "bench/bench_demo.py",
         "device": "cpu",
-        "command": "torchrun " + " ".join(COMMAND[2:]),
+        "config": config,
+        "command": "torchrun " + " ".join(argv[2:]),
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load_before],
@@ -73,13 +98,13 @@ def main():
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "sources": source_digest(SOURCES),
+        "sources": source_digest([*SOURCES, config, "bench/bench_demo.py"]),
         "wall_s": round(wall_s, 1),
         "step": final["step"],
         "exact_match": final["exact_match"],
         "eval_loss": final["eval_loss"],
     }
-    path = ROOT / "bench" / "results" / "demo_cpu.json"
+    path = result_path(config)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"demo: {wall_s:.0f} s, exact match {final['exact_match']:.1%}, eval loss {final['eval_loss']:.4g} "
           f"at step {final['step']}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after -> {path}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_train, gpu_suite, results_table
+from bench import bench_demo, bench_train, gpu_suite, results_table
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +189,9 @@ def test_readme_headline_and_benchmarks_page_are_rendered_from_bench_results():
     page = (ROOT / "docs" / "benchmarks.md").read_text()
     assert results_table.generated_block(page) == results_table.render(), \
         "docs/benchmarks.md's results differ from bench/results/: run python bench/results_table.py --write"
+    assert results_table.generated_block(page, results_table.DEMOS_BEGIN, results_table.DEMOS_END) == \
+        results_table.render_demos(), "docs/benchmarks.md's demo runs differ from bench/results/: run " \
+                                      "python bench/results_table.py --write"
 
 
 def test_the_headline_has_a_row_per_claim_naming_its_file():
@@ -214,6 +217,33 @@ def test_a_figure_that_drifts_changes_the_rendered_results(tmp_path):
     demo = json.loads((tmp_path / "demo_cpu.json").read_text())
     (tmp_path / "demo_cpu.json").write_text(json.dumps({**demo, "exact_match": 0.5}))
     assert "**50.0%** of the held-out prompts" in results_table.render_headline(tmp_path)
+    assert "| 50.0% |" in results_table.render_demos(tmp_path)
+
+
+def test_the_llama_demo_renders_beside_the_gpt2_demo_once_its_file_exists(tmp_path):
+    for path in (ROOT / "bench" / "results").glob("*.json"):
+        shutil.copy(path, tmp_path)
+    (tmp_path / "demo_llama_cpu.json").unlink(missing_ok=True)
+    assert "demo_llama" not in results_table.render_headline(tmp_path) + results_table.render_demos(tmp_path)
+    demo = json.loads((tmp_path / "demo_cpu.json").read_text())
+    command = "torchrun " + " ".join(bench_demo.command("configs/demo_llama.py")[2:])
+    (tmp_path / "demo_llama_cpu.json").write_text(json.dumps({**demo, "config": "configs/demo_llama.py",
+                                                              "command": command, "exact_match": 0.961, "wall_s": 301.4}))
+    rows = [line for line in results_table.render_headline(tmp_path).splitlines() if "`demo" in line]
+    assert [row.rsplit("`", 2)[1] for row in rows] == ["demo_cpu.json", "demo_llama_cpu.json"]
+    assert "Llama-shaped model" in rows[1] and "**96.1%**" in rows[1] and "5 min 01 s" in rows[1]
+    demos = results_table.render_demos(tmp_path)
+    assert "| `torchrun --standalone --nproc_per_node=2 train_sft.py configs/demo_llama.py --overwrite_output_dir " \
+           "--output_dir=out/bench_demo_llama` | 96.1% |" in demos
+    assert demos.index("`demo_cpu.json`") < demos.index("`demo_llama_cpu.json`")
+
+
+def test_bench_demo_names_its_result_after_the_config():
+    assert bench_demo.result_path("configs/demo.py") == ROOT / "bench" / "results" / "demo_cpu.json"
+    assert bench_demo.result_path("configs/demo_llama.py").name == "demo_llama_cpu.json"
+    assert bench_demo.command("configs/demo.py")[4:] == ["train_sft.py", "configs/demo.py", "--overwrite_output_dir",
+                                                         "--output_dir=out/bench_demo"]
+    assert bench_demo.output_dir("configs/demo_llama.py") == "out/bench_demo_llama"
 
 
 def test_the_files_a_suite_run_writes_render(tmp_path):
