@@ -365,7 +365,6 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-
 def log_start(run, model, engine, n_params, n_trained, total_steps):
     """The run's shape on rank 0, and every rank's model state beside the ZeRO paper's formula."""
     cfg = run.cfg
@@ -502,7 +501,6 @@ def exact_match(model, eval_set, count, tokenizer, device, autocast, rank, world
         dist.all_reduce(hits)
     model.train()
     return {"exact_match": (hits[0] / hits[1].clamp(min=1)).item()}
-
 
 
 def run_eval(run, engine, eval_set, tokenizer, step):
