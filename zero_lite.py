@@ -470,7 +470,8 @@ class Engine:
             return
         steps = [state["step"] for state in self.optimizer.state.values()]
         torch.save({"format": "zero_lite shard", "rank": self.rank, "world": self.world, "layout": self.layout(),
-                    "weights": [unit.shard.cpu() for unit in self.units],
+                    # a copy: on the CPU, .cpu() would return the view and torch.save write the whole flat buffer
+                    "weights": [unit.shard.to("cpu", copy=True) for unit in self.units],
                     "exp_avg": [unit.exp_avg.cpu() for unit in self.units],
                     "exp_avg_sq": [unit.exp_avg_sq.cpu() for unit in self.units],
                     "step": float(steps[0]) if steps else 0.0, "scaler": self.scaler.state_dict()},
