@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import random
@@ -277,10 +278,11 @@ def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
     tmp = final + ".tmp"
     run_id = trainer_state["run_id"]
     weights = engine.full_state_dict()  # collective: every rank takes part
+    engine_bytes = sum_over_ranks(engine.checkpoint_bytes(), world)
     needed, error = 0, None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
-        needed = checkpoint_bytes_needed(output_dir, run_id, weights)
+        needed = checkpoint_bytes_needed(output_dir, run_id, weights, trainer_state, engine_bytes)
         free = shutil.disk_usage(output_dir).free
         if free < needed:
             error = (f"checkpoint step {step} needs about {mib(needed)} in {output_dir} but only {mib(free)} "
@@ -307,14 +309,28 @@ def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
     return final
 
 
-def checkpoint_bytes_needed(output_dir, run_id, weights):
-    """The space the next checkpoint needs: the size of this run's latest one or, before the first,
-    a lower bound from the state (the consolidated weights; engines write theirs in other dtypes)."""
+def checkpoint_bytes_needed(output_dir, run_id, weights, trainer_state, engine_bytes):
+    """The space the next checkpoint needs: the size of this run's latest one or, before the first, an
+    estimate of what it will hold: the consolidated weights, the trainer state and every rank's engine files
+    (engine_bytes: their sum, which each engine reckons from the tensors its save writes)."""
     for _, path in reversed(list_checkpoints(output_dir)):
         manifest = read_json_object(os.path.join(path, MANIFEST_FILE))
         if manifest and manifest.get("run_id") == run_id and isinstance(manifest.get("files"), dict):
             return sum(entry.get("bytes", 0) for entry in manifest["files"].values() if isinstance(entry, dict))
-    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in weights.values()}.values())
+    import zero_lite  # here: sample.py builds models through this module without importing the engines
+    serialized = io.BytesIO()
+    torch.save(trainer_state, serialized)  # small: options, data position, random generators
+    weights_bytes = zero_lite.FILE_RECORD_BYTES + zero_lite.saved_bytes(weights.values())
+    return weights_bytes + len(serialized.getbuffer()) + engine_bytes
+
+
+def sum_over_ranks(value, world):
+    """The sum of every rank's value, on every rank."""
+    if world > 1:
+        values = [None] * world
+        dist.all_gather_object(values, value)
+        value = sum(values)
+    return value
 
 
 @contextlib.contextmanager
