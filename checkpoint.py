@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import random
@@ -222,7 +223,6 @@ def move_aside(ckpt_dir, log):
 def checkpoint_problem(ckpt_dir, run_id=None):
     """None if ckpt_dir is an intact checkpoint (of run run_id, when given), else what is wrong with it.
     Ranks share the hashing (each checks every world-th file) and all get the same answer."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     manifest = read_json_object(os.path.join(ckpt_dir, MANIFEST_FILE))
     named_step = CHECKPOINT_NAME.fullmatch(os.path.basename(ckpt_dir))
     problem = None
@@ -232,11 +232,18 @@ def checkpoint_problem(ckpt_dir, run_id=None):
         problem = f"its {MANIFEST_FILE} is for step {manifest.get('step')!r} (a foreign directory)"
     elif run_id is not None and manifest.get("run_id") != run_id:
         problem = f"it was written by another run than the one {RUN_FILE} records"
-    else:
-        for name in sorted(manifest["files"])[rank::world]:
-            problem = file_problem(ckpt_dir, name, manifest["files"][name])
-            if problem:
-                break
+    return first_file_problem(ckpt_dir, {} if problem else manifest["files"], problem)
+
+
+def first_file_problem(directory, files, problem=None):
+    """problem if given, else what is wrong with the first of files (name -> its manifest entry) under
+    directory, or None. Every rank calls it: they share the hashing (each checks every world-th file)
+    and all get the same answer."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for name in [] if problem else sorted(files)[rank::world]:
+        problem = file_problem(directory, name, files[name])
+        if problem:
+            break
     if world > 1:
         problems = [None] * world
         dist.all_gather_object(problems, problem)
@@ -244,11 +251,11 @@ def checkpoint_problem(ckpt_dir, run_id=None):
     return problem
 
 
-def file_problem(ckpt_dir, name, expected):
-    """What is wrong with one file of a checkpoint, measured against its manifest entry; None if nothing."""
-    path = os.path.join(ckpt_dir, name)
+def file_problem(directory, name, expected):
+    """What is wrong with one file of a checkpoint or export, measured against its manifest entry; None if nothing."""
+    path = os.path.join(directory, name)
     if not isinstance(expected, dict) or os.path.isabs(name) or ".." in name.split("/"):
-        return f"its {MANIFEST_FILE} entry for {name!r} is not valid"
+        return f"its manifest's entry for {name!r} is not valid"
     if not os.path.isfile(path):
         return f"{name} is missing"
     size = os.path.getsize(path)
@@ -277,10 +284,11 @@ def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
     tmp = final + ".tmp"
     run_id = trainer_state["run_id"]
     weights = engine.full_state_dict()  # collective: every rank takes part
+    engine_bytes = sum_over_ranks(engine.checkpoint_bytes(), world)
     needed, error = 0, None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
-        needed = checkpoint_bytes_needed(output_dir, run_id, weights)
+        needed = checkpoint_bytes_needed(output_dir, run_id, weights, trainer_state, engine_bytes)
         free = shutil.disk_usage(output_dir).free
         if free < needed:
             error = (f"checkpoint step {step} needs about {mib(needed)} in {output_dir} but only {mib(free)} "
@@ -307,14 +315,28 @@ def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
     return final
 
 
-def checkpoint_bytes_needed(output_dir, run_id, weights):
-    """The space the next checkpoint needs: the size of this run's latest one or, before the first,
-    a lower bound from the state (the consolidated weights; engines write theirs in other dtypes)."""
+def checkpoint_bytes_needed(output_dir, run_id, weights, trainer_state, engine_bytes):
+    """The space the next checkpoint needs: the size of this run's latest one or, before the first, an
+    estimate of what it will hold: the consolidated weights, the trainer state and every rank's engine files
+    (engine_bytes: their sum, which each engine reckons from the tensors its save writes)."""
     for _, path in reversed(list_checkpoints(output_dir)):
         manifest = read_json_object(os.path.join(path, MANIFEST_FILE))
         if manifest and manifest.get("run_id") == run_id and isinstance(manifest.get("files"), dict):
             return sum(entry.get("bytes", 0) for entry in manifest["files"].values() if isinstance(entry, dict))
-    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in weights.values()}.values())
+    import zero_lite  # here: sample.py builds models through this module without importing the engines
+    serialized = io.BytesIO()
+    torch.save(trainer_state, serialized)  # small: options, data position, random generators
+    weights_bytes = zero_lite.FILE_RECORD_BYTES + zero_lite.saved_bytes(weights.values())
+    return weights_bytes + len(serialized.getbuffer()) + engine_bytes
+
+
+def sum_over_ranks(value, world):
+    """The sum of every rank's value, on every rank."""
+    if world > 1:
+        values = [None] * world
+        dist.all_gather_object(values, value)
+        value = sum(values)
+    return value
 
 
 @contextlib.contextmanager
@@ -347,23 +369,27 @@ def barrier(world):
         dist.barrier()
 
 
-def write_manifest(ckpt_dir, info):
-    """manifest.json: every other file under ckpt_dir with its size and sha256, beside info. Each file
-    is flushed to disk first, so that a renamed checkpoint survives a power cut too."""
+def write_manifest(directory, info, name=MANIFEST_FILE):
+    """The manifest `name`: every other file under directory with its size and sha256, beside info. Each
+    file is flushed to disk first, and the manifest is written under a temporary name and renamed, so that
+    a manifest, once there, is whole and vouches for files that survive a power cut."""
     files = {}
-    for root, _, names in os.walk(ckpt_dir):
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, ckpt_dir)
-            if relative == MANIFEST_FILE:
+    for root, _, names in os.walk(directory):
+        for file_name in sorted(names):
+            path = os.path.join(root, file_name)
+            relative = os.path.relpath(path, directory)
+            if relative in (name, name + ".tmp"):
                 continue
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             files[relative] = {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
-    with open(os.path.join(ckpt_dir, MANIFEST_FILE), "w") as f:
+    path = os.path.join(directory, name)
+    with open(path + ".tmp", "w") as f:
         json.dump({**info, "files": dict(sorted(files.items()))}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    fsync_directory(directory)
 
 
 def fsync_directory(path):
@@ -529,9 +555,11 @@ def starting_checkpoint(cfg, explicit, log, master, world):
     if not os.path.isdir(cfg["init_from"]):
         raise OptionError(f"--init_from={cfg['init_from']} is not a directory on disk (scratch, a local Hugging Face "
                           f"directory or a checkpoint; nothing is downloaded)")
-    if os.path.isfile(os.path.join(cfg["init_from"], "config.json")):  # a Hugging Face directory: its tokenizer,
-        cfg.update({k: v for k, v in exported_options(cfg["init_from"]).items() if k not in explicit})  # and ours
-        return None  # say how they were trained
+    if os.path.isfile(os.path.join(cfg["init_from"], "config.json")):  # a Hugging Face directory
+        check_export(cfg["init_from"], "--init_from")
+        # its tokenizer, and the sft_config.json of our exports, say how it was trained
+        cfg.update({k: v for k, v in exported_options(cfg["init_from"]).items() if k not in explicit})
+        return None
     path = find_checkpoint(cfg["init_from"], log)
     if path is None:
         raise OptionError(f"--init_from={cfg['init_from']}: neither a Hugging Face directory (config.json) "
@@ -656,13 +684,16 @@ def add_lora(model, options):
 
 
 EXPORTED_OPTIONS = ("tokenizer", "template", "attn_window")  # what a family's own config.json cannot say
+# Written last into the export: every other file's size and sha256, checked by sample.py and --init_from.
+EXPORT_MANIFEST_FILE = "sft_manifest.json"
 
 
 def export_hf(weights, model_config, cfg, output_dir, log=print):
     """The consolidated weights in Hugging Face format of the model's family (LoRA merged), its tokenizer
     (so that AutoTokenizer loads the one it was trained with; byte has no such form, which is logged) and
     sft_config.json with the options that sample.py and a later --init_from need to use it as it was
-    trained. A directory tokenizer is copied in, so sft_config.json names the export itself."""
+    trained. A directory tokenizer is copied in, so sft_config.json names the export itself. Last, the
+    manifest sft_manifest.json, with which check_export finds a file changed since."""
     hf_dir = os.path.join(output_dir, "hf")
     tokenizer = data.get_tokenizer(cfg["tokenizer"])
     model = build_model(cfg, None, {"model_config": model_config, "model": weights})
@@ -676,7 +707,26 @@ def export_hf(weights, model_config, cfg, output_dir, log=print):
         trained_with["tokenizer"] = hf_dir
     with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
         json.dump(trained_with, f, indent=1)
+    write_manifest(hf_dir, {"about": "the size and sha256 of every file train_sft.py exported here, checked "
+                            "before sample.py or --init_from loads them; delete it after editing those files"},
+                   EXPORT_MANIFEST_FILE)
     return hf_dir
+
+
+def check_export(hf_dir, option):
+    """Stops (OptionError) when a file that the export's manifest lists is missing or differs from it. A
+    Hugging Face directory without a manifest (not exported here, or edited and the manifest deleted)
+    passes, and so does a file added beside the listed ones. Every rank calls it (first_file_problem)."""
+    path = os.path.join(hf_dir, EXPORT_MANIFEST_FILE)
+    manifest = read_json_object(path) if os.path.exists(path) else {"files": {}}
+    problem = None
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        manifest, problem = {"files": {}}, f"{EXPORT_MANIFEST_FILE} is unreadable"
+    problem = first_file_problem(hf_dir, manifest["files"], problem)
+    if problem:
+        raise OptionError(f"{option}={hf_dir} does not match the export's checksums ({EXPORT_MANIFEST_FILE}): "
+                          f"{problem}; export it again, or delete {EXPORT_MANIFEST_FILE} if its files were "
+                          f"changed on purpose")
 
 
 def token_ids(tokenizer):
@@ -709,6 +759,7 @@ def load_model(path):
     """Returns (model, the options it was trained with, such as tokenizer and template, or {}) from a run
     directory, a checkpoint directory, or a Hugging Face directory (ours carry sft_config.json)."""
     if os.path.isfile(os.path.join(path, "config.json")):
+        check_export(path, "--model")
         trained_with = exported_options(path)
         try:
             model = GPT.from_pretrained(path, attn_window=trained_with.get("attn_window", 0))

@@ -253,6 +253,31 @@ class DeepSpeedEngine:
         report = {"params": param_bytes, "grads": grad_bytes, "optimizer_state": moments + master_bytes}
         return {**report, "total": sum(report.values())}
 
+    def checkpoint_bytes(self):
+        """About how many bytes save() writes on this rank, for the space a first checkpoint needs: the model
+        states file (rank 0; at ZeRO-3 every rank, with its partition) and, where DeepSpeed keeps fp32 master
+        partitions (stages 1-3), each rank's optimizer file of masters and Adam moments, beside which rank 0
+        copies DeepSpeed's two recovery scripts. A plain client optimizer's state is in the model states file."""
+        from zero_lite import FILE_RECORD_BYTES, optimizer_state_bytes, saved_bytes
+        opt = self.ds.optimizer
+        masters = (getattr(opt, "single_partition_of_fp32_groups", None)
+                   or getattr(opt, "fp32_partitioned_groups_flat", None) or [])
+        total = 0
+        if self.rank == 0 or self.stage == 3:
+            total += FILE_RECORD_BYTES + saved_bytes(self.module.state_dict(keep_vars=True).values())  # ZeRO-3: empty
+            # DeepSpeed records the frozen (not trained) parameters again from stage 2: ZeRO-3 their partitions,
+            # stage 2 their .cpu() copies, which on the CPU are the module's own tensors, saved once
+            if self.stage == 3 or (self.stage == 2 and self.device.type != "cpu"):
+                frozen = [getattr(p, "ds_tensor", p) for p in self.module.parameters() if not p.requires_grad]
+                total += saved_bytes(frozen)
+        if not masters:
+            return total + (optimizer_state_bytes(opt) if self.rank == 0 else 0)
+        total += FILE_RECORD_BYTES + saved_bytes(masters) + optimizer_state_bytes(getattr(opt, "optimizer", opt))
+        if self.rank == 0:
+            utils = os.path.join(os.path.dirname(import_deepspeed().__file__), "utils")
+            total += sum(os.path.getsize(os.path.join(utils, name)) for name in ("zero_to_fp32.py", "zero_to_torch.py"))
+        return total
+
     def save(self, ckpt_dir):
         """DeepSpeed's own files (model states, each rank's optimizer shard) under ckpt_dir/deepspeed/."""
         self.ds.save_checkpoint(ckpt_dir, tag="deepspeed", save_latest=False)

@@ -48,10 +48,29 @@ BUCKET_BYTES = 25 * 2**20  # stage 0: gradients cross ranks in flat buckets of a
 SHARD_FILE = "zero_lite-shard{rank:05d}-of{world:05d}.pt"  # stages 1-3: one per rank in each checkpoint
 
 
+# What torch.save writes besides the tensors' bytes: per tensor its zip entries, alignment and pickle
+# record (about 220 bytes), per file the archive's own records and the pickled plain values.
+TENSOR_RECORD_BYTES, FILE_RECORD_BYTES = 256, 4096
+
+
 def _bytes(tensors):
     """Bytes of the distinct storages behind tensors (views of one buffer count once; a freed one is 0)."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
     return sum(storages.values())
+
+
+def saved_bytes(tensors):
+    """About what torch.save writes for tensors: every distinct storage whole (a view saves all it views)."""
+    tensors = list(tensors)
+    return _bytes(tensors) + TENSOR_RECORD_BYTES * len(tensors)
+
+
+def optimizer_state_bytes(optimizer):
+    """About what optimizer.state_dict() adds to a torch.save file: the state tensors it holds and, for each
+    parameter whose first step has not made them yet, what AdamW's will be (two moments like it, a step)."""
+    held = sum(saved_bytes(t for t in state.values() if torch.is_tensor(t)) for state in optimizer.state.values())
+    fresh = [p for group in optimizer.param_groups for p in group["params"] if not optimizer.state.get(p)]
+    return held + sum(2 * p.numel() * p.element_size() + 4 + 3 * TENSOR_RECORD_BYTES for p in fresh)
 
 
 # ----------------------------------------------------------------------------- units (stages 1-3)
@@ -456,6 +475,13 @@ class Engine:
         return [[unit.name, [[self.names[p], list(shape)] for p, shape in zip(unit.params, unit.shapes)]]
                 for unit in self.units]
 
+    def checkpoint_bytes(self):
+        """About how many bytes save() writes on this rank, for the space a first checkpoint needs."""
+        if self.stage == 0:
+            return FILE_RECORD_BYTES + optimizer_state_bytes(self.optimizer) if self.rank == 0 else 0
+        shards = [t for unit in self.units for t in (unit.shard, unit.exp_avg, unit.exp_avg_sq)]
+        return FILE_RECORD_BYTES + sum(t.numel() * t.element_size() + TENSOR_RECORD_BYTES for t in shards)
+
     def save(self, ckpt_dir):
         """Writes this rank's state into ckpt_dir (which the trainer renames when every rank is done). Stage 0:
         rank 0 writes the optimizer and loss-scaler state, which serves any number of ranks; the weights are
@@ -470,7 +496,8 @@ class Engine:
             return
         steps = [state["step"] for state in self.optimizer.state.values()]
         torch.save({"format": "zero_lite shard", "rank": self.rank, "world": self.world, "layout": self.layout(),
-                    "weights": [unit.shard.cpu() for unit in self.units],
+                    # a copy: on the CPU, .cpu() would return the view and torch.save write the whole flat buffer
+                    "weights": [unit.shard.to("cpu", copy=True) for unit in self.units],
                     "exp_avg": [unit.exp_avg.cpu() for unit in self.units],
                     "exp_avg_sq": [unit.exp_avg_sq.cpu() for unit in self.units],
                     "step": float(steps[0]) if steps else 0.0, "scaler": self.scaler.state_dict()},

@@ -246,6 +246,9 @@ class FakeEngine:
     def full_state_dict(self):
         return {"w": torch.ones(self.weight_bytes // 4)}
 
+    def checkpoint_bytes(self):
+        return self.engine_bytes
+
     def save(self, ckpt_dir):
         with open(os.path.join(ckpt_dir, "engine.bin"), "wb") as f:
             f.write(os.urandom(self.engine_bytes // 2))
@@ -328,6 +331,39 @@ def test_the_trainer_stops_with_one_sentence_when_the_disk_is_full(tmp_path, dat
     assert f"MiB in {out} but only " in errors[0]
     assert sorted(n for n in os.listdir(out) if n.startswith("ckpt")) == ["ckpt-00000001"]
     assert checkpoint.checkpoint_problem(str(out / "ckpt-00000001")) is None
+
+
+# Records what save_checkpoint reckons each checkpoint needs (rank 0 reckons it), a line each in $ESTIMATES.
+RECORDING_DRIVER = """
+import json, os, sys
+import checkpoint, train_sft
+estimate = checkpoint.checkpoint_bytes_needed
+def recorded(*args):
+    needed = estimate(*args)
+    with open(os.environ["ESTIMATES"], "a") as f:
+        f.write(json.dumps(needed) + "\\n")
+    return needed
+checkpoint.checkpoint_bytes_needed = recorded
+train_sft.run_from_command_line(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("args, nproc", [
+    pytest.param([], 1, id="native-stage0"),
+    pytest.param(["--zero_stage=1", "--lora_dim=4"], 1, id="native-stage1-lora"),
+    pytest.param(["--zero_stage=2"], 2, id="native-stage2-2ranks", marks=pytest.mark.slow),
+    pytest.param(["--engine=deepspeed", "--zero_stage=3"], 2, id="deepspeed-stage3-2ranks", marks=pytest.mark.slow),
+])
+def test_the_space_a_first_checkpoint_needs_is_reckoned_from_everything_it_holds(tmp_path, data_file, args, nproc):
+    """Before the first checkpoint there is no earlier one to measure: the estimate counted only the weights
+    (a third of what stage 0 writes), so a disk that could not hold the checkpoint let it start."""
+    out, estimates, driver = tmp_path / "out", tmp_path / "estimates", tmp_path / "record_estimates.py"
+    driver.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + RECORDING_DRIVER)
+    run_trainer([f"--data_path={data_file}", "--max_steps=1", "--checkpoint_interval=1", f"--output_dir={out}", *args],
+                tmp_path, nproc=nproc, script=str(driver), env={"ESTIMATES": str(estimates)})
+    estimate = json.loads(estimates.read_text().splitlines()[0])
+    written = sum(path.stat().st_size for path in (out / "ckpt-00000001").rglob("*") if path.is_file())
+    assert 0.9 * written <= estimate <= 1.1 * written, (estimate, written)
 
 
 # ----------------------------------------------------------------------------- end to end
