@@ -707,10 +707,15 @@ def export_hf(weights, model_config, cfg, output_dir, log=print):
         trained_with["tokenizer"] = hf_dir
     with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
         json.dump(trained_with, f, indent=1)
-    write_manifest(hf_dir, {"about": "the size and sha256 of every file train_sft.py exported here, checked "
-                            "before sample.py or --init_from loads them; delete it after editing those files"},
-                   EXPORT_MANIFEST_FILE)
+    write_export_manifest(hf_dir)
     return hf_dir
+
+
+def write_export_manifest(hf_dir):
+    """The export's manifest, written last: also by sparse.py merge, which changes an export's weights."""
+    write_manifest(hf_dir, {"about": "the size and sha256 of every file exported here, checked before "
+                            "sample.py or --init_from loads them; delete it after editing those files"},
+                   EXPORT_MANIFEST_FILE)
 
 
 def check_export(hf_dir, option):

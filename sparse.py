@@ -361,6 +361,7 @@ MERGE_OPTIONS = {
 
 def main(argv):
     """merge --base=HF_DIR --delta=FILE --out=HF_DIR: a Hugging Face directory with the delta added."""
+    from checkpoint import EXPORT_MANIFEST_FILE, check_export, write_export_manifest
     from model import GPT
     from options import OptionError, parse_options
     try:
@@ -370,13 +371,17 @@ def main(argv):
         missing = [f"--{name}" for name in MERGE_OPTIONS if not o[name]]
         if missing:
             raise OptionError(f"merge needs {', '.join(missing)}")
+        check_export(o["base"], "--base")
         model = GPT.from_pretrained(o["base"])
         names = load_delta(model, o["delta"])
     except (OSError, ValueError) as e:  # OptionError included
         print(f"sparse.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     model.save_pretrained(o["out"])
+    if os.path.exists(os.path.join(o["out"], EXPORT_MANIFEST_FILE)):  # an export merged in place: new sums
+        write_export_manifest(o["out"])
     print(f"merged {len(names)} matrices -> {o['out']}")
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import sft_kernels.sparse_adam as sparse_adam
 import sparse
 import options
@@ -301,6 +302,28 @@ def test_delta_round_trip_and_merge(tmp_path):
     base.save_pretrained(str(merged))
     assert torch.equal(GPT.from_pretrained(str(merged)).transformer.h[0].mlp.c_fc.weight,
                        model.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_merge_into_an_export_renews_its_checksums_and_refuses_a_damaged_base(tmp_path, capsys):
+    base = tiny_gpt()
+    export = tmp_path / "hf"
+    base.save_pretrained(str(export))
+    checkpoint.write_export_manifest(str(export))
+    model = copy.deepcopy(base)
+    optimizer = make_sparse(model, 0.05, embedding=False)
+    train(model, optimizer, 2)
+    delta = sparse.save_delta(optimizer, str(tmp_path / "delta.safetensors"))
+    sparse.main(["merge", f"--base={export}", f"--delta={delta}", f"--out={export}"])
+    checkpoint.check_export(str(export), "--model")  # the merged weights are what the manifest lists
+    merged = GPT.from_pretrained(str(export)).transformer.h[0].mlp.c_fc.weight
+    assert not torch.equal(merged, base.transformer.h[0].mlp.c_fc.weight)
+    weights = export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    with pytest.raises(SystemExit) as stop:
+        sparse.main(["merge", f"--base={export}", f"--delta={delta}", f"--out={tmp_path / 'out'}"])
+    assert stop.value.code == 2
+    assert f"--base={export} does not match the export's checksums" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_delta_that_does_not_fit(tmp_path):
