@@ -478,7 +478,7 @@ class Engine:
     def checkpoint_bytes(self):
         """About how many bytes save() writes on this rank, for the space a first checkpoint needs."""
         if self.stage == 0:
-            return FILE_RECORD_BYTES + optimizer_state_bytes(self.optimizer) if self.rank == 0 else 0
+            return (FILE_RECORD_BYTES + optimizer_state_bytes(self.optimizer)) if self.rank == 0 else 0
         shards = [t for unit in self.units for t in (unit.shard, unit.exp_avg, unit.exp_avg_sq)]
         return FILE_RECORD_BYTES + sum(t.numel() * t.element_size() + TENSOR_RECORD_BYTES for t in shards)
 
