@@ -122,8 +122,8 @@ class OptionError(ValueError):
 def parse_options(argv):
     """--dry-run, --only, --skip, --time_limit, --out and --STEP_args; returns a dict."""
     names = [step.name for step in STEPS]
-    opts = {"dry_run": False, "steps": [step.name for step in STEPS if not step.extra], "time_limit": 540.0, "out": os.environ.get("OUT", ""),
-            "args": {name: [] for name in names}}
+    opts = {"dry_run": False, "steps": [step.name for step in STEPS if not step.extra], "time_limit": 540.0,
+            "out": os.environ.get("OUT", ""), "args": {name: [] for name in names}}
     skip = []
     for arg in argv:
         key, has_value, value = arg.partition("=")

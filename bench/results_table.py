@@ -275,7 +275,8 @@ def demo_results(results_dir):
 
 def render_demos(results_dir=RESULTS):
     """docs/benchmarks.md's table of the demo runs, markers included: one row per demo config measured."""
-    lines = [DEMOS_BEGIN, "", "| command | exact match | eval loss | whole command | machine | file |", "|---|---|---|---|---|---|"]
+    lines = [DEMOS_BEGIN, "", "| command | exact match | eval loss | whole command | machine | file |",
+             "|---|---|---|---|---|---|"]
     for name, data in demo_results(results_dir):
         lines.append(f"| `{data['command']}` | {data['exact_match']:.1%} | {data['eval_loss']:.4f} | "
                      f"{minutes(data['wall_s'])} | {demo_machine(data)}, {data['date'][:10]} | `{name}` |")
