@@ -1,12 +1,14 @@
 """Kill -9 soak: random SIGKILLs and resumes must end with the same weights as an uninterrupted run.
 
-    python bench/soak_kill.py [--kills=12] [--seed=0]       # --kills per launch mode
+    python bench/soak_kill.py [--kills=12] [--seed=0] [--modes=all]   # --kills per mode
 
-Not part of the test suite (it takes minutes). For each launch mode, one process and torchrun with
-2 ranks (gloo, CPU), it trains a tiny model once without interruption, then again from scratch in
-rounds. Each start is killed with SIGKILL at a random moment (mostly within the training loop's
-length after the loop began, sometimes during the setup): the whole job or, under torchrun,
-sometimes a single rank, which torchrun answers by stopping the other. The next start resumes
+Not part of the test suite (it takes minutes per mode). The modes: one process, and torchrun with 2
+ranks (gloo, CPU) at native stages 0, 2 and 3 and on DeepSpeed at stage 2 (--modes picks some, by
+name, comma-separated). For each mode it trains a tiny model once without interruption, then again
+from scratch in rounds. Each start is killed with SIGKILL at a random moment (mostly within the
+training loop's length after the loop began, sometimes during the setup, and in about a third of
+the starts just after a checkpoint write began): the whole job or, under torchrun, sometimes a
+single rank, which torchrun answers by stopping the other. The next start resumes
 with --resume, or starts afresh with --overwrite_output_dir when no checkpoint was written yet,
 until a start finishes; the round's exported weights are then compared with the uninterrupted
 run's. Rounds repeat until the mode has seen --kills kills. Dropout is on, so the restored
@@ -37,7 +39,14 @@ OPTIONS = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--ma
            "--keep_checkpoints=2", "--log_interval=5", "--eval_exact_match=0"]
 
 
-BENCH_OPTIONS = {"kills": (12, "runs killed with SIGKILL at a random moment"), "seed": (0, "seed of the kill times")}
+MODES = {"1-process": (1, []),  # name: (ranks, options of its own)
+         "2-ranks-stage0": (2, ["--zero_stage=0"]),
+         "2-ranks-stage2": (2, ["--zero_stage=2"]),
+         "2-ranks-stage3": (2, ["--zero_stage=3"]),
+         "2-ranks-deepspeed-stage2": (2, ["--engine=deepspeed", "--zero_stage=2"])}
+BENCH_OPTIONS = {"kills": (12, "runs killed with SIGKILL at a random moment, per mode"),
+                 "seed": (0, "seed of the kill times"),
+                 "modes": ("all", "all, or some of " + ", ".join(MODES) + ", comma-separated")}
 
 
 def write_data(path):
@@ -105,6 +114,17 @@ def training_started(proc, log_path):
     return time.perf_counter()
 
 
+def wait_for_a_checkpoint_write(proc, out, stale, rng):
+    """Raises TimeoutExpired (the moment to kill) a few milliseconds after a checkpoint directory
+    appears under its unfinished name, so that kills land inside writes more often than at random;
+    returns when the run ends first."""
+    while proc.poll() is None:
+        if set(leftovers(out)) - stale:
+            time.sleep(rng.uniform(0.0, 0.02))
+            raise subprocess.TimeoutExpired(proc.args, 0)
+        time.sleep(0.001)
+
+
 def checkpoints(out):
     return sorted(p.name for p in out.glob("ckpt-*") if p.name[5:].isdigit()) if out.exists() else []
 
@@ -117,23 +137,28 @@ def max_difference(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a) if a.keys() == b.keys() else float("inf")
 
 
-def soak(nproc, kills_wanted, training_s, reference, workdir, rng):
+def soak(mode, kills_wanted, training_s, reference, workdir, rng):
     """Rounds of killed and resumed starts until kills_wanted kills; returns the mode's figures."""
+    nproc, mode_options = MODES[mode]
     figures = {"rounds": 0, "kills": 0, "kills_of_one_rank": 0, "kills_during_a_checkpoint_write": 0,
                "resumes": 0, "fresh_starts": 0, "max_abs_difference": 0.0, "failures": []}
     began = time.perf_counter()
     while figures["kills"] < kills_wanted and not figures["failures"]:
-        out = workdir / f"soak-{nproc}-{figures['rounds']}"
+        out = workdir / f"soak-{mode}-{figures['rounds']}"
         figures["rounds"] += 1
         while True:
             resume = bool(checkpoints(out))
             figures["resumes" if resume else "fresh_starts"] += 1
             with open(workdir / "start.log", "w") as log:
-                proc = start(nproc, workdir, out, ["--resume"] if resume else ["--overwrite_output_dir"], log)
+                restart = ["--resume"] if resume else ["--overwrite_output_dir"]
+                stale = set(leftovers(out))  # unfinished checkpoints of the start before, not this one's
+                proc = start(nproc, workdir, out, [*mode_options, *restart], log)
                 try:
                     if figures["kills"] < kills_wanted:  # most kills in the loop, a few during the setup
                         if rng.random() < 0.85:
                             training_started(proc, workdir / "start.log")
+                        if rng.random() < 0.3:
+                            wait_for_a_checkpoint_write(proc, out, stale, rng)
                         proc.wait(timeout=rng.uniform(0.0, 1.0) * training_s)
                     proc.wait()
                 except subprocess.TimeoutExpired:
@@ -153,28 +178,42 @@ def soak(nproc, kills_wanted, training_s, reference, workdir, rng):
     return figures
 
 
+def chosen_modes(names):
+    """The modes --modes names, in MODES's order; an unknown name stops with the ones there are."""
+    if names == "all":
+        return list(MODES)
+    wanted = names.split(",")
+    unknown = [name for name in wanted if name not in MODES]
+    if unknown:
+        sys.exit(f"--modes: unknown mode {unknown[0]!r}; the modes are all, " + ", ".join(MODES))
+    return [name for name in MODES if name in wanted]
+
+
 def main():
     args = parse_script_options(sys.argv[1:], BENCH_OPTIONS, __doc__)
-    kills_wanted, rng = args["kills"], random.Random(args["seed"])
+    kills_wanted, rng, modes = args["kills"], random.Random(args["seed"]), chosen_modes(args["modes"])
     results = {"script": "bench/soak_kill.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
-               "torch": torch.__version__, "options": OPTIONS, "kills_per_mode": kills_wanted, "modes": {}}
+               "torch": torch.__version__, "options": OPTIONS, "kills_per_mode": kills_wanted,
+               "load_average_before": os.getloadavg(), "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         write_data(workdir / "data.jsonl")
-        for nproc in (1, 2):
-            out = workdir / f"uninterrupted-{nproc}"
+        for mode in modes:
+            nproc, mode_options = MODES[mode]
+            out = workdir / f"uninterrupted-{mode}"
             with open(workdir / "start.log", "w") as log:
-                proc = start(nproc, workdir, out, [], log)
+                proc = start(nproc, workdir, out, mode_options, log)
                 began = training_started(proc, workdir / "start.log")
                 if proc.wait() != 0:
                     sys.exit(f"the uninterrupted run failed:\n{(workdir / 'start.log').read_text()[-3000:]}")
             training_s = time.perf_counter() - began
             reference = load_file(out / "hf" / "model.safetensors")
-            figures = soak(nproc, kills_wanted, training_s, reference, workdir, rng)
+            figures = soak(mode, kills_wanted, training_s, reference, workdir, rng)
             figures["uninterrupted_training_s"] = round(training_s, 1)
-            results["modes"][f"{nproc} process(es)"] = figures
-            print(f"{nproc} process(es): {json.dumps(figures)}", flush=True)
+            results["modes"][mode] = {"ranks": nproc, "options": mode_options, **figures}
+            print(f"{mode}: {json.dumps(figures)}", flush=True)
+    results["load_average_after"] = os.getloadavg()  # the machine may be shared: its load goes with the figures
     path = ROOT / "bench" / "results" / "soak_kill.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"-> {path}")
