@@ -240,6 +240,47 @@ def engines_headline(name, data):
             f"{data['device']}, {opts['nproc']} gloo ranks", name)
 
 
+def engines_at_scale_headline(name, data):
+    """Native against DeepSpeed at each stage, at a real model's size: model state per rank and tokens/s."""
+    rows = {(r["engine"], r["stage"]): r for r in data["rows"]}
+    stages = sorted({stage for engine, stage in rows if (("deepspeed", stage) in rows and ("native", stage) in rows)})
+    if not stages:
+        return None
+
+    def state(engine):
+        return "/".join(f"{rows[engine, s]['ranks'][0]['total'] / 2**20:,.0f}" for s in stages)
+    speed = ", ".join(f"{rows['native', s]['tokens_per_s'] / rows['deepspeed', s]['tokens_per_s']:.2f}x" for s in stages)
+    largest = max(rows[key]["max_loss_difference"] for key in rows)
+    opts = data["options"]
+    return (f"native engine against DeepSpeed {data['deepspeed']}, GPT-2 124M's shape, {opts['steps']} steps, "
+            f"{opts['dtype']}, ZeRO stages {stages[0]}-{stages[-1]}",
+            f"model state per rank {state('native')} MiB against DeepSpeed's {state('deepspeed')}; tokens/s "
+            f"**{speed}** DeepSpeed's; every loss within {largest:.1e} of native stage 0",
+            f"{data['device']}, {opts['nproc']} gloo ranks on 2 shared cores", name)
+
+
+def trl_headline(name, data):
+    """train_sft.py against TRL's SFTTrainer on the same rows, init and schedule."""
+    ours, trl = data["systems"]["project"], data["systems"]["trl"]
+    ratios, checked = data["ratios_project_over_trl"], data["verification"]
+
+    def median(system, part, figure):
+        return system[part][figure]["median"]
+    return (f"against TRL {data['versions']['trl']}'s `SFTTrainer`, a {data['model']['parameters'] / 1e6:.0f}M GPT-2 "
+            f"from the same init, the same rows ({checked['identical_rows']:,} "
+            f"of {checked['rows_compared']:,} tokenized identically) and schedule, median of {data['options']['pairs']} "
+            "alternating pairs",
+            f"data preparation in {ratios['prep.cpu_s']['median']:.3f}x TRL's CPU time "
+            f"({median(ours, 'prep', 'cpu_s'):.2f} s against {median(trl, 'prep', 'cpu_s'):.2f} s); training "
+            f"**{ratios['train.trained_tokens_per_s']['median']:.2f}x** its trained tokens/s "
+            f"({median(ours, 'train', 'trained_tokens_per_s'):,.0f} against "
+            f"{median(trl, 'train', 'trained_tokens_per_s'):,.0f}) at {ratios['train.peak_rss_mib']['median']:.2f}x "
+            f"its peak memory; eval loss {median(ours, 'eval', 'loss'):.3f} against "
+            f"{median(trl, 'eval', 'loss'):.3f} (the two samplers' batch orders differ)",
+            f"{data['machine']['cpu']}, {data['machine']['cores']} cores, shared (load average "
+            f"{data['loadavg_before'][0]:.2f} before, {data['loadavg_after'][0]:.2f} after)", name)
+
+
 def sparse_headline(name, data):
     """Sparse with embeddings against full fine-tuning, and sparse of the blocks against LoRA at the same count."""
     rows = {r["variant"]: r for r in data["results"]}
@@ -291,7 +332,8 @@ def render_headline(results_dir=RESULTS):
     rows = []
     for kind, headline in (("ce", ce_headline), ("train", train_headline)):
         rows += [headline(*devices[d][kind]) for d in newest_first if kind in devices[d]]
-    for file_name, headline in (("engines_cpu.json", engines_headline), ("sparse_cpu.json", sparse_headline)):
+    for file_name, headline in (("engines_cpu.json", engines_headline), ("engines_124m_cpu.json", engines_at_scale_headline),
+                                ("trl_cpu.json", trl_headline), ("sparse_cpu.json", sparse_headline)):
         path = results_dir / file_name
         if path.exists():
             rows.append(headline(file_name, json.loads(path.read_text())))
