@@ -1,7 +1,7 @@
 """Sparse fine-tuning (sparse.py, sft_kernels/sparse_adam.py) against dense AdamW and LoRA.
 
     python bench/bench_sparse.py gpu [--dry-run]   # one CUDA GPU; --dry-run: tiny shapes on the CPU, no file
-    python bench/bench_sparse.py cpu [--steps=500] [--base_steps=800] [--sweep_steps=120]   # the demo task on the CPU
+    python bench/bench_sparse.py cpu [--steps=500] [--base_steps=800] [--sweep_steps=0]   # the demo task on the CPU
 
 gpu (skipped without CUDA unless --dry-run), on GPT-2 124M's parameter set (fp32 weights):
   update     median time of one optimizer step (triton.testing.do_bench; gradients already in
@@ -22,8 +22,9 @@ cpu: the demo task as fine-tuning. A base model first learns three of the five d
 Linears (factors only, scale lora_scaling / rank = 1) at the ranks whose trainable counts are
 nearest the sparse runs', sparse 1% and 5% (block Linears; biases and LayerNorms dense), and
 sparse 5% of the embeddings too (the output layer is the tied token embedding).
-Each variant gets its own learning rate, chosen the same way for all: short runs
-(--sweep_steps) at each of LEARNING_RATES, and the one with the lowest eval loss on a validation
+Each variant gets its own learning rate, chosen the same way for all: runs of --sweep_steps (by
+default as long as the final runs: with 120-step trials LoRA rank 6 once chose a rate at which it
+diverged later) at each of LEARNING_RATES, and the one with the lowest eval loss on a validation
 split (100 training prompts per task, held out of every run's training data) wins; the scoring
 set below never takes part in the choice. Per variant, after --steps at its learning rate: final
 eval loss, greedy exact match on the 500 held-out prompts (100 per task), mean step time (the
@@ -58,7 +59,7 @@ SOURCES = ["sparse.py", "sft_kernels/sparse_adam.py", "train_sft.py", "bench/ben
 
 
 CPU_OPTIONS = {"steps": (500, "fine-tuning steps of each variant"), "base_steps": (800, "steps of the base model"),
-               "sweep_steps": (120, "steps of each learning-rate trial")}
+               "sweep_steps": (0, "steps of each learning-rate trial; 0: as many as --steps")}
 
 
 def timed(fn, device):
@@ -290,6 +291,7 @@ def choose_learning_rate(variant, sweep_common, steps, work):
 
 def cpu(steps, base_steps, sweep_steps):
     from data import demo_examples
+    sweep_steps = sweep_steps or steps
     train_rows, eval_rows = demo_examples()
     train_rows, validation_rows = split_validation(train_rows)
     work = tempfile.mkdtemp(prefix="bench_sparse_")
