@@ -1,5 +1,7 @@
 """README.md and docs/: the front page stays a front page, names every file of the repository, starts
-with the two commands CI runs, and no relative link points at nothing."""
+with the two commands CI runs, and no relative link points at nothing. The trainer itself stays a
+file a reader follows in one sitting."""
+import ast
 import re
 import subprocess
 from pathlib import Path
@@ -75,6 +77,20 @@ def test_every_relative_link_points_at_a_file_and_heading():
     assert not broken, f"links to nothing: {broken}"
 
 
+def function_lengths(source):
+    """name -> lines of every top-level function in a Python source."""
+    return {node.name: node.end_lineno - node.lineno + 1 for node in ast.parse(source).body
+            if isinstance(node, ast.FunctionDef)}
+
+
+def test_the_trainer_stays_within_its_reading_limits():
+    """train_sft.py tells the story of a run: at most 800 lines, and main() at most 120; what grows
+    past that belongs in the module that owns it (options, checkpoint, data, the engines)."""
+    source = (ROOT / "train_sft.py").read_text()
+    assert len(source.splitlines()) <= 800, "train_sft.py is over 800 lines: move the detail into its own module"
+    assert function_lengths(source)["main"] <= 120, "train_sft.main() is over 120 lines: name its phases"
+
+
 def test_the_checks_above_can_fail():
     """A table without a file, and a link to nowhere, are caught by the same helpers."""
     text = "| file | what it holds |\n|---|---|\n| `model.py` | x |\n| `bench/` | y |\n\nmore"
@@ -83,3 +99,4 @@ def test_the_checks_above_can_fail():
         [("docs/nowhere.md", "x"), ("", "anchor"), ("x.md", "")]
     assert anchors("# Title\n```bash\n# a comment\n```\n## ZeRO in the native engine (`--zero_stage`)\ntext") == \
         {"title", "zero-in-the-native-engine---zero_stage"}
+    assert function_lengths("def main():\n    a = 1\n\n    return a\n\n\nx = 2\n") == {"main": 4}
