@@ -96,9 +96,10 @@ def test_a_measured_process_reports_its_own_peak_memory_and_its_lines_as_they_co
     """The peak is the child's (300 MiB written), not this process's memory at the fork (pytest with
     torch loaded), which ru_maxrss would report."""
     import sys
-    child = "import time; x = b'x' * (300 << 20); print('allocated', flush=True); time.sleep(0.3); print('done')"
+    child = "import time; x = b'x' * (300 << 20); print('allocated', flush=True); time.sleep(1.0); print('done')"
     result = compare_trl.run_measured([sys.executable, "-c", child])
     assert [line for _, _, line in result["lines"]] == ["allocated", "done"]
     assert 300 <= result["peak_rss_mib"] < 400
     (first, _, _), (last, _, _) = result["lines"]
-    assert last - first >= 0.3 and result["cpu_s"] > 0
+    # read as they come: 1 s apart, not both at the exit (the slack is the reader thread's on a busy machine)
+    assert last - first >= 0.5 and result["cpu_s"] > 0
