@@ -296,8 +296,8 @@ def figures(device):
         ours = out["ce_anchor"].get("ours (triton)", {})
         if ours.get("ms") is not None:
             out["ce_target_met"] = ours["ms"] <= CE_TARGET_MS and ours["peak_extra_mib"] <= CE_TARGET_MIB
-        if ce_rows_at(ce, QWEN_VOCAB):
-            out["ce_qwen_vocab"] = ce_rows_at(ce, QWEN_VOCAB)
+        if qwen_rows := ce_rows_at(ce, QWEN_VOCAB):
+            out["ce_qwen_vocab"] = qwen_rows
     train = read_json(RESULTS / f"train_{file_name(device)}.json")
     if train:
         out["train"] = train["rows"]

@@ -256,7 +256,7 @@ def engines_at_scale_headline(name, data):
             f"{opts['dtype']}, ZeRO stages {stages[0]}-{stages[-1]}",
             f"model state per rank {state('native')} MiB against DeepSpeed's {state('deepspeed')}; tokens/s "
             f"**{speed}** DeepSpeed's; every loss within {largest:.1e} of native stage 0",
-            f"{data['device']}, {opts['nproc']} gloo ranks on 2 shared cores", name)
+            f"{data['device']}, {opts['nproc']} gloo ranks", name)
 
 
 def trl_headline(name, data):
