@@ -525,10 +525,10 @@ def run_eval(run, engine, eval_set, tokenizer, step):
 
 class StopSignals:
     """While installed, SIGTERM (a scheduler's preemption; torchrun forwards it to every worker) and
-    SIGINT (Ctrl-C) only record that the run should stop: the loop finishes its step, writes a
-    checkpoint and exits. Repeats are ignored (Ctrl-C under torchrun reaches a worker twice, from the
-    terminal and from torchrun); SIGKILL still ends a run at once, at the cost of the work since the
-    last checkpoint. The handler only sets a number: printing from it could interrupt a print."""
+    SIGINT (Ctrl-C) only record that the run should stop: the loop finishes its step, writes a checkpoint
+    and exits. Repeats are ignored, after the loop by SIG_IGN (Python drops its handlers at exit): Ctrl-C
+    under torchrun reaches a worker twice, and a kill -9 of torchrun, several parent-death signals ms apart
+    (one per dying launcher thread). SIGKILL still ends a run at once. The handler only sets a number."""
 
     def __init__(self):
         self.received = 0
@@ -537,9 +537,9 @@ class StopSignals:
     def handle(self, signum, frame):
         self.received = self.received or signum
 
-    def restore(self):
+    def release(self, stopping):
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
 
 
 def weights_are_finite(weights, world):
@@ -729,7 +729,7 @@ def main(argv):
             if cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step < total_steps:
                 checkpoint_now(run, engine, batches, model, step)
     progress.close()
-    signals.restore()
+    signals.release(stopping)
     report_model_state(engine, device, rank, world, cfg["zero_stage"], n_params, n_trained, step, run.metrics, log)
 
     # The end: checkpoint, export and the final eval, unless the last steps or the weights hold a NaN/Inf.

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -210,8 +211,9 @@ STEPS = 25  # within the first epoch: 1 rank x 2 and 2 ranks x 1 see the same mi
 LONG_RUN = [f"--max_steps={STEPS}", "--keep_checkpoints=5"]
 
 
-def interrupt(args, tmp_path, sig, nproc=1):
-    """Starts the trainer, sends sig once it has logged step 2, and returns (exit code, stdout, stderr)."""
+def interrupt(args, tmp_path, sig, nproc=1, repeat=False):
+    """Starts the trainer, sends sig once it has logged step 2 (with repeat, then every 2 ms until it
+    exits), and returns (exit code, stdout, stderr)."""
     cmd = [sys.executable, "train_sft.py"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_sft.py"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -224,10 +226,18 @@ def interrupt(args, tmp_path, sig, nproc=1):
         if line.startswith("step 2 |"):
             proc.send_signal(sig)
             break
+    if repeat:
+        threading.Thread(target=keep_signalling, args=(proc, sig), daemon=True).start()
     lines += proc.stdout.readlines()
     proc.wait(timeout=120)
     errors.seek(0)
     return proc.returncode, "".join(lines), errors.read()
+
+
+def keep_signalling(proc, sig):
+    while proc.poll() is None:
+        proc.send_signal(sig)  # a no-op once the process has been reaped
+        time.sleep(0.002)
 
 
 def main_in_this_process(args, tmp_path):
@@ -278,6 +288,18 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data
     log = capsys.readouterr().out
     assert f"resumed from {out}/ckpt-{step:08d} at step {step}" in log and "dropped line" in log
     assert train_losses(out) == uninterrupted  # every step, before and after the stop, bit for bit
+
+
+def test_a_stop_holds_while_the_signal_keeps_coming_until_the_run_exits(tmp_path, data_file):
+    """A kill -9 of torchrun reached each rank as several parent-death signals, ms apart; one that came
+    after the loop, when the default handler was back, killed the rank before its checkpoint."""
+    out = tmp_path / "run"
+    args = [f"--data_path={data_file}", f"--output_dir={out}"] + LONG_RUN
+    code, stdout, stderr = interrupt(args, tmp_path, signal.SIGTERM, repeat=True)
+    assert code == 128 + signal.SIGTERM, stderr[-2000:]
+    step = stopped_step(stderr, "SIGTERM")
+    assert (out / f"ckpt-{step:08d}").is_dir()
+    assert json.loads((out / "run.json").read_text())["exit_code"] == 128 + signal.SIGTERM
 
 
 @pytest.mark.slow
@@ -378,7 +400,7 @@ def test_a_two_rank_stage2_checkpoint_resumed_on_one_rank_continues_the_same_run
     for later in ("ckpt-00000012", "hf"):  # as if the run had been stopped after step 6
         shutil.rmtree(out / later)
     proc = run_trainer(["--resume", f"--output_dir={out}"], tmp_path)
-    assert (f"--resume on 1 rank(s) instead of 2: --gradient_accumulation_steps=2 keeps the checkpoint's 8 samples "
+    assert ("--resume on 1 rank(s) instead of 2: --gradient_accumulation_steps=2 keeps the checkpoint's 8 samples "
             "per step (2 ranks x 1 x 4)") in proc.stdout
     resumed = train_losses(out)
     assert sorted(resumed) == list(range(1, 13))
