@@ -526,16 +526,16 @@ def run_eval(run, engine, eval_set, tokenizer, step):
 class StopSignals:
     """While installed, SIGTERM (a scheduler's preemption; torchrun forwards it to every worker) and
     SIGINT (Ctrl-C) only record that the run should stop: the loop finishes its step, writes a checkpoint
-    and exits. Repeats are ignored, after the loop by SIG_IGN (Python drops its handlers at exit): Ctrl-C
-    under torchrun reaches a worker twice, and a kill -9 of torchrun, several parent-death signals ms apart
-    (one per dying launcher thread). SIGKILL still ends a run at once. The handler only sets a number."""
+    and exits. Repeats are ignored, by a stopping run until it exits (SIG_IGN: Python drops its handlers
+    at exit): Ctrl-C under torchrun reaches a worker twice; a kill -9 of torchrun sends a rank several
+    parent-death signals ms apart (one per dying launcher thread). SIGKILL still ends a run at once."""
 
     def __init__(self):
         self.received = 0
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
-        self.received = self.received or signum
+        self.received = self.received or signum  # only a number: printing here could interrupt a print
 
     def release(self, stopping):
         for sig, handler in self.previous.items():
