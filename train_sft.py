@@ -524,11 +524,11 @@ def run_eval(run, engine, eval_set, tokenizer, step):
 
 
 class StopSignals:
-    """While installed, SIGTERM (a scheduler's preemption; torchrun forwards it to every worker) and
-    SIGINT (Ctrl-C) only record that the run should stop: the loop finishes its step, writes a checkpoint
-    and exits. Repeats are ignored, by a stopping run until it exits (SIG_IGN: Python drops its handlers
-    at exit): Ctrl-C under torchrun reaches a worker twice; a kill -9 of torchrun sends a rank several
-    parent-death signals ms apart (one per dying launcher thread). SIGKILL still ends a run at once."""
+    """From the first step through the final checkpoint, SIGTERM (a scheduler's preemption; torchrun
+    forwards it to every worker) and SIGINT (Ctrl-C) only record that the run should stop after the step
+    or checkpoint in progress. Repeats are ignored, by a stopping run until it exits (SIG_IGN: Python
+    drops its handlers at exit): Ctrl-C under torchrun reaches a worker twice; a kill -9 of torchrun sends
+    a rank parent-death signals ms apart (one per dying launcher thread). SIGKILL still ends a run at once."""
 
     def __init__(self):
         self.received = 0
@@ -657,8 +657,7 @@ def main(argv):
     n_params = model.num_params(non_embedding=False)  # counted before an engine may shard the parameters
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     speed = Throughput(model.flops_per_token(cfg["max_seq_len"]), peak_flops(device), world)
-    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda" and not cfg["offload"],
-                               total_steps=total_steps)
+    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda" and not cfg["offload"], total_steps=total_steps)
     engine = make_engine(cfg, model, optimizer)
     dtype = getattr(torch, cfg["dtype"])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -729,7 +728,6 @@ def main(argv):
             if cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step < total_steps:
                 checkpoint_now(run, engine, batches, model, step)
     progress.close()
-    signals.release(stopping)
     report_model_state(engine, device, rank, world, cfg["zero_stage"], n_params, n_trained, step, run.metrics, log)
 
     # The end: checkpoint, export and the final eval, unless the last steps or the weights hold a NaN/Inf.
@@ -738,9 +736,11 @@ def main(argv):
     result = None
     if not failure:
         checkpoint_now(run, engine, batches, model, step)  # first, so nothing after it can cost the trained model
-        if not stopping:
-            export(run, weights, model, optimizer)
-            result = run_eval(run, engine, eval_set, tokenizer, step)
+        stopping = stopping or from_rank0(signals.received > 0, world)  # a signal since the last step's vote
+    signals.release(stopping)  # a signal during the export or the final eval ends the process there
+    if not failure and not stopping:
+        export(run, weights, model, optimizer)
+        result = run_eval(run, engine, eval_set, tokenizer, step)
     if dist.is_initialized():
         # Release the engine before the process group: dropped later (when main returns), its last
         # reference to the group would destroy it while holding the GIL that gloo's threads wait for.

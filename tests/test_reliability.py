@@ -302,6 +302,36 @@ def test_a_stop_holds_while_the_signal_keeps_coming_until_the_run_exits(tmp_path
     assert json.loads((out / "run.json").read_text())["exit_code"] == 128 + signal.SIGTERM
 
 
+def test_a_signal_during_the_final_checkpoint_waits_for_it_then_stops_the_run(tmp_path, data_file, uninterrupted,
+                                                                               monkeypatch):
+    """The previous handler used to be back before the final checkpoint: a scheduler's SIGTERM during
+    that write killed the run and cost every step since the last checkpoint."""
+    out = tmp_path / "run"
+    args = [f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN
+
+    def signalled_while_writing(run, engine, batches, model, step):
+        if step == STEPS:
+            os.kill(os.getpid(), signal.SIGTERM)
+        checkpoint_now(run, engine, batches, model, step)
+
+    checkpoint_now = train_sft.checkpoint_now
+    monkeypatch.setattr(train_sft, "checkpoint_now", signalled_while_writing)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, lambda *_: None)  # not pytest's death, should the trainer let it through
+    try:
+        with pytest.raises(train_sft.RunStopped, match=f"stopped by SIGTERM after step {STEPS};") as stopped:
+            main_in_this_process(args, tmp_path)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    del stopped  # its traceback holds the stopped run's frame, and with it the output directory's lock
+    assert (out / f"ckpt-{STEPS:08d}").is_dir() and not (out / "hf").exists()
+    monkeypatch.undo()
+    main_in_this_process(["--resume", f"--output_dir={out}"], tmp_path)  # no step left: it exports
+    assert (out / "hf" / "model.safetensors").is_file() and train_losses(out) == uninterrupted
+
+
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tmp_path, data_file, uninterrupted):
     """torchrun forwards SIGTERM to its workers; they agree on the step through the step's counts."""
