@@ -30,6 +30,7 @@ import torch.distributed as dist
 import data
 from model import GPT, GPTConfig, apply_lora, family_config
 from options import MODEL_OPTIONS, OPTIONS, RESUME_MAY_CHANGE, OptionError
+from tokenizer import HFTokenizer, get_tokenizer, save_tokenizer, tokenizer_identity
 
 # A checkpoint is a directory ckpt-<step>/ holding each rank's engine files, the trainer's state
 # (rank 0), the consolidated weights and manifest.json: every file with its size and sha256, the step
@@ -586,7 +587,7 @@ def data_identity(cfg, tokenizer):
     evaluation = data.parse_sources(eval_path) + evaluation
     return {"train": [[path, sha256_of(path)] for path, _ in train],
             "eval": [[path, sha256_of(path)] for path, _ in evaluation],
-            "tokenizer": data.tokenizer_identity(tokenizer),
+            "tokenizer": tokenizer_identity(tokenizer),
             "options": {name: cfg[name] for name in SAMPLE_OPTIONS}}
 
 
@@ -695,15 +696,15 @@ def export_hf(weights, model_config, cfg, output_dir, log=print):
     trained. A directory tokenizer is copied in, so sft_config.json names the export itself. Last, the
     manifest sft_manifest.json, with which check_export finds a file changed since."""
     hf_dir = os.path.join(output_dir, "hf")
-    tokenizer = data.get_tokenizer(cfg["tokenizer"])
+    tokenizer = get_tokenizer(cfg["tokenizer"])
     model = build_model(cfg, None, {"model_config": model_config, "model": weights})
     model.save_pretrained(hf_dir, token_ids=token_ids(tokenizer))
     try:
-        data.save_tokenizer(cfg["tokenizer"], hf_dir)
+        save_tokenizer(cfg["tokenizer"], hf_dir)
     except ValueError as e:
         log(f"export: {e}")
     trained_with = {name: cfg[name] for name in EXPORTED_OPTIONS}
-    if isinstance(tokenizer, data.HFTokenizer):
+    if isinstance(tokenizer, HFTokenizer):
         trained_with["tokenizer"] = hf_dir
     with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
         json.dump(trained_with, f, indent=1)
@@ -737,7 +738,7 @@ def check_export(hf_dir, option):
 def token_ids(tokenizer):
     """The special ids config.json names, which transformers' generate reads: end of text (a directory's
     eos, and its bos and pad when it names them)."""
-    if not isinstance(tokenizer, data.HFTokenizer):  # GPT-2's convention: end-of-text begins and ends
+    if not isinstance(tokenizer, HFTokenizer):  # GPT-2's convention: end-of-text begins and ends
         return {"bos_token_id": tokenizer.eot_token, "eos_token_id": tokenizer.eot_token}
     ids = {"eos_token_id": tokenizer.eot_token}
     for role in ("bos", "pad"):

@@ -1,19 +1,19 @@
 """A GPT written by hand, readable top to bottom (after nanoGPT's model.py): GPT-2 and the Llama family
 (Llama, Mistral, Qwen2, Qwen3) in one class, switched by GPTConfig fields.
 
-Also here: the masked linear + cross-entropy loss seam that sft_kernels/ replaces, import and export of
-Hugging Face directories of those families, generation with a KV cache, and LoRA as DeepSpeed-Chat offers it.
+Also here: the loss seam (GPT.loss_fn, by default sft_kernels/chunked_cross_entropy.py's masked linear +
+cross-entropy), generation with a KV cache, and LoRA as DeepSpeed-Chat offers it. Hugging Face directories
+are read and written by hf_format.py, which from_pretrained and save_pretrained call.
 """
-import json
 import math
-import os
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+
+from sft_kernels.chunked_cross_entropy import linear_cross_entropy
 
 
 @dataclass
@@ -94,72 +94,6 @@ def check_config(config):
         raise ValueError(f"n_head={config.n_head} must be a multiple of n_kv_head={config.n_kv_head}")
     if config.positions == "rotary" and config.head_size % 2:
         raise ValueError(f"rotary positions need an even head size, got head_dim={config.head_size}")
-
-
-# ----------------------------------------------------------------------------- loss seam
-
-def _chunk_loss_and_grads(hc, yc, weight, acc, want_h, want_w):
-    """Summed loss of one row chunk and its gradients for hc and weight (None where not wanted).
-    A function of its own so the chunk's (rows, V) logits are freed when it returns."""
-    logits = (hc @ weight.t()).to(acc)  # (rows, V)
-    lse = torch.logsumexp(logits, dim=-1)  # (rows,)
-    loss = (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-    if not (want_h or want_w):
-        return loss, None, None
-    dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place ...
-    dlogits[torch.arange(len(yc), device=yc.device), yc] -= 1.0  # ... minus the one-hot target
-    dlogits = dlogits.to(hc.dtype)
-    return loss, dlogits @ weight if want_h else None, dlogits.t() @ hc if want_w else None
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Loss and gradients computed together, one row chunk at a time, so that only one (chunk, V) block
-    of logits is ever alive and the backward keeps just the (n, C) and (V, C) gradients."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, keep, chunk_size, grad_enabled):
-        # needs_input_grad stays True under torch.no_grad: eval must not pay for gradients.
-        want_h, want_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
-        h, y = hidden[keep], labels[keep]  # (n, C), (n,): only the rows that count
-        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp16 inputs, fp64 stays fp64
-        loss_sum = torch.zeros((), device=h.device, dtype=acc)
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
-        for s in range(0, h.size(0), chunk_size):
-            loss, gh, gw = _chunk_loss_and_grads(h[s:s + chunk_size], y[s:s + chunk_size], weight, acc, want_h, want_w)
-            loss_sum += loss
-            if want_h:
-                grad_h[s:s + chunk_size] = gh
-            if want_w:
-                grad_w += gw
-        ctx.save_for_backward(keep, grad_h, grad_w)
-        ctx.hidden_shape, ctx.n, ctx.weight_dtype = hidden.shape, h.size(0), weight.dtype
-        return loss_sum / ctx.n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        keep, grad_h, grad_w = ctx.saved_tensors
-        scale = grad_loss / ctx.n
-        grad_hidden = grad_weight = None
-        if grad_h is not None:  # masked rows get exactly zero gradient
-            grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, keep, grad_h * scale.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_weight = (grad_w * scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
-
-
-def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=1024):
-    """Mean cross-entropy of softmax(hidden @ weight.T) over labels != ignore_index.
-
-    hidden (N, C), weight (V, C), labels (N,). Masked rows (the prompt half of an SFT batch) are dropped
-    before the matmul, and rows go through in chunks of chunk_size so the (N, V) logits never exist
-    at once. With nothing to predict it returns a zero that is still connected to the graph. Under
-    torch.compile it runs outside the graph (train_sft.prepare_model wraps it), so importing the model
-    does not load the compiler."""
-    keep = (labels != ignore_index).nonzero().squeeze(1)  # (n,)
-    if keep.numel() == 0:
-        return hidden[:0].sum() + weight[:0].sum()  # exactly 0.0; backward gives zero gradients
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, keep, chunk_size, torch.is_grad_enabled())
 
 
 # ----------------------------------------------------------------------------- the transformer
@@ -307,10 +241,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# Hugging Face GPT-2 stores these as Conv1D weights, i.e. transposed relative to nn.Linear.
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -451,143 +381,15 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a local Hugging Face directory of model_type gpt2, llama, mistral, qwen2 or qwen3 (never the
-        network; nothing unpickled but tensors): config.json, and model.safetensors, its sharded form
-        (model.safetensors.index.json) or pytorch_model.bin.
+        """A GPT from a local Hugging Face directory of model_type gpt2, llama, mistral, qwen2 or qwen3;
+        overrides may set dropout, attn_window and gradient_checkpointing (see hf_format.load_pretrained)."""
+        import hf_format  # the formats room builds on this one, so it is imported when used
+        return hf_format.load_pretrained(path, **overrides)
 
-        Dropout is 0.0 unless overridden (e.g. dropout=0.1); overrides may also set attn_window and
-        gradient_checkpointing. A sliding window in config.json becomes attn_window (the same mask); an
-        attn_window override of 0 keeps it, a narrower one replaces it, a wider one is refused. The vocabulary
-        size is the checkpoint's own (50257 for GPT-2)."""
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a directory on disk: from_pretrained reads local Hugging Face "
-                                    "directories only and downloads nothing")
-        config_file = path / "config.json"
-        config = read_hf_config(config_file)
-        window = overrides.pop("attn_window", 0)
-        if config.attn_window and window > config.attn_window:
-            raise ValueError(f"attn_window={window} is wider than the sliding window of {config.attn_window} "
-                             f"in {config_file} that the model was trained with")
-        model = cls(replace(config, attn_window=window or config.attn_window, **overrides))
-        weights_file, tensors = read_hf_weights(path)
-        model._load_hf_tensors(tensors, weights_file, config_file)
-        return model
-
-    @torch.no_grad()
-    def _load_hf_tensors(self, tensors, weights_file, config_file):
-        """Copy Hugging Face tensors into this model, after checking that they are exactly the ones it needs."""
-        cfg = self.config
-        if cfg.model_type == "gpt2":  # original GPT-2 files have no 'transformer.' prefix
-            tensors = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: t
-                       for k, t in tensors.items()}
-        ours = self.state_dict()
-        names = hf_tensor_names(cfg, ours)
-        embedding, head = names["transformer.wte.weight"][0], tensors.get("lm_head.weight")
-        tied_differently = head is not None and embedding in tensors and not torch.equal(head, tensors[embedding])
-        if cfg.tie_word_embeddings and tied_differently:
-            raise ValueError(f"{weights_file}: lm_head.weight differs from {embedding}, but {config_file} says "
-                             "tie_word_embeddings is true (one shared matrix)")
-        wanted = {name for parts in names.values() for name in parts}
-        for name in tensors:
-            # lm_head.weight of a tied model is the embedding; attn.bias and rotary_emb.inv_freq are old buffers
-            ignored = name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias", ".inv_freq"))
-            if name not in wanted and not ignored:
-                raise ValueError(f"{weights_file}: unexpected tensor {name!r}: not part of a {cfg.model_type} LM")
-        missing = sorted(wanted - set(tensors))
-        if missing:
-            raise ValueError(f"{weights_file}: missing tensors for the config in {config_file}: "
-                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        for key, parts in names.items():
-            transposed = cfg.model_type == "gpt2" and key.endswith(HF_TRANSPOSED)
-            for name, rows in zip(parts, hf_part_rows(cfg, key, ours[key].shape[0], len(parts))):
-                want = (rows, *ours[key].shape[1:])
-                want = want[::-1] if transposed else want  # in the file's layout
-                if tuple(tensors[name].shape) != want:
-                    raise ValueError(f"{weights_file}: tensor {name!r} has shape {tuple(tensors[name].shape)} but "
-                                     f"the config (from {config_file} and overrides) needs {want}")
-            tensor = torch.cat([tensors[name] for name in parts])
-            ours[key].copy_(tensor.t() if transposed else tensor)
-
-    @torch.no_grad()
     def save_pretrained(self, path, token_ids=None):
-        """Write config.json + model.safetensors of this model's family (config.model_type), which
-        transformers' AutoModelForCausalLM loads. token_ids (e.g. {"eos_token_id": 2}) go into config.json.
-
-        LoRA deltas are merged into the written weights (the model itself is left as it is); GPT-2's missing
-        biases (bias=False) are written as zeros. Each file goes to a temporary name first and is then
-        renamed, so a crash never leaves a half-written file under the final name. attn_window is written as
-        the sliding window of mistral, qwen2 and qwen3; gpt2 and llama cannot say it: pass it again to
-        from_pretrained. A config the family's format cannot express is refused."""
-        from safetensors.torch import save_file
-        self._check_hf_expressible()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        weights = self.state_dict()
-        for name, m in self.named_modules():
-            if isinstance(m, LoRALinear) and not m.merged:
-                weights[name + ".weight"] = m.weight + m.delta_weight()
-            gpt2_linear_or_norm = isinstance(m, (nn.Linear, nn.LayerNorm, LoRALinear)) and name != "lm_head"
-            if self.config.model_type == "gpt2" and gpt2_linear_or_norm and m.bias is None:
-                weights[name + ".bias"] = m.weight.new_zeros(m.weight.shape[0])
-        weights = {key: t for key, t in weights.items() if "lora_" not in key}
-        tensors = {}
-        for key, parts in hf_tensor_names(self.config, weights).items():
-            t = weights[key].t() if self.config.model_type == "gpt2" and key.endswith(HF_TRANSPOSED) else weights[key]
-            for name, piece in zip(parts, t.split(hf_part_rows(self.config, key, t.shape[0], len(parts)))):
-                tensors[name] = piece.detach().contiguous().cpu()
-        hf = {**self.hf_config(), **(token_ids or {})}
-        _write_atomically(path / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-        _write_atomically(path / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2)))
-
-    def _check_hf_expressible(self):
-        """Refuse to export a config that its family's config.json would read back as another model."""
-        def sizes_spelled_out(c):  # 0 means "the default size": compare the sizes themselves
-            return replace(c, head_dim=c.head_size, n_kv_head=c.kv_heads, intermediate_size=c.mlp_width)
-        ours = sizes_spelled_out(self.config)
-        back = sizes_spelled_out(gpt_config_from_hf(self.hf_config(), "the exported config.json"))
-        not_in_format = {"dropout", "attn_window", "gradient_checkpointing"}  # the run's choices (see docstrings)
-        if ours.model_type == "gpt2":
-            not_in_format.add("bias")  # written as zeros
-        for field in fields(ours):
-            mine, theirs = getattr(ours, field.name), getattr(back, field.name)
-            if field.name not in not_in_format and mine != theirs:
-                raise ValueError(f"{field.name}={mine!r} cannot be written as a Hugging Face {ours.model_type} model "
-                                 f"(its config.json would load as {field.name}={theirs!r})")
-
-    def hf_config(self):
-        """This model's config in Hugging Face terms for its family."""
-        cfg = self.config
-        if cfg.model_type == "gpt2":
-            return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
-                        n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                        n_inner=None, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
-                        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                        initializer_range=0.02, tie_word_embeddings=True,
-                        # GPT-2's end-of-text is 50256; for a small vocabulary (the byte tokenizer) it is the last id
-                        bos_token_id=min(50256, cfg.vocab_size - 1), eos_token_id=min(50256, cfg.vocab_size - 1))
-        hf = dict(architectures=[HF_ARCHITECTURES[cfg.model_type]], model_type=cfg.model_type,
-                  vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_width,
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
-                  head_dim=cfg.head_size, hidden_act="silu", max_position_embeddings=cfg.block_size,
-                  rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=None,
-                  tie_word_embeddings=cfg.tie_word_embeddings, attention_dropout=cfg.dropout, initializer_range=0.02)
-        if cfg.rope_scaling == "llama3":
-            hf["rope_scaling"] = dict(rope_type="llama3", factor=cfg.rope_factor,
-                                      low_freq_factor=cfg.rope_low_freq_factor,
-                                      high_freq_factor=cfg.rope_high_freq_factor,
-                                      original_max_position_embeddings=cfg.rope_original_max_position_embeddings)
-        if cfg.model_type in ("llama", "qwen3"):
-            hf["attention_bias"] = False
-        if cfg.model_type == "llama":
-            hf["mlp_bias"] = False
-        if cfg.model_type == "mistral":
-            hf["sliding_window"] = cfg.attn_window or None
-        if cfg.model_type in ("qwen2", "qwen3"):
-            kind = "sliding_attention" if cfg.attn_window else "full_attention"
-            hf.update(use_sliding_window=bool(cfg.attn_window), sliding_window=cfg.attn_window or None,
-                      max_window_layers=0 if cfg.attn_window else cfg.n_layer, layer_types=[kind] * cfg.n_layer)
-        return hf
+        """Write this model as a Hugging Face directory of its family (see hf_format.save_pretrained)."""
+        import hf_format
+        hf_format.save_pretrained(self, path, token_ids)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
@@ -604,206 +406,6 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
         outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
-
-
-HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-
-# The Llama family's tensors: ours (in transformer.h.<i>.) -> Hugging Face's (in model.layers.<i>.). Where
-# several are listed they are concatenated along dim 0 into ours: q, k, v into c_attn; gate, up into c_fc.
-LLAMA_LAYER_TENSORS = {
-    "ln_1.weight": ["input_layernorm.weight"],
-    "attn.c_attn.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-    "attn.c_attn.bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
-    "attn.q_norm.weight": ["self_attn.q_norm.weight"],
-    "attn.k_norm.weight": ["self_attn.k_norm.weight"],
-    "attn.c_proj.weight": ["self_attn.o_proj.weight"],
-    "ln_2.weight": ["post_attention_layernorm.weight"],
-    "mlp.c_fc.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
-    "mlp.c_proj.weight": ["mlp.down_proj.weight"],
-}
-LLAMA_TOP_TENSORS = {"transformer.wte.weight": "model.embed_tokens.weight",
-                     "transformer.ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
-
-
-def hf_tensor_names(config, keys):
-    """{our state_dict key: the Hugging Face tensors it is made of, in order} for config's family (GPT-2's
-    names are ours). A tied head is left out: Hugging Face ties it to the embedding as we do."""
-    names = {}
-    for key in keys:
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if config.model_type == "gpt2":
-            names[key] = [key]
-        elif key.startswith("transformer.h."):
-            layer, rest = key.removeprefix("transformer.h.").split(".", 1)
-            names[key] = [f"model.layers.{layer}.{name}" for name in LLAMA_LAYER_TENSORS[rest]]
-        else:
-            names[key] = [LLAMA_TOP_TENSORS[key]]
-    return names
-
-
-def hf_part_rows(config, key, rows, n_parts):
-    """How many of our tensor's rows each of its n_parts Hugging Face tensors holds: q, k, v for c_attn."""
-    if n_parts == 1:
-        return [rows]
-    if ".c_attn." in key:
-        return [config.n_head * config.head_size] + [config.kv_heads * config.head_size] * 2
-    return [rows // n_parts] * n_parts
-
-
-def read_hf_config(file):
-    """The GPTConfig of a Hugging Face config.json; refuses anything this GPT would compute differently."""
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: from_pretrained expects a local Hugging Face directory "
-                                "(config.json plus model.safetensors or pytorch_model.bin)")
-    try:
-        hf = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{file} must hold a JSON object (a model config), got a {type(hf).__name__}")
-    return gpt_config_from_hf(hf, file)
-
-
-def gpt_config_from_hf(hf, file):
-    """GPTConfig from a Hugging Face config dict (read from file, named in errors)."""
-    model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
-        raise ValueError(f"{file}: model_type is {model_type!r}, but only {', '.join(map(repr, FAMILIES))} are "
-                         "supported")
-    return gpt2_config_from_hf(hf, file) if model_type == "gpt2" else llama_family_config_from_hf(hf, file)
-
-
-def gpt2_config_from_hf(hf, file):
-    if not set(hf.get("architectures") or []) <= {"GPT2LMHeadModel", "GPT2Model"}:
-        raise ValueError(f"{file}: architectures is {hf['architectures']}; expected GPT2LMHeadModel")
-    n_embd = hf.get("n_embd", 768)
-    supported = {"activation_function": ("gelu_new", ["gelu_new", "gelu_pytorch_tanh"]),
-                 "n_inner": (None, [None, 4 * n_embd]),
-                 "scale_attn_weights": (True, [True]), "scale_attn_by_inverse_layer_idx": (False, [False]),
-                 "tie_word_embeddings": (True, [True])}
-    for field, (default, allowed) in supported.items():
-        if hf.get(field, default) not in allowed:
-            raise ValueError(f"{file}: {field}={hf[field]!r} is not supported (this GPT-2 needs one of {allowed})")
-    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, dropout=0.0,
-                     norm_eps=hf.get("layer_norm_epsilon", 1e-5))
-
-
-LLAMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "max_position_embeddings")
-LLAMA_MATH = {"hidden_act": ["silu"], "attention_bias": [False], "mlp_bias": [False],  # fields that change
-              "partial_rotary_factor": [1.0, None]}  # the math -> what this GPT computes (absent: the first)
-LLAMA3_ROPE = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
-               "high_freq_factor": "rope_high_freq_factor",
-               "original_max_position_embeddings": "rope_original_max_position_embeddings"}
-
-
-def llama_family_config_from_hf(hf, file):
-    model_type = hf["model_type"]
-    for field in LLAMA_SIZES:
-        if type(hf.get(field)) is not int or hf[field] <= 0:
-            raise ValueError(f"{file}: model_type is {model_type!r} but {field} is missing or not a positive integer")
-    expected = HF_ARCHITECTURES[model_type]
-    if (hf.get("architectures") or [expected]) != [expected]:
-        raise ValueError(f"{file}: architectures is {hf['architectures']}; expected [{expected!r}]")
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # transformers 4 | 5 spelling
-    for field, allowed in LLAMA_MATH.items():
-        value = rope.get(field, hf.get(field, allowed[0]))
-        if value not in allowed:
-            raise ValueError(f"{file}: {field}={value!r} is not supported (this model computes {field}={allowed[0]!r})")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "llama3"):
-        raise ValueError(f"{file}: rope_scaling of type {kind!r} is not supported (only the default rotary "
-                         "positions and 'llama3')")
-    llama3 = {}
-    if kind == "llama3":
-        missing = [theirs for theirs in LLAMA3_ROPE if theirs not in rope]
-        if missing:
-            raise ValueError(f"{file}: rope_scaling of type 'llama3' lacks {', '.join(missing)}")
-        llama3 = {ours: rope[theirs] for theirs, ours in LLAMA3_ROPE.items()}
-    heads, width = hf["num_attention_heads"], hf["hidden_size"]
-    return family_config(model_type, block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                         n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=width,
-                         n_kv_head=hf.get("num_key_value_heads") or heads,
-                         head_dim=hf.get("head_dim") or width // heads,
-                         intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-                         rope_scaling="llama3" if llama3 else "none", **llama3,
-                         tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                         attn_window=hf_sliding_window(hf, file))
-
-
-def hf_sliding_window(hf, file):
-    """attn_window for config.json's sliding window. Hugging Face's sliding mask lets query i see key j when
-    i - w < j <= i, exactly attn_window's mask, so the window is honoured; a mix of sliding and full
-    layers is refused. Mistral slides on every layer; Qwen2/3 on the layers that layer_types names (or,
-    in older files, those from max_window_layers on when use_sliding_window)."""
-    window = hf.get("sliding_window") or 0
-    if hf["model_type"] == "mistral":
-        return window
-    window = window if hf.get("use_sliding_window") else 0
-    n_layer = hf["num_hidden_layers"]
-    layer_types = hf.get("layer_types") or [
-        "sliding_attention" if window and i >= hf.get("max_window_layers", 28) else "full_attention"
-        for i in range(n_layer)]
-    if set(layer_types) == {"full_attention"}:
-        return 0
-    if set(layer_types) == {"sliding_attention"} and window:
-        return window
-    raise ValueError(f"{file}: layer_types {layer_types} (from use_sliding_window, sliding_window and "
-                     "max_window_layers) is not supported: every layer must use full attention, or all one window")
-
-
-def read_hf_weights(path):
-    """(file, tensors) of a Hugging Face checkpoint: model.safetensors, its shards (model.safetensors.index.json),
-    else pytorch_model.bin (or its shards) loaded weights_only. A file that does not read (truncated, emptied,
-    not tensors) is a ValueError naming it."""
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json"):
-        file = path / name
-        if file.is_file():
-            shards = _shard_files(file) if name.endswith(".index.json") else [file]
-            tensors = {}
-            for shard in shards:
-                tensors.update(_read_weights_file(shard))
-            return file, tensors
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (nor a sharded "
-                            "model.safetensors.index.json)")
-
-
-def _shard_files(index_file):
-    """The shard files a Hugging Face *.index.json names in its weight_map, which must lie beside it."""
-    try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index_file} is not a Hugging Face index with a weight_map: "
-                         f"{type(e).__name__}: {e}") from None
-    for shard in shards:
-        if not isinstance(shard, str) or Path(shard).name != shard or not (index_file.parent / shard).is_file():
-            raise ValueError(f"{index_file}: shard {shard!r} is not a file in {index_file.parent}")
-    return [index_file.parent / shard for shard in shards]
-
-
-def _read_weights_file(file):
-    from safetensors.torch import load_file
-    try:
-        tensors = load_file(file) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu",
-                                                                                  weights_only=True)
-    except Exception as e:  # safetensors, zipfile and unpickling errors share no base class
-        raise ValueError(f"{file} cannot be read, it may be truncated or damaged: {type(e).__name__}: {e}") from None
-    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise ValueError(f"{file} does not hold a dictionary of named tensors")
-    return tensors
-
-
-def _write_atomically(file, write):
-    """Call write(temporary name) then rename onto file, so readers never see a partial file."""
-    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, file)
 
 
 # ----------------------------------------------------------------------------- LoRA (DeepSpeed-Chat)

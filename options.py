@@ -11,7 +11,6 @@ import math
 import os
 import sys
 
-from data import DEFAULT_TEMPLATE
 from model import FAMILIES
 
 # Options: name -> (default, meaning). A config file (python) may set any of them, then
@@ -31,9 +30,9 @@ OPTIONS = {
     "truncate_prompt": (False, "cut over-long prompts from the left instead of dropping the sample"),
     "loss_on_prompt": (False, "train on prompt tokens too (DeepSpeed-Chat's behaviour, for comparison)"),
     "skip_bad_rows": (False, "skip and count malformed rows instead of stopping"),
-    "template": (DEFAULT_TEMPLATE, "how a prompt and response become text: deepspeed_chat (this default) | raw | "
-                                   "chat | model (the tokenizer directory's own chat template; trains the assistant "
-                                   "turns only), or a custom string with {prompt} and {response}"),
+    "template": ("deepspeed_chat", "how a prompt and response become text: deepspeed_chat | raw | chat | model (the "
+                                   "tokenizer directory's own chat template; trains the assistant turns only), or a "
+                                   "custom string with {prompt} and {response}"),
     "packing": (False, "pack several samples per row (no attention between them) instead of padding"),
     "group_by_length": (True, "batch samples of similar length together (less padding); false = fully random"),
     "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),

@@ -18,9 +18,9 @@ import sys
 import torch
 
 from checkpoint import load_model
-from data import (DEFAULT_TEMPLATE, MODEL_TEMPLATE, ChatTemplate, get_tokenizer, render_prompt,
-                  tokenizer_identity)
 from options import OptionError, parse_options
+from tokenizer import (DEFAULT_TEMPLATE, MODEL_TEMPLATE, ChatTemplate, get_tokenizer, render_prompt,
+                       tokenizer_identity)
 
 OPTIONS = {
     "model": ("out/demo", "run directory, checkpoint directory (ckpt-<step>), or Hugging Face directory"),

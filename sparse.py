@@ -38,7 +38,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import sft_kernels
+from sft_kernels.sparse_adam import check_indices, reference_sparse_adamw_, sparse_adamw_
 
 DELTA_FORMAT = "sparse-delta-v1"
 
@@ -127,7 +127,7 @@ class SparseAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def _set_indices(self, weight, indices):
         """A fresh state for these entries: delta and moments 0, base read from the weight."""
-        sft_kernels.check_indices(indices, weight.numel(), f"indices of {self.name_of(weight)}")
+        check_indices(indices, weight.numel(), f"indices of {self.name_of(weight)}")
         indices = indices.to(weight.device)
         self.state[weight] = {
             "indices": indices, "delta": torch.zeros(indices.numel(), device=weight.device),
@@ -171,7 +171,7 @@ class SparseAdamW(torch.optim.Optimizer):
         state = self.state[weight]
         beta1, beta2 = group["betas"]
         use_kernel = weight.device.type == "cuda" if self.kernel is None else self.kernel
-        update = sft_kernels.sparse_adamw_ if use_kernel else sft_kernels.reference_sparse_adamw_
+        update = sparse_adamw_ if use_kernel else reference_sparse_adamw_
         update(weight.data, state["indices"], grad, state["delta"], state["exp_avg"], state["exp_avg_sq"],
                state["base"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"], step=group["step"])
@@ -340,7 +340,7 @@ def load_delta(model, path):
         indices, delta = tensors.get(f"{name}.indices"), tensors.get(f"{name}.delta")
         if indices is None or delta is None or delta.shape != indices.shape or delta.dtype != torch.float32:
             raise ValueError(f"delta file {path}: tensor {name} lacks matching .indices and fp32 .delta")
-        sft_kernels.check_indices(indices, weight.numel(), f"delta file {path}: indices of {name}")
+        check_indices(indices, weight.numel(), f"delta file {path}: indices of {name}")
         base = weight.detach().reshape(-1).index_select(0, indices.to(weight.device)).float().cpu()
         fingerprints = torch.tensor([_fingerprint(base), info["base"]], dtype=torch.float64)
         if not torch.allclose(fingerprints[0], fingerprints[1], rtol=1e-6, atol=1e-6):

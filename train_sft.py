@@ -35,15 +35,16 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 import deepspeed_engine
-import sft_kernels
+import sft_kernels.cross_entropy
 import sparse
 import zero_lite
 from checkpoint import (CheckpointError, build_model, check_output_dir, check_resumed_data, claim_output_dir,
                         data_identity, export_hf, from_rank0, resume_run, rng_state, save_checkpoint,
                         starting_checkpoint, write_outcome)
-from data import Batches, check_data_files, get_tokenizer, prepare_data
+from data import Batches, check_data_files, prepare_data
 from model import only_optimize_lora
 from options import OptionError, check_combinations, parse_options
+from tokenizer import get_tokenizer
 
 
 class RunStopped(Exception):
@@ -183,7 +184,7 @@ def prepare_model(cfg, n_vocab, checkpoint, device):
     if cfg["only_optimize_lora"]:
         only_optimize_lora(model)
     if cfg["kernels"] == "triton":
-        model.loss_fn = sft_kernels.fused_masked_linear_cross_entropy
+        model.loss_fn = sft_kernels.cross_entropy.fused_masked_linear_cross_entropy
     elif cfg["compile"]:  # traced, its data-dependent row count recompiled, then crashed in dynamo (torch 2.11, H100)
         model.loss_fn = torch.compiler.disable(model.loss_fn)
     if cfg["neftune_alpha"] > 0:
@@ -280,10 +281,7 @@ def add_neftune_noise(model, alpha):
 
 def make_engine(cfg, model, optimizer):
     """The engine that owns gradient exchange, precision, clipping, the update and its checkpoint files."""
-    if cfg["engine"] == "deepspeed":
-        if getattr(optimizer, "sparse_grads", None) is not None:
-            raise OptionError("sparse fine-tuning (--sparse_density) runs on --engine=native --zero_stage=0 "
-                              "only, not on --engine=deepspeed")
+    if cfg["engine"] == "deepspeed":  # sparse fine-tuning never gets here: check_combinations refuses it
         return deepspeed_engine.DeepSpeedEngine(model, optimizer, deepspeed_engine.deepspeed_config(cfg, model),
                                                 compile=cfg["compile"])
     try:
@@ -636,7 +634,7 @@ def main(argv):
     check_output_dir(cfg["output_dir"])
     # Rank 0 holds the output directory's lock until the run ends; a new run gets a new id.
     lock, run_id = claim_output_dir(cfg["output_dir"], cfg["resume"], cfg["overwrite_output_dir"], rank, world, log)
-    if cfg["kernels"] == "triton" and not sft_kernels.runs_on(device):
+    if cfg["kernels"] == "triton" and not sft_kernels.cross_entropy.runs_on(device):
         raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
                           "use --kernels=torch on CPU")
     checkpoint = starting_checkpoint(cfg, explicit, log, rank == 0, world)

@@ -97,7 +97,7 @@ def peer_versions():
 
 def implementations():
     """name -> loss_fn(hidden, weight, labels), and name -> why for each package peer left out."""
-    from sft_kernels import fused_masked_linear_cross_entropy
+    from sft_kernels.cross_entropy import fused_masked_linear_cross_entropy
     impls = {OURS: fused_masked_linear_cross_entropy, "torch eager": eager,
              "torch.compile": torch.compile(eager, dynamic=False)}
     skipped = {}

@@ -61,7 +61,8 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import pyarrow.parquet
 import data
-data.get_tokenizer("gpt2")
+import tokenizer
+tokenizer.get_tokenizer("gpt2")
 before_kib = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
 start = time.perf_counter()
 train, _ = data.prepare_data({path!r}, "gpt2", 1024, data_split="100,0", cache_dir={cache!r}, log=lambda s: None)

@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from options import parse_script_options  # noqa: E402
 from bench.bench_ce import source_digest  # noqa: E402
-from data import get_tokenizer, tokenize_turns  # noqa: E402
+from tokenizer import get_tokenizer, tokenize_turns  # noqa: E402
 from model import GPT, family_config  # noqa: E402
 
 BATCH, SEQ, PEAK_FLOPS = 16, 1024, 989e12

@@ -335,17 +335,17 @@ def save_init(args, workdir):
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    import data
     from model import GPT, GPTConfig
+    from tokenizer import EOT, GPT2_PATTERN, _gpt2_vocab_file, get_tokenizer
     torch.manual_seed(args["seed"])
-    enc = data.get_tokenizer("gpt2")
+    enc = get_tokenizer("gpt2")
     model = GPT(GPTConfig(block_size=args["max_seq_len"], vocab_size=enc.n_vocab, n_layer=args["n_layer"],
                           n_head=args["n_head"], n_embd=args["n_embd"], dropout=0.0, bias=True))
     init_dir, tokenizer_dir = workdir / "init", workdir / "tokenizer"
     model.save_pretrained(init_dir)
-    converted = TikTokenConverter(vocab_file=data._gpt2_vocab_file(), pattern=data.GPT2_PATTERN,
-                                  extra_special_tokens=[data.EOT]).converted()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=data.EOT)
+    converted = TikTokenConverter(vocab_file=_gpt2_vocab_file(), pattern=GPT2_PATTERN,
+                                  extra_special_tokens=[EOT]).converted()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=EOT)
     if tokenizer.eos_token_id != enc.eot_token:
         raise ValueError(f"the converted tokenizer's end-of-text id is {tokenizer.eos_token_id}, not {enc.eot_token}")
     tokenizer.save_pretrained(tokenizer_dir)
@@ -489,6 +489,7 @@ def check_project(args, workdir):
 
     import data
     from options import parse_options
+    from tokenizer import get_tokenizer
     train_file, eval_file, rows_file = write_data(args, workdir)
     lines = []
     for path in (train_file, eval_file):
@@ -498,7 +499,7 @@ def check_project(args, workdir):
             raise ValueError(f"{path} is in {found['format']} format; this benchmark needs Alpaca rows "
                              "(instruction, input, output)")
         lines.append(f"{path}: alpaca, first row line {first[0]}")
-    data.get_tokenizer("gpt2")
+    get_tokenizer("gpt2")
     spec = {"rows_train_file": rows_file, "eval_file": eval_file, "init_dir": str(workdir / "init")}
     command = project_command(args, spec, workdir / "out", workdir / "cache")
     parse_options(command[2:])
@@ -581,16 +582,17 @@ def run_benchmark(args):
     import torch
 
     import data
+    from tokenizer import EOT, split_template
     loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         versions = check_peers(args["peers_python"])
         train_file, eval_file, rows_file = write_data(args, workdir)
         init_dir, tokenizer_dir, n_params = save_init(args, workdir)
-        prompt_part, response_part = data.split_template(args["template"])
+        prompt_part, response_part = split_template(args["template"])
         spec = {"train_file": train_file, "eval_file": eval_file, "rows_train_file": rows_file, "init_dir": init_dir,
                 "tokenizer_dir": tokenizer_dir, "template": args["template"], "prompt_part": prompt_part,
-                "response_part": response_part, "alpaca_join": data.ALPACA_JOIN, "eot": data.EOT,
+                "response_part": response_part, "alpaca_join": data.ALPACA_JOIN, "eot": EOT,
                 **{k: args[k] for k in ("max_seq_len", "batch_size", "learning_rate", "seed", "device", "dtype",
                                         "group_by_length", "rows")}}
         prep = {"project": [], "trl": []}

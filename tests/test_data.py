@@ -17,7 +17,10 @@ from options import OptionError
 import torch
 
 import data
-from data import Batches, DataError, get_tokenizer, prepare_data, render_prompt
+import tokenizer
+from conftest import ROOT
+from data import Batches, DataError, prepare_data
+from tokenizer import DEFAULT_TEMPLATE, DEMO_TEMPLATE, GPT2_VOCAB_URL, get_tokenizer, render_prompt
 
 EOT_BYTE = 256
 PROMPT = " Human: {} Assistant:"  # DEFAULT_TEMPLATE's prompt part, written out independently
@@ -59,7 +62,7 @@ def test_gpt2_tokenizer_is_offline_and_exact(monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the tokenizer tried to use the network")
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(data, "_tokenizers", {})
+    monkeypatch.setattr(tokenizer, "_tokenizers", {})
     enc = get_tokenizer("gpt2")
     assert enc.encode("Hello world") == [15496, 995]
     assert enc.encode("<|endoftext|>", allowed_special="all") == [50256] and enc.eot_token == 50256
@@ -69,7 +72,7 @@ def test_gpt2_tokenizer_is_offline_and_exact(monkeypatch):
 def test_gpt2_tokenizer_missing_vocab_says_run_setup(monkeypatch, tmp_path):
     monkeypatch.setenv("SFT_GPT2_VOCAB", str(tmp_path / "missing.tiktoken"))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
-    monkeypatch.setattr(data, "_tokenizers", {})
+    monkeypatch.setattr(tokenizer, "_tokenizers", {})
     with pytest.raises(FileNotFoundError, match="bash setup.sh"):
         get_tokenizer("gpt2")
 
@@ -77,11 +80,11 @@ def test_gpt2_tokenizer_missing_vocab_says_run_setup(monkeypatch, tmp_path):
 def test_gpt2_tokenizer_falls_back_to_tiktoken_cache(monkeypatch, tmp_path):
     cache = tmp_path / "tiktoken"
     cache.mkdir()
-    shutil.copy(os.path.join(data.HERE, ".cache", "r50k_base.tiktoken"),
-                cache / hashlib.sha1(data.GPT2_VOCAB_URL.encode()).hexdigest())
+    shutil.copy(os.path.join(ROOT, ".cache", "r50k_base.tiktoken"),
+                cache / hashlib.sha1(GPT2_VOCAB_URL.encode()).hexdigest())
     monkeypatch.setenv("SFT_GPT2_VOCAB", str(tmp_path / "missing.tiktoken"))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-    monkeypatch.setattr(data, "_tokenizers", {})
+    monkeypatch.setattr(tokenizer, "_tokenizers", {})
     assert get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
 
 
@@ -466,8 +469,8 @@ def test_demo_task_is_deterministic_held_out_short_and_correct(tmp_path):
         task, _, arg = row["prompt"].partition(" ")
         assert answers[task](arg) == row["response"]
         tasks.add(task)
-        assert len(data.DEFAULT_TEMPLATE.format(**row).encode()) + 1 < 64
-        assert len(data.DEMO_TEMPLATE.format(**row).encode()) + 1 <= 24
+        assert len(DEFAULT_TEMPLATE.format(**row).encode()) + 1 < 64
+        assert len(DEMO_TEMPLATE.format(**row).encode()) + 1 <= 24
     assert tasks == set(answers)
 
 
@@ -478,7 +481,7 @@ def test_demo_data_path(tmp_path):
 
 def test_inspect_command_shows_trained_tokens(tmp_path):
     path = write(tmp_path / "a.jsonl", [{"prompt": "hi", "response": "yo"}])
-    out = subprocess.run([sys.executable, os.path.join(data.HERE, "data.py"), "inspect", f"--data_path={path}",
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "inspect", f"--data_path={path}",
                           "--tokenizer=byte", f"--cache_dir={tmp_path / 'cache'}", "--batch_size=1"],
                          capture_output=True, text=True, check=True).stdout
     assert " Human: hi Assistant:[[ yo<|endoftext|>]]" in out
@@ -624,7 +627,7 @@ def test_deepspeed_chat_jsonfile_directory_uses_its_eval_file(tmp_path):
 def test_template_preset_is_in_the_cache_key_and_a_name_shares_its_text(tmp_path):
     path = write(tmp_path / "a.jsonl", rows(3))
     keys = set()
-    for template in ("deepspeed_chat", data.DEFAULT_TEMPLATE, "raw", "chat"):
+    for template in ("deepspeed_chat", DEFAULT_TEMPLATE, "raw", "chat"):
         prepare(tmp_path, path, template=template)
         keys = {d for d in os.listdir(tmp_path / "cache")}
     assert len(keys) == 3
@@ -703,7 +706,7 @@ def test_blend_of_formats_trains_two_steps_through_train_sft(tmp_path, monkeypat
              for name, kind in [("alpaca", "json"), ("sharegpt", "parquet"), ("trl_messages", "jsonl")]]
     options = ["--tokenizer=gpt2", "--n_layer=1", "--n_head=2", "--n_embd=16", "--max_seq_len=64", "--batch_size=2",
                "--max_steps=2", f"--cache_dir={tmp_path / 'cache'}"]
-    proc = subprocess.run([sys.executable, os.path.join(data.HERE, "train_sft.py"), *options,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), *options,
                            f"--data_path={','.join(files)},{root}:2", f"--output_dir={tmp_path / 'out'}"],
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -721,7 +724,7 @@ def test_blend_of_formats_trains_two_steps_through_train_sft(tmp_path, monkeypat
 def test_inspect_shows_each_files_format_the_alpaca_join_and_a_sample_per_format(tmp_path):
     files = [write_kind(tmp_path / name, [FORMAT_ROWS[name][1]], kind)
              for name, kind in [("alpaca", "jsonl"), ("sharegpt", "parquet")]]
-    out = subprocess.run([sys.executable, os.path.join(data.HERE, "data.py"), "inspect", f"--data_path={','.join(files)}",
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "inspect", f"--data_path={','.join(files)}",
                           "--tokenizer=byte", f"--cache_dir={tmp_path / 'cache'}", "--batch_size=1", "--num_samples=0",
                           "--data_split=100,0"], capture_output=True, text=True, check=True).stdout
     assert f"file {files[0]}: format alpaca, 1 samples" in out and f"file {files[1]}: format sharegpt" in out

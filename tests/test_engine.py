@@ -13,7 +13,8 @@ import checkpoint
 import deepspeed_engine
 import options
 import zero_lite
-from model import GPT, HF_TRANSPOSED, GPTConfig
+from hf_format import HF_TRANSPOSED
+from model import GPT, GPTConfig
 from conftest import ROOT, run_trainer, train_losses
 
 

@@ -14,9 +14,9 @@ import torch
 import sample
 from checkpoint import starting_checkpoint
 from conftest import ROOT, TINY, make_chatml_tokenizer_dir, run_trainer, train_losses
-from data import ChatTemplate, get_tokenizer
 from model import GPT, family_config
 from options import OptionError, parse_options
+from tokenizer import ChatTemplate, get_tokenizer
 
 # Options for a model from a directory: its sizes and tokenizer are the directory's.
 FROM_DIR = ["--max_seq_len=96", "--batch_size=4", "--learning_rate=3e-3", "--log_interval=1", "--seed=7"]

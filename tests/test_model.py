@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
-from model import (GPT, GPTConfig, LoRALinear, apply_lora, causal_mask, linear_cross_entropy,
-                   merge_lora, only_optimize_lora, unmerge_lora)
+from model import GPT, GPTConfig, LoRALinear, apply_lora, causal_mask, merge_lora, only_optimize_lora, unmerge_lora
+from sft_kernels.chunked_cross_entropy import linear_cross_entropy
 
 TINY = dict(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=32)
 

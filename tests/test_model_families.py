@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
-import sft_kernels
+import sft_kernels.cross_entropy
 from model import GPT, LoRALinear, apply_lora, family_config, merge_lora
 
 V, T = 97, 24
@@ -190,7 +190,7 @@ def test_fused_loss_kernel_on_a_llama_model(hf_dirs):
     idx, labels = tokens(2, T), tokens(2, T, seed=2)
     labels[:, :9] = -100
     results = []
-    for loss_fn in (model.loss_fn, sft_kernels.fused_masked_linear_cross_entropy):
+    for loss_fn in (model.loss_fn, sft_kernels.cross_entropy.fused_masked_linear_cross_entropy):
         model.loss_fn = loss_fn
         model.zero_grad()
         loss = model(idx, labels)

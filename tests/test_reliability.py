@@ -20,6 +20,7 @@ import data
 import checkpoint
 import train_sft
 from conftest import ROOT, TINY, run_trainer, train_losses, write_reverse_pairs
+from tokenizer import DEFAULT_TEMPLATE
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +183,9 @@ def test_any_json_list_loads_or_names_file_and_line(tmp_path_factory, items, ski
 
 @settings(max_examples=25, deadline=10000, suppress_health_check=[HealthCheck.too_slow])
 @given(file_rows=st.lists(rows, min_size=1, max_size=6), template=st.sampled_from(["{prompt}{response}",
-                                                                                     data.DEFAULT_TEMPLATE]))
+                                                                                     DEFAULT_TEMPLATE]))
 @example(file_rows=[{"messages": [{"role": "system", "content": ""}]}, {"prompt": "a", "response": "b"}],
-         template=data.DEFAULT_TEMPLATE)
+         template=DEFAULT_TEMPLATE)
 def test_every_row_is_trained_or_reported(tmp_path_factory, file_rows, template):
     """Through tokenizing and the cache: rows in = rows kept + rows too long + rows reported bad."""
     folder = tmp_path_factory.mktemp("prop")

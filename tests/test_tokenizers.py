@@ -1,4 +1,4 @@
-"""Tests for data.py's Hugging Face side: tokenizer directories through `tokenizers`, the model's own chat
+"""Tests for tokenizer.py: the Hugging Face side: tokenizer directories through `tokenizers`, the model's own chat
 template (--template=model) checked against transformers' apply_chat_template, its label masks and bad
 input, the cache key, and the tokenizer an HF export carries (gpt2 written from the r50k ranks).
 Every tokenizer directory is built here by conftest.make_chatml_tokenizer_dir; nothing downloads."""
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import data
-from conftest import CHATML_TEMPLATE, make_chatml_tokenizer_dir
-from data import DataError, get_tokenizer, prepare_data
+from conftest import CHATML_TEMPLATE, ROOT, make_chatml_tokenizer_dir
+from data import DataError, prepare_data
+from tokenizer import ChatTemplate, chat_prompt, get_tokenizer, save_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,7 +100,7 @@ def test_a_text_template_ends_each_response_with_the_directorys_eos(tmp_path, ch
 @pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:], CONVERSATION[:3]],
                          ids=["system_two_turns", "default_system", "one_turn"])
 def test_rendered_ids_equal_transformers_apply_chat_template(chatml, messages):
-    chat = data.ChatTemplate(get_tokenizer(chatml))
+    chat = ChatTemplate(get_tokenizer(chatml))
     assert chat.encode(messages) == reference_ids(chatml, messages)
     assert chat.encode(messages[:-1], add_generation_prompt=True) == \
         reference_ids(chatml, messages[:-1], add_generation_prompt=True)
@@ -146,14 +146,14 @@ def test_loss_on_prompt_trains_the_whole_rendered_conversation(tmp_path, chatml)
 
 def test_chat_prompt_for_sampling_equals_transformers_generation_prompt(chatml):
     enc = get_tokenizer(chatml)
-    ids, stops = data.chat_prompt(enc, CONVERSATION[:2])
+    ids, stops = chat_prompt(enc, CONVERSATION[:2])
     assert ids == reference_ids(chatml, CONVERSATION[:2], add_generation_prompt=True)
-    assert stops == enc.stop_tokens and data.ChatTemplate(enc).end_of_turn in stops
+    assert stops == enc.stop_tokens and ChatTemplate(enc).end_of_turn in stops
 
 
 def test_inspect_shows_the_trained_spans_of_a_chat_template(tmp_path, chatml):
     path = write(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
-    out = subprocess.run([sys.executable, os.path.join(data.HERE, "data.py"), "inspect", f"--data_path={path}",
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "inspect", f"--data_path={path}",
                           f"--tokenizer={chatml}", "--template=model", f"--cache_dir={tmp_path / 'cache'}",
                           "--batch_size=1", "--data_split=100,0"], capture_output=True, text=True, check=True).stdout
     assert ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nwhat is two plus four<|im_end|>\n"
@@ -262,7 +262,7 @@ def test_export_copies_a_directory_tokenizer_and_keeps_the_models_config(tmp_pat
     for file in os.listdir(chatml):
         shutil.copy(os.path.join(chatml, file), tmp_path / "source" / file)
     (tmp_path / "source" / "config.json").write_text('{"model_type": "other"}')
-    data.save_tokenizer(str(tmp_path / "source"), str(hf_dir))
+    save_tokenizer(str(tmp_path / "source"), str(hf_dir))
     assert (hf_dir / "config.json").read_text() == '{"model_type": "qwen2"}'
     assert sorted(os.listdir(hf_dir)) == ["config.json", "generation_config.json", "tokenizer.json",
                                           "tokenizer_config.json"]
@@ -272,13 +272,13 @@ def test_export_copies_a_directory_tokenizer_and_keeps_the_models_config(tmp_pat
 
 def test_byte_has_no_hugging_face_form(tmp_path):
     with pytest.raises(ValueError, match="^the byte tokenizer has no Hugging Face form"):
-        data.save_tokenizer("byte", str(tmp_path / "hf"))
+        save_tokenizer("byte", str(tmp_path / "hf"))
 
 
 @pytest.fixture(scope="module")
 def gpt2_export(tmp_path_factory):
     hf_dir = tmp_path_factory.mktemp("gpt2_hf")
-    data.save_tokenizer("gpt2", str(hf_dir))
+    save_tokenizer("gpt2", str(hf_dir))
     return str(hf_dir)
 
 

@@ -127,7 +127,7 @@ def test_triton_kernel_trains_like_the_torch_loss(tmp_path, data_file):
     """The fused kernel inside real training steps; without a GPU it runs under Triton's interpreter
     (tests/conftest.py sets TRITON_INTERPRET=1, which the trainer's process inherits)."""
     common = [f"--data_path={data_file}", "--max_steps=3", "--eval_exact_match=0"]
-    assert "loss model.linear_cross_entropy" in run_trainer(common + ["--kernels=torch", f"--output_dir={tmp_path}/torch"],
+    assert "loss sft_kernels.chunked_cross_entropy.linear_cross_entropy" in run_trainer(common + ["--kernels=torch", f"--output_dir={tmp_path}/torch"],
                                                     tmp_path).stdout
     proc = run_trainer(common + ["--kernels=triton", f"--output_dir={tmp_path}/triton"], tmp_path)
     assert "loss sft_kernels.cross_entropy.fused_masked_linear_cross_entropy" in proc.stdout
