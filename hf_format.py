@@ -131,10 +131,8 @@ def save_pretrained(model, path, token_ids=None):
 
 def check_hf_expressible(model):
     """Refuse to export a config that its family's config.json would read back as another model."""
-    def sizes_spelled_out(c):  # 0 means "the default size": compare the sizes themselves
-        return replace(c, head_dim=c.head_size, n_kv_head=c.kv_heads, intermediate_size=c.mlp_width)
-    ours = sizes_spelled_out(model.config)
-    back = sizes_spelled_out(gpt_config_from_hf(hf_config(model.config), "the exported config.json"))
+    ours = model.config  # sizes resolved by GPTConfig on both sides: a 0 written anywhere compares as the size
+    back = gpt_config_from_hf(hf_config(ours), "the exported config.json")
     not_in_format = {"dropout", "attn_window", "gradient_checkpointing"}  # the run's choices (see docstrings)
     if ours.model_type == "gpt2":
         not_in_format.add("bias")  # written as zeros
@@ -155,9 +153,9 @@ def hf_config(cfg):
                     # GPT-2's end-of-text is 50256; for a small vocabulary (the byte tokenizer) it is the last id
                     bos_token_id=min(50256, cfg.vocab_size - 1), eos_token_id=min(50256, cfg.vocab_size - 1))
     hf = dict(architectures=[HF_ARCHITECTURES[cfg.model_type]], model_type=cfg.model_type,
-              vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_width,
-              num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
-              head_dim=cfg.head_size, hidden_act="silu", max_position_embeddings=cfg.block_size,
+              vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+              head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.block_size,
               rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=None,
               tie_word_embeddings=cfg.tie_word_embeddings, attention_dropout=cfg.dropout, initializer_range=0.02)
     if cfg.rope_scaling == "llama3":
@@ -200,7 +198,7 @@ def hf_part_rows(config, key, rows, n_parts):
     if n_parts == 1:
         return [rows]
     if ".c_attn." in key:
-        return [config.n_head * config.head_size] + [config.kv_heads * config.head_size] * 2
+        return [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2
     return [rows // n_parts] * n_parts
 
 

@@ -39,24 +39,24 @@ class GPTConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192  # ... and that pre-training context
     mlp: str = "gelu"  # gelu (GPT-2's tanh approximation) | swiglu (silu(gate) * up)
-    intermediate_size: int = 0  # MLP width; 0: 4 * n_embd
-    n_kv_head: int = 0  # key/value heads, grouped-query attention; 0: n_head
-    head_dim: int = 0  # 0: n_embd // n_head
+    intermediate_size: int = 0  # MLP width; 0 (or absent): 4 * n_embd
+    n_kv_head: int = 0  # key/value heads, grouped-query attention; 0 (or absent): n_head
+    head_dim: int = 0  # channels per head; 0 (or absent): n_embd // n_head
     qkv_bias: bool = False  # biases on q, k and v even without bias (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head's q and k before the rotation (Qwen3)
     tie_word_embeddings: bool = True  # the output head is the token embedding
 
-    @property
-    def head_size(self):
-        return self.head_dim or self.n_embd // self.n_head
-
-    @property
-    def kv_heads(self):
-        return self.n_kv_head or self.n_head
-
-    @property
-    def mlp_width(self):
-        return self.intermediate_size or 4 * self.n_embd
+    def __post_init__(self):
+        """Resolve the three sizes whose 0 means "the default", once, so every reader sees the size itself
+        under one name. 0 stays accepted because callers and older checkpoints write it; a config made with
+        dataclasses.replace keeps the sizes already resolved (pass them as 0 to have them resolved again)."""
+        if not self.head_dim:
+            if self.n_head <= 0 or self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head} "
+                                 "(or set head_dim)")
+            self.head_dim = self.n_embd // self.n_head
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
 
 
 LLAMA_SHAPE = dict(bias=False, norm="rmsnorm", norm_eps=1e-6, positions="rotary", mlp="swiglu",
@@ -88,12 +88,10 @@ def check_config(config):
     for field in ("n_kv_head", "head_dim", "intermediate_size", "attn_window"):
         if getattr(config, field) < 0:
             raise ValueError(f"{field}={getattr(config, field)} must be >= 0 (0 picks the default)")
-    if not config.head_dim and config.n_embd % config.n_head:
-        raise ValueError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head} (or set head_dim)")
-    if config.n_head % config.kv_heads:
+    if config.n_kv_head <= 0 or config.n_head % config.n_kv_head:
         raise ValueError(f"n_head={config.n_head} must be a multiple of n_kv_head={config.n_kv_head}")
-    if config.positions == "rotary" and config.head_size % 2:
-        raise ValueError(f"rotary positions need an even head size, got head_dim={config.head_size}")
+    if config.positions == "rotary" and config.head_dim % 2:
+        raise ValueError(f"rotary positions need an even head size, got head_dim={config.head_dim}")
 
 
 # ----------------------------------------------------------------------------- the transformer
@@ -118,11 +116,11 @@ def packed_positions_and_mask(segment_ids, window):
 
 
 def rotary_frequencies(config, device):
-    """Radians per position of each of the head_size / 2 rotated channel pairs, fastest first (fp32, computed
+    """Radians per position of each of the head_dim / 2 rotated channel pairs, fastest first (fp32, computed
     as Hugging Face does). rope_scaling='llama3' divides the slow frequencies, whose wavelength exceeds the
     pre-training context / low_freq_factor, by rope_factor, keeps the fast ones (wavelength below context /
     high_freq_factor), and blends linearly in between."""
-    hs = config.head_size
+    hs = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hs, 2, device=device).float() / hs)  # (hs/2,)
     if config.rope_scaling != "llama3":
         return inv_freq
@@ -174,15 +172,16 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
-        q_size, kv_size = self.n_head * self.head_size, self.n_kv_head * self.head_size
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.qkv_sizes = [q_size, kv_size, kv_size]
         self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias or config.qkv_bias)  # q, k, v
         self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps)
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, mask=None, cache=None):
@@ -190,9 +189,9 @@ class CausalSelfAttention(nn.Module):
         flash path); otherwise a bool (B|1, 1, T, S) mask."""
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.qkv_sizes, dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
-        if hasattr(self, "q_norm"):
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
+        if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
@@ -212,7 +211,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        width = config.mlp_width
+        width = config.intermediate_size
         self.c_fc = nn.Linear(config.n_embd, 2 * width if self.swiglu else width, bias=config.bias)  # [gate; up]
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
         self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
@@ -275,7 +274,7 @@ class GPT(nn.Module):
         table, and the token embedding when the head is untied (a tied wte counts: it is also the head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+            n -= self.transformer.wpe.weight.numel() if self.config.positions == "learned" else 0
             n -= 0 if self.config.tie_word_embeddings else self.transformer.wte.weight.numel()
         return n
 
@@ -283,7 +282,7 @@ class GPT(nn.Module):
         """Training FLOPs per token, 6N plus attention (PaLM appendix B), for MFU; a window shortens the span."""
         cfg = self.config
         span = min(seq_len, cfg.attn_window) if cfg.attn_window > 0 else seq_len
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * span
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * span
 
     def head_weight(self):
         """The output head's weight as the loss sees it: tied or untied, with an unmerged LoRA delta added."""
@@ -293,7 +292,7 @@ class GPT(nn.Module):
     def _trunk(self, idx, pos, mask, caches=None):
         """Embeddings, blocks and the final norm: idx (B, T), pos (B|1, T) -> hidden (B, T, C)."""
         x, rope = self.transformer.wte(idx), None
-        if "wpe" in self.transformer:
+        if self.config.positions == "learned":
             x = x + self.transformer.wpe(pos)
         else:
             rope = rotary_cos_sin(self.config, pos)
@@ -364,7 +363,7 @@ class GPT(nn.Module):
             crop = T - self.config.block_size
             seq, pad, caches, T = seq[:, crop:], (pad - crop).clamp(min=0), None, self.config.block_size
         if caches is None:
-            caches = [KVCache(B, self.config.kv_heads, capacity, self.config.head_size, self.lm_head.weight)
+            caches = [KVCache(B, self.config.n_kv_head, capacity, self.config.head_dim, self.lm_head.weight)
                       for _ in range(self.config.n_layer)]
         start = caches[0].length
         q = torch.arange(start, T, device=seq.device)[:, None]  # (Tq, 1) query indices

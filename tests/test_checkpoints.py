@@ -21,6 +21,7 @@ import checkpoint
 import train_sft
 from conftest import ROOT, TINY, run_trainer, write_reverse_pairs
 from checkpoint import CheckpointError
+from model import GPT, GPTConfig, family_config
 from options import OptionError
 
 
@@ -499,3 +500,34 @@ def test_under_torchrun_a_full_disk_is_one_sentence_and_exit_4_in_run_json(tmp_p
     assert lines == [f"train_sft.py: {record['reason']}"], proc.stderr[-3000:]
     assert f"traceback : train_sft.py: {record['reason']}" in proc.stderr  # torchrun's summary shows it
     assert "To enable traceback see" not in proc.stderr and 'train_sft.py", line' not in proc.stderr
+
+
+def test_a_checkpoint_config_that_wrote_0_for_default_sizes_builds_the_same_model():
+    """Older checkpoints stored n_kv_head, head_dim and intermediate_size as 0 ("the default"); GPTConfig
+    resolves them once, so such a checkpoint loads to the model it was saved from, equal config and all."""
+    resolved = GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16)
+    assert (resolved.n_kv_head, resolved.head_dim, resolved.intermediate_size) == (2, 8, 64)
+    saved = {**vars(resolved), "n_kv_head": 0, "head_dim": 0, "intermediate_size": 0}
+    original = GPT(resolved).eval()
+    run_choices = {"dropout": 0.0, "attn_window": 0, "gradient_checkpointing": False, "lora_dim": 0}
+    loaded = checkpoint.build_model(run_choices, None, {"model_config": saved, "model": original.state_dict()})
+    assert loaded.config == resolved
+    idx = torch.randint(0, 32, (2, 8))
+    assert torch.equal(loaded.eval()(idx), original(idx))
+
+
+@pytest.mark.parametrize("family, sizes, refused", [
+    ("gpt2", dict(intermediate_size=48), "intermediate_size=48"),  # GPT-2's config.json keeps 4 * n_embd
+    ("gpt2", dict(n_kv_head=1), "n_kv_head=1"),  # and has no grouped-query attention
+    ("gpt2", dict(head_dim=4), "head_dim=4"),  # nor a head size other than n_embd // n_head
+    ("llama", dict(head_dim=4, n_kv_head=1, intermediate_size=48), None),  # the Llama family says all three
+])
+def test_the_export_refuses_sizes_the_family_cannot_write(tmp_path, family, sizes, refused):
+    model = GPT(family_config(family, block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16, **sizes))
+    if refused is None:
+        model.save_pretrained(tmp_path)
+        assert GPT.from_pretrained(tmp_path).config == model.config
+        return
+    with pytest.raises(ValueError, match=f"{refused} cannot be written as a Hugging Face {family} model"):
+        model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())

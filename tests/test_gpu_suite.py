@@ -56,7 +56,7 @@ def test_bench_train_shapes_and_their_files():
     with torch.device("meta"):
         qwen = GPT(bench_train.model_config("qwen2_5_0_5b"))
     assert sum(p.numel() for p in qwen.parameters()) == 494_032_768  # Qwen2.5-0.5B's parameter count
-    assert qwen.config.kv_heads == 2 and qwen.config.tie_word_embeddings and qwen.config.qkv_bias
+    assert qwen.config.n_kv_head == 2 and qwen.config.tie_word_embeddings and qwen.config.qkv_bias
     assert bench_train.model_config("gpt2_124m") == GPTConfig(block_size=1024, vocab_size=50304)
     assert bench_train.result_file("gpt2_124m", "NVIDIA H200").name == "train_NVIDIA_H200.json"
     assert bench_train.result_file("qwen2_5_0_5b", "NVIDIA H200").name == "train_qwen2_5_0_5b_NVIDIA_H200.json"

@@ -85,10 +85,10 @@ def test_from_pretrained_matches_transformers(hf_dirs, family):
     assert diff < 1e-4
     cfg = ours.config
     assert (cfg.model_type, cfg.norm, cfg.positions, cfg.mlp) == (family, "rmsnorm", "rotary", "swiglu")
-    expected = {"llama": dict(rope_scaling="llama3", kv_heads=2, tie_word_embeddings=False),
-                "mistral": dict(attn_window=5, kv_heads=1, rope_theta=500.0),
+    expected = {"llama": dict(rope_scaling="llama3", n_kv_head=2, tie_word_embeddings=False),
+                "mistral": dict(attn_window=5, n_kv_head=1, rope_theta=500.0),
                 "qwen2": dict(qkv_bias=True, tie_word_embeddings=True),
-                "qwen3": dict(qk_norm=True, head_size=16, tie_word_embeddings=False)}[family]
+                "qwen3": dict(qk_norm=True, head_dim=16, tie_word_embeddings=False)}[family]
     assert {k: getattr(cfg, k) for k in expected} == expected
     assert (ours.lm_head.weight is ours.transformer.wte.weight) == cfg.tie_word_embeddings
 
