@@ -28,7 +28,7 @@ class GPTConfig:
     attn_window: int = 0  # 0: full causal attention; w > 0: each token sees the last w positions, itself included
     gradient_checkpointing: bool = False  # recompute each block's activations in backward to save memory
     # The switches between GPT-2 (the defaults) and the Llama family; FAMILIES holds each family's settings.
-    model_type: str = "gpt2"  # the Hugging Face family save_pretrained writes: gpt2, llama, mistral, qwen2, qwen3
+    model_type: str = "gpt2"  # the Hugging Face family save_pretrained writes, a key of FAMILIES
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     positions: str = "learned"  # learned (a table of block_size positions) | rotary

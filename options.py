@@ -37,10 +37,10 @@ OPTIONS = {
     "group_by_length": (True, "batch samples of similar length together (less padding); false = fully random"),
     "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),
     # model
-    "init_from": ("scratch", "scratch | a Hugging Face directory (gpt2, llama, mistral, qwen2, qwen3) | a checkpoint "
+    "init_from": ("scratch", f"scratch | a Hugging Face directory ({', '.join(FAMILIES)}) | a checkpoint "
                             "directory or run directory"),
-    "model_type": ("gpt2", "the family of a model from scratch: gpt2 | llama | mistral | qwen2 | qwen3 (RMSNorm, "
-                           "rotary positions, SwiGLU; qwen2 adds qkv biases, qwen3 q/k norms)"),
+    "model_type": ("gpt2", f"the family of a model from scratch: {' | '.join(FAMILIES)} (all but gpt2: RMSNorm, "
+                           "rotary positions, SwiGLU; qwen2 adds qkv biases, qwen3 q/k norms; see docs/model.md)"),
     "n_layer": (12, "layers (scratch only)"),
     "n_head": (12, "attention heads (scratch only)"),
     "n_embd": (768, "width (scratch only)"),

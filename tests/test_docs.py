@@ -100,3 +100,23 @@ def test_the_checks_above_can_fail():
     assert anchors("# Title\n```bash\n# a comment\n```\n## ZeRO in the native engine (`--zero_stage`)\ntext") == \
         {"title", "zero-in-the-native-engine---zero_stage"}
     assert function_lengths("def main():\n    a = 1\n\n    return a\n\n\nx = 2\n") == {"main": 4}
+
+
+def markdown_table(text, header_start):
+    """The rows (lists of cells, backticks dropped) of the table whose header line starts with header_start."""
+    table = text.split("\n" + header_start, 1)[1].split("\n\n", 1)[0]
+    return [[cell.strip().strip("`") for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+def test_the_family_table_of_docs_model_md_is_model_families():
+    from model import FAMILIES, family_config
+    text = (ROOT / "docs" / "model.md").read_text()
+    header = text.split("\n| field | ", 1)[1].split("\n", 1)[0]
+    assert [name.strip() for name in header.split("|")[:-2]] == list(FAMILIES)
+    rows = {row[0]: row[1:1 + len(FAMILIES)] for row in markdown_table(text, "| field | gpt2 |")}
+    switched = {field for fields in FAMILIES.values() for field in fields}
+    assert switched <= rows.keys(), f"fields FAMILIES sets that docs/model.md's table lacks: {switched - rows.keys()}"
+    for column, family in enumerate(FAMILIES):
+        config = family_config(family, n_layer=1, n_head=2, n_embd=8)
+        for field, cells in rows.items():
+            assert cells[column] == str(getattr(config, field)), f"docs/model.md: {field} of {family}"
