@@ -155,6 +155,17 @@ def usage(options, doc):
     return "\n".join(lines)
 
 
+def markdown_table(options=OPTIONS):
+    """The option table as docs/options.md shows it (bench/results_table.py --write puts it there). A '|' in a
+    cell is escaped as '\\|', or GitHub would split the row there and show the rest under other columns."""
+    def cell(text):
+        return str(text).replace("|", "\\|")
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{cell(name)}` | `{cell(repr(default))}` | {cell(meaning)} |"
+              for name, (default, meaning) in options.items()]
+    return "\n".join(lines)
+
+
 def convert(name, value, source, options, choices, ranges):
     """Turns a string or config-file value into the type of the option's default."""
     default = options[name][0]

@@ -2,13 +2,13 @@
 
     python bench/bench_ce.py
 
-Shapes, bf16: hidden 768 and GPT-2's vocabulary of 50,257, the anchor of ../shared/ANCHORS.md (16k
-tokens, 50% masked) first, then token counts 4k/16k/64k times masked shares 0/50/90%; last, Qwen2.5-0.5B's
+Shapes, bf16: hidden 768 and GPT-2's vocabulary of 50,257, the anchor (16k
+tokens, 50% masked: one 16 x 1024 batch of GPT-2 124M with half its labels masked) first, then token counts 4k/16k/64k times masked shares 0/50/90%; last, Qwen2.5-0.5B's
 head, hidden 896 and a vocabulary of 151,936, at 16k tokens, 50% masked. Per implementation:
 median fwd+bwd time (triton.testing.do_bench), peak extra memory (max_memory_allocated above what
 was allocated before the call; the .grad tensors it creates count, as for every peer) and the
 loss's relative error against the fp32 reference. Peers: PyTorch eager, torch.compile of the same,
-and, where their packages are installed (../shared/tools/gpu-wheels.sh carries them), Liger-Kernel's
+and, where their packages are installed (gpu_suite.py's wheels step installs them from .whl/), Liger-Kernel's
 fused linear cross-entropy and its cross-entropy on materialised logits, and Apple's Cut
 Cross-Entropy with its defaults (impl "cce", gradient filter "high", no autotuning).
 Every implementation runs on the same inputs at every shape (torch.compile compiled anew for each).
@@ -16,13 +16,9 @@ Prints a table and rewrites bench/results/ce_<device>.json after every shape, so
 time limit keeps the shapes it finished ("complete": false until the last). A peer that fails
 gets an error note in its row; the exit status is 1 when our own kernel failed anywhere.
 """
-import datetime
-import hashlib
 import importlib
-import importlib.metadata
 import importlib.util
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -31,6 +27,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.common import load_average, provenance  # noqa: E402
 
 HIDDEN, VOCAB, DTYPE, IGNORE = 768, 50257, torch.bfloat16, -100  # the file's hidden and vocab: GPT-2's
 QWEN_HIDDEN, QWEN_VOCAB = 896, 151936  # Qwen2.5-0.5B's head
@@ -84,17 +81,6 @@ def load_peer(module, attribute):
     return getattr(importlib.import_module(module), attribute)
 
 
-def peer_versions():
-    """distribution -> installed version, or "not installed"."""
-    versions = {}
-    for distribution, *_ in PACKAGE_PEERS.values():
-        try:
-            versions[distribution] = importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            versions[distribution] = "not installed"
-    return versions
-
-
 def implementations():
     """name -> loss_fn(hidden, weight, labels), and name -> why for each package peer left out."""
     from sft_kernels.cross_entropy import fused_masked_linear_cross_entropy
@@ -114,12 +100,6 @@ def implementations():
         if name in skipped:
             print(f"note: row {name!r} is skipped: {skipped[name]}")
     return impls, skipped
-
-
-def source_digest(paths):
-    """The first 12 hex digits of each file's sha256 (as `sha256sum` prints it), so that a result
-    file can be matched with the code that produced it: the GPU machine may have no git history."""
-    return {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest()[:12] for path in paths}
 
 
 def make_inputs(tokens, masked_share, n_hidden=HIDDEN, vocab=VOCAB, seed=0):
@@ -170,24 +150,25 @@ def measure(loss_fn, hidden, weight, labels, ref):
         torch.cuda.empty_cache()
 
 
-def write_results(meta, rows, complete):
+def write_results(meta, load_before, rows, complete):
+    """Rewrite the result file with the rows so far (a run stopped by a time limit keeps them)."""
     device = meta["device"]
     out = ROOT / "bench" / "results" / f"ce_{device.replace(' ', '_').replace('/', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, "complete": complete, "results": rows}, indent=1) + "\n")
+    peers = [distribution for distribution, *_ in PACKAGE_PEERS.values()]
+    record = {**meta, **provenance(["bench/bench_ce.py"], load_before, packages=("triton", *peers)),
+              "complete": complete, "results": rows}
+    out.write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 
 def main():
     if not torch.cuda.is_available():
         sys.exit("bench_ce.py needs a CUDA GPU: it measures GPU time and memory (CPU correctness is in tests/test_kernels.py)")
-    import triton
+    load_before = load_average()
     impls, skipped = implementations()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "peers": peer_versions(), "skipped_peers": skipped,
-            "date": datetime.date.today().isoformat(),
-            "sources": source_digest(["sft_kernels/cross_entropy.py", "bench/bench_ce.py"]),
-            "hidden": HIDDEN, "vocab": VOCAB, "dtype": str(DTYPE)}
+    meta = {"device": torch.cuda.get_device_name(), "skipped_peers": skipped, "hidden": HIDDEN, "vocab": VOCAB,
+            "dtype": str(DTYPE)}
     rows = []
     print(f"{'vocab':>7} {'tokens':>6} {'masked':>6}  {'implementation':<24} {'ms':>8} {'peak MiB':>9} "
           f"{'loss rel err':>12}")
@@ -204,7 +185,7 @@ def main():
             print(f"{vocab:>7} {tokens:>6} {masked:>6.0%}  {name:<24} {fmt('ms', '8.2f')} "
                   f"{fmt('peak_extra_mib', '9.0f')} {fmt('loss_rel_err', '12.1e')} {result.get('note', '')}")
         del hidden, weight, labels
-        out = write_results(meta, rows, complete=case == CASES[-1])
+        out = write_results(meta, load_before, rows, complete=case == CASES[-1])
     print(f"wrote {out.relative_to(ROOT)}")
     ours_failed = [row for row in rows if row["implementation"] == OURS and row["ms"] is None]
     if ours_failed:

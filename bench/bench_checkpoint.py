@@ -9,10 +9,8 @@ checkpoint.checkpoint_problem as a run does, on a directory under --dir (the dis
 Hashing alone is timed again on the written files, so the share of verification that is sha256
 rather than reading is visible. Writes bench/results/checkpoint_<cpu count>cpu.json.
 """
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ from options import parse_script_options  # noqa: E402
 import checkpoint  # noqa: E402
 import zero_lite  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from bench.common import load_average, provenance  # noqa: E402
 
 
 OPTIONS = {"dir": (tempfile.gettempdir(), "the folder (on the disk being measured) where the checkpoint is written")}
@@ -34,6 +33,7 @@ OPTIONS = {"dir": (tempfile.gettempdir(), "the folder (on the disk being measure
 
 def main():
     args = parse_script_options(sys.argv[1:], OPTIONS, __doc__)
+    load_before = load_average()
     model = GPT(GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768))
     optimizer = torch.optim.AdamW([{"params": list(model.parameters()), "lr": 1e-4, "base_lr": 1e-4}])
     for p in model.parameters():
@@ -54,9 +54,8 @@ def main():
             checkpoint.sha256_of(os.path.join(path, name))
         rehash_s = time.perf_counter() - began
     total = sum(entry["bytes"] for entry in files.values())
-    result = {"script": "bench/bench_checkpoint.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared, so timings are noisy)",
-              "torch": torch.__version__, "parameters": model.num_params(non_embedding=False),
+    result = {"script": "bench/bench_checkpoint.py", **provenance(["bench/bench_checkpoint.py"], load_before),
+              "parameters": model.num_params(non_embedding=False),
               "checkpoint_bytes": total, "files": {k: v["bytes"] for k, v in files.items()},
               "save_s": round(save_s, 2), "verify_s": round(verify_s, 2), "sha256_again_s": round(rehash_s, 2),
               "sha256_gb_per_s": round(total / rehash_s / 1e9, 2)}

@@ -10,10 +10,7 @@ bench/results/<config name>_cpu.json (demo_cpu.json, demo_llama_cpu.json) with t
 model, cores, load average before and after: the machine may be shared, which slows the run) and
 the digests of the sources it ran.
 """
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -22,14 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
-from bench.bench_ce import source_digest  # noqa: E402
+from bench.common import load_average, provenance  # noqa: E402
 from options import parse_script_options  # noqa: E402
 
 OPTIONS = {"config": ("configs/demo.py", "the demo's config file (relative to the repository); the result goes to "
                                          "bench/results/<its name>_cpu.json")}
-SOURCES = ["train_sft.py", "options.py", "checkpoint.py", "model.py", "data.py", "zero_lite.py"]  # + config, this file
+SOURCES = ["bench/bench_demo.py", "train_sft.py"]  # + the config; bench/common.py adds what they import
 
 
 def config_name(config):
@@ -51,18 +46,6 @@ def result_path(config):
     return ROOT / "bench" / "results" / f"{config_name(config)}_cpu.json"
 
 
-def cpu_model():
-    """The CPU's name as /proc/cpuinfo gives it (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def final_eval(metrics_path):
     """The last record of metrics.jsonl that carries an exact match: the end-of-run evaluation."""
     with open(metrics_path) as f:
@@ -78,11 +61,10 @@ def main():
         print(f"bench_demo.py: error: --config={config} is not a config file (a .py file on disk)", file=sys.stderr)
         sys.exit(2)
     argv = command(config)
-    load_before = os.getloadavg()
+    load_before = load_average()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT)
     wall_s = time.perf_counter() - start
-    load_after = os.getloadavg()
     if proc.returncode != 0:
         sys.exit(f"the demo run failed with exit status {proc.returncode}; see its output above")
     final = final_eval(ROOT / output_dir(config) / "metrics.jsonl")
@@ -91,14 +73,7 @@ def main():
         "device": "cpu",
         "config": config,
         "command": "torchrun " + " ".join(argv[2:]),
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "sources": source_digest([*SOURCES, config, "bench/bench_demo.py"]),
+        **provenance([*SOURCES, config], load_before),
         "wall_s": round(wall_s, 1),
         "step": final["step"],
         "exact_match": final["exact_match"],
@@ -107,7 +82,8 @@ def main():
     path = result_path(config)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"demo: {wall_s:.0f} s, exact match {final['exact_match']:.1%}, eval loss {final['eval_loss']:.4g} "
-          f"at step {final['step']}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after -> {path}")
+          f"at step {final['step']}; load average {load_before[0]:.2f} before, {result['load_average_after'][0]:.2f} after "
+          f"-> {path}")
 
 
 if __name__ == "__main__":

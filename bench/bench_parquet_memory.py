@@ -9,8 +9,6 @@ process's peak resident memory (ru_maxrss), its resident memory before tokenizin
 pyarrow and the tokenizer loaded) and the wall time. The file and the cache are deleted afterwards unless --keep.
 CPU only. Writes bench/results/parquet_memory_<host>.json.
 """
-import datetime
-import hashlib
 import json
 import os
 import platform
@@ -28,6 +26,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from options import parse_script_options  # noqa: E402
+from bench.common import load_average, provenance  # noqa: E402
 
 
 OPTIONS = {"mb": (200, "size of the Parquet file written and read, in MB"),
@@ -76,6 +75,7 @@ print(json.dumps({{"rss_before_mib": before_kib / 1024, "peak_rss_mib": peak_kib
 def main():
     args = parse_script_options(sys.argv[1:], OPTIONS, __doc__)
     megabytes, rows_per_group = args["mb"], args["rows_per_group"]
+    load_before = load_average()
     folder = tempfile.mkdtemp(prefix="bench-parquet-")
     try:
         path = os.path.join(folder, "alpaca.parquet")
@@ -90,11 +90,9 @@ def main():
         result = {"file_mib": file_mib, "rows": rows, "rows_per_group": rows_per_group, **measured,
                   "peak_over_file": measured["peak_rss_mib"] / file_mib,
                   "growth_over_file": (measured["peak_rss_mib"] - measured["rss_before_mib"]) / file_mib,
-                  "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                  "python": platform.python_version(), "pyarrow": pa.__version__,
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "sources": {name: hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:12]
-                              for name in ("data.py", "bench/bench_parquet_memory.py")}}
+                  "host": platform.node(),  # the child process tokenizes with data.py and tokenizer.py
+                  **provenance(["bench/bench_parquet_memory.py", "data.py", "tokenizer.py"], load_before,
+                               packages=("pyarrow",))}
     finally:
         if not args["keep"]:
             shutil.rmtree(folder, ignore_errors=True)

@@ -34,7 +34,6 @@ runs fit in minutes on two cores. Run it with OMP_NUM_THREADS=1 on a shared mach
 threads fighting other processes ran ~15x slower).
   -> bench/results/sparse_cpu.json
 """
-import datetime
 import json
 import os
 import sys
@@ -49,13 +48,13 @@ sys.path.insert(0, str(ROOT))
 
 from options import parse_script_options  # noqa: E402
 import sparse  # noqa: E402
-from bench.bench_ce import source_digest  # noqa: E402
+from bench.common import load_average, provenance  # noqa: E402
 from model import GPT, GPTConfig, apply_lora, only_optimize_lora  # noqa: E402
 
 GPT2 = dict(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
 TINY = dict(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32)  # --dry-run
 DENSITIES = (0.001, 0.01, 0.05)
-SOURCES = ["sparse.py", "sft_kernels/sparse_adam.py", "train_sft.py", "bench/bench_sparse.py"]
+SOURCES = ["bench/bench_sparse.py", "train_sft.py", "configs/demo.py"]  # and the project files they import
 
 
 CPU_OPTIONS = {"steps": (500, "fine-tuning steps of each variant"), "base_steps": (800, "steps of the base model"),
@@ -187,6 +186,7 @@ def gpu(dry_run):
     if not torch.cuda.is_available() and not dry_run:
         print("bench_sparse gpu: no CUDA device; skipped (use --dry-run to run its code on tiny CPU shapes)")
         return
+    load_before = load_average()
     device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
     shape = TINY if dry_run else GPT2
     update = update_rows(shape, device)
@@ -196,14 +196,12 @@ def gpu(dry_run):
     if dry_run:
         return
     name = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
-    write(f"sparse_{name}.json", {"device": torch.cuda.get_device_name(), "update": update, "memory": memory})
+    write(f"sparse_{name}.json", {"device": torch.cuda.get_device_name(), "update": update, "memory": memory}, load_before)
 
 
-def write(name, results):
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "sources": source_digest(SOURCES)}
+def write(name, results, load_before):
     out = ROOT / "bench" / "results" / name
-    out.write_text(json.dumps({**meta, **results}, indent=1) + "\n")
+    out.write_text(json.dumps({**provenance(SOURCES, load_before, packages=("deepspeed",)), **results}, indent=1) + "\n")
     print("wrote", out)
 
 
@@ -291,6 +289,7 @@ def choose_learning_rate(variant, sweep_common, steps, work):
 
 def cpu(steps, base_steps, sweep_steps):
     from data import demo_examples
+    load_before = load_average()
     sweep_steps = sweep_steps or steps
     train_rows, eval_rows = demo_examples()
     train_rows, validation_rows = split_validation(train_rows)
@@ -333,7 +332,7 @@ def cpu(steps, base_steps, sweep_steps):
     write("sparse_cpu.json", {"device": "cpu", "torch_threads": torch.get_num_threads(),
                               "base_tasks": [t.strip() for t in BASE_TASKS],
                               "validation_per_task": VALIDATION_PER_TASK, "learning_rate_sweep": sweep,
-                              "results": rows})
+                              "results": rows}, load_before)
 
 
 if __name__ == "__main__":

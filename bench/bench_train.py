@@ -5,7 +5,7 @@ Qwen2.5-0.5B's.
                                 [--deepspeed_stages=2]
 
 Shapes, each batch 16 x 1024 tokens, bf16, half of the labels masked, weights random:
-  gpt2_124m     (../shared/ANCHORS.md) 12 layers, 768 wide, vocabulary padded to 50,304, from scratch
+  gpt2_124m     GPT-2 124M's: 12 layers, 768 wide, vocabulary padded to 50,304, from scratch
                 -> bench/results/train_<device>.json
   qwen2_5_0_5b  Qwen2.5-0.5B's: 24 layers, 896 wide, 14 query heads sharing 2 key/value heads
                 (grouped-query attention), RMSNorm, rotary positions, a SwiGLU MLP 4,864 wide, qkv
@@ -34,7 +34,6 @@ after every row ("complete": false until the last); a row that fails gets an "er
 others still run; the exit status is 1 when any row failed.
 """
 import contextlib
-import datetime
 import gc
 import importlib.util
 import io
@@ -55,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from options import parse_script_options  # noqa: E402
-from bench.bench_ce import source_digest  # noqa: E402
+from bench.common import load_average, provenance  # noqa: E402
 from tokenizer import get_tokenizer, tokenize_turns  # noqa: E402
 from model import GPT, family_config  # noqa: E402
 
@@ -70,7 +69,7 @@ SHAPES = {
 }
 PEER = "compiled loop, loss inside"
 TRAINER_ROWS = ("torch", "triton")  # train_sft --kernels=...
-SOURCES = ["sft_kernels/cross_entropy.py", "model.py", "train_sft.py", "data.py", "zero_lite.py", "bench/bench_train.py"]
+SOURCES = ["bench/bench_train.py", "train_sft.py"]  # and every project file they import (bench/common.py)
 
 
 OPTIONS = {"shape": ("gpt2_124m", "the model's shape: " + " | ".join(SHAPES)),
@@ -273,16 +272,16 @@ def main():
     device = torch.cuda.get_device_name()
     out = result_file(shape, device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"device": device, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "sources": source_digest([path for path in SOURCES if (ROOT / path).exists()]),
-              "shape": {"name": name, **sizes, "batch": BATCH, "seq": SEQ, "dtype": "bfloat16", "masked_share": 0.5},
+    load_before = load_average()
+    result = {"device": device, "shape": {"name": name, **sizes, "batch": BATCH, "seq": SEQ, "dtype": "bfloat16", "masked_share": 0.5},
               "steps": steps, "warmup": warmup, "peer": PEER, "skipped": {}, "rows": {}}
     rows = result["rows"]
 
     def record(row_name, row, complete=False):
         rows[row_name] = row
         add_ratios(rows, flops_per_token)
-        out.write_text(json.dumps({**result, "complete": complete}, indent=1) + "\n")
+        written = {**result, **provenance(SOURCES, load_before, packages=("triton", "deepspeed")), "complete": complete}
+        out.write_text(json.dumps(written, indent=1) + "\n")
 
     trainer_rows = trainer_rows_of(chosen, stages, result["skipped"])
     if "peer" in chosen:

@@ -14,10 +14,7 @@ beside it. gpt2_124m_cpu is GPT-2 small's shape at a size a 2-core CPU runs in a
 all eight rows: short packed sequences and a few steps, so its tokens/s are about the engines' cost
 per step on a real model's parameter count, not about long-sequence compute.
 """
-import datetime
-import importlib.metadata
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,8 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.bench_ce import source_digest  # noqa: E402
-from bench.compare_trl import machine  # noqa: E402
+from bench.common import load_average, provenance  # noqa: E402
 from options import OptionError, parse_options  # noqa: E402
 
 OPTIONS = {
@@ -136,7 +132,7 @@ def main(argv):
     args["nproc"] = args["nproc"] or (1 if gpu else 2)
     args.update({k: v for k, v in PRESET_STEPS.get(args["preset"], {}).items() if k not in explicit})
     engines, stages = args["engines"].split(","), [int(s) for s in args["stages"].split(",")]
-    rows, loadavg_before = [], os.getloadavg()  # the machine may be shared: its load goes with the figures
+    rows, load_before = [], load_average()  # the machine may be shared: its load goes with the figures
     with tempfile.TemporaryDirectory() as workdir:
         for engine in engines:
             for stage in stages:
@@ -153,12 +149,8 @@ def main(argv):
     name = PRESET_FILE_PREFIX.get(args["preset"], "") + device.replace(" ", "_")
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
-    record = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(),
-              "loadavg_before": [round(x, 2) for x in loadavg_before],
-              "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-              "torch": torch.__version__, "deepspeed": importlib.metadata.version("deepspeed"), "options": args,
-              "sources": source_digest(["train_sft.py", "zero_lite.py", "model.py", "data.py"]), "rows": rows}
+    record = {"device": device, **provenance(["bench/compare_engines.py", "train_sft.py"], load_before,
+                                             packages=("deepspeed",)), "options": args, "rows": rows}
     (results / f"engines_{name}.json").write_text(json.dumps(record, indent=1))
     plot(rows, results / f"engines_{name}.png")
     print(f"wrote bench/results/engines_{name}.json and .png")

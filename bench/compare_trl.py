@@ -31,7 +31,6 @@ process: data preparation (all rows of the file) and training (the first --rows 
 Min and median over the pairs, the load average before and after, and the machine go to
 bench/results/trl_cpu.json (trl_<GPU name>.json on a GPU).
 """
-import datetime
 import json
 import os
 import re
@@ -435,13 +434,6 @@ def summary(values):
     return {"min": min(values), "median": statistics.median(values), "runs": values} if values else None
 
 
-def machine():
-    """The CPU model, core count and load average: this machine is shared, so every figure needs it."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
-    return {"cpu": model, "cores": os.cpu_count()}
-
-
 def resolve(args):
     """Fills in auto choices and checks the options that depend on each other."""
     import torch
@@ -560,8 +552,8 @@ def train_pair(args, spec, workdir, k, trained_tokens):
 
 
 def print_table(record):
-    print(f"\n{record['machine']['cpu']} ({record['machine']['cores']} cores), load {record['loadavg_before']} -> "
-          f"{record['loadavg_after']}; {record['verification']['identical_rows']:,} of "
+    print(f"\n{record['machine']['cpu']} ({record['machine']['cores']} cores), load {record['load_average_before']} "
+          f"-> {record['load_average_after']}; {record['verification']['identical_rows']:,} of "
           f"{record['verification']['rows_compared']:,} rows identical")
     print("figure (min / median over pairs)          | project          | TRL              | project/TRL (median)")
     for label, key in (("data prep wall s", ("prep", "wall_s")), ("data prep CPU s", ("prep", "cpu_s")),
@@ -582,8 +574,9 @@ def run_benchmark(args):
     import torch
 
     import data
+    from bench.common import load_average, provenance
     from tokenizer import EOT, split_template
-    loadavg_before = os.getloadavg()
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         versions = check_peers(args["peers_python"])
@@ -639,18 +632,15 @@ def run_benchmark(args):
         if a and b:
             ratios[f"{section}.{key}"] = {"median": a["median"] / b["median"], "min": a["min"] / b["min"]}
     device = torch.cuda.get_device_name() if args["device"] == "cuda" else "cpu"
-    record = {"device": device, "machine": machine(), "loadavg_before": [round(x, 2) for x in loadavg_before],
-              "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"project_torch": torch.__version__, **versions}, "options": args,
+    record = {"device": device, **provenance(["bench/compare_trl.py", "train_sft.py"], load_before,
+                                             packages=("transformers",)),
+              "peers": versions, "options": args,
               "model": {"n_layer": args["n_layer"], "n_head": args["n_head"], "n_embd": args["n_embd"],
                         "vocab_size": 50257, "parameters": n_params},
               "data": {"train_rows_prepared": verification["rows_compared"], "train_rows_trained": args["rows"],
                        "eval_rows": len(eval_set), "trained_tokens_per_run": trained_tokens,
                        "demo": not args["data_path"]},
               "verification": verification, "systems": systems, "ratios_project_over_trl": ratios}
-    from bench.bench_ce import source_digest
-    record["sources"] = source_digest(["train_sft.py", "data.py", "model.py", "bench/compare_trl.py"])
     print_table(record)
     name = device.replace(" ", "_").replace("/", "_")
     path = ROOT / "bench" / "results" / f"trl_{name}.json"

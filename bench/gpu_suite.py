@@ -9,7 +9,7 @@ stop the next. Estimates are for one H200 with cold caches (a fresh machine), ma
 runs in bench/results/ and the code; every run records the measured seconds in its summary.
 
   step     code  estimate  limit  what
-  wheels      1      10 s   60 s  install the carried wheels in .whl/ (../shared/tools/gpu-wheels.sh:
+  wheels      1      10 s   60 s  install the carried wheels in .whl/ (`pip wheel` of
                                   DeepSpeed, Liger-Kernel, Cut Cross-Entropy) into /tmp/site, then
                                   PYTHONPATH=/tmp/site and TORCH_CUDA_ARCH_LIST=9.0 for the rest
   tests       4      30 s  120 s  python -m pytest -m gpu: imports (~10 s), the Triton kernels
@@ -61,7 +61,6 @@ skipped one has not; in a dry run, the steps whose wiring is broken). An exit st
 a sum of 256 or more (trl or llama failed) exits 255, which no sum of codes is (none is 2), and
 the summary holds the sum itself.
 """
-import datetime
 import importlib
 import importlib.util
 import json
@@ -79,6 +78,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.common import load_average, provenance  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 LOGS = ROOT / "out" / "gpu_suite"
 WHEELS = ROOT / ".whl"
@@ -214,6 +214,7 @@ def run(opts, device, started):
     returns the summary dict."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     deadline = started + opts["time_limit"]
+    load_before = load_average()
     rows = []
     for step in STEPS:
         row = {"step": step.name, "estimate_s": step.estimate_s, "limit_s": step.limit_s, "seconds": 0.0,
@@ -240,12 +241,9 @@ def run(opts, device, started):
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE, env.get("PYTHONPATH")]))
                 env["TORCH_CUDA_ARCH_LIST"] = "9.0"  # DeepSpeed cannot parse "9.0a"
         print(f"=== {step.name}: {row['status']}, {row['seconds']:.0f} s", flush=True)
-    from bench.bench_ce import source_digest  # here: it imports torch, which a bad option need not wait for
     scripts = ["bench/gpu_suite.py"] + [step.script for step in STEPS if step.script.endswith(".py")]
-    return {"device": device, "date": datetime.date.today().isoformat(), "time_limit_s": opts["time_limit"],
-            "total_s": sum(row["seconds"] for row in rows),
-            "sources": source_digest([path for path in scripts if (ROOT / path).exists()]),
-            "steps": rows, "figures": figures(device), "exit_status": exit_status(rows)}
+    return {"device": device, **provenance([path for path in scripts if (ROOT / path).exists()], load_before),
+            "time_limit_s": opts["time_limit"], "total_s": sum(row["seconds"] for row in rows), "steps": rows, "figures": figures(device), "exit_status": exit_status(rows)}
 
 
 def merge_earlier(summary, earlier):
@@ -255,7 +253,7 @@ def merge_earlier(summary, earlier):
     for i, row in enumerate(summary["steps"]):
         old = before.get(row["step"])
         if row["status"] == "skipped (not chosen)" and old and old["status"] != "skipped (not chosen)":
-            summary["steps"][i] = {**old, "earlier_run": old.get("earlier_run", earlier["date"])}
+            summary["steps"][i] = {**old, "earlier_run": old.get("earlier_run", earlier["date"][:10])}
 
 
 def trl_installed(env=None):
@@ -422,7 +420,8 @@ def check_step(step, args=()):
     if step.name == "wheels":
         wheels = sorted("-".join(w.name.split("-")[:2]) for w in WHEELS.glob("*.whl"))  # name-version
         return [f"{len(wheels)} wheels in .whl/: {', '.join(wheels)}" if wheels else
-                "no .whl/: run ../shared/tools/gpu-wheels.sh and carry .whl, or the package peers are missing"]
+                "no .whl/: make it with `pip wheel` where there is network and carry it, or the package peers "
+                "are missing"]
     if step.optional and not (ROOT / step.script).exists():
         return [f"{step.script} does not exist yet: the step will be skipped"]
     if step.name == "tests":

@@ -2,7 +2,7 @@
 
     python bench/profile_ce.py
 
-Anchor (../shared/ANCHORS.md): 16,384 tokens, hidden 768, vocabulary 50,257, bf16, half masked.
+The anchor of bench_ce.py: 16,384 tokens, hidden 768, vocabulary 50,257, bf16, half masked.
 Prints, with triton.testing.do_bench medians:
   - each phase of one logits chunk at the default settings (the logits GEMM, the softmax-gradient
     kernel, grad_h's GEMM, grad_W's accumulating GEMM) times the number of chunks, and the
@@ -14,7 +14,6 @@ Prints, with triton.testing.do_bench medians:
     extra memory.
 Writes bench/results/profile_ce_<device>.json.
 """
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -27,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sft_kernels.cross_entropy as ce  # noqa: E402
-from bench.bench_ce import make_inputs, source_digest  # noqa: E402
+from bench.bench_ce import make_inputs  # noqa: E402
+from bench.common import load_average, provenance  # noqa: E402
 
 TOKENS, MASKED = 16384, 0.5
 
@@ -129,13 +129,12 @@ def whole(hidden, weight, labels, chunk_mib, block_v, num_warps):
 def main():
     if not torch.cuda.is_available():
         sys.exit("profile_ce.py needs a CUDA GPU")
+    load_before = load_average()
     hidden, weight, labels = make_inputs(TOKENS, MASKED)
     rows = (labels != -100).nonzero().squeeze(1)
     h, y = hidden.detach().index_select(0, rows), labels[rows]
     w = weight.detach()
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "sources": source_digest(["sft_kernels/cross_entropy.py"]), "tokens": TOKENS, "masked_share": MASKED,
-              "kept_rows": len(rows)}
+    report = {"device": torch.cuda.get_device_name(), "tokens": TOKENS, "masked_share": MASKED, "kept_rows": len(rows)}
     report["partition_ms"] = bench(lambda: ce._partition_rows(labels, w.shape[0], -100)[2]())
     head = w.shape[0] // 64 * 64
     report["unchunked_gemms"] = {f"V={w.shape[0]}": unchunked_gemms(h, w), f"V={head}": unchunked_gemms(h, w[:head])}
@@ -150,6 +149,7 @@ def main():
     name = report["device"].replace(" ", "_").replace("/", "_")
     out = ROOT / "bench" / "results" / f"profile_ce_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    report.update(provenance(["bench/profile_ce.py"], load_before, packages=("triton",)))
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 

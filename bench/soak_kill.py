@@ -15,10 +15,8 @@ run's. Rounds repeat until the mode has seen --kills kills. Dropout is on, so th
 random-number states matter too. A start that exits non-zero without having been killed is a
 failure. Writes bench/results/soak_kill.json; exits 1 when any round differs or failed.
 """
-import datetime
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -28,12 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from options import parse_script_options  # noqa: E402
+from bench.common import load_average, provenance  # noqa: E402
 OPTIONS = ["--tokenizer=byte", "--n_layer=2", "--n_head=2", "--n_embd=32", "--max_seq_len=48", "--batch_size=4",
            "--learning_rate=3e-3", "--dropout=0.1", "--seed=7", "--max_steps=40", "--checkpoint_interval=2",
            "--keep_checkpoints=2", "--log_interval=5", "--eval_exact_match=0"]
@@ -192,10 +190,8 @@ def chosen_modes(names):
 def main():
     args = parse_script_options(sys.argv[1:], BENCH_OPTIONS, __doc__)
     kills_wanted, rng, modes = args["kills"], random.Random(args["seed"]), chosen_modes(args["modes"])
-    results = {"script": "bench/soak_kill.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
-               "torch": torch.__version__, "options": OPTIONS, "kills_per_mode": kills_wanted,
-               "load_average_before": os.getloadavg(), "modes": {}}
+    load_before = load_average()  # the machine may be shared: its load goes with the figures
+    results = {"script": "bench/soak_kill.py", "options": OPTIONS, "kills_per_mode": kills_wanted, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         write_data(workdir / "data.jsonl")
@@ -213,7 +209,7 @@ def main():
             figures["uninterrupted_training_s"] = round(training_s, 1)
             results["modes"][mode] = {"ranks": nproc, "options": mode_options, **figures}
             print(f"{mode}: {json.dumps(figures)}", flush=True)
-    results["load_average_after"] = os.getloadavg()  # the machine may be shared: its load goes with the figures
+    results.update(provenance(["bench/soak_kill.py", "train_sft.py"], load_before, packages=("deepspeed",)))
     path = ROOT / "bench" / "results" / "soak_kill.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"-> {path}")

@@ -1,5 +1,6 @@
-"""bench/gpu_suite.py without a GPU: its dry run, its step runner on stand-in steps, and the results of
-README.md and docs/benchmarks.md against bench/results/ (bench/results_table.py)."""
+"""bench/gpu_suite.py without a GPU: its dry run, its step runner on stand-in steps; every generated block of
+README.md and docs/ against bench/results/ (bench/results_table.py), old result files and new ones; the one
+provenance writer every bench script uses (bench/common.py)."""
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_demo, bench_train, gpu_suite, results_table
+from bench import bench_demo, bench_train, common, gpu_suite, results_table
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +114,8 @@ def write_script(path, body):
 def test_steps_run_in_order_a_failure_or_timeout_does_not_stop_the_rest(tmp_path, monkeypatch):
     """Stand-in steps: one fails, one writes a result, one outlives its limit with a child process
     (which must die with it), and the exit status is the sum of the failed steps' codes."""
-    monkeypatch.setattr(gpu_suite, "ROOT", tmp_path)
+    for module in (gpu_suite, common):  # the stand-in steps are this repository's files
+        monkeypatch.setattr(module, "ROOT", tmp_path)
     monkeypatch.setattr(gpu_suite, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(gpu_suite, "LOGS", tmp_path / "logs")
     (tmp_path / "results").mkdir()
@@ -181,17 +183,15 @@ def test_options_choose_steps_and_pass_arguments():
     assert gpu_suite.command(train, opts["args"]["train"])[1:] == ["bench/bench_train.py", "--deepspeed_stages=0,1"]
 
 
-def test_readme_headline_and_benchmarks_page_are_rendered_from_bench_results():
-    readme = (ROOT / "README.md").read_text()
-    assert results_table.generated_block(readme, results_table.HEADLINE_BEGIN, results_table.HEADLINE_END) == \
-        results_table.render_headline(), "README.md's headline differs from bench/results/: run " \
-                                         "python bench/results_table.py --write"
-    page = (ROOT / "docs" / "benchmarks.md").read_text()
-    assert results_table.generated_block(page) == results_table.render(), \
-        "docs/benchmarks.md's results differ from bench/results/: run python bench/results_table.py --write"
-    assert results_table.generated_block(page, results_table.DEMOS_BEGIN, results_table.DEMOS_END) == \
-        results_table.render_demos(), "docs/benchmarks.md's demo runs differ from bench/results/: run " \
-                                      "python bench/results_table.py --write"
+def test_every_generated_block_of_readme_and_docs_is_what_results_table_renders_now():
+    stale = []
+    for page, name, rendered in results_table.rendered_blocks():
+        begin, end = rendered.split("\n", 1)[0], results_table.end_marker(name)
+        if results_table.generated_block(page.read_text(), begin, end) != rendered:
+            stale.append(f"{page.relative_to(ROOT)}: {name}")
+    assert not stale, f"generated blocks that differ from their sources: {stale}; run python bench/results_table.py --write"
+    pages = {page.name for page, *_ in results_table.BLOCKS}
+    assert {"README.md", "benchmarks.md", "engines.md", "sparse.md", "options.md"} <= pages
 
 
 def test_the_headline_has_a_row_per_claim_naming_its_file():
@@ -340,3 +340,96 @@ def test_the_summary_shows_qwen2_5s_head_and_training_rows_apart_from_the_anchor
     out = capsys.readouterr().out
     assert "bench_ce at Qwen2.5's vocabulary 151,936" in out and "2.50x ours" in out
     assert "bench_train, Qwen2.5-0.5B shape" in out and "120,000 tok/s" in out
+
+
+def copy_results(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    for path in (ROOT / "bench" / "results").glob("*.json"):
+        shutil.copy(path, tmp_path)
+    return tmp_path
+
+
+def edit_result(results_dir, name, edit):
+    data = json.loads((results_dir / name).read_text())
+    edit(data)
+    (results_dir / name).write_text(json.dumps(data))
+
+
+def test_each_cpu_table_follows_its_result_file(tmp_path):
+    """The blocks of engines.md, sparse.md and benchmarks.md change with one figure of their file."""
+    results = copy_results(tmp_path)
+    renders = {"engines": results_table.render_engines, "engines_124m": results_table.render_engines_124m,
+               "trl": results_table.render_trl, "sparse": results_table.render_sparse}
+    before = {name: render(results) for name, render in renders.items()}
+    edit_result(results, "engines_cpu.json", lambda d: d["rows"][0].update(tokens_per_s=12345.4))
+    edit_result(results, "engines_124m_cpu.json", lambda d: d["rows"][1].update(max_loss_difference=0.25))
+    edit_result(results, "trl_cpu.json", lambda d: d["systems"]["trl"]["eval"]["loss"].update(median=7.0))
+    edit_result(results, "sparse_cpu.json", lambda d: d["results"][1].update(exact_match=0.987))
+    after = {name: render(results) for name, render in renders.items()}
+    assert "| native | 0 | " in "\n".join(after["engines"]) and "| 12,345 |" in "\n".join(after["engines"])
+    assert "| 2.5e-01 |" in "\n".join(after["engines_124m"])
+    assert "| 7.864 | 7.000 | 1.123x |" in "\n".join(after["trl"])
+    assert "| 98.7% |" in "\n".join(after["sparse"])
+    assert all(after[name] != before[name] for name in renders)
+
+
+def new_spelling(data):
+    """A result file as bench/common.py spells provenance, from one in an older spelling."""
+    found = results_table.versions_of(data)
+    machine, load = results_table.machine_of(data), results_table.load_average_of(data)
+    old_fields = ("machine", "cpu", "cpu_cores", "torch", "triton", "deepspeed", "python", "pyarrow", "peers",
+                  "versions", "loadavg_before", "loadavg_after", "load_average_before", "load_average_after")
+    new = {key: value for key, value in data.items() if key not in old_fields}
+    new["versions"] = {key: value for key, value in found.items() if key != "project_torch"}
+    new.update({"machine": machine} if machine else {})
+    new.update({"load_average_before": load[0], "load_average_after": load[1]} if load else {})
+    return new
+
+
+def test_old_and_new_provenance_spellings_render_the_same(tmp_path):
+    """The committed files spell machine, load and versions four ways; bench/common.py's one spelling renders
+    every block exactly as they do."""
+    old = copy_results(tmp_path / "old")
+    new = copy_results(tmp_path / "new")
+    spellings = set()
+    for path in new.glob("*.json"):
+        data = json.loads(path.read_text())
+        spellings.add(type(data.get("machine")).__name__ + ("/loadavg" if "loadavg_before" in data else ""))
+        path.write_text(json.dumps(new_spelling(data)))
+    assert {"str", "dict/loadavg", "NoneType"} <= spellings  # the spellings this test converts
+    for page, name, source, render in results_table.BLOCKS:
+        assert render(new) == render(old), name
+    demo = json.loads((new / "demo_cpu.json").read_text())
+    assert set(demo["machine"]) == {"cpu", "cores"} and "cpu_cores" not in demo
+
+
+def test_provenance_is_spelled_one_way_and_renders(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (1.234, 2.0, 3.0))
+    record = common.provenance(["bench/compare_engines.py", "train_sft.py"], [0.5, 0.25, 0.125],
+                               packages=("deepspeed", "no-such-package"))
+    assert list(record) == ["date", "versions", "sources", "machine", "load_average_before", "load_average_after"]
+    assert record["load_average_before"] == [0.5, 0.25, 0.125] and record["load_average_after"] == [1.23, 2.0, 3.0]
+    assert record["versions"]["torch"] == torch.__version__ and record["versions"]["no-such-package"] == "not installed"
+    assert set(record["machine"]) == {"cpu", "cores"} and record["machine"]["cores"] == os.cpu_count()
+    # every project file the trainer runs, also those compare_engines.py used to leave out
+    for path in ("train_sft.py", "deepspeed_engine.py", "options.py", "checkpoint.py", "zero_lite.py", "model.py",
+                 "hf_format.py", "tokenizer.py", "data.py", "sparse.py", "sft_kernels/cross_entropy.py",
+                 "bench/common.py"):
+        assert path in record["sources"], path
+    assert record["sources"]["model.py"] == common.source_digests(["model.py"])["model.py"]
+    assert results_table.machine_words(record).endswith("shared (load average 0.50 before, 1.23 after)")
+    with pytest.raises(ValueError, match="is not a file of this repository"):
+        common.source_digests(["../PREAMBLE.md"])
+
+
+BENCH_SCRIPTS = sorted(path for path in (ROOT / "bench").glob("*.py") if path.name not in ("common.py", "results_table.py"))
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS, ids=lambda path: path.name)
+def test_every_bench_script_records_provenance_through_bench_common(script):
+    text = script.read_text()
+    assert "provenance(" in text, f"{script.name} writes no provenance through bench/common.py"
+    for private in ("getloadavg", "loadavg", "platform.python_version", "hashlib.sha256", "/proc/cpuinfo",
+                    "source_digest("):
+        assert private not in text, f"{script.name} records {private} itself instead of through bench/common.py"
+    assert "../" not in text and "/work/" not in text, f"{script.name} cites a file outside the repository"
