@@ -117,7 +117,7 @@ def save_pretrained(model, path, token_ids=None):
         if isinstance(m, LoRALinear) and not m.merged:
             weights[name + ".weight"] = m.weight + m.delta_weight()
         gpt2_linear_or_norm = isinstance(m, (nn.Linear, nn.LayerNorm, LoRALinear)) and name != "lm_head"
-        if model.config.model_type == "gpt2" and gpt2_linear_or_norm and m.bias is None:
+        if model.config.model_type == "gpt2" and not model.config.bias and gpt2_linear_or_norm:
             weights[name + ".bias"] = m.weight.new_zeros(m.weight.shape[0])
     weights = {key: t for key, t in weights.items() if "lora_" not in key}
     tensors = {}
