@@ -14,7 +14,8 @@ files first): the fused loss against its peers at every shape (Qwen2.5-0.5B's he
 own), where its time goes (profile_ce_<device>.json), training steps (train_<device>.json;
 train_qwen2_5_0_5b_<device>.json at Qwen2.5-0.5B's shape) and the GPU suite's steps
 (gpu_suite_<device>.json); the demo runs, TRL side by side and the engines at GPT-2 124M's shape.
-docs/engines.md's engine table and docs/sparse.md's two tables. tests/test_gpu_suite.py checks that
+docs/engines.md's engine table, docs/sparse.md's two tables, and the measured paragraphs of
+docs/checkpoints.md and docs/data.md. tests/test_gpu_suite.py checks that
 every page holds exactly this output for the committed files, and tests/test_docs.py that no table
 with figures lies outside a generated block.
 
@@ -526,6 +527,40 @@ def render_sparse(results_dir=RESULTS):
     return lines
 
 
+def render_checkpoints(results_dir=RESULTS):
+    """docs/checkpoints.md's measured paragraph: what checkpoint safety costs (checkpoint_<cores>cpu.json) and
+    the kill-and-resume soak (soak_kill.json)."""
+    cost_name = sorted(path.name for path in results_dir.glob("checkpoint_*cpu.json"))[-1]
+    cost, soak = read_result(results_dir, cost_name), read_result(results_dir, "soak_kill.json")
+    modes = soak["modes"].values()
+    total = {key: sum(mode[key] for mode in modes)
+             for key in ("kills", "kills_of_one_rank", "kills_during_a_checkpoint_write", "resumes")}
+    differing = [name for name, mode in soak["modes"].items() if mode["failures"] or mode["max_abs_difference"] != 0]
+    outcome = (f"the rounds of {', '.join(differing)} did NOT end with the uninterrupted run's weights" if differing
+               else "every round ended with exactly the uninterrupted run's weights")
+    return [f"Measured: for GPT-2 124M ({cost['parameters'] / 1e6:.0f}M parameters, a "
+            f"{cost['checkpoint_bytes'] / 1e9:.1f} GB checkpoint) writing, with the hashing and fsyncs, took "
+            f"{cost['save_s']:.1f} s and verification {cost['verify_s']:.1f} s; sha256 alone ran at "
+            f"{cost['sha256_gb_per_s']:.2f} GB/s ({machine_words(cost)}; `bench/results/{cost_name}`, from "
+            f"`bench/bench_checkpoint.py`). `bench/soak_kill.py` killed tiny CPU runs {total['kills']} times at random "
+            f"moments, {soak['kills_per_mode']} in each of {len(soak['modes'])} modes "
+            f"({', '.join(f'`{name}`' for name in soak['modes'])}; {total['kills_of_one_rank']} kills hit a single "
+            f"rank, {total['kills_during_a_checkpoint_write']} fell during a checkpoint write), resumed "
+            f"{total['resumes']} times, and {outcome} ({machine_words(soak)}; `bench/results/soak_kill.json`)."]
+
+
+def render_parquet(results_dir=RESULTS):
+    """docs/data.md's measured paragraph: resident memory while tokenizing a large Parquet file."""
+    name = sorted(path.name for path in results_dir.glob("parquet_memory_*.json"))[-1]
+    data = read_result(results_dir, name)
+    return [f"A {data['file_mib']:.0f} MiB Parquet file ({data['rows']:,} Alpaca rows, snappy, row groups of "
+            f"{data['rows_per_group']:,} rows, {data['tokens'] / 1e6:.1f} M GPT-2 tokens) was tokenized with the "
+            f"process's resident memory rising by {data['peak_rss_mib'] - data['rss_before_mib']:.0f} MiB, from "
+            f"{data['rss_before_mib']:.0f} MiB (Python, torch, pyarrow and the tokenizer loaded) to a peak of "
+            f"{data['peak_rss_mib']:.0f} MiB, in {data['seconds']:.0f} s (machine: {machine_words(data)}; "
+            f"`bench/bench_parquet_memory.py`, `bench/results/{name}`)."]
+
+
 def render_options(results_dir=RESULTS):
     """docs/options.md's option table, from options.OPTIONS (results_dir plays no part)."""
     import options
@@ -548,6 +583,8 @@ BLOCKS = [
     (BENCHMARKS, "engines_124m", "bench/results/", render_engines_124m),
     (ROOT / "docs" / "engines.md", "engines", "bench/results/", render_engines),
     (ROOT / "docs" / "sparse.md", "sparse", "bench/results/", render_sparse),
+    (ROOT / "docs" / "checkpoints.md", "checkpoints", "bench/results/", render_checkpoints),
+    (ROOT / "docs" / "data.md", "parquet", "bench/results/", render_parquet),
     (ROOT / "docs" / "options.md", "options", "options.py", render_options),
 ]
 

@@ -191,7 +191,7 @@ def test_every_generated_block_of_readme_and_docs_is_what_results_table_renders_
             stale.append(f"{page.relative_to(ROOT)}: {name}")
     assert not stale, f"generated blocks that differ from their sources: {stale}; run python bench/results_table.py --write"
     pages = {page.name for page, *_ in results_table.BLOCKS}
-    assert {"README.md", "benchmarks.md", "engines.md", "sparse.md", "options.md"} <= pages
+    assert {"README.md", "benchmarks.md", "engines.md", "sparse.md", "options.md", "checkpoints.md", "data.md"} <= pages
 
 
 def test_the_headline_has_a_row_per_claim_naming_its_file():
@@ -359,17 +359,24 @@ def test_each_cpu_table_follows_its_result_file(tmp_path):
     """The blocks of engines.md, sparse.md and benchmarks.md change with one figure of their file."""
     results = copy_results(tmp_path)
     renders = {"engines": results_table.render_engines, "engines_124m": results_table.render_engines_124m,
-               "trl": results_table.render_trl, "sparse": results_table.render_sparse}
+               "trl": results_table.render_trl, "sparse": results_table.render_sparse,
+               "checkpoints": results_table.render_checkpoints, "parquet": results_table.render_parquet}
     before = {name: render(results) for name, render in renders.items()}
     edit_result(results, "engines_cpu.json", lambda d: d["rows"][0].update(tokens_per_s=12345.4))
     edit_result(results, "engines_124m_cpu.json", lambda d: d["rows"][1].update(max_loss_difference=0.25))
     edit_result(results, "trl_cpu.json", lambda d: d["systems"]["trl"]["eval"]["loss"].update(median=7.0))
     edit_result(results, "sparse_cpu.json", lambda d: d["results"][1].update(exact_match=0.987))
+    edit_result(results, "checkpoint_2cpu.json", lambda d: d.update(verify_s=9.87))
+    edit_result(results, "soak_kill.json", lambda d: d["modes"]["2-ranks-stage3"].update(max_abs_difference=1e-3))
+    edit_result(results, "parquet_memory_vm.json", lambda d: d.update(peak_rss_mib=d["rss_before_mib"] + 1234))
     after = {name: render(results) for name, render in renders.items()}
     assert "| native | 0 | " in "\n".join(after["engines"]) and "| 12,345 |" in "\n".join(after["engines"])
     assert "| 2.5e-01 |" in "\n".join(after["engines_124m"])
     assert "| 7.864 | 7.000 | 1.123x |" in "\n".join(after["trl"])
     assert "| 98.7% |" in "\n".join(after["sparse"])
+    assert "verification 9.9 s" in after["checkpoints"][0]
+    assert "the rounds of 2-ranks-stage3 did NOT end with the uninterrupted run's weights" in after["checkpoints"][0]
+    assert "rising by 1234 MiB" in after["parquet"][0]
     assert all(after[name] != before[name] for name in renders)
 
 
