@@ -524,7 +524,27 @@ def render_sparse(results_dir=RESULTS):
         lines.append(f"| {variant_words(r['variant'])}{nearest} | {learning_rate(r['learning_rate'])} | "
                      f"{r['trained']:,} | {r['exact_match']:.1%} | {r['eval_loss']:.3f} | "
                      f"{r['optimizer_state_bytes']:,} B | {r['tokens_per_s']:,.0f} |")
-    return lines
+    return lines + ["", sparse_comparisons(data)]
+
+
+def sparse_comparisons(data):
+    """The pairs docs/sparse.md discusses, side by side: exact match and eval loss of each sparse run against the
+    run nearest in trained count (and full fine-tuning), and the smallest delta file against the model."""
+    rows = {r["variant"]: r for r in data["results"]}
+    base, full, small = rows["base (3 of 5 tasks)"], rows["full"], rows["sparse 1%"]
+
+    def scored(variant):
+        r = rows[variant]
+        return f"{variant_words(variant)} {r['exact_match']:.1%} and {r['eval_loss']:.3f}"
+    state = rows["sparse 5% + embeddings"]["optimizer_state_bytes"] / full["optimizer_state_bytes"]
+    return (f"Exact match and eval loss side by side: {scored('sparse 5%')} against {scored('lora r6')} and "
+            f"{scored('full')}; {scored('sparse 5% + embeddings')} ({rows['sparse 5% + embeddings']['trained']:,} "
+            f"trained) at {state:.0%} of full fine-tuning's optimizer state; {scored('sparse 1%')} against "
+            f"{scored('lora r2')}. The base model, before fine-tuning, scores {base['exact_match']:.1%} over all "
+            f"five tasks. The sparse 1% delta file is {small['delta_bytes']:,} bytes: "
+            f"{small['delta_bytes'] / small['hf_weights_bytes']:.1%} of the model's weights in `hf/` "
+            f"({small['hf_weights_bytes']:,} bytes) and {small['delta_bytes'] / full['checkpoint_bytes']:.1%} of "
+            f"full fine-tuning's checkpoint ({full['checkpoint_bytes']:,} bytes).")
 
 
 def render_checkpoints(results_dir=RESULTS):
