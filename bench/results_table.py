@@ -313,7 +313,8 @@ def engines_at_scale_headline(name, data):
     speed = ", ".join(f"{rows['native', s]['tokens_per_s'] / rows['deepspeed', s]['tokens_per_s']:.2f}x" for s in stages)
     largest = max(rows[key]["max_loss_difference"] for key in rows)
     opts = data["options"]
-    return (f"native engine against DeepSpeed {versions_of(data)['deepspeed']}, GPT-2 124M's shape, {opts['steps']} steps, "
+    deepspeed = versions_of(data)["deepspeed"]
+    return (f"native engine against DeepSpeed {deepspeed}, GPT-2 124M's shape, {opts['steps']} steps, "
             f"{opts['dtype']}, ZeRO stages {stages[0]}-{stages[-1]}",
             f"model state per rank {state('native')} MiB against DeepSpeed's {state('deepspeed')}; tokens/s "
             f"**{speed}** DeepSpeed's; every loss within {largest:.1e} of native stage 0",
@@ -408,10 +409,6 @@ def read_result(results_dir, name):
     return json.loads((results_dir / name).read_text())
 
 
-def mib_per_rank(row, field="total"):
-    return f"{row['ranks'][0][field] / 2**20:,.2f}"
-
-
 def loss_difference(value):
     return "0" if value == 0 else f"{value:.1e}"
 
@@ -424,9 +421,12 @@ def engines_table(data):
              "model state MiB per rank | ZeRO formula (fp32) MiB | peak RSS GiB per rank | tokens/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        if "skipped" in r:  # an engine this machine could not run
+            lines.append(f"| {r['engine']} | {r['stage']} | skipped: {r['skipped']} | - | - | - | - | - |")
+            continue
         peaks = " / ".join(f"{rank['peak_mem_gib']:.2f}" for rank in r["ranks"])
         lines.append(f"| {r['engine']} | {r['stage']} | {r['losses'][str(steps)]:.6f} | "
-                     f"{loss_difference(r['max_loss_difference'])} | {mib_per_rank(r)} | "
+                     f"{loss_difference(r['max_loss_difference'])} | {r['ranks'][0]['total'] / 2**20:,.2f} | "
                      f"{r['formula_bytes'] / 2**20:,.2f} | {peaks} | {r['tokens_per_s']:,.0f} |")
     return lines
 
@@ -435,8 +435,8 @@ def engines_run_words(name, data):
     """How compare_engines.py ran, where and under what load, in words."""
     opts, found = data["options"], versions_of(data)
     load = load_average_of(data)
-    where = (f"{machine_words(data)}" if load else f"{data['device']}; the machine's load was not recorded in this "
-             "file, so differences within about 15% may be noise")
+    where = (machine_words(data) if load else f"{data['device']}; the machine's load was not recorded in this "
+             "file, so small differences may be noise")
     return (f"`bench/compare_engines.py --preset={opts['preset']} --steps={opts['steps']} --warmup={opts['warmup']}`: "
             f"{opts['nproc']} gloo ranks, {opts['dtype']}, {opts['steps']} steps, seed {opts['seed']}; {where}; "
             f"torch {found['torch']}, DeepSpeed {found['deepspeed']}, {data['date'][:10]} (`bench/results/{name}`)")
@@ -480,7 +480,8 @@ def render_trl(results_dir=RESULTS):
                ("train", "step_s_median", "training: step s", ".3f"),
                ("train", "peak_rss_mib", "training: peak RSS MiB", ",.0f")]
     for part, figure, words, form in figures:
-        cells = [f"{system[part][figure]['median']:{form}} ({system[part][figure]['min']:{form}})" for system in (ours, trl)]
+        cells = [f"{system[part][figure]['median']:{form}} ({system[part][figure]['min']:{form}})"
+                 for system in (ours, trl)]
         shown = ratio(ratios[f"{part}.{figure}"]["median"])
         shown = f"**{shown}**" if figure == "trained_tokens_per_s" else shown
         lines.append(f"| {words} | {cells[0]} | {cells[1]} | {shown} |")
@@ -513,7 +514,8 @@ def render_sparse(results_dir=RESULTS):
     for row in sweep:
         losses = {float(rate): loss for rate, loss in row["validation_loss"].items()}
         cells = [f"**{losses[r]:.3f}**" if r == row["chosen"] else f"{losses[r]:.3f}" for r in rates]
-        lines.append(f"| {variant_words(row['variant'])} | " + " | ".join(cells) + f" | {learning_rate(row['chosen'])} |")
+        lines.append(f"| {variant_words(row['variant'])} | " + " | ".join(cells) +
+                     f" | {learning_rate(row['chosen'])} |")
     scored = [r for r in data["results"] if r["variant"] in {row["variant"] for row in sweep}]
     lines += ["", f"Then {scored[0]['steps']} steps at the chosen rate, scored by greedy exact match on the held-out "
                   "prompts:", "",
