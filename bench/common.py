@@ -90,11 +90,14 @@ def imported_project_files(path):
     for node in ast.walk(ast.parse(repository_file(path).read_text(), filename=path)):
         if isinstance(node, ast.Import):
             modules += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            modules += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):  # `from .x import y` counts from path's own package
+            folder = Path(path).parent.parts
+            package = folder[:len(folder) + 1 - node.level] if node.level else ()
+            module = ".".join([*package, *([node.module] if node.module else [])])
+            modules += [module] + [f"{module}.{alias.name}" for alias in node.names]
     files = []
     for module in modules:
-        parts = module.split(".")
+        parts = [part for part in module.split(".") if part]
         for depth in range(1, len(parts) + 1):  # a.b.c imports a/__init__.py and a/b/__init__.py too
             stem = "/".join(parts[:depth])
             files += [name for name in (stem + ".py", stem + "/__init__.py") if (ROOT / name).is_file()]
