@@ -553,6 +553,12 @@ def starting_checkpoint(cfg, explicit, log, master, world):
         return checkpoint
     if cfg["init_from"] == "scratch":
         return None
+    if cfg["init_from"].endswith(".gguf"):  # a GGUF file brings its own tokenizer and chat template
+        if not os.path.isfile(cfg["init_from"]):
+            raise OptionError(f"--init_from={cfg['init_from']} is not a file on disk (nothing is downloaded)")
+        if "tokenizer" not in explicit:
+            cfg["tokenizer"] = cfg["init_from"]
+        return None
     if not os.path.isdir(cfg["init_from"]):
         raise OptionError(f"--init_from={cfg['init_from']} is not a directory on disk (scratch, a local Hugging Face "
                           f"directory or a checkpoint; nothing is downloaded)")
@@ -763,7 +769,13 @@ def exported_options(hf_dir):
 
 def load_model(path):
     """Returns (model, the options it was trained with, such as tokenizer and template, or {}) from a run
-    directory, a checkpoint directory, or a Hugging Face directory (ours carry sft_config.json)."""
+    directory, a checkpoint directory, a Hugging Face directory (ours carry sft_config.json) or a GGUF file
+    (its own tokenizer)."""
+    if path.endswith(".gguf") and os.path.isfile(path):
+        try:
+            return GPT.from_pretrained(path), {"tokenizer": path}
+        except (OSError, ValueError) as e:  # its messages name the file and what is wrong
+            raise OptionError(f"--model={path}: {e}") from None
     if os.path.isfile(os.path.join(path, "config.json")):
         check_export(path, "--model")
         trained_with = exported_options(path)

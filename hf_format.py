@@ -55,14 +55,20 @@ def load_pretrained(path, **overrides):
                                 "directories only and downloads nothing")
     config_file = path / "config.json"
     config = read_hf_config(config_file)
-    window = overrides.pop("attn_window", 0)
-    if config.attn_window and window > config.attn_window:
-        raise ValueError(f"attn_window={window} is wider than the sliding window of {config.attn_window} "
-                         f"in {config_file} that the model was trained with")
-    model = GPT(replace(config, attn_window=window or config.attn_window, **overrides))
+    window = sliding_window_override(config, overrides.pop("attn_window", 0), config_file)
+    model = GPT(replace(config, attn_window=window, **overrides))
     weights_file, tensors = read_hf_weights(path)
     load_hf_tensors(model, tensors, weights_file, config_file)
     return model
+
+def sliding_window_override(config, window, file):
+    """The attn_window a run asks for (0: the model's own) against the sliding window the model in file was
+    trained with: it keeps or narrows that window, never widens it."""
+    if config.attn_window and window > config.attn_window:
+        raise ValueError(f"attn_window={window} is wider than the sliding window of {config.attn_window} "
+                         f"in {file} that the model was trained with")
+    return window or config.attn_window
+
 
 @torch.no_grad()
 def load_hf_tensors(model, tensors, weights_file, config_file):

@@ -25,7 +25,8 @@ OPTIONS = {
     "data_format": ("auto", "auto (detected per file) | prompt_response | prompt_chosen | prompt_completion | "
                             "messages | alpaca | sharegpt"),
     "tokenizer": ("gpt2", "gpt2 | byte (256 byte tokens, for tiny CPU runs) | a directory with tokenizer.json "
-                          "(Hugging Face's); default with --init_from=DIR: DIR's own tokenizer, if it has one"),
+                          "(Hugging Face's) | a .gguf file; default with --init_from=DIR or FILE.gguf: its own "
+                          "tokenizer, if it has one"),
     "max_seq_len": (512, "most tokens in one sample, end-of-text included"),
     "truncate_prompt": (False, "cut over-long prompts from the left instead of dropping the sample"),
     "loss_on_prompt": (False, "train on prompt tokens too (DeepSpeed-Chat's behaviour, for comparison)"),
@@ -37,8 +38,9 @@ OPTIONS = {
     "group_by_length": (True, "batch samples of similar length together (less padding); false = fully random"),
     "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),
     # model
-    "init_from": ("scratch", "scratch | a Hugging Face directory (gpt2, llama, mistral, qwen2, qwen3) | a checkpoint "
-                            "directory or run directory"),
+    "init_from": ("scratch", "scratch | a Hugging Face directory (gpt2, llama, mistral, qwen2, qwen3) | a .gguf file "
+                            "(llama, qwen2, qwen3, gpt2; dequantized to float) | a checkpoint directory or run "
+                            "directory"),
     "model_type": ("gpt2", "the family of a model from scratch: gpt2 | llama | mistral | qwen2 | qwen3 (RMSNorm, "
                            "rotary positions, SwiGLU; qwen2 adds qkv biases, qwen3 q/k norms)"),
     "n_layer": (12, "layers (scratch only)"),
