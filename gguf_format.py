@@ -235,3 +235,110 @@ def read_tokenizer_metadata(path):
                 merges=metadata_value(reader, "tokenizer.ggml.merges", path, []),
                 special_ids={role: i for role, i in special.items() if i is not None},
                 chat_template=metadata_value(reader, "tokenizer.chat_template", path, None))
+
+
+# ----------------------------------------------------------------------------- writing
+
+GGUF_TYPES = {"f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+              "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+              "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+
+
+def check_gguf_expressible(config):
+    """Refuse, in one sentence, a model that a GGUF file (as llama.cpp reads it) would describe as another."""
+    if config.rope_scaling != "none":
+        raise ValueError(f"rope_scaling={config.rope_scaling!r} cannot be written to GGUF here (llama.cpp keeps it "
+                         "as a table of per-frequency factors, which this exporter does not write)")
+    if config.attn_window:
+        raise ValueError(f"attn_window={config.attn_window} cannot be written to GGUF: llama.cpp would run the "
+                         f"{config.model_type} model with full attention")
+
+
+def save_gguf(model, tokenizer, path, kind, name):
+    """Write model (LoRA merged) as a GGUF file of its architecture that llama.cpp, Ollama and LM Studio
+    run: the metadata of its config, tokenizer (its GGUF form, see tokenizer.gguf_tokenizer_metadata, with
+    the chat template), and every matrix in kind (f32, f16 or q8_0; a matrix whose rows q8_0's 32-value
+    blocks do not divide is written f16, as llama.cpp does), norms and biases in f32. A Llama's q and k
+    rows are put in llama.cpp's rotary order. Written under a temporary name, then renamed onto path."""
+    from hf_format import exported_weights, write_atomically
+    from tokenizer import gguf_tokenizer_metadata
+    cfg = model.config
+    check_gguf_expressible(cfg)
+    vocabulary = gguf_tokenizer_metadata(tokenizer, cfg.vocab_size)
+    weights = exported_weights(model)
+
+    def write(tmp):
+        writer = gguf.GGUFWriter(tmp, GGUF_ARCHITECTURES[cfg.model_type])
+        writer.add_name(name)
+        writer.add_file_type(GGUF_TYPES[kind][1])
+        if kind == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_architecture_metadata(writer, cfg)
+        add_tokenizer_metadata(writer, vocabulary)
+        for tensor_name, array, qtype in gguf_tensors(cfg, weights, GGUF_TYPES[kind][0]):
+            writer.add_tensor(tensor_name, array, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write_atomically(Path(path), write)
+
+
+def add_architecture_metadata(writer, cfg):
+    """The config as llama.cpp's converter writes it for the architecture."""
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(cfg.mlp_width)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_vocab_size(cfg.vocab_size)
+    if cfg.model_type == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+        return
+    writer.add_head_count_kv(cfg.kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.head_size)
+    writer.add_key_length(cfg.head_size)
+    writer.add_value_length(cfg.head_size)
+
+
+def add_tokenizer_metadata(writer, vocabulary):
+    """tokenizer.ggml.*: a byte-level BPE (llama.cpp's "gpt2" model), its pre-tokenizer's name, the special
+    ids and the chat template. No bos is added before text: training never added one."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocabulary["pre"])
+    writer.add_token_list(vocabulary["tokens"])
+    writer.add_token_types(vocabulary["token_type"])
+    writer.add_token_merges(vocabulary["merges"])
+    for role, token_id in vocabulary["special_ids"].items():
+        getattr(writer, f"add_{role}_token_id")(token_id)
+    writer.add_add_bos_token(False)
+    if vocabulary["chat_template"]:
+        writer.add_chat_template(vocabulary["chat_template"])
+
+
+def gguf_tensors(cfg, weights, matrix_type):
+    """(GGUF name, array as written, its tensor type) of every tensor, in llama.cpp's order and layout."""
+    tensors = []
+    for key, parts in gguf_tensor_names(cfg, weights).items():
+        weight = weights[key].detach().float().cpu()
+        for name, piece in zip(parts, weight.split(hf_part_rows(cfg, key, weight.shape[0], len(parts)))):
+            if cfg.model_type in ("llama", "mistral") and name.endswith(ROTARY_PERMUTED):
+                piece = permute_rotary(piece, piece.shape[0] // cfg.head_size)
+            tensors.append((name, *encoded_tensor(piece.contiguous().numpy(), matrix_type)))
+    if cfg.model_type == "gpt2":  # llama.cpp's converter writes GPT-2's tied head as its own tensor
+        tensors.append(("output.weight", *encoded_tensor(weights["transformer.wte.weight"].float().numpy(),
+                                                         matrix_type)))
+    return tensors
+
+
+def encoded_tensor(array, matrix_type):
+    """(array in its GGUF encoding, the type): matrices in matrix_type, vectors in f32."""
+    qtype = matrix_type if array.ndim == 2 else gguf.GGMLQuantizationType.F32
+    block_size = gguf.GGML_QUANT_SIZES[qtype][0]
+    if array.shape[-1] % block_size:
+        qtype = gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(array, qtype), qtype

@@ -118,14 +118,7 @@ def save_pretrained(model, path, token_ids=None):
     check_hf_expressible(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = model.state_dict()
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not m.merged:
-            weights[name + ".weight"] = m.weight + m.delta_weight()
-        gpt2_linear_or_norm = isinstance(m, (nn.Linear, nn.LayerNorm, LoRALinear)) and name != "lm_head"
-        if model.config.model_type == "gpt2" and gpt2_linear_or_norm and m.bias is None:
-            weights[name + ".bias"] = m.weight.new_zeros(m.weight.shape[0])
-    weights = {key: t for key, t in weights.items() if "lora_" not in key}
+    weights = exported_weights(model)
     tensors = {}
     for key, parts in hf_tensor_names(model.config, weights).items():
         t = weights[key].t() if model.config.model_type == "gpt2" and key.endswith(HF_TRANSPOSED) else weights[key]
@@ -134,6 +127,19 @@ def save_pretrained(model, path, token_ids=None):
     hf = {**hf_config(model.config), **(token_ids or {})}
     write_atomically(path / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     write_atomically(path / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2)))
+
+def exported_weights(model):
+    """model's state dict as the formats other tools read hold it: LoRA deltas merged into their weights (the
+    model itself is left as it is), no LoRA factors, and GPT-2's missing biases (bias=False) as zeros."""
+    weights = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and not m.merged:
+            weights[name + ".weight"] = m.weight + m.delta_weight()
+        gpt2_linear_or_norm = isinstance(m, (nn.Linear, nn.LayerNorm, LoRALinear)) and name != "lm_head"
+        if model.config.model_type == "gpt2" and gpt2_linear_or_norm and m.bias is None:
+            weights[name + ".bias"] = m.weight.new_zeros(m.weight.shape[0])
+    return {key: t for key, t in weights.items() if "lora_" not in key}
+
 
 def check_hf_expressible(model):
     """Refuse to export a config that its family's config.json would read back as another model."""

@@ -92,6 +92,8 @@ OPTIONS = {
     "seed": (1337, "random seed (model init, data order, dropout)"),
     # logging, eval, checkpoints
     "output_dir": ("out", "checkpoints, metrics.jsonl and the exported Hugging Face model"),
+    "export_gguf": ("", "also export <output_dir>/model-<type>.gguf for llama.cpp, Ollama and LM Studio, its "
+                        "matrices in f32 | f16 | q8_0; empty = no GGUF"),
     "resume": (False, "continue the run in output_dir from its latest intact checkpoint"),
     "resume_data_changed": ("stop", "--resume when a training file's content changed since the checkpoint: stop | "
                                     "continue (the same data position) | restart_epoch (its epoch over, from the start)"),
@@ -116,6 +118,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
     "resume_data_changed": ("stop", "continue", "restart_epoch"),
+    "export_gguf": ("", "f32", "f16", "q8_0"),
 }
 
 
@@ -142,7 +145,7 @@ MODEL_OPTIONS = ("tokenizer", "model_type", "n_layer", "n_head", "n_kv_head", "n
 # number of ranks keeps its batch by changing gradient_accumulation_steps (2 ranks x 3 = 3 ranks x 2).
 RESUME_MAY_CHANGE = ("resume", "resume_data_changed", "max_steps", "num_train_epochs", "log_interval", "eval_interval", "eval_exact_match",
                      "checkpoint_interval", "keep_checkpoints", "tensorboard", "device", "compile", "kernels",
-                     "output_dir", "cache_dir", "gradient_accumulation_steps")
+                     "output_dir", "cache_dir", "gradient_accumulation_steps", "export_gguf")
 
 
 class OptionError(ValueError):

@@ -337,7 +337,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GGUF_PRE_TOKENIZERS = ("gpt2", "smollm", "llama-bpe", "qwen2")
-GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type: special tokens, and added plain ones
+# tokenizer.ggml.token_type values: plain tokens, special tokens, added plain ones, padding rows
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED = 1, 3, 4, 5
 
 
 def gguf_pre_tokenizer(pre):
@@ -384,6 +385,55 @@ def gguf_tokenizer_json(metadata, path):
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)
                           for token, kind in zip(tokens, types) if kind == GGUF_USER_DEFINED])
     return tokenizer.to_str()
+
+
+def gguf_tokenizer_metadata(enc, vocab_size):
+    """A tokenizer (gpt2, or an HFTokenizer of byte-level BPE) in GGUF's terms, the inverse of
+    gguf_tokenizer_json: tokens by id, padded to the model's vocab_size with unused "[PAD<id>]" tokens
+    (llama.cpp wants one token per embedding row), token types, merges, the name of its pre-tokenizer
+    (one of GGUF_PRE_TOKENIZERS, found by comparing splits: another is refused), special ids and chat
+    template. The byte tokenizer has no such form (ValueError)."""
+    if enc.name == "byte":
+        raise ValueError("the byte tokenizer has no GGUF form (llama.cpp reads byte-level BPE vocabularies)")
+    hf = isinstance(enc, HFTokenizer)
+    spec = json.loads(enc._tokenizer.to_str() if hf else gpt2_hf_tokenizer().to_str())
+    if spec["model"]["type"] != "BPE" or (spec.get("normalizer") or {}).get("type", "NFC") != "NFC":
+        raise ValueError(f"tokenizer {enc.name} is not a byte-level BPE without normalizer, which GGUF describes")
+    pre = _gguf_pre_tokenizer_name(spec, enc.name)
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    if len(vocab) > vocab_size or sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"tokenizer {enc.name} has ids that are not 0..{len(vocab) - 1}, or more than the "
+                         f"model's {vocab_size} rows")
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    kinds = {t["content"]: GGUF_CONTROL if t["special"] else GGUF_USER_DEFINED for t in spec["added_tokens"]}
+    types = [kinds.get(token, GGUF_NORMAL) for token in tokens] + [GGUF_UNUSED] * (vocab_size - len(tokens))
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    special = {"eos": enc.eot_token}
+    texts = enc.special_tokens if hf else {"bos_token": EOT}
+    for role in ("bos", "pad", "unk"):
+        if texts.get(f"{role}_token") in vocab:
+            special[role] = vocab[texts[f"{role}_token"]]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return dict(pre=pre, tokens=tokens, token_type=types, merges=merges, special_ids=special,
+                chat_template=getattr(enc, "chat_template", None))
+
+
+def _gguf_pre_tokenizer_name(spec, name):
+    """The llama.cpp name of a tokenizer.json's pre-tokenizer: the one of GGUF_PRE_TOKENIZERS that splits
+    the same way (trim_offsets only moves character offsets, never ids, so it is not compared)."""
+
+    def splits(pre_tokenizer):
+        text = json.dumps(pre_tokenizer, sort_keys=True)
+        return text.replace('"trim_offsets": false', '"trim_offsets": true')
+
+    from tokenizers import Tokenizer, models
+    for pre in GGUF_PRE_TOKENIZERS:
+        candidate = Tokenizer(models.BPE())
+        candidate.pre_tokenizer = gguf_pre_tokenizer(pre)
+        if splits(json.loads(candidate.to_str())["pre_tokenizer"]) == splits(spec["pre_tokenizer"]):
+            return pre
+    raise ValueError(f"tokenizer {name} splits text in a way none of llama.cpp's pre-tokenizers known here "
+                     f"({', '.join(GGUF_PRE_TOKENIZERS)}) does, so a GGUF file could not name it")
 
 
 # -----------------------------------------------------------------------------

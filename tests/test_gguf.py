@@ -17,7 +17,7 @@ import transformers
 
 import gguf_format
 from conftest import CHATML_TEMPLATE, ROOT, make_chatml_tokenizer_dir, write_reverse_pairs
-from model import GPT, family_config
+from model import GPT, apply_lora, family_config
 from tokenizer import ChatTemplate, get_tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -297,6 +297,60 @@ def test_bad_gguf_through_the_trainer_exits_2(bad, tmp_path):
         exit_code, error = trainer([f"--init_from={path}"], tmp_path / what.replace(" ", "_"))
         assert exit_code == 2 and message in error and path in error and "\n" not in error, (what, error)
         assert not os.path.exists(tmp_path / what.replace(" ", "_") / "out" / "hf")
+
+
+# ----------------------------------------------------------------------------- GGUF out
+
+# Largest |logit difference| read back, as a share of the largest |logit|: f32 is exact up to float
+# rounding; f16 and q8_0 round every matrix (measured about 6e-4 and 1.6e-2 on these models).
+EXPORT_BOUNDS = {"f32": 1e-4, "f16": 2e-3, "q8_0": 5e-2}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gguf_export_reads_back_in_transformers(family, tiny_tokenizer, tmp_path):
+    tokenizer_dir = make_chatml_tokenizer_dir(tmp_path / "tokenizer")
+    enc = get_tokenizer(tokenizer_dir)
+    model = random_model(family, enc.n_vocab + 9)  # padded rows, as a run from scratch has
+    apply_lora(model, 4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_left" in name:
+                p.normal_(0, 0.05)  # a LoRA delta that is not zero, to be merged into the file
+    idx = torch.randint(0, enc.n_vocab, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(idx)
+    for kind, bound in EXPORT_BOUNDS.items():
+        path = tmp_path / f"model-{kind}.gguf"
+        gguf_format.save_gguf(model, enc, path, kind, name="test")
+        assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary file left behind
+        back = transformers_logits(str(path), idx)
+        scale = expected.abs().max()
+        assert (back - expected).abs().max() <= bound * (scale if kind != "f32" else 1), kind
+        assert (GPT.from_pretrained(str(path)).eval()(idx) - back).abs().max() < 1e-4, kind  # ours reads it alike
+    exported = get_tokenizer(str(path))
+    text = " ".join(real_text()[:5]) + " <|im_end|>"
+    assert exported.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+    assert (exported.chat_template, exported.eot_token) == (enc.chat_template, enc.eot_token)
+    assert exported.n_vocab == model.config.vocab_size  # one token per embedding row, as llama.cpp wants
+
+
+def test_the_trainer_fine_tunes_a_gguf_and_exports_one_that_sample_chats_with(tiny_tokenizer, tmp_path, capsys):
+    import sample
+    source = write_gguf(tmp_path / "base.gguf", random_model("llama", len(tiny_tokenizer[0]), n_layer=1),
+                        tiny_tokenizer)
+    exit_code, sentence = trainer([f"--init_from={source}", "--template=model", "--export_gguf=q8_0",
+                                   "--learning_rate=1e-3"], tmp_path / "run")
+    assert exit_code == 0, sentence
+    exported = str(tmp_path / "run" / "out" / "model-q8_0.gguf")
+    assert sorted(f for f in os.listdir(tmp_path / "run" / "out") if "gguf" in f) == ["model-q8_0.gguf"]
+    assert GPT.from_pretrained(exported).config.n_layer == 1
+    capsys.readouterr()
+    sample.main([f"--model={exported}", "--prompt=hello", "--max_new_tokens=4"])
+    sample.main([f"--model={source}", "--prompt=hello", "--max_new_tokens=4"])
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    exit_code, sentence = trainer([f"--init_from={source}", "--tokenizer=byte", "--max_seq_len=96",
+                                   "--export_gguf=f16"], tmp_path / "byte")
+    assert exit_code == 2 and "--export_gguf=f16: the byte tokenizer has no GGUF form" in sentence, sentence
 
 
 # ----------------------------------------------------------------------------- the real model, where present
