@@ -14,8 +14,9 @@ import gguf
 import numpy as np
 import torch
 
-from hf_format import hf_part_rows, sliding_window_override
+from hf_format import exported_weights, hf_part_rows, sliding_window_override, write_atomically
 from model import GPT, family_config
+from tokenizer import gguf_tokenizer_metadata
 
 # GGUF's architecture name -> the family (model_type). llama.cpp writes Mistral models as "llama".
 GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
@@ -261,8 +262,6 @@ def save_gguf(model, tokenizer, path, kind, name):
     the chat template), and every matrix in kind (f32, f16 or q8_0; a matrix whose rows q8_0's 32-value
     blocks do not divide is written f16, as llama.cpp does), norms and biases in f32. A Llama's q and k
     rows are put in llama.cpp's rotary order. Written under a temporary name, then renamed onto path."""
-    from hf_format import exported_weights, write_atomically
-    from tokenizer import gguf_tokenizer_metadata
     cfg = model.config
     check_gguf_expressible(cfg)
     vocabulary = gguf_tokenizer_metadata(tokenizer, cfg.vocab_size)
