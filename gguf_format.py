@@ -162,7 +162,7 @@ def gguf_tensor_names(config, keys):
 
 def unpermute_rotary(weight, n_head):
     """Undo llama.cpp's converter, which orders each head's q/k rows as interleaved pairs (its rotary kernel
-    turns rows 2i and 2i+1 together) where Hugging Face's layout, and ours, turns i with i + head_size/2."""
+    turns rows 2i and 2i+1 together) where Hugging Face's layout, and ours, turns i with i + head_dim/2."""
     return weight.reshape(n_head, weight.shape[0] // n_head // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(
         weight.shape)
 
@@ -212,7 +212,7 @@ def load_gguf_tensors(model, reader, path):
                 raise ValueError(f"{path}: tensor {name!r} has shape {tuple(piece.shape)} but its metadata "
                                  f"needs {want}")
             if cfg.model_type in ("llama", "mistral") and name.endswith(ROTARY_PERMUTED):
-                piece = unpermute_rotary(piece, rows // cfg.head_size)
+                piece = unpermute_rotary(piece, rows // cfg.head_dim)
             pieces.append(piece)
         ours[key].copy_(torch.cat(pieces))
     if head_is_copy and not torch.equal(dequantized(tensors["output.weight"], path), ours["transformer.wte.weight"]):
@@ -292,19 +292,19 @@ def add_architecture_metadata(writer, cfg):
     """The config as llama.cpp's converter writes it for the architecture."""
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(cfg.mlp_width)
+    writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
     writer.add_vocab_size(cfg.vocab_size)
     if cfg.model_type == "gpt2":
         writer.add_layer_norm_eps(cfg.norm_eps)
         return
-    writer.add_head_count_kv(cfg.kv_heads)
+    writer.add_head_count_kv(cfg.n_kv_head)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_size)
-    writer.add_key_length(cfg.head_size)
-    writer.add_value_length(cfg.head_size)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
 
 
 def add_tokenizer_metadata(writer, vocabulary):
@@ -329,7 +329,7 @@ def gguf_tensors(cfg, weights, matrix_type):
         weight = weights[key].detach().float().cpu()
         for name, piece in zip(parts, weight.split(hf_part_rows(cfg, key, weight.shape[0], len(parts)))):
             if cfg.model_type in ("llama", "mistral") and name.endswith(ROTARY_PERMUTED):
-                piece = permute_rotary(piece, piece.shape[0] // cfg.head_size)
+                piece = permute_rotary(piece, piece.shape[0] // cfg.head_dim)
             tensors.append((name, *encoded_tensor(piece.contiguous().numpy(), matrix_type)))
     if cfg.model_type == "gpt2":  # llama.cpp's converter writes GPT-2's tied head as its own tensor
         tensors.append(("output.weight", *encoded_tensor(weights["transformer.wte.weight"].float().numpy(),

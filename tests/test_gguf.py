@@ -84,17 +84,17 @@ def write_gguf(path, model, tokenizer, types=(Q.F32,), pre="gpt2", name="tiny", 
     writer.add_block_count(cfg.n_layer)
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(cfg.mlp_width)
+    writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.n_head)
     if arch == "gpt2":
         writer.add_layer_norm_eps(cfg.norm_eps)
     else:
-        writer.add_head_count_kv(cfg.kv_heads)
+        writer.add_head_count_kv(cfg.n_kv_head)
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
         writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_rope_dimension_count(cfg.head_size)
-        writer.add_key_length(cfg.head_size)
-        writer.add_value_length(cfg.head_size)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     tokens, merges, token_types = tokenizer
     if "tokenizer" not in skip:
@@ -112,11 +112,11 @@ def write_gguf(path, model, tokenizer, types=(Q.F32,), pre="gpt2", name="tiny", 
     weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     matrices = 0
     for key, parts in gguf_format.gguf_tensor_names(cfg, weights).items():
-        rows = [cfg.n_head * cfg.head_size] + [cfg.kv_heads * cfg.head_size] * 2 if len(parts) == 3 else None
+        rows = [cfg.n_head * cfg.head_dim] + [cfg.n_kv_head * cfg.head_dim] * 2 if len(parts) == 3 else None
         pieces = np.split(weights[key], np.cumsum(rows)[:-1] if rows else len(parts))
         for tensor_name, piece in zip(parts, pieces):
             if arch == "llama" and tensor_name.endswith(("attn_q.weight", "attn_k.weight")):
-                piece = permute_like_llama_cpp(piece, piece.shape[0] // cfg.head_size)
+                piece = permute_like_llama_cpp(piece, piece.shape[0] // cfg.head_dim)
             qtype = Q.F32
             if piece.ndim == 2:
                 qtype, matrices = types[matrices % len(types)], matrices + 1
@@ -405,7 +405,7 @@ def digits_apart(reference, text):
 @pytest.mark.slow
 def test_smollm2_gguf_gives_transformers_logits_and_ids(smollm2):
     ours, theirs, enc, reference = smollm2
-    assert (ours.config.model_type, ours.config.n_layer, ours.config.kv_heads, ours.config.vocab_size) == \
+    assert (ours.config.model_type, ours.config.n_layer, ours.config.n_kv_head, ours.config.vocab_size) == \
         ("llama", 30, 3, 49152)
     chat = ChatTemplate(enc)
     differing = []
