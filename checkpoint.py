@@ -678,8 +678,12 @@ def build_model(cfg, n_vocab, checkpoint):
 
 
 def add_lora(model, options):
-    wrapped = apply_lora(model, options["lora_dim"], lora_scaling=options["lora_scaling"],
-                         module_name=options["lora_module_name"])
+    try:
+        wrapped = apply_lora(model, options["lora_dim"], lora_scaling=options["lora_scaling"],
+                             module_name=options["lora_module_name"])
+    except ValueError as e:  # a rank too large for the matrices, or a tied embedding among them
+        raise OptionError(f"--lora_dim={options['lora_dim']} --lora_module_name={options['lora_module_name']!r}: "
+                          f"{e}") from None
     if wrapped == 0:
         raise OptionError(f"--lora_module_name={options['lora_module_name']!r} matches no Linear layer")
 

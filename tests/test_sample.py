@@ -12,8 +12,8 @@ import checkpoint
 import options
 import sample
 import train_sft
-from conftest import ROOT, TINY, run_trainer
-from model import GPT, GPTConfig
+from conftest import CHATML_TEMPLATE, ROOT, TINY, make_chatml_tokenizer_dir, run_trainer
+from model import GPT, GPTConfig, family_config
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,68 @@ def test_an_intact_export_and_a_directory_without_checksums_load(tmp_path, train
     capsys.readouterr()
     model, trained_with = checkpoint.load_model(str(hf))
     assert trained_with["template"] == "{prompt}={response}" and capsys.readouterr() == ("", "")
+
+
+# ----------------------------------------------------------------------------- config.json fields of the wrong type
+
+
+def tiny_hf_dir(path, model_type):
+    config = family_config(model_type, block_size=16, vocab_size=320, n_layer=1, n_head=2, n_embd=16)
+    GPT(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type, field, value, meaning", [
+    ("llama", "num_key_value_heads", "2", "an integer >= 0"),
+    ("llama", "head_dim", "8", "an integer >= 0"),
+    ("llama", "rms_norm_eps", "1e-6", "a positive number"),
+    ("llama", "rope_theta", None, "a positive number"),
+    ("llama", "rope_theta", "10000", "a positive number"),
+    ("llama", "tie_word_embeddings", "false", "true or false"),
+    ("llama", "rope_scaling", "llama3", "a JSON object or null"),
+    ("mistral", "sliding_window", "4", "an integer >= 0"),
+    ("qwen2", "use_sliding_window", 0, "true or false"),
+    ("gpt2", "n_embd", "16", "a positive integer"),
+    ("gpt2", "layer_norm_epsilon", None, "a positive number"),
+])
+def test_a_config_field_of_the_wrong_type_is_one_sentence_naming_it(tmp_path, model_type, field, value, meaning):
+    """These were TypeError tracebacks from inside the model."""
+    hf = tiny_hf_dir(tmp_path / "hf", model_type)
+    config = json.loads((hf / "config.json").read_text())
+    config[field] = value
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(options.OptionError) as error:
+        checkpoint.load_model(str(hf))
+    assert str(error.value) == (f"--model={hf}: {hf / 'config.json'}: {field} is {json.dumps(value)}, but must be "
+                                f"{meaning}")
+
+
+def test_sample_exits_2_naming_the_field_of_a_wrong_config(tmp_path):
+    hf = tiny_hf_dir(tmp_path / "hf", "llama")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "rope_theta": "big"}))
+    proc = answer_of(hf)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f'sample.py: error: --model={hf}: {hf / "config.json"}: rope_theta is "big", but must be a positive number')
+
+
+# ----------------------------------------------------------------------------- a chat template that refuses the prompt
+
+REFUSING_TEMPLATE = CHATML_TEMPLATE.replace(
+    "{% if message['role'] not in", "{% if message['content'] == 'boom' %}{{ raise_exception('no booms here') }}"
+    "{% endif %}\n    {% if message['role'] not in")
+
+
+def test_a_chat_template_that_raises_on_the_prompt_is_one_sentence(tmp_path, monkeypatch, capsys):
+    """sample.py gave a traceback when the model's chat template called raise_exception on the prompt."""
+    hf = tmp_path / "hf"
+    GPT(GPTConfig(block_size=32, vocab_size=448, n_layer=1, n_head=2, n_embd=16)).save_pretrained(hf)
+    make_chatml_tokenizer_dir(hf, chat_template=REFUSING_TEMPLATE)
+    with pytest.raises(options.OptionError) as error:
+        sample.main([f"--model={hf}", "--prompt=boom", "--max_new_tokens=2"])
+    assert str(error.value) == f"the chat template of {hf} fails to render this conversation: no booms here"
+    said = iter(["boom", "hello", ""])  # in a chat, the refused message is dropped and the chat goes on
+    monkeypatch.setattr("builtins.input", lambda prompt: next(said))
+    sample.main([f"--model={hf}", "--max_new_tokens=2"])
+    out, err = capsys.readouterr()
+    assert err == f"sample.py: {error.value}; say it another way\n" and out.count("model> ") == 1
