@@ -397,7 +397,17 @@ def _read_weights_file(file):
 
 
 def write_atomically(file, write):
-    """Call write(temporary name) then rename onto file, so readers never see a partial file."""
+    """Call write(temporary name) then rename onto file, so readers never see a partial file. The file gets
+    the permissions the user's umask gives a new file (0644 by default): safetensors creates its files 0600,
+    which would keep colleagues on a shared machine from reading an exported model."""
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
     write(str(tmp))
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, file)
+
+
+def current_umask():
+    """The process's umask (only readable by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
