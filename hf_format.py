@@ -39,6 +39,10 @@ LLAMA_LAYER_TENSORS = {
 }
 LLAMA_TOP_TENSORS = {"transformer.wte.weight": "model.embed_tokens.weight",
                      "transformer.ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+# The weight files read_hf_weights looks for, in this order, and the endings of the shards an index names.
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+HF_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def load_pretrained(path, **overrides):
@@ -358,8 +362,7 @@ def read_hf_weights(path):
     """(file, tensors) of a Hugging Face checkpoint: model.safetensors, its shards (model.safetensors.index.json),
     else pytorch_model.bin (or its shards) loaded weights_only. A file that does not read (truncated, emptied,
     not tensors) is a ValueError naming it."""
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json"):
+    for name in HF_WEIGHT_FILES:
         file = path / name
         if file.is_file():
             shards = _shard_files(file) if name.endswith(".index.json") else [file]
