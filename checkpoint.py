@@ -26,12 +26,15 @@ import uuid
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 import data
 import gguf_format
+from hf_format import HF_WEIGHT_FILES, HF_WEIGHT_SUFFIXES
 from model import GPT, GPTConfig, apply_lora, family_config
 from options import MODEL_OPTIONS, OPTIONS, RESUME_MAY_CHANGE, OptionError
-from tokenizer import HFTokenizer, get_tokenizer, gguf_tokenizer_metadata, save_tokenizer, tokenizer_identity
+from tokenizer import (HF_TOKENIZER_FILES, HFTokenizer, get_tokenizer, gguf_tokenizer_metadata, save_tokenizer,
+                       tokenizer_identity)
 
 # A checkpoint is a directory ckpt-<step>/ holding each rank's engine files, the trainer's state
 # (rank 0), the consolidated weights and manifest.json: every file with its size and sha256, the step
@@ -40,7 +43,7 @@ from tokenizer import HFTokenizer, get_tokenizer, gguf_tokenizer_metadata, save_
 # consider that run's checkpoints only, and a resume checks every sha256 first, falling back to the
 # previous intact checkpoint. run.lock, locked by rank 0 for the run's life, keeps a second run out.
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d{8,})")
-LEFTOVER_NAME = re.compile(r"(ckpt-\d{8,})\.(tmp|old)")  # being written, or being replaced, when a crash came
+LEFTOVER_NAME = re.compile(r"(ckpt-\d{8,}|hf)\.(tmp|old)")  # being written, or being replaced, when a crash came
 REJECTED_NAME = re.compile(r"ckpt-(\d{8,})\.rejected(\d*)")  # passed over by a resume (move_aside)
 TRAINER_FILE, WEIGHTS_FILE, MANIFEST_FILE = "trainer.pt", "model.pt", "manifest.json"
 RUN_FILE, LOCK_FILE = "run.json", "run.lock"
@@ -120,8 +123,8 @@ def lock_output_dir(output_dir):
 
 
 def remove_leftovers(output_dir, log):
-    """A crash can leave ckpt-<step>.tmp/ (unfinished: removed) and ckpt-<step>.old/ (a complete
-    checkpoint moved aside for the same step saved again: restored if its replacement never arrived)."""
+    """A crash can leave ckpt-<step>.tmp/ or hf.tmp/ (unfinished: removed) and ckpt-<step>.old/ or hf.old/
+    (a complete checkpoint or export moved aside for its replacement: restored if that never arrived)."""
     for name in sorted(os.listdir(output_dir)):  # .old before .tmp
         match = LEFTOVER_NAME.fullmatch(name)
         path = os.path.join(output_dir, name)
@@ -704,8 +707,12 @@ def export_gguf(model, cfg, output_dir):
 
 
 def add_lora(model, options):
-    wrapped = apply_lora(model, options["lora_dim"], lora_scaling=options["lora_scaling"],
-                         module_name=options["lora_module_name"])
+    try:
+        wrapped = apply_lora(model, options["lora_dim"], lora_scaling=options["lora_scaling"],
+                             module_name=options["lora_module_name"])
+    except ValueError as e:  # a rank too large for the matrices, or a tied embedding among them
+        raise OptionError(f"--lora_dim={options['lora_dim']} --lora_module_name={options['lora_module_name']!r}: "
+                          f"{e}") from None
     if wrapped == 0:
         raise OptionError(f"--lora_module_name={options['lora_module_name']!r} matches no Linear layer")
 
@@ -713,32 +720,61 @@ def add_lora(model, options):
 EXPORTED_OPTIONS = ("tokenizer", "template", "attn_window")  # what a family's own config.json cannot say
 # Written last into the export: every other file's size and sha256, checked by sample.py and --init_from.
 EXPORT_MANIFEST_FILE = "sft_manifest.json"
+EXPORT_DIR = "hf"  # in output_dir; written as hf.tmp/ and renamed when complete, like ckpt-<step>/
+# The files of a Hugging Face directory that loading it (GPT.from_pretrained, get_tokenizer, exported_options)
+# reads; besides these, the weight shards an index names. An export's manifest must list each one it holds.
+EXPORT_READ_FILES = ("config.json", "sft_config.json", *HF_WEIGHT_FILES, *HF_TOKENIZER_FILES)
 
 
 def export_hf(weights, model_config, cfg, output_dir, log=print):
-    """The consolidated weights in Hugging Face format of the model's family (LoRA merged), its tokenizer
-    (so that AutoTokenizer loads the one it was trained with; byte has no such form, which is logged) and
-    sft_config.json with the options that sample.py and a later --init_from need to use it as it was
-    trained. A directory tokenizer is copied in, so sft_config.json names the export itself. Last, the
-    manifest sft_manifest.json, with which check_export finds a file changed since. With --export_gguf, also
-    <output_dir>/model-<type>.gguf."""
-    hf_dir = os.path.join(output_dir, "hf")
-    tokenizer = get_tokenizer(cfg["tokenizer"])
-    model = build_model(cfg, None, {"model_config": model_config, "model": weights})
-    model.save_pretrained(hf_dir, token_ids=token_ids(tokenizer))
+    """output_dir/hf/: the consolidated weights in Hugging Face format of the model's family (LoRA merged),
+    its tokenizer (so that AutoTokenizer loads the one it was trained with) and sft_config.json with the
+    options that sample.py and a later --init_from need to use it as it was trained. A directory tokenizer
+    is copied in, so sft_config.json names the export itself.
+
+    Every file is written into hf.tmp/, then the manifest sft_manifest.json (with which check_export finds
+    a file changed since), then hf.tmp/ is renamed to hf/: a run stopped on the way leaves the previous hf/
+    (or none) and an hf.tmp/ that the next run on output_dir removes, never a partial hf/. A write that
+    fails (a full disk) removes hf.tmp/ and stops with CheckpointError. With --export_gguf, also
+    <output_dir>/model-<type>.gguf, after hf/."""
+    final = os.path.join(output_dir, EXPORT_DIR)
+    tmp = final + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"removed {tmp}, left unfinished by an interrupted export")
     try:
-        save_tokenizer(cfg["tokenizer"], hf_dir)
-    except ValueError as e:
-        log(f"export: {e}")
-    trained_with = {name: cfg[name] for name in EXPORTED_OPTIONS}
-    if isinstance(tokenizer, HFTokenizer):
-        trained_with["tokenizer"] = hf_dir
-    with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
-        json.dump(trained_with, f, indent=1)
-    write_export_manifest(hf_dir)
+        os.makedirs(tmp)
+        model = write_export_files(tmp, final, weights, model_config, cfg)
+        write_export_manifest(tmp)  # last: it lists every file written above
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors report a full disk as these
+        free, needed = shutil.disk_usage(output_dir).free, sum(t.nbytes for t in weights.values())
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = f"the disk is full ({mib(free)} free; the weights alone need {mib(needed)})" if full else \
+            f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"the Hugging Face export could not be written to {final}: {reason}; the run's "
+                              f"final checkpoint holds the model, and --resume exports it again") from None
+    replace_directory(tmp, final)
+    fsync_directory(output_dir)
     if cfg.get("export_gguf"):
         log(f"exported GGUF -> {export_gguf(model, cfg, output_dir)}")
-    return hf_dir
+    return final
+
+
+def write_export_files(directory, final, weights, model_config, cfg):
+    """Everything an export holds but its manifest, written into directory (the export's temporary name;
+    final is where it will be, which sft_config.json names as the tokenizer of a directory tokenizer); returns
+    the model it wrote."""
+    tokenizer = get_tokenizer(cfg["tokenizer"])
+    model = build_model(cfg, None, {"model_config": model_config, "model": weights})
+    model.save_pretrained(directory, token_ids=token_ids(tokenizer))
+    save_tokenizer(cfg["tokenizer"], directory)
+    trained_with = {name: cfg[name] for name in EXPORTED_OPTIONS}
+    if isinstance(tokenizer, HFTokenizer):
+        trained_with["tokenizer"] = final
+    with open(os.path.join(directory, "sft_config.json"), "w") as f:
+        json.dump(trained_with, f, indent=1)
+    return model
 
 
 def write_export_manifest(hf_dir):
@@ -749,19 +785,52 @@ def write_export_manifest(hf_dir):
 
 
 def check_export(hf_dir, option):
-    """Stops (OptionError) when a file that the export's manifest lists is missing or differs from it. A
-    Hugging Face directory without a manifest (not exported here, or edited and the manifest deleted)
-    passes, and so does a file added beside the listed ones. Every rank calls it (first_file_problem)."""
+    """Stops (OptionError) when a file that the export's manifest lists is missing or differs from it, or
+    when the directory holds a file that loading it would read (EXPORT_READ_FILES, a weight shard) but the
+    manifest does not list: added since, it would change the model, its tokenizer or its template unseen.
+    A run's own hf/ (beside its run.json) without a manifest is an export that did not finish, and is
+    refused too; another Hugging Face directory without one (not exported here, or copied out of its run
+    and the manifest deleted after editing it) passes unchecked, and so do files no loader reads (a
+    README). Every rank calls it (first_file_problem)."""
     path = os.path.join(hf_dir, EXPORT_MANIFEST_FILE)
+    run_dir = run_directory_of(hf_dir)
+    if run_dir and not os.path.exists(path):
+        raise OptionError(f"{option}={hf_dir} is the export of the run in {run_dir} but has no "
+                          f"{EXPORT_MANIFEST_FILE}, which an export writes last, so it may be incomplete: continue "
+                          f"the run with --resume to export it again, or copy the directory out of the run to use "
+                          f"it as it is")
     manifest = read_json_object(path) if os.path.exists(path) else {"files": {}}
     problem = None
     if manifest is None or not isinstance(manifest.get("files"), dict):
         manifest, problem = {"files": {}}, f"{EXPORT_MANIFEST_FILE} is unreadable"
+    elif os.path.exists(path):
+        problem = unlisted_read_file(hf_dir, manifest["files"])
     problem = first_file_problem(hf_dir, manifest["files"], problem)
     if problem:
+        edited = (f"copy the directory out of {run_dir} and delete its {EXPORT_MANIFEST_FILE}" if run_dir
+                  else f"delete {EXPORT_MANIFEST_FILE}")
         raise OptionError(f"{option}={hf_dir} does not match the export's checksums ({EXPORT_MANIFEST_FILE}): "
-                          f"{problem}; export it again, or delete {EXPORT_MANIFEST_FILE} if its files were "
-                          f"changed on purpose")
+                          f"{problem}; export it again, or {edited} if its files were changed on purpose")
+
+
+def run_directory_of(hf_dir):
+    """The run directory whose export hf_dir is (an hf/ beside the run.json that only the trainer writes),
+    else None."""
+    hf_dir = os.path.abspath(hf_dir)
+    parent = os.path.dirname(hf_dir)
+    is_export = os.path.basename(hf_dir) == EXPORT_DIR and os.path.isfile(os.path.join(parent, RUN_FILE))
+    return parent if is_export else None
+
+
+def unlisted_read_file(hf_dir, listed):
+    """What is wrong when hf_dir holds a file that loading it would read but the manifest `listed` does not
+    name (a chat_template.jinja added after the export, say), else None."""
+    for name in sorted(os.listdir(hf_dir)):
+        read = name in EXPORT_READ_FILES or name.endswith(HF_WEIGHT_SUFFIXES)
+        if read and name not in listed and name != EXPORT_MANIFEST_FILE:
+            return (f"{name} is not listed, but loading the directory would read it (it was added after the "
+                    f"export)")
+    return None
 
 
 def token_ids(tokenizer):

@@ -432,6 +432,11 @@ def write_demo(out_dir):
 CACHE_VERSION = 2  # bump when the way samples are built changes (2: more formats, templated prompts raw)
 
 
+# The most training samples one epoch may hold: its plan keeps a Python list per sample (~100 bytes), so
+# blend weights that ask for more would exhaust memory before the first step.
+MAX_EPOCH_SAMPLES = 2**27
+
+
 def parse_sources(spec, allow_directories=False):
     """[(path, weight)] from "a.jsonl:2,b.parquet"; a weight multiplies the file's samples per epoch."""
     sources = []
@@ -449,6 +454,10 @@ def parse_sources(spec, allow_directories=False):
             raise FileNotFoundError(f"data file {path!r} not found")
         if not weight > 0 or math.isinf(weight):
             raise ValueError(f"the weight of {path!r} must be a positive number, got {weight}")
+        if weight > MAX_EPOCH_SAMPLES:  # refused before tokenizing: more copies than an epoch holds samples
+            raise ValueError(f"the weight of {path!r} in data_path is {weight:g}, but a weight repeats each of "
+                             f"the file's samples that many times per epoch and an epoch holds at most "
+                             f"{MAX_EPOCH_SAMPLES:,}; lower it")
     return sources
 
 
@@ -489,23 +498,25 @@ def eval_share(data_split):
         train_part, eval_part = (float(x) for x in data_split.split(","))
     except ValueError:
         train_part = eval_part = -1.0
-    if min(train_part, eval_part) < 0 or train_part + eval_part <= 0:
-        raise ValueError(f"data_split must be two shares like '98,2', got {data_split!r}")
+    finite = math.isfinite(train_part) and math.isfinite(eval_part)  # "inf,1" would hold out nothing, silently
+    if not finite or min(train_part, eval_part) < 0 or train_part + eval_part <= 0:
+        raise ValueError(f"data_split must be two finite shares like '98,2', got {data_split!r}")
     return eval_part / (train_part + eval_part)
 
 
-def _split_indices(file_ranges, weights, eval_fraction, seed, has_eval_files):
+def _split_indices(file_ranges, train_sources, eval_fraction, seed, has_eval_files):
     """(train index, eval index) into the samples: split each training file, then blend by weight.
 
     Without eval files, each training file gives a seeded random eval_fraction of its samples to
     eval. A weight w gives floor(w) copies of a file's training samples plus a seeded random
     fraction: "a:2,b:1" trains on each sample of a twice per epoch, "big:0.1" on a tenth of big.
+    Weights that would give an epoch more than MAX_EPOCH_SAMPLES are refused before any copy is made.
     """
     rng = np.random.default_rng(seed)
-    train, evaluation = [], []
+    train, evaluation, planned = [], [], 0
     for k, (first, end) in enumerate(file_ranges):
         ids = np.arange(first, end)
-        if k >= len(weights):  # an explicit eval file
+        if k >= len(train_sources):  # an explicit eval file
             evaluation.append(ids)
             continue
         if not has_eval_files:
@@ -513,7 +524,13 @@ def _split_indices(file_ranges, weights, eval_fraction, seed, has_eval_files):
             n_eval = round(len(ids) * eval_fraction)
             evaluation.append(np.sort(ids[:n_eval]))
             ids = np.sort(ids[n_eval:])
-        copies, fraction = divmod(weights[k], 1)
+        path, weight = train_sources[k]
+        copies, fraction = divmod(weight, 1)
+        planned += int(copies) * len(ids) + round(fraction * len(ids))
+        if planned > MAX_EPOCH_SAMPLES:
+            raise ValueError(f"the weight {weight:g} of {path!r} repeats its {len(ids):,} training samples to "
+                             f"{planned:,} samples per epoch, more than the {MAX_EPOCH_SAMPLES:,} an epoch may "
+                             f"hold; lower the weights in data_path")
         extra = rng.choice(ids, round(fraction * len(ids)), replace=False)
         train += [ids] * int(copies) + [np.sort(extra)]
     return np.concatenate(train).astype(np.int64), np.concatenate(evaluation).astype(np.int64)
@@ -636,7 +653,7 @@ def _tokenize_into(folder, train_sources, eval_sources, enc, settings, log):
                       "rendered_raw": raw_rows})
         if first == len(starts):
             log(f"data: warning: every sample of {path} is longer than max_seq_len={settings['max_seq_len']}")
-    train_index, eval_index = _split_indices(file_ranges, [w for _, w in train_sources],
+    train_index, eval_index = _split_indices(file_ranges, train_sources,
                                              eval_share(settings["data_split"]), settings["seed"], bool(eval_sources))
     if len(train_index) == 0:
         raise ValueError(f"no training samples left ({counts}); raise max_seq_len or use truncate_prompt")

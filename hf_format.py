@@ -7,6 +7,7 @@ sentence anything the GPT would compute differently. Writing maps back, so trans
 AutoModelForCausalLM loads what the trainer exported. Nothing is downloaded, nothing unpickled but tensors.
 """
 import json
+import math
 import os
 from dataclasses import fields, replace
 from pathlib import Path
@@ -38,6 +39,10 @@ LLAMA_LAYER_TENSORS = {
 }
 LLAMA_TOP_TENSORS = {"transformer.wte.weight": "model.embed_tokens.weight",
                      "transformer.ln_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+# The weight files read_hf_weights looks for, in this order, and the endings of the shards an index names.
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+HF_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def load_pretrained(path, **overrides):
@@ -238,9 +243,9 @@ def gpt_config_from_hf(hf, file):
 
 
 def gpt2_config_from_hf(hf, file):
-    if not set(hf.get("architectures") or []) <= {"GPT2LMHeadModel", "GPT2Model"}:
+    if not set(architectures(hf, file)) <= {"GPT2LMHeadModel", "GPT2Model"}:
         raise ValueError(f"{file}: architectures is {hf['architectures']}; expected GPT2LMHeadModel")
-    n_embd = hf.get("n_embd", 768)
+    n_embd = hf_field(hf, "n_embd", "count", 768, file)
     supported = {"activation_function": ("gelu_new", ["gelu_new", "gelu_pytorch_tanh"]),
                  "n_inner": (None, [None, 4 * n_embd]),
                  "scale_attn_weights": (True, [True]), "scale_attn_by_inverse_layer_idx": (False, [False]),
@@ -248,9 +253,46 @@ def gpt2_config_from_hf(hf, file):
     for field, (default, allowed) in supported.items():
         if hf.get(field, default) not in allowed:
             raise ValueError(f"{file}: {field}={hf[field]!r} is not supported (this GPT-2 needs one of {allowed})")
-    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, dropout=0.0,
-                     norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    return GPTConfig(block_size=hf_field(hf, "n_positions", "count", 1024, file),
+                     vocab_size=hf_field(hf, "vocab_size", "count", 50257, file),
+                     n_layer=hf_field(hf, "n_layer", "count", 12, file), n_head=hf_field(hf, "n_head", "count", 12, file),
+                     n_embd=n_embd, dropout=0.0, norm_eps=hf_field(hf, "layer_norm_epsilon", "number", 1e-5, file))
+
+
+# What each kind of config.json field must hold, as (test, the words that say it in an error).
+FIELD_KINDS = {"count": (lambda v: type(v) is int and v > 0, "a positive integer"),
+               "size": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+               "number": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a positive number"),
+               "flag": (lambda v: type(v) is bool, "true or false")}
+
+
+def hf_field(hf, name, kind, default, file, where="", nullable=False):
+    """config.json's field `name` (default when absent, or null where nullable), checked to be of `kind` (see
+    FIELD_KINDS): a string or a null where a number belongs would otherwise surface as a TypeError deep inside
+    the model. where names the object it is in, when not config.json's top level (rope_scaling's, say)."""
+    value = hf.get(name)
+    if name not in hf or value is None and nullable:
+        return default
+    valid, meaning = FIELD_KINDS[kind]
+    if not valid(value):
+        raise ValueError(f"{file}: {where}{name} is {json.dumps(value)}, but must be {meaning}")
+    return value
+
+
+def architectures(hf, file):
+    """config.json's architectures, a list of class names (absent or null: none named)."""
+    names = hf.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{file}: architectures is {json.dumps(names)}, but must be a list of class names")
+    return names
+
+
+def json_object_field(hf, name, file):
+    """A field that holds a JSON object, such as rope_scaling ({} when absent or null)."""
+    value = hf.get(name) or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: {name} is {json.dumps(value)}, but must be a JSON object or null")
+    return value
 
 
 LLAMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -268,9 +310,11 @@ def llama_family_config_from_hf(hf, file):
         if type(hf.get(field)) is not int or hf[field] <= 0:
             raise ValueError(f"{file}: model_type is {model_type!r} but {field} is missing or not a positive integer")
     expected = HF_ARCHITECTURES[model_type]
-    if (hf.get("architectures") or [expected]) != [expected]:
+    if (architectures(hf, file) or [expected]) != [expected]:
         raise ValueError(f"{file}: architectures is {hf['architectures']}; expected [{expected!r}]")
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # transformers 4 | 5 spelling
+    # transformers 4 | 5 spelling
+    rope = {**json_object_field(hf, "rope_scaling", file), **json_object_field(hf, "rope_parameters", file)}
+    rope_where = "rope_parameters' " if hf.get("rope_parameters") else "rope_scaling's "
     for field, allowed in LLAMA_MATH.items():
         value = rope.get(field, hf.get(field, allowed[0]))
         if value not in allowed:
@@ -284,16 +328,20 @@ def llama_family_config_from_hf(hf, file):
         missing = [theirs for theirs in LLAMA3_ROPE if theirs not in rope]
         if missing:
             raise ValueError(f"{file}: rope_scaling of type 'llama3' lacks {', '.join(missing)}")
-        llama3 = {ours: rope[theirs] for theirs, ours in LLAMA3_ROPE.items()}
+        llama3 = {ours: hf_field(rope, theirs, "count" if theirs.startswith("original") else "number", None, file,
+                                 rope_where) for theirs, ours in LLAMA3_ROPE.items()}
     heads, width = hf["num_attention_heads"], hf["hidden_size"]
+    rope_theta = (hf_field(rope, "rope_theta", "number", None, file, rope_where) if "rope_theta" in rope
+                  else hf_field(hf, "rope_theta", "number", 10000.0, file))
+    # null or 0 for these two means the default size, as transformers reads them
+    n_kv_head = hf_field(hf, "num_key_value_heads", "size", 0, file, nullable=True)
+    head_dim = hf_field(hf, "head_dim", "size", 0, file, nullable=True)
     return family_config(model_type, block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                         n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=width,
-                         n_kv_head=hf.get("num_key_value_heads") or heads,
-                         head_dim=hf.get("head_dim") or width // heads,
-                         intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                         n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=width, n_kv_head=n_kv_head or heads,
+                         head_dim=head_dim or width // heads, intermediate_size=hf["intermediate_size"],
+                         norm_eps=hf_field(hf, "rms_norm_eps", "number", 1e-6, file), rope_theta=rope_theta,
                          rope_scaling="llama3" if llama3 else "none", **llama3,
-                         tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                         tie_word_embeddings=hf_field(hf, "tie_word_embeddings", "flag", False, file),
                          attn_window=hf_sliding_window(hf, file))
 
 
@@ -302,14 +350,16 @@ def hf_sliding_window(hf, file):
     i - w < j <= i, exactly attn_window's mask, so the window is honoured; a mix of sliding and full
     layers is refused. Mistral slides on every layer; Qwen2/3 on the layers that layer_types names (or,
     in older files, those from max_window_layers on when use_sliding_window)."""
-    window = hf.get("sliding_window") or 0
+    window = hf_field(hf, "sliding_window", "size", 0, file, nullable=True)
     if hf["model_type"] == "mistral":
         return window
-    window = window if hf.get("use_sliding_window") else 0
+    window = window if hf_field(hf, "use_sliding_window", "flag", False, file) else 0
     n_layer = hf["num_hidden_layers"]
+    first_sliding = hf_field(hf, "max_window_layers", "size", 28, file)
     layer_types = hf.get("layer_types") or [
-        "sliding_attention" if window and i >= hf.get("max_window_layers", 28) else "full_attention"
-        for i in range(n_layer)]
+        "sliding_attention" if window and i >= first_sliding else "full_attention" for i in range(n_layer)]
+    if not isinstance(layer_types, list) or not all(isinstance(kind, str) for kind in layer_types):
+        raise ValueError(f"{file}: layer_types is {json.dumps(layer_types)}, but must be a list of attention kinds")
     if set(layer_types) == {"full_attention"}:
         return 0
     if set(layer_types) == {"sliding_attention"} and window:
@@ -322,8 +372,7 @@ def read_hf_weights(path):
     """(file, tensors) of a Hugging Face checkpoint: model.safetensors, its shards (model.safetensors.index.json),
     else pytorch_model.bin (or its shards) loaded weights_only. A file that does not read (truncated, emptied,
     not tensors) is a ValueError naming it."""
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json"):
+    for name in HF_WEIGHT_FILES:
         file = path / name
         if file.is_file():
             shards = _shard_files(file) if name.endswith(".index.json") else [file]
@@ -361,7 +410,17 @@ def _read_weights_file(file):
 
 
 def write_atomically(file, write):
-    """Call write(temporary name) then rename onto file, so readers never see a partial file."""
+    """Call write(temporary name) then rename onto file, so readers never see a partial file. The file gets
+    the permissions the user's umask gives a new file (0644 by default): safetensors creates its files 0600,
+    which would keep colleagues on a shared machine from reading an exported model."""
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
     write(str(tmp))
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, file)
+
+
+def current_umask():
+    """The process's umask (only readable by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -460,6 +460,13 @@ def apply_lora(model, lora_dim, lora_scaling=1.0, lora_dropout=0.0, module_name=
     if tied:  # checked before wrapping anything, so a refused call leaves the model as it was
         raise ValueError(f"LoRA on {tied} would also change the token embedding tied to it; "
                          "choose a module_name pattern that excludes it")
+    # A rank above a matrix's smaller side adds nothing a full-rank delta lacks, only memory (at 10**9 the
+    # factors' allocation itself fails): refused before any factor exists.
+    narrowest = min(targets, key=lambda target: min(target[1].weight.shape), default=None)
+    if narrowest is not None and lora_dim > min(narrowest[1].weight.shape):
+        name, linear = narrowest
+        raise ValueError(f"a LoRA rank can be at most the smaller side of the matrices it adapts, and {name} is "
+                         f"{linear.out_features}x{linear.in_features}")
     for name, linear in targets:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LoRALinear(linear, lora_dim, lora_scaling, lora_dropout))

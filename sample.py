@@ -113,7 +113,11 @@ def main(argv):
 
     if chat is not None:  # the model's chat template: messages in, its end-of-turn token ends each reply
         def reply_to(messages):
-            return respond(chat.encode(messages, add_generation_prompt=True), chat.end_of_turn)
+            try:
+                ids = chat.encode(messages, add_generation_prompt=True)
+            except ValueError as e:  # the template refuses this conversation (its raise_exception, say)
+                raise OptionError(str(e)) from None
+            return respond(ids, chat.end_of_turn)
     else:
         def reply_to(messages):
             context = "".join(render_prompt(m["content"], template) if m["role"] == "user" else
@@ -132,7 +136,12 @@ def main(argv):
         if not user:
             break
         messages = (messages if args["history"] else []) + [{"role": "user", "content": user}]
-        reply = reply_to(messages)
+        try:
+            reply = reply_to(messages)
+        except OptionError as e:  # one message the template refuses need not end the chat
+            print(f"sample.py: {e}; say it another way", file=sys.stderr)
+            messages.pop()
+            continue
         print(f"model> {reply}")
         messages.append({"role": "assistant", "content": reply})
 

@@ -267,16 +267,16 @@ def save_tokenizer(name, hf_dir):
     A directory's tokenizer files are copied (config.json is never among them, so the model's stays); a
     GGUF file's tokenizer is written as tokenizer.json, tokenizer_config.json (special tokens, chat
     template) and generation_config.json (its stop ids); gpt2 is written from the same r50k ranks tiktoken
-    uses; byte has no such form (ValueError).
+    uses, byte as a byte-level BPE without merges.
     """
-    if name == "byte":
-        raise ValueError("the byte tokenizer has no Hugging Face form, so the export holds no tokenizer "
-                         "(sample.py --tokenizer=byte reads it)")
     os.makedirs(hf_dir, exist_ok=True)
-    if name == "gpt2":
-        gpt2_hf_tokenizer().save(os.path.join(hf_dir, "tokenizer.json"))
-        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
-                  "add_prefix_space": False, "model_max_length": 1024}
+    if name in ("gpt2", "byte"):
+        (gpt2_hf_tokenizer() if name == "gpt2" else byte_hf_tokenizer()).save(os.path.join(hf_dir, "tokenizer.json"))
+        # transformers' class for GPT-2's files; the byte tokenizer has none of its own, the generic fast one reads it
+        config = {"tokenizer_class": "GPT2Tokenizer" if name == "gpt2" else "PreTrainedTokenizerFast",
+                  "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "add_prefix_space": False}
+        if name == "gpt2":
+            config["model_max_length"] = 1024
         with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=1)
         return
@@ -320,7 +320,6 @@ def _merge_of(token, rank, ranks):
 def gpt2_hf_tokenizer():
     """GPT-2's tokenizer as a `tokenizers` byte-level BPE, made from the r50k ranks tiktoken uses, so its
     ids equal tiktoken's on any text; <|endoftext|> is the special token 50256."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     ranks, characters = _gpt2_ranks(), _gpt2_byte_characters()
 
     def text(token):
@@ -331,7 +330,21 @@ def gpt2_hf_tokenizer():
         if len(token) > 1:
             first, second = _merge_of(token, rank, ranks)
             merges.append((text(first), text(second)))
-    tokenizer = Tokenizer(models.BPE({text(token): rank for token, rank in ranks.items()}, merges))
+    return _byte_level_bpe({text(token): rank for token, rank in ranks.items()}, merges)
+
+
+def byte_hf_tokenizer():
+    """The byte tokenizer as a `tokenizers` byte-level BPE without merges: byte b is token b (named by its
+    GPT-2 byte character), so its ids equal tiktoken's byte encoding on any text; <|endoftext|> is 256."""
+    characters = _gpt2_byte_characters()
+    return _byte_level_bpe({characters[b]: b for b in range(256)}, [])
+
+
+def _byte_level_bpe(vocabulary, merges):
+    """A byte-level BPE as GPT-2 splits and decodes text, with <|endoftext|> as the special token after
+    the vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    tokenizer = Tokenizer(models.BPE(vocabulary, merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's own split pattern
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)

@@ -531,3 +531,33 @@ def test_the_export_refuses_sizes_the_family_cannot_write(tmp_path, family, size
     with pytest.raises(ValueError, match=f"{refused} cannot be written as a Hugging Face {family} model"):
         model.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_leftovers_of_an_interrupted_export_are_removed_or_restored(tmp_path):
+    """hf.tmp/ (an export stopped before its rename) is removed; hf.old/ (the previous export, moved aside for
+    its replacement) comes back when the replacement never arrived, and is removed when it did."""
+    out = tmp_path / "out"
+    (out / "hf.tmp").mkdir(parents=True)
+    (out / "hf.old").mkdir()
+    (out / "hf.old" / "config.json").write_text("{}")
+    logged, log = messages()
+    checkpoint.remove_leftovers(str(out), log)
+    assert sorted(os.listdir(out)) == ["hf"] and (out / "hf" / "config.json").exists() and len(logged) == 2
+    (out / "hf.old").mkdir()
+    checkpoint.remove_leftovers(str(out), log)
+    assert sorted(os.listdir(out)) == ["hf"] and (out / "hf" / "config.json").exists() and len(logged) == 3
+
+
+def test_an_export_that_does_not_fit_on_a_small_filesystem_is_one_sentence_and_leaves_nothing(small_disk):
+    """The export wrote into hf/ directly: a full disk left a partial hf/ and a traceback."""
+    from model import GPT, GPTConfig
+    from options import parse_options
+    model = GPT(GPTConfig(block_size=16, vocab_size=320, n_layer=2, n_head=2, n_embd=128))  # 1.6 MB of weights
+    out = small_disk / "out"
+    out.mkdir()
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.export_hf(model.state_dict(), vars(model.config), parse_options(["--tokenizer=byte"])[0], str(out))
+    assert str(error.value).startswith(f"the Hugging Face export could not be written to {out / 'hf'}: the disk is "
+                                       f"full (")
+    assert str(error.value).endswith("; the run's final checkpoint holds the model, and --resume exports it again")
+    assert os.listdir(out) == []

@@ -759,3 +759,34 @@ def test_inspect_exits_2_with_one_line_on_bad_data(tmp_path, capsys):
         data.main(["inspect", f"--data_path={path}", "--tokenizer=byte", f"--cache_dir={tmp_path / 'cache'}"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"data.py: error: {path}:1: missing field 'output' (format alpaca)\n"
+
+
+# -- absurd values: one sentence each ---------------------------------------------------------
+
+def test_a_weight_that_no_epoch_can_hold_is_refused_before_tokenizing(tmp_path):
+    """A weight of 1e12 was a MemoryError: the epoch's index was built before anything said no."""
+    path = write(tmp_path / "a.jsonl", rows(3))
+    with pytest.raises(ValueError) as error:
+        prepare(tmp_path, f"{path}:1e12")
+    assert str(error.value) == (f"the weight of {path!r} in data_path is 1e+12, but a weight repeats each of the "
+                                f"file's samples that many times per epoch and an epoch holds at most 134,217,728; "
+                                f"lower it")
+    assert not os.path.exists(tmp_path / "cache")  # refused before any file was tokenized
+
+
+def test_weights_that_give_an_epoch_too_many_samples_are_refused_before_any_copy(tmp_path):
+    path = write(tmp_path / "a.jsonl", rows(300))
+    with pytest.raises(ValueError) as error:
+        prepare(tmp_path, f"{path}:1000000")
+    assert str(error.value) == (f"the weight 1e+06 of {path!r} repeats its 300 training samples to 300,000,000 "
+                                f"samples per epoch, more than the 134,217,728 an epoch may hold; lower the weights "
+                                f"in data_path")
+    assert os.listdir(tmp_path / "cache") == []  # the unfinished cache was removed
+
+
+@pytest.mark.parametrize("split", ["inf,1", "1,inf", "nan,1", "1e400,1"])
+def test_a_data_split_that_is_not_finite_is_refused(tmp_path, split):
+    """"inf,1" was accepted and held out nothing: inf / (inf + 1) is nan, 1 / (inf + 1) is 0."""
+    with pytest.raises(ValueError) as error:
+        prepare(tmp_path, write(tmp_path / "a.jsonl", rows(5)), data_split=split)
+    assert str(error.value) == f"data_split must be two finite shares like '98,2', got {split!r}"

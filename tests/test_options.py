@@ -268,3 +268,31 @@ def test_an_eval_file_with_the_demo_is_refused_not_ignored():
         options.check_combinations(cfg)
     assert str(error.value) == ("--eval_data_path=missing.jsonl is not used with --data_path=demo, which brings its "
                                 "own eval set: give your training files as --data_path too, or leave it out")
+
+
+@pytest.mark.parametrize("lora_dim", [33, 10**9])
+def test_a_lora_rank_beyond_the_matrices_it_adapts_is_one_sentence(lora_dim):
+    """--lora_dim=10**9 was an allocation traceback; a rank above a matrix's smaller side adds nothing."""
+    import torch
+    import train_sft
+    cfg, _ = options.parse_options(["--tokenizer=byte", "--n_layer=1", "--n_head=2", "--n_embd=32",
+                                    "--max_seq_len=16", f"--lora_dim={lora_dim}"])
+    with pytest.raises(options.OptionError) as error:
+        train_sft.prepare_model(cfg, 257, None, torch.device("cpu"))
+    assert str(error.value) == (f"--lora_dim={lora_dim} --lora_module_name='h.': a LoRA rank can be at most the "
+                                f"smaller side of the matrices it adapts, and transformer.h.0.attn.c_attn is 96x32")
+    cfg["lora_dim"] = 32
+    assert train_sft.prepare_model(cfg, 257, None, torch.device("cpu")).config.n_embd == 32
+
+
+def test_the_trainer_refuses_absurd_data_options_with_one_sentence(tmp_path):
+    import train_sft
+    from conftest import TINY, write_reverse_pairs
+    data_file = write_reverse_pairs(tmp_path / "train.jsonl", 20)
+    common = TINY + [f"--output_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}", "--max_steps=1"]
+    with pytest.raises(options.OptionError) as error:
+        train_sft.main(common + [f"--data_path={data_file}", "--data_split=inf,1"])
+    assert str(error.value) == "data_split must be two finite shares like '98,2', got 'inf,1'"
+    with pytest.raises(options.OptionError) as error:
+        train_sft.main(common + [f"--data_path={data_file}:1e12"])
+    assert str(error.value).startswith(f"the weight of {data_file!r} in data_path is 1e+12, but")

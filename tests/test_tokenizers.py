@@ -270,11 +270,6 @@ def test_export_copies_a_directory_tokenizer_and_keeps_the_models_config(tmp_pat
     assert get_tokenizer(str(hf_dir)).identity == get_tokenizer(chatml).identity
 
 
-def test_byte_has_no_hugging_face_form(tmp_path):
-    with pytest.raises(ValueError, match="^the byte tokenizer has no Hugging Face form"):
-        save_tokenizer("byte", str(tmp_path / "hf"))
-
-
 @pytest.fixture(scope="module")
 def gpt2_export(tmp_path_factory):
     hf_dir = tmp_path_factory.mktemp("gpt2_hf")
@@ -308,3 +303,23 @@ def gpt2_tokenizer(gpt2_export):
     tokenizer = Tokenizer.from_file(os.path.join(gpt2_export, "tokenizer.json"))
     tokenizer.encode_special_tokens = True  # encode_ordinary's view: "<|endoftext|>" in text is text
     return tokenizer
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(st.text(), GPT2_TRICKY, st.just("a<|endoftext|>b")))
+def test_the_byte_tokenizers_export_gives_its_ids_in_transformers_and_here(byte_export, text):
+    """The byte tokenizer had no Hugging Face form, so the demo's hf/ held no tokenizer for AutoTokenizer."""
+    hf, ours = byte_export
+    byte = get_tokenizer("byte")
+    assert hf(text)["input_ids"] == byte.encode(text, allowed_special="all") == ours.encode(text, "all")
+    assert ours.encode_ordinary(text) == byte.encode_ordinary(text)
+    assert hf.decode(hf(text)["input_ids"]) == text
+
+
+@pytest.fixture(scope="module")
+def byte_export(tmp_path_factory):
+    hf_dir = str(tmp_path_factory.mktemp("byte_hf"))
+    save_tokenizer("byte", hf_dir)
+    hf, ours = reference(hf_dir), get_tokenizer(hf_dir)
+    assert hf.eos_token == "<|endoftext|>" and hf.eos_token_id == ours.eot_token == 256 and len(hf) == 257
+    return hf, ours
