@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import data
+from hf_format import save_peft_adapter
 from model import GPT, GPTConfig, apply_lora, family_config
 from options import MODEL_OPTIONS, OPTIONS, RESUME_MAY_CHANGE, OptionError
 from tokenizer import HFTokenizer, get_tokenizer, save_tokenizer, tokenizer_identity
@@ -693,7 +694,8 @@ def export_hf(weights, model_config, cfg, output_dir, log=print):
     """The consolidated weights in Hugging Face format of the model's family (LoRA merged), its tokenizer
     (so that AutoTokenizer loads the one it was trained with; byte has no such form, which is logged) and
     sft_config.json with the options that sample.py and a later --init_from need to use it as it was
-    trained. A directory tokenizer is copied in, so sft_config.json names the export itself. Last, the
+    trained. A directory tokenizer is copied in, so sft_config.json names the export itself. A LoRA run
+    adds adapter/, its factors as PEFT's adapter of the starting model (export_peft_adapter). Last, the
     manifest sft_manifest.json, with which check_export finds a file changed since."""
     hf_dir = os.path.join(output_dir, "hf")
     tokenizer = get_tokenizer(cfg["tokenizer"])
@@ -708,8 +710,23 @@ def export_hf(weights, model_config, cfg, output_dir, log=print):
         trained_with["tokenizer"] = hf_dir
     with open(os.path.join(hf_dir, "sft_config.json"), "w") as f:
         json.dump(trained_with, f, indent=1)
+    if cfg["lora_dim"]:
+        log(export_peft_adapter(model, cfg, os.path.join(hf_dir, "adapter")))
     write_export_manifest(hf_dir)
     return hf_dir
+
+
+def export_peft_adapter(model, cfg, adapter_dir):
+    """The LoRA factors as a PEFT adapter of the model the run started from, when the factors are all
+    that the run changed and that model is on disk; returns the sentence that says which, for the log."""
+    base = cfg["init_from"]
+    if not (os.path.isfile(os.path.join(base, "config.json")) or os.path.isfile(base)):
+        return (f"export: no PEFT adapter: --init_from={base} is not a model directory or file that PEFT could "
+                "load as the adapter's base (hf/ holds the whole model)")
+    if not cfg["only_optimize_lora"]:
+        return ("export: no PEFT adapter: without --only_optimize_lora the run also trained weights outside the "
+                "LoRA factors (embeddings, norms), which an adapter does not carry (hf/ holds the whole model)")
+    return f"export: PEFT adapter -> {save_peft_adapter(model, adapter_dir, os.path.abspath(base))}"
 
 
 def write_export_manifest(hf_dir):
