@@ -130,6 +130,7 @@ def save_pretrained(model, path, token_ids=None):
     write_atomically(path / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     write_atomically(path / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2)))
 
+
 def save_peft_adapter(model, path, base_name_or_path):
     """Write model's LoRA factors as the adapter that PEFT loads onto its base model (base_name_or_path, the
     model before LoRA, recorded in adapter_config.json): adapter_config.json and adapter_model.safetensors.
@@ -145,7 +146,7 @@ def save_peft_adapter(model, path, base_name_or_path):
     ranks = {(m.lora_right_weight.shape[1], m.lora_scaling) for m in wrapped.values()}
     if len(ranks) > 1:
         raise ValueError(f"LoRA modules of different ranks or scalings {sorted(ranks)} are not one PEFT adapter")
-    (rank, scaling), = ranks
+    (rank, scaling), = ranks  # scaling is s / r
     tensors = {}
     for name, m in wrapped.items():
         (parts,) = hf_tensor_names(model.config, [name + ".weight"]).values()
