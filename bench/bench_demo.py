@@ -7,7 +7,7 @@ configs/demo_llama.py) into out/bench_<config name> (its own directory, so out/d
 timing the whole command from start to exit: data generation, tokenizing, the steps, evaluation,
 the last checkpoint and the export. Reads the final eval record from its metrics.jsonl (and the one
 before the first step, where the config sets eval_at_start, as configs/smollm2_cpu.py does) and writes
-bench/results/<config name>_cpu.json (demo_cpu.json, demo_llama_cpu.json, smollm2_cpu.json) with the machine (CPU
+bench/results/<config name>_cpu.json (demo_cpu.json, demo_llama_cpu.json, smollm2_cpu_cpu.json) with the machine (CPU
 model, cores, load average before and after: the machine may be shared, which slows the run) and
 the digests of the sources it ran.
 """

@@ -7,7 +7,7 @@ that no figure there can drift from the files.
 README's headline: one row per claim, each naming its file and machine: the fused loss kernel's
 anchor row (ce_<device>.json), the training step against the compiled loop (train_<device>.json),
 the two engines at every ZeRO stage (engines_cpu.json), sparse fine-tuning (sparse_cpu.json) and
-the demo (demo_cpu.json, and demo_llama_cpu.json and smollm2_cpu.json beside it where they exist). docs/benchmarks.md's
+the demo (demo_cpu.json, and demo_llama_cpu.json and smollm2_cpu_cpu.json beside it where they exist). docs/benchmarks.md's
 full tables, per device (newest files first): the fused loss against its peers at every shape
 (Qwen2.5-0.5B's head in a table of its own), where its time goes (profile_ce_<device>.json),
 training steps (train_<device>.json; train_qwen2_5_0_5b_<device>.json at Qwen2.5-0.5B's shape) and
@@ -32,7 +32,7 @@ DEMOS_END = "<!-- end of generated demos -->"
 DEMOS = {"demo_cpu.json": "the demo: README's first command, from scratch",
          "demo_llama_cpu.json": "the demo on a Llama-shaped model (`configs/demo_llama.py`: RMSNorm, rotary positions, "
                                 "SwiGLU, 4 query heads sharing 2 key/value heads), from scratch",
-         "smollm2_cpu.json": "a real pretrained chat model fine-tuned on a CPU: SmolLM2-135M-Instruct on the demo task "
+         "smollm2_cpu_cpu.json": "a real pretrained chat model fine-tuned on a CPU: SmolLM2-135M-Instruct on the demo task "
                              "through its own chat template (`configs/smollm2_cpu.py`)"}
 KINDS = ("ce", "profile_ce", "train", "train_qwen2_5_0_5b", "gpu_suite")  # file name prefixes, in the order rendered
 HEADS = {(896, 151936): "Qwen2.5-0.5B's head"}  # bench_ce's shapes beside GPT-2's, by (hidden, vocab)

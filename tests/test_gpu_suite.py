@@ -242,10 +242,10 @@ def test_a_pretrained_demo_renders_its_figures_before_and_after_fine_tuning(tmp_
     for path in (ROOT / "bench" / "results").glob("*.json"):
         shutil.copy(path, tmp_path)
     demo = json.loads((tmp_path / "demo_cpu.json").read_text())
-    (tmp_path / "smollm2_cpu.json").write_text(json.dumps({**demo, "config": "configs/smollm2_cpu.py", "exact_match": 0.41,
+    (tmp_path / "smollm2_cpu_cpu.json").write_text(json.dumps({**demo, "config": "configs/smollm2_cpu.py", "exact_match": 0.41,
                                                            "eval_loss": 0.25, "exact_match_before": 0.012,
                                                            "eval_loss_before": 3.5}))
-    row = next(line for line in results_table.render_headline(tmp_path).splitlines() if "`smollm2_cpu.json`" in line)
+    row = next(line for line in results_table.render_headline(tmp_path).splitlines() if "`smollm2_cpu_cpu.json`" in line)
     assert "SmolLM2-135M-Instruct" in row and "**41.0%**" in row and "from 1.2% before fine-tuning" in row
     assert "eval loss 0.2500, from 3.5000" in row
     demos = results_table.render_demos(tmp_path)
