@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 
 import data
+import gguf_format
 from hf_format import save_peft_adapter
 from model import GPT, GPTConfig, apply_lora, family_config
 from options import MODEL_OPTIONS, OPTIONS, RESUME_MAY_CHANGE, OptionError
-from tokenizer import HFTokenizer, get_tokenizer, save_tokenizer, tokenizer_identity
+from tokenizer import HFTokenizer, get_tokenizer, gguf_tokenizer_metadata, save_tokenizer, tokenizer_identity
 
 # A checkpoint is a directory ckpt-<step>/ holding each rank's engine files, the trainer's state
 # (rank 0), the consolidated weights and manifest.json: every file with its size and sha256, the step
@@ -554,6 +555,12 @@ def starting_checkpoint(cfg, explicit, log, master, world):
         return checkpoint
     if cfg["init_from"] == "scratch":
         return None
+    if cfg["init_from"].endswith(".gguf"):  # a GGUF file brings its own tokenizer and chat template
+        if not os.path.isfile(cfg["init_from"]):
+            raise OptionError(f"--init_from={cfg['init_from']} is not a file on disk (nothing is downloaded)")
+        if "tokenizer" not in explicit:
+            cfg["tokenizer"] = cfg["init_from"]
+        return None
     if not os.path.isdir(cfg["init_from"]):
         raise OptionError(f"--init_from={cfg['init_from']} is not a directory on disk (scratch, a local Hugging Face "
                           f"directory or a checkpoint; nothing is downloaded)")
@@ -675,7 +682,26 @@ def build_model(cfg, n_vocab, checkpoint):
                               f"smaller than tokenizer {cfg['tokenizer']}'s {n_vocab}")
     if cfg["lora_dim"]:
         add_lora(model, cfg)
+    if cfg.get("export_gguf"):  # refused before training rather than after
+        check_gguf_export(model.config, cfg)
     return model
+
+
+def check_gguf_export(model_config, cfg):
+    """--export_gguf stops here (OptionError) for a model or tokenizer that GGUF cannot describe."""
+    try:
+        gguf_format.check_gguf_expressible(model_config)
+        gguf_tokenizer_metadata(get_tokenizer(cfg["tokenizer"]), model_config.vocab_size)
+    except ValueError as e:
+        raise OptionError(f"--export_gguf={cfg['export_gguf']}: {e}") from None
+
+
+def export_gguf(model, cfg, output_dir):
+    """<output_dir>/model-<type>.gguf of the model (LoRA merged), its tokenizer and chat template."""
+    path = os.path.join(output_dir, f"model-{cfg['export_gguf']}.gguf")
+    gguf_format.save_gguf(model, get_tokenizer(cfg["tokenizer"]), path, cfg["export_gguf"],
+                          name=f"{model.config.model_type} fine-tuned by train_sft.py")
+    return path
 
 
 def add_lora(model, options):
@@ -696,7 +722,8 @@ def export_hf(weights, model_config, cfg, output_dir, log=print):
     sft_config.json with the options that sample.py and a later --init_from need to use it as it was
     trained. A directory tokenizer is copied in, so sft_config.json names the export itself. A LoRA run
     adds adapter/, its factors as PEFT's adapter of the starting model (export_peft_adapter). Last, the
-    manifest sft_manifest.json, with which check_export finds a file changed since."""
+    manifest sft_manifest.json, with which check_export finds a file changed since. With --export_gguf, also
+    <output_dir>/model-<type>.gguf."""
     hf_dir = os.path.join(output_dir, "hf")
     tokenizer = get_tokenizer(cfg["tokenizer"])
     model = build_model(cfg, None, {"model_config": model_config, "model": weights})
@@ -713,6 +740,8 @@ def export_hf(weights, model_config, cfg, output_dir, log=print):
     if cfg["lora_dim"]:
         log(export_peft_adapter(model, cfg, os.path.join(hf_dir, "adapter")))
     write_export_manifest(hf_dir)
+    if cfg.get("export_gguf"):
+        log(f"exported GGUF -> {export_gguf(model, cfg, output_dir)}")
     return hf_dir
 
 
@@ -780,7 +809,13 @@ def exported_options(hf_dir):
 
 def load_model(path):
     """Returns (model, the options it was trained with, such as tokenizer and template, or {}) from a run
-    directory, a checkpoint directory, or a Hugging Face directory (ours carry sft_config.json)."""
+    directory, a checkpoint directory, a Hugging Face directory (ours carry sft_config.json) or a GGUF file
+    (its own tokenizer)."""
+    if path.endswith(".gguf") and os.path.isfile(path):
+        try:
+            return GPT.from_pretrained(path), {"tokenizer": path}
+        except (OSError, ValueError) as e:  # its messages name the file and what is wrong
+            raise OptionError(f"--model={path}: {e}") from None
     if os.path.isfile(os.path.join(path, "config.json")):
         check_export(path, "--model")
         trained_with = exported_options(path)

@@ -56,14 +56,20 @@ def load_pretrained(path, **overrides):
                                 "directories only and downloads nothing")
     config_file = path / "config.json"
     config = read_hf_config(config_file)
-    window = overrides.pop("attn_window", 0)
-    if config.attn_window and window > config.attn_window:
-        raise ValueError(f"attn_window={window} is wider than the sliding window of {config.attn_window} "
-                         f"in {config_file} that the model was trained with")
-    model = GPT(replace(config, attn_window=window or config.attn_window, **overrides))
+    window = sliding_window_override(config, overrides.pop("attn_window", 0), config_file)
+    model = GPT(replace(config, attn_window=window, **overrides))
     weights_file, tensors = read_hf_weights(path)
     load_hf_tensors(model, tensors, weights_file, config_file)
     return model
+
+def sliding_window_override(config, window, file):
+    """The attn_window a run asks for (0: the model's own) against the sliding window the model in file was
+    trained with: it keeps or narrows that window, never widens it."""
+    if config.attn_window and window > config.attn_window:
+        raise ValueError(f"attn_window={window} is wider than the sliding window of {config.attn_window} "
+                         f"in {file} that the model was trained with")
+    return window or config.attn_window
+
 
 @torch.no_grad()
 def load_hf_tensors(model, tensors, weights_file, config_file):
@@ -113,14 +119,7 @@ def save_pretrained(model, path, token_ids=None):
     check_hf_expressible(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    weights = model.state_dict()
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not m.merged:
-            weights[name + ".weight"] = m.weight + m.delta_weight()
-        gpt2_linear_or_norm = isinstance(m, (nn.Linear, nn.LayerNorm, LoRALinear)) and name != "lm_head"
-        if model.config.model_type == "gpt2" and gpt2_linear_or_norm and m.bias is None:
-            weights[name + ".bias"] = m.weight.new_zeros(m.weight.shape[0])
-    weights = {key: t for key, t in weights.items() if "lora_" not in key}
+    weights = exported_weights(model)
     tensors = {}
     for key, parts in hf_tensor_names(model.config, weights).items():
         t = weights[key].t() if model.config.model_type == "gpt2" and key.endswith(HF_TRANSPOSED) else weights[key]
@@ -166,6 +165,19 @@ def save_peft_adapter(model, path, base_name_or_path):
     write_atomically(path / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     write_atomically(path / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(adapter, indent=2)))
     return path
+
+
+def exported_weights(model):
+    """model's state dict as the formats other tools read hold it: LoRA deltas merged into their weights (the
+    model itself is left as it is), no LoRA factors, and GPT-2's missing biases (bias=False) as zeros."""
+    weights = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and not m.merged:
+            weights[name + ".weight"] = m.weight + m.delta_weight()
+        gpt2_linear_or_norm = isinstance(m, (nn.Linear, nn.LayerNorm, LoRALinear)) and name != "lm_head"
+        if model.config.model_type == "gpt2" and gpt2_linear_or_norm and m.bias is None:
+            weights[name + ".bias"] = m.weight.new_zeros(m.weight.shape[0])
+    return {key: t for key, t in weights.items() if "lora_" not in key}
 
 
 def check_hf_expressible(model):

@@ -381,9 +381,13 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """A GPT from a local Hugging Face directory of model_type gpt2, llama, mistral, qwen2 or qwen3;
-        overrides may set dropout, attn_window and gradient_checkpointing (see hf_format.load_pretrained)."""
-        import hf_format  # the formats room builds on this one, so it is imported when used
+        """A GPT from a local Hugging Face directory of model_type gpt2, llama, mistral, qwen2 or qwen3, or a
+        .gguf file of those architectures; overrides may set dropout, attn_window and gradient_checkpointing
+        (see hf_format.load_pretrained)."""
+        if str(path).endswith(".gguf"):
+            import gguf_format  # the formats rooms build on this one, so they are imported when used
+            return gguf_format.load_gguf(path, **overrides)
+        import hf_format
         return hf_format.load_pretrained(path, **overrides)
 
     def save_pretrained(self, path, token_ids=None):

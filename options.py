@@ -25,7 +25,8 @@ OPTIONS = {
     "data_format": ("auto", "auto (detected per file) | prompt_response | prompt_chosen | prompt_completion | "
                             "messages | alpaca | sharegpt"),
     "tokenizer": ("gpt2", "gpt2 | byte (256 byte tokens, for tiny CPU runs) | a directory with tokenizer.json "
-                          "(Hugging Face's); default with --init_from=DIR: DIR's own tokenizer, if it has one"),
+                          "(Hugging Face's) | a .gguf file; default with --init_from=DIR or FILE.gguf: its own "
+                          "tokenizer, if it has one"),
     "max_seq_len": (512, "most tokens in one sample, end-of-text included"),
     "truncate_prompt": (False, "cut over-long prompts from the left instead of dropping the sample"),
     "loss_on_prompt": (False, "train on prompt tokens too (DeepSpeed-Chat's behaviour, for comparison)"),
@@ -37,8 +38,9 @@ OPTIONS = {
     "group_by_length": (True, "batch samples of similar length together (less padding); false = fully random"),
     "cache_dir": (".cache/data", "where tokenized data is cached, keyed by its content and options"),
     # model
-    "init_from": ("scratch", "scratch | a Hugging Face directory (gpt2, llama, mistral, qwen2, qwen3) | a checkpoint "
-                            "directory or run directory"),
+    "init_from": ("scratch", "scratch | a Hugging Face directory (gpt2, llama, mistral, qwen2, qwen3) | a .gguf file "
+                            "(llama, qwen2, qwen3, gpt2; dequantized to float) | a checkpoint directory or run "
+                            "directory"),
     "model_type": ("gpt2", "the family of a model from scratch: gpt2 | llama | mistral | qwen2 | qwen3 (RMSNorm, "
                            "rotary positions, SwiGLU; qwen2 adds qkv biases, qwen3 q/k norms)"),
     "n_layer": (12, "layers (scratch only)"),
@@ -90,6 +92,8 @@ OPTIONS = {
     "seed": (1337, "random seed (model init, data order, dropout)"),
     # logging, eval, checkpoints
     "output_dir": ("out", "checkpoints, metrics.jsonl and the exported Hugging Face model"),
+    "export_gguf": ("", "also export <output_dir>/model-<type>.gguf for llama.cpp, Ollama and LM Studio, its "
+                        "matrices in f32 | f16 | q8_0; empty = no GGUF"),
     "resume": (False, "continue the run in output_dir from its latest intact checkpoint"),
     "resume_data_changed": ("stop", "--resume when a training file's content changed since the checkpoint: stop | "
                                     "continue (the same data position) | restart_epoch (its epoch over, from the start)"),
@@ -115,6 +119,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "bfloat16", "float16"),
     "resume_data_changed": ("stop", "continue", "restart_epoch"),
+    "export_gguf": ("", "f32", "f16", "q8_0"),
 }
 
 
@@ -140,8 +145,8 @@ MODEL_OPTIONS = ("tokenizer", "model_type", "n_layer", "n_head", "n_kv_head", "n
 # Options that a resumed run may change; every other one is the checkpoint's. A run resumed on another
 # number of ranks keeps its batch by changing gradient_accumulation_steps (2 ranks x 3 = 3 ranks x 2).
 RESUME_MAY_CHANGE = ("resume", "resume_data_changed", "max_steps", "num_train_epochs", "log_interval", "eval_interval", "eval_exact_match",
-                     "eval_at_start", "checkpoint_interval", "keep_checkpoints", "tensorboard", "device", "compile", "kernels",
-                     "output_dir", "cache_dir", "gradient_accumulation_steps")
+                     "eval_at_start", "checkpoint_interval", "keep_checkpoints", "tensorboard", "device", "compile",
+                     "kernels", "output_dir", "cache_dir", "gradient_accumulation_steps", "export_gguf")
 
 
 class OptionError(ValueError):

@@ -6,10 +6,13 @@ Generate from a trained model: one prompt, or an interactive chat, in the traini
     python sample.py --model=/path/to/gpt2 --tokenizer=gpt2 --prompt="..." --temperature=0.7 --top_p=0.9
     python sample.py --model=/path/to/Qwen2.5-0.5B-Instruct --prompt="..."   # its own tokenizer and chat template
 
---model is a run directory (its latest checkpoint), a checkpoint directory, or a Hugging Face directory
-of model_type gpt2, llama, mistral, qwen2 or qwen3 (the hf/ export of a run, or any such model on disk).
-A model trained with --template=model, or a Hugging Face directory whose tokenizer has a chat template,
-is prompted through that template and stops at its end-of-turn token.
+    python sample.py --model=.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf --prompt="..."   # a GGUF file
+
+--model is a run directory (its latest checkpoint), a checkpoint directory, a Hugging Face directory
+of model_type gpt2, llama, mistral, qwen2 or qwen3 (the hf/ export of a run, or any such model on disk),
+or a GGUF file of those architectures (with its own tokenizer and chat template). A model trained with
+--template=model, or a Hugging Face directory or GGUF file whose tokenizer has a chat template, is
+prompted through that template and stops at its end-of-turn token.
 """
 
 import os
@@ -23,11 +26,11 @@ from tokenizer import (DEFAULT_TEMPLATE, MODEL_TEMPLATE, ChatTemplate, get_token
                        tokenizer_identity)
 
 OPTIONS = {
-    "model": ("out/demo", "run directory, checkpoint directory (ckpt-<step>), or Hugging Face directory"),
+    "model": ("out/demo", "run directory, checkpoint directory (ckpt-<step>), Hugging Face directory or .gguf file"),
     "prompt": ("", "generate one response to this prompt and exit; empty = interactive chat"),
     "history": (True, "chat: show the model the earlier turns (false for models trained on single turns)"),
-    "tokenizer": ("", "gpt2 | byte | a directory with tokenizer.json; empty = what the model was trained with "
-                      "(a Hugging Face directory's own tokenizer.json, else gpt2)"),
+    "tokenizer": ("", "gpt2 | byte | a directory with tokenizer.json | a .gguf file; empty = what the model was "
+                      "trained with (a Hugging Face directory's or GGUF file's own tokenizer, else gpt2)"),
     "max_new_tokens": (200, "most tokens generated per response"),
     "temperature": (0.0, "0 = greedy; higher = more random"),
     "top_k": (0, "sample from the k most likely tokens; 0 = all"),
@@ -40,11 +43,11 @@ RANGES = {"top_p": (0.01, 1.0), "max_new_tokens": (1, None)}
 
 
 def same_tokenizer(a, b):
-    """Whether two tokenizer names mean one tokenizer: the same name, or two directories holding the same
-    files (a run's hf/ export holds a copy of the directory it was trained with)."""
+    """Whether two tokenizer names mean one tokenizer: the same name, or two directories or GGUF files holding
+    the same tokenizer (a run's hf/ export holds a copy of the one it was trained with)."""
     if a == b:
         return True
-    if not (os.path.isdir(a) and os.path.isdir(b)):
+    if not all(os.path.isdir(name) or name.endswith(".gguf") and os.path.isfile(name) for name in (a, b)):
         return False
     try:
         return tokenizer_identity(get_tokenizer(a)) == tokenizer_identity(get_tokenizer(b))

