@@ -811,7 +811,7 @@ def load_model(path):
     """Returns (model, the options it was trained with, such as tokenizer and template, or {}) from a run
     directory, a checkpoint directory, a Hugging Face directory (ours carry sft_config.json) or a GGUF file
     (its own tokenizer)."""
-    if path.endswith(".gguf") and os.path.isfile(path):
+    if path.endswith(".gguf"):
         try:
             return GPT.from_pretrained(path), {"tokenizer": path}
         except (OSError, ValueError) as e:  # its messages name the file and what is wrong

@@ -264,8 +264,10 @@ def save_tokenizer(name, hf_dir):
     """Write tokenizer `name` into the Hugging Face directory hf_dir, so that it is complete:
     AutoTokenizer.from_pretrained(hf_dir) then loads the tokenizer the model was trained with.
 
-    A directory's tokenizer files are copied (config.json is never among them, so the model's stays);
-    gpt2 is written from the same r50k ranks tiktoken uses; byte has no such form (ValueError).
+    A directory's tokenizer files are copied (config.json is never among them, so the model's stays); a
+    GGUF file's tokenizer is written as tokenizer.json, tokenizer_config.json (special tokens, chat
+    template) and generation_config.json (its stop ids); gpt2 is written from the same r50k ranks tiktoken
+    uses; byte has no such form (ValueError).
     """
     if name == "byte":
         raise ValueError("the byte tokenizer has no Hugging Face form, so the export holds no tokenizer "
@@ -278,7 +280,17 @@ def save_tokenizer(name, hf_dir):
         with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=1)
         return
-    get_tokenizer(name)  # a directory that is missing or holds no tokenizer is named here
+    enc = get_tokenizer(name)  # a directory or file that is missing or holds no tokenizer is named here
+    if name.endswith(".gguf"):  # the tokenizer its metadata describes, written as a directory would hold it
+        enc._tokenizer.save(os.path.join(hf_dir, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **enc.special_tokens}
+        if enc.chat_template:
+            config["chat_template"] = enc.chat_template
+        for file, content in (("tokenizer_config.json", config), ("generation_config.json",
+                                                                  {"eos_token_id": enc.stop_tokens})):
+            with open(os.path.join(hf_dir, file), "w") as f:
+                json.dump(content, f, indent=1)
+        return
     for file in HF_TOKENIZER_FILES:
         source, target = os.path.join(name, file), os.path.join(hf_dir, file)
         if os.path.isfile(source) and not (os.path.exists(target) and os.path.samefile(source, target)):

@@ -344,10 +344,16 @@ def test_the_trainer_fine_tunes_a_gguf_and_exports_one_that_sample_chats_with(ti
     exported = str(tmp_path / "run" / "out" / "model-q8_0.gguf")
     assert sorted(f for f in os.listdir(tmp_path / "run" / "out") if "gguf" in f) == ["model-q8_0.gguf"]
     assert GPT.from_pretrained(exported).config.n_layer == 1
+    hf_dir = str(tmp_path / "run" / "out" / "hf")  # the Hugging Face export holds the GGUF's tokenizer too
+    text = " ".join(real_text()[:3]) + "<|im_end|>"
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir)(text, add_special_tokens=False)["input_ids"] == \
+        get_tokenizer(source).encode(text, allowed_special="all")
+    assert ChatTemplate(get_tokenizer(hf_dir)).encode([{"role": "user", "content": "hi"}]) == \
+        ChatTemplate(get_tokenizer(source)).encode([{"role": "user", "content": "hi"}])
     capsys.readouterr()
-    sample.main([f"--model={exported}", "--prompt=hello", "--max_new_tokens=4"])
-    sample.main([f"--model={source}", "--prompt=hello", "--max_new_tokens=4"])
-    assert len(capsys.readouterr().out.splitlines()) == 2
+    for model in (exported, source, hf_dir):
+        sample.main([f"--model={model}", "--prompt=hello", "--max_new_tokens=4"])
+    assert len(capsys.readouterr().out.splitlines()) == 3
     exit_code, sentence = trainer([f"--init_from={source}", "--tokenizer=byte", "--max_seq_len=96",
                                    "--export_gguf=f16"], tmp_path / "byte")
     assert exit_code == 2 and "--export_gguf=f16: the byte tokenizer has no GGUF form" in sentence, sentence
