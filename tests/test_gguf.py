@@ -378,7 +378,7 @@ def test_a_gguf_initialised_run_exports_hf_whole_and_its_lora_adapter(tiny_token
     assert exported.encode(text) == ours.encode(text, allowed_special="all")
     assert exported.chat_template == ours.chat_template and exported.eos_token == "<|im_end|>"
     manifest = json.loads((hf / "sft_manifest.json").read_text())["files"]
-    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "model.safetensors",
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors",
             "adapter/adapter_model.safetensors"} <= set(manifest)
     model, trained_with = checkpoint.load_model(str(hf))  # what sample.py --model=.../hf loads
     assert get_tokenizer(trained_with["tokenizer"]).stop_tokens == ours.stop_tokens
