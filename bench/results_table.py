@@ -32,8 +32,8 @@ DEMOS_END = "<!-- end of generated demos -->"
 DEMOS = {"demo_cpu.json": "the demo: README's first command, from scratch",
          "demo_llama_cpu.json": "the demo on a Llama-shaped model (`configs/demo_llama.py`: RMSNorm, rotary positions, "
                                 "SwiGLU, 4 query heads sharing 2 key/value heads), from scratch",
-         "smollm2_cpu_cpu.json": "a real pretrained chat model fine-tuned on a CPU: SmolLM2-135M-Instruct on the demo task "
-                             "through its own chat template (`configs/smollm2_cpu.py`)"}
+         "smollm2_cpu_cpu.json": "SmolLM2-135M-Instruct, pretrained, fine-tuned with LoRA on the demo task in its chat "
+                             "template (`configs/smollm2_cpu.py`)"}
 KINDS = ("ce", "profile_ce", "train", "train_qwen2_5_0_5b", "gpu_suite")  # file name prefixes, in the order rendered
 HEADS = {(896, 151936): "Qwen2.5-0.5B's head"}  # bench_ce's shapes beside GPT-2's, by (hidden, vocab)
 
