@@ -114,9 +114,12 @@ def gguf_config(reader, path):
             raise ValueError(f"{path}: metadata {architecture}.{name} is {number!r}, not one number")
         return number
 
-    n_embd, n_head = value("embedding_length"), value("attention.head_count")
     sizes = dict(block_size=value("context_length"), vocab_size=vocab_size, n_layer=value("block_count"),
-                 n_head=n_head, n_embd=n_embd)
+                 n_head=value("attention.head_count"), n_embd=value("embedding_length"))
+    for field, size in sizes.items():
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"{path}: {field} (from its metadata) is {size!r}, not a positive integer")
+    n_embd, n_head = sizes["n_embd"], sizes["n_head"]
     if architecture == "gpt2":
         if value("feed_forward_length", 4 * n_embd) != 4 * n_embd:
             raise ValueError(f"{path}: gpt2.feed_forward_length is {value('feed_forward_length')}, but GPT-2's "
