@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 
 import data
 import gguf_format
-from hf_format import HF_WEIGHT_FILES, HF_WEIGHT_SUFFIXES
+from hf_format import HF_WEIGHT_FILES, HF_WEIGHT_SUFFIXES, save_peft_adapter
 from model import GPT, GPTConfig, apply_lora, family_config
 from options import MODEL_OPTIONS, OPTIONS, RESUME_MAY_CHANGE, OptionError
 from tokenizer import (HF_TOKENIZER_FILES, HFTokenizer, get_tokenizer, gguf_tokenizer_metadata, save_tokenizer,
@@ -735,7 +735,8 @@ def export_hf(weights, model_config, cfg, output_dir, log=print):
     Every file is written into hf.tmp/, then the manifest sft_manifest.json (with which check_export finds
     a file changed since), then hf.tmp/ is renamed to hf/: a run stopped on the way leaves the previous hf/
     (or none) and an hf.tmp/ that the next run on output_dir removes, never a partial hf/. A write that
-    fails (a full disk) removes hf.tmp/ and stops with CheckpointError. With --export_gguf, also
+    fails (a full disk) removes hf.tmp/ and stops with CheckpointError. A LoRA run adds adapter/, its
+    factors as PEFT's adapter of the starting model (export_peft_adapter). With --export_gguf, also
     <output_dir>/model-<type>.gguf, after hf/."""
     final = os.path.join(output_dir, EXPORT_DIR)
     tmp = final + ".tmp"
@@ -745,6 +746,8 @@ def export_hf(weights, model_config, cfg, output_dir, log=print):
     try:
         os.makedirs(tmp)
         model = write_export_files(tmp, final, weights, model_config, cfg)
+        if cfg["lora_dim"]:
+            log(export_peft_adapter(model, cfg, tmp, final))
         write_export_manifest(tmp)  # last: it lists every file written above
     except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors report a full disk as these
         free, needed = shutil.disk_usage(output_dir).free, sum(t.nbytes for t in weights.values())
@@ -775,6 +778,21 @@ def write_export_files(directory, final, weights, model_config, cfg):
     with open(os.path.join(directory, "sft_config.json"), "w") as f:
         json.dump(trained_with, f, indent=1)
     return model
+
+
+def export_peft_adapter(model, cfg, directory, final):
+    """The LoRA factors as a PEFT adapter of the model the run started from, written into directory/adapter
+    (final/adapter once the export is renamed), when the factors are all that the run changed and that model
+    is on disk; returns the sentence that says which, for the log."""
+    base = cfg["init_from"]
+    if not (os.path.isfile(os.path.join(base, "config.json")) or os.path.isfile(base)):
+        return (f"export: no PEFT adapter: --init_from={base} is not a model directory or file that PEFT could "
+                "load as the adapter's base (hf/ holds the whole model)")
+    if not cfg["only_optimize_lora"]:
+        return ("export: no PEFT adapter: without --only_optimize_lora the run also trained weights outside the "
+                "LoRA factors (embeddings, norms), which an adapter does not carry (hf/ holds the whole model)")
+    save_peft_adapter(model, os.path.join(directory, "adapter"), os.path.abspath(base))
+    return f"export: PEFT adapter -> {os.path.join(final, 'adapter')}"
 
 
 def write_export_manifest(hf_dir):

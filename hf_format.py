@@ -4,7 +4,8 @@
 Reading maps a family's config.json and tensor names onto GPTConfig and GPT's state dict (q, k, v
 concatenated into c_attn, gate and up into c_fc; GPT-2's Conv1D weights transposed), refusing in one
 sentence anything the GPT would compute differently. Writing maps back, so transformers'
-AutoModelForCausalLM loads what the trainer exported. Nothing is downloaded, nothing unpickled but tensors.
+AutoModelForCausalLM loads what the trainer exported, and LoRA factors become the adapter PEFT loads onto
+the base model. Nothing is downloaded, nothing unpickled but tensors.
 """
 import json
 import math
@@ -132,6 +133,44 @@ def save_pretrained(model, path, token_ids=None):
     hf = {**hf_config(model.config), **(token_ids or {})}
     write_atomically(path / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     write_atomically(path / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2)))
+
+
+def save_peft_adapter(model, path, base_name_or_path):
+    """Write model's LoRA factors as the adapter that PEFT loads onto its base model (base_name_or_path, the
+    model before LoRA, recorded in adapter_config.json): adapter_config.json and adapter_model.safetensors.
+
+    Our y = x W^T + (s / r) x right left is PEFT's y = x W^T + (alpha / r) B(A(x)) with A = right^T,
+    B = left^T and alpha = s. A fused module is written as the per-projection modules of its family's
+    format: q, k, v of attn.c_attn and gate, up of mlp.c_fc each get the same A and their rows of B, so
+    the adapter computes exactly what the model does. GPT-2's Conv1D modules keep PEFT's own flag for
+    them (fan_in_fan_out), which changes how PEFT merges, not the factors. Returns path."""
+    wrapped = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not wrapped:
+        raise ValueError("the model has no LoRA modules, so there is no PEFT adapter to write")
+    ranks = {(m.lora_right_weight.shape[1], m.lora_scaling) for m in wrapped.values()}
+    if len(ranks) > 1:
+        raise ValueError(f"LoRA modules of different ranks or scalings {sorted(ranks)} are not one PEFT adapter")
+    (rank, scaling), = ranks  # scaling is s / r
+    tensors = {}
+    for name, m in wrapped.items():
+        (parts,) = hf_tensor_names(model.config, [name + ".weight"]).values()
+        rows = hf_part_rows(model.config, name + ".weight", m.weight.shape[0], len(parts))
+        for part, b in zip(parts, m.lora_left_weight.t().split(rows)):
+            module = "base_model.model." + part.removesuffix(".weight")
+            tensors[module + ".lora_A.weight"] = m.lora_right_weight.t().detach().contiguous().cpu()
+            tensors[module + ".lora_B.weight"] = b.detach().contiguous().cpu()
+    targets = sorted(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                     for key in tensors if key.endswith(".lora_A.weight"))
+    adapter = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base_name_or_path),
+                   r=rank, lora_alpha=scaling * rank, lora_dropout=next(iter(wrapped.values())).lora_dropout.p,
+                   target_modules=targets, fan_in_fan_out=model.config.model_type == "gpt2", bias="none",
+                   use_rslora=False, use_dora=False, modules_to_save=None, inference_mode=True)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomically(path / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    write_atomically(path / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(adapter, indent=2)))
+    return path
+
 
 def exported_weights(model):
     """model's state dict as the formats other tools read hold it: LoRA deltas merged into their weights (the

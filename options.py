@@ -101,6 +101,7 @@ OPTIONS = {
     "log_interval": (10, "optimizer steps between log lines"),
     "eval_interval": (0, "optimizer steps between evals; 0 = only at the end"),
     "eval_exact_match": (0, "eval: greedy-generate this many eval responses and score exact match; 0 = off"),
+    "eval_at_start": (False, "also evaluate before the first step: the starting model's figures, to compare the end with"),
     "checkpoint_interval": (0, "optimizer steps between checkpoints; 0 = only at the end"),
     "keep_checkpoints": (2, "how many of the latest checkpoints to keep in output_dir"),
     "tensorboard": (False, "also log to TensorBoard in output_dir/tensorboard (needs the tensorboard package)"),
@@ -143,8 +144,8 @@ MODEL_OPTIONS = ("tokenizer", "model_type", "n_layer", "n_head", "n_kv_head", "n
 # Options that a resumed run may change; every other one is the checkpoint's. A run resumed on another
 # number of ranks keeps its batch by changing gradient_accumulation_steps (2 ranks x 3 = 3 ranks x 2).
 RESUME_MAY_CHANGE = ("resume", "resume_data_changed", "max_steps", "num_train_epochs", "log_interval", "eval_interval", "eval_exact_match",
-                     "checkpoint_interval", "keep_checkpoints", "tensorboard", "device", "compile", "kernels",
-                     "output_dir", "cache_dir", "gradient_accumulation_steps", "export_gguf")
+                     "eval_at_start", "checkpoint_interval", "keep_checkpoints", "tensorboard", "device", "compile",
+                     "kernels", "output_dir", "cache_dir", "gradient_accumulation_steps", "export_gguf")
 
 
 class OptionError(ValueError):

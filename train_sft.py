@@ -363,8 +363,8 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def log_start(run, model, engine, n_params, n_trained, total_steps):
-    """The run's shape on rank 0, and every rank's model state beside the ZeRO paper's formula."""
+def log_start(run, model, engine, n_params, n_trained, total_steps, step, eval_set, tokenizer):
+    """The run's shape, each rank's model state beside the ZeRO formula, --eval_at_start's eval (not on resume)."""
     cfg = run.cfg
     run.log(f"model: {n_params / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained; {run.world} rank(s) x "
             f"{cfg['gradient_accumulation_steps']} x {cfg['batch_size']} samples per step, {total_steps} steps, "
@@ -374,6 +374,8 @@ def log_start(run, model, engine, n_params, n_trained, total_steps):
     tqdm.write(f"rank {run.rank} model state at start: " + ", ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in memory.items())
                + f"; the ZeRO paper's fp32 formula for stage {cfg['zero_stage']} on {run.world} rank(s): "
                f"{formula / 2**20:.3f} MiB")
+    if cfg["eval_at_start"] and step == 0:
+        run_eval(run, engine, eval_set, tokenizer, step)
 
 
 def log_step(run, progress, record):
@@ -669,9 +671,9 @@ def main(argv):
         step = resume_run(checkpoint, engine, batches, rank)
         log(f"resumed from {checkpoint['path']} at step {step}")
     checkpoint = None  # free the host memory it holds
-    log_start(run, model, engine, n_params, n_trained, total_steps)
     if rank == 0:
         run.metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], step if cfg["resume"] else None, log)
+    log_start(run, model, engine, n_params, n_trained, total_steps, step, eval_set, tokenizer)
 
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="sft")
     nonfinite_in_a_row, failure, stopping, signals = 0, None, False, StopSignals()

@@ -4,9 +4,10 @@
 
 Runs README's demo command (torchrun, 2 processes, configs/demo.py, or the config given, such as
 configs/demo_llama.py) into out/bench_<config name> (its own directory, so out/demo is left alone),
-timing the whole command from start to exit: data generation, tokenizing, 2000 steps, evaluation,
-the last checkpoint and the export. Reads the final eval record from its metrics.jsonl and writes
-bench/results/<config name>_cpu.json (demo_cpu.json, demo_llama_cpu.json) with the machine (CPU
+timing the whole command from start to exit: data generation, tokenizing, the steps, evaluation,
+the last checkpoint and the export. Reads the final eval record from its metrics.jsonl (and the one
+before the first step, where the config sets eval_at_start, as configs/smollm2_cpu.py does) and writes
+bench/results/<config name>_cpu.json (demo_cpu.json, demo_llama_cpu.json, smollm2_cpu_cpu.json) with the machine (CPU
 model, cores, load average before and after: the machine may be shared, which slows the run) and
 the digests of the sources it ran.
 """
@@ -46,13 +47,14 @@ def result_path(config):
     return ROOT / "bench" / "results" / f"{config_name(config)}_cpu.json"
 
 
-def final_eval(metrics_path):
-    """The last record of metrics.jsonl that carries an exact match: the end-of-run evaluation."""
+def evals(metrics_path):
+    """(the eval before the first step or None, the end-of-run eval): the first and last records of
+    metrics.jsonl that carry an exact match; the first is the start's when the config sets eval_at_start."""
     with open(metrics_path) as f:
-        evals = [record for record in map(json.loads, f) if "exact_match" in record]
-    if not evals:
+        records = [record for record in map(json.loads, f) if "exact_match" in record]
+    if not records:
         raise ValueError(f"{metrics_path} holds no eval record with exact_match: did the run finish?")
-    return evals[-1]
+    return (records[0] if records[0]["step"] == 0 else None), records[-1]
 
 
 def main():
@@ -67,7 +69,7 @@ def main():
     wall_s = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"the demo run failed with exit status {proc.returncode}; see its output above")
-    final = final_eval(ROOT / output_dir(config) / "metrics.jsonl")
+    start, final = evals(ROOT / output_dir(config) / "metrics.jsonl")
     result = {
         "script": "bench/bench_demo.py",
         "device": "cpu",
@@ -79,11 +81,14 @@ def main():
         "exact_match": final["exact_match"],
         "eval_loss": final["eval_loss"],
     }
+    if start:  # the starting model's figures (eval_at_start), e.g. a pretrained model's before fine-tuning
+        result |= {"exact_match_before": start["exact_match"], "eval_loss_before": start["eval_loss"]}
     path = result_path(config)
     path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"demo: {wall_s:.0f} s, exact match {final['exact_match']:.1%}, eval loss {final['eval_loss']:.4g} "
-          f"at step {final['step']}; load average {load_before[0]:.2f} before, {result['load_average_after'][0]:.2f} after "
-          f"-> {path}")
+    before = f" (before training: {start['exact_match']:.1%}, {start['eval_loss']:.4g})" if start else ""
+    print(f"demo: {wall_s:.0f} s, exact match {final['exact_match']:.1%}, eval loss {final['eval_loss']:.4g}{before} "
+          f"at step {final['step']}; load average {load_before[0]:.2f} before, {result['load_average_after'][0]:.2f} "
+          f"after -> {path}")
 
 
 if __name__ == "__main__":

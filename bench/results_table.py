@@ -9,7 +9,7 @@ renders it. README's headline: one row per claim, each naming its file and machi
 kernel's anchor row (ce_<device>.json), the training step against the compiled loop
 (train_<device>.json), the two engines at every ZeRO stage (engines_cpu.json, engines_124m_cpu.json),
 TRL (trl_cpu.json), sparse fine-tuning (sparse_cpu.json) and the demo (demo_cpu.json, and
-demo_llama_cpu.json beside it where it exists). docs/benchmarks.md's full tables, per device (newest
+demo_llama_cpu.json and smollm2_cpu_cpu.json beside it where they exist). docs/benchmarks.md's full tables, per device (newest
 files first): the fused loss against its peers at every shape (Qwen2.5-0.5B's head in a table of its
 own), where its time goes (profile_ce_<device>.json), training steps (train_<device>.json;
 train_qwen2_5_0_5b_<device>.json at Qwen2.5-0.5B's shape) and the GPU suite's steps
@@ -50,7 +50,9 @@ DEMOS_BEGIN, DEMOS_END = begin_marker("demos"), end_marker("demos")
 # bench_demo.py's result files, <config name>_cpu.json, in the order shown; each appears where it exists
 DEMOS = {"demo_cpu.json": "the demo: README's first command, from scratch",
          "demo_llama_cpu.json": "the demo on a Llama-shaped model (`configs/demo_llama.py`: RMSNorm, rotary positions, "
-                                "SwiGLU, 4 query heads sharing 2 key/value heads), from scratch"}
+                                "SwiGLU, 4 query heads sharing 2 key/value heads), from scratch",
+         "smollm2_cpu_cpu.json": "SmolLM2-135M-Instruct, pretrained, fine-tuned with LoRA on the demo task in its chat "
+                             "template (`configs/smollm2_cpu.py`)"}
 KINDS = ("ce", "profile_ce", "train", "train_qwen2_5_0_5b", "gpu_suite")  # file name prefixes, in the order rendered
 HEADS = {(896, 151936): "Qwen2.5-0.5B's head"}  # bench_ce's shapes beside GPT-2's, by (hidden, vocab)
 
@@ -364,9 +366,21 @@ def demo_machine(data):
 
 
 def demo_headline(name, data):
-    """A demo command (README's, or the same task on another config): its time and its final exact match."""
+    """A demo command (README's, or the same task on another config): its time and its final exact match,
+    after the starting model's where the run measured it (a pretrained model's, before fine-tuning)."""
+    if "exact_match_before" in data:
+        return (DEMOS[name], f"**{data['exact_match']:.1%}** of the held-out prompts exactly right, from "
+                f"{data['exact_match_before']:.1%} before fine-tuning; eval loss {data['eval_loss']:.4f}, from "
+                f"{data['eval_loss_before']:.4f}; {minutes(data['wall_s'])} for the whole command", demo_machine(data),
+                name)
     return (DEMOS[name], f"**{data['exact_match']:.1%}** of the held-out prompts exactly right, eval loss "
             f"{data['eval_loss']:.4f}, {minutes(data['wall_s'])} for the whole command", demo_machine(data), name)
+
+
+def before_and_after(data, key, form):
+    """The end's figure, after the start's where the run measured it: "0.0% -> 41.0%"."""
+    before = f"{form.format(data[key + '_before'])} -> " if key + "_before" in data else ""
+    return before + form.format(data[key])
 
 
 def demo_results(results_dir):
@@ -379,7 +393,8 @@ def render_demos(results_dir=RESULTS):
     lines = [DEMOS_BEGIN, "", "| command | exact match | eval loss | whole command | machine | file |",
              "|---|---|---|---|---|---|"]
     for name, data in demo_results(results_dir):
-        lines.append(f"| `{data['command']}` | {data['exact_match']:.1%} | {data['eval_loss']:.4f} | "
+        lines.append(f"| `{data['command']}` | {before_and_after(data, 'exact_match', '{:.1%}')} | "
+                     f"{before_and_after(data, 'eval_loss', '{:.4f}')} | "
                      f"{minutes(data['wall_s'])} | {demo_machine(data)}, {data['date'][:10]} | `{name}` |")
     return "\n".join(lines + ["", DEMOS_END])
 

@@ -358,6 +358,39 @@ def test_the_trainer_fine_tunes_a_gguf_and_exports_one_that_sample_chats_with(ti
     assert exit_code == 2 and "--export_gguf=f16: the byte tokenizer has no GGUF form" in sentence, sentence
 
 
+# ----------------------------------------------------------------------------- a GGUF-initialised run's export
+
+def test_a_gguf_initialised_run_exports_hf_whole_and_its_lora_adapter(tiny_tokenizer, tmp_path):
+    """hf/ as from a directory: transformers loads the weights, AutoTokenizer the GGUF's tokenizer (the same
+    ids) and chat template, the manifest lists them, sample.py's loader reads it back; the LoRA factors are
+    an adapter that peft puts onto transformers' own load of the GGUF file, to the merged model's logits."""
+    from peft import PeftModel
+    import checkpoint
+    path = write_gguf(tmp_path / "tiny.gguf", random_model("llama", len(tiny_tokenizer[0])), tiny_tokenizer)
+    status, sentence = trainer([f"--init_from={path}", "--lora_dim=4", "--only_optimize_lora",
+                                "--lora_learning_rate=3e-2", "--max_steps=2", "--max_seq_len=64",
+                                "--template={prompt}={response}"], tmp_path / "run")
+    assert status == 0, sentence
+    hf = tmp_path / "run" / "out" / "hf"
+    ours, exported = get_tokenizer(path), transformers.AutoTokenizer.from_pretrained(hf)
+    text = "<|im_start|>user\nreverse the words, please<|im_end|>\n"
+    assert exported.encode(text) == ours.encode(text, allowed_special="all")
+    assert exported.chat_template == ours.chat_template and exported.eos_token == "<|im_end|>"
+    manifest = json.loads((hf / "sft_manifest.json").read_text())["files"]
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors",
+            "adapter/adapter_model.safetensors"} <= set(manifest)
+    model, trained_with = checkpoint.load_model(str(hf))  # what sample.py --model=.../hf loads
+    assert get_tokenizer(trained_with["tokenizer"]).stop_tokens == ours.stop_tokens
+    idx = torch.randint(0, len(tiny_tokenizer[0]), (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()(idx).logits
+        assert (model.eval()(idx) - merged).abs().max().item() < 1e-4
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+        adapted = PeftModel.from_pretrained(base, hf / "adapter").eval()(idx).logits
+    assert (adapted - merged).abs().max().item() < 1e-4
+    assert (transformers_logits(path, idx) - merged).abs().max().item() > 1e-3  # the run did train
+
+
 # ----------------------------------------------------------------------------- the real model, where present
 
 needs_smollm2 = pytest.mark.skipif(not os.path.isfile(SMOLLM2), reason=f"{SMOLLM2} is not here: "

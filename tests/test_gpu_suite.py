@@ -238,6 +238,30 @@ def test_the_llama_demo_renders_beside_the_gpt2_demo_once_its_file_exists(tmp_pa
     assert demos.index("`demo_cpu.json`") < demos.index("`demo_llama_cpu.json`")
 
 
+def test_a_pretrained_demo_renders_its_figures_before_and_after_fine_tuning(tmp_path):
+    for path in (ROOT / "bench" / "results").glob("*.json"):
+        shutil.copy(path, tmp_path)
+    demo = json.loads((tmp_path / "demo_cpu.json").read_text())
+    (tmp_path / "smollm2_cpu_cpu.json").write_text(json.dumps({**demo, "config": "configs/smollm2_cpu.py", "exact_match": 0.41,
+                                                           "eval_loss": 0.25, "exact_match_before": 0.012,
+                                                           "eval_loss_before": 3.5}))
+    row = next(line for line in results_table.render_headline(tmp_path).splitlines() if "`smollm2_cpu_cpu.json`" in line)
+    assert "SmolLM2-135M-Instruct" in row and "**41.0%**" in row and "from 1.2% before fine-tuning" in row
+    assert "eval loss 0.2500, from 3.5000" in row
+    demos = results_table.render_demos(tmp_path)
+    assert "| 1.2% -> 41.0% | 3.5000 -> 0.2500 |" in demos and "| 93.2% | 0.0400 |" in demos  # only where measured
+
+
+def test_bench_demo_reads_the_eval_before_the_first_step_where_there_is_one(tmp_path):
+    records = [{"step": 0, "eval_loss": 3.0, "exact_match": 0.0}, {"step": 5, "loss": 2.0},
+               {"step": 10, "eval_loss": 1.5, "exact_match": 0.3}, {"step": 20, "eval_loss": 1.0, "exact_match": 0.5}]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert bench_demo.evals(metrics) == (records[0], records[3])
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records[1:]))
+    assert bench_demo.evals(metrics) == (None, records[3])
+
+
 def test_bench_demo_names_its_result_after_the_config():
     assert bench_demo.result_path("configs/demo.py") == ROOT / "bench" / "results" / "demo_cpu.json"
     assert bench_demo.result_path("configs/demo_llama.py").name == "demo_llama_cpu.json"

@@ -57,9 +57,11 @@ def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path, data_file):
 
 def test_resume_gives_the_uninterrupted_losses(tmp_path, data_file):
     common = [f"--data_path={data_file}", "--max_steps=6", "--dropout=0.1", "--checkpoint_interval=3",
-              "--keep_checkpoints=5", "--eval_exact_match=4"]
+              "--keep_checkpoints=5", "--eval_exact_match=4", "--eval_at_start"]
     full = tmp_path / "full"
     run_trainer(common + [f"--output_dir={full}"], tmp_path)
+    start = json.loads(open(full / "metrics.jsonl").readline())  # --eval_at_start: the untrained model's figures
+    assert start["step"] == 0 and {"eval_loss", "exact_match"} <= set(start)
     assert sorted(os.listdir(full)) == ["ckpt-00000003", "ckpt-00000006", "hf", "metrics.jsonl", "run.json",
                                         "run.lock"]
     # Crashed after logging step 6 but before its checkpoint: the last checkpoint is step 3's, and
@@ -75,6 +77,7 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, data_file):
     full_losses, resumed = train_losses(full), train_losses(part)
     records = [json.loads(line) for line in open(part / "metrics.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 6]  # the start's eval is not repeated
     assert all(resumed[s] == full_losses[s] for s in (4, 5, 6)), (resumed, full_losses)
     # The exported model is the same as the uninterrupted run's.
     from safetensors.torch import load_file
