@@ -11,8 +11,8 @@ Order of business: options -> distributed setup -> data -> model -> optimizer ->
 token-weighted over the whole optimizer step, across micro-batches and ranks, so a run's numbers do
 not depend on how the batch is split.
 
-The rooms this file uses: options.py (the option table and its checks), data.py, model.py,
-checkpoint.py (the output directory, checkpoints, the Hugging Face export), and the two engines behind
+The rooms this file uses: options.py (the option table and its checks), data.py, model.py, checkpoint.py
+(the output directory, checkpoints, metrics.jsonl, the Hugging Face export), and the two engines behind
 one seam: zero_lite.py (native) and deepspeed_engine.py.
 """
 

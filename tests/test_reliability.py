@@ -375,7 +375,7 @@ def test_max_nonfinite_steps_stops_with_a_sentence_and_lists_the_batches(tmp_pat
                               "--max_nonfinite_steps=2", f"--output_dir={out}"], tmp_path)
     assert stopped.value.exit_code == train_sft.EXIT_NONFINITE
     assert str(stopped.value).startswith("error: NaN/Inf loss or gradient for 2 steps in a row at step 1: stopping")
-    assert sorted(p.name for p in out.iterdir() if p.name not in ("metrics.jsonl", "run.lock")) == [
+    assert sorted(p.name for p in out.iterdir() if p.name not in ("metrics.jsonl", "run.lock", "run.json")) == [
         "nonfinite-step-00000000-rank0.json", "nonfinite-step-00000001-rank0.json"]  # no checkpoint, no export
     listed = json.loads((out / "nonfinite-step-00000001-rank0.json").read_text())
     assert [(b["epoch"], b["micro_batch"], len(b["rows"])) for b in listed["micro_batches"]] == [(0, 1, 4)]
