@@ -18,10 +18,11 @@ random-number states matter too. A start that exits non-zero without having been
 failure.
 
 The disk-fills modes put the output directory on a small tmpfs (mounting one needs root; the modes
-are recorded as skipped where it cannot be had) and, at a random moment of each round's first start,
-another process fills it: the run must stop with exit 4 and one sentence, run.json recording the 4,
-no temporary file left behind; the filler is then removed and the run resumed to its end. Rounds
-there number --kills / 3. Writes bench/results/soak_kill.json; exits 1 when any round differs or failed.
+are recorded as skipped where it cannot be had) and, when each round's first start logs a random
+step of the first half (between two checkpoints), another process fills it: the run must stop with
+exit 4 and one sentence, run.json recording the 4, no temporary file left behind; the filler is then
+removed and the run resumed to its end. Rounds there number --kills / 2. Writes --results
+(bench/results/soak_kill.json); exits 1 when any round differs or failed.
 """
 import datetime
 import json
@@ -52,12 +53,14 @@ MODES = {"1-process": (1, []),  # name: (ranks, options of its own)
          "2-ranks-stage0": (2, ["--zero_stage=0"]),
          "2-ranks-stage2": (2, ["--zero_stage=2"]),
          "2-ranks-stage3": (2, ["--zero_stage=3"]),
-         "2-ranks-deepspeed-stage2": (2, ["--engine=deepspeed", "--zero_stage=2"]),
          "1-process-disk-fills": (1, []),
-         "2-ranks-stage2-disk-fills": (2, ["--zero_stage=2"])}
+         "2-ranks-stage2-disk-fills": (2, ["--zero_stage=2"]),
+         "2-ranks-deepspeed-stage2": (2, ["--engine=deepspeed", "--zero_stage=2"])}
 BENCH_OPTIONS = {"kills": (12, "runs killed with SIGKILL at a random moment, per mode"),
                  "seed": (0, "seed of the kill times"),
-                 "modes": ("all", "all, or some of " + ", ".join(MODES) + ", comma-separated")}
+                 "modes": ("all", "all, or some of " + ", ".join(MODES) + ", comma-separated"),
+                 "export_share": (0.15, "share of the kills aimed at the Hugging Face export"),
+                 "results": ("bench/results/soak_kill.json", "where the JSON goes, relative to the repository")}
 
 
 def write_data(path):
@@ -176,7 +179,7 @@ def max_difference(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a) if a.keys() == b.keys() else float("inf")
 
 
-def soak(mode, kills_wanted, training_s, reference, workdir, rng):
+def soak(mode, kills_wanted, training_s, reference, workdir, rng, export_share):
     """Rounds of killed and resumed starts until kills_wanted kills; returns the mode's figures."""
     nproc, mode_options = MODES[mode]
     figures = {"rounds": 0, "kills": 0, "kills_of_one_rank": 0, "kills_during_a_checkpoint_write": 0,
@@ -203,19 +206,19 @@ def soak(mode, kills_wanted, training_s, reference, workdir, rng):
                 restart = ["--resume"] if resume else ["--overwrite_output_dir"]
                 stale = set(leftovers(out))  # unfinished checkpoints of the start before, not this one's
                 proc = start(nproc, workdir, out, [*mode_options, *restart], log)
-                moment = rng.random()  # below 0.15: during the export; below 0.45: during a checkpoint write
+                moment = rng.random()  # below export_share: in the export; up to 0.3 above: in a checkpoint write
                 try:
                     if figures["kills"] < kills_wanted:  # most kills in the loop, a few during the setup
                         if rng.random() < 0.85:
                             training_started(proc, workdir / "start.log")
-                        if moment < 0.15:
+                        if moment < export_share:
                             wait_for_the_export(proc, workdir / "start.log", rng)
-                        elif moment < 0.45:
+                        elif moment < export_share + 0.3:
                             wait_for_a_checkpoint_write(proc, out, stale, rng)
                         proc.wait(timeout=rng.uniform(0.0, 1.0) * training_s)
                     proc.wait()
                 except subprocess.TimeoutExpired:
-                    exporting = moment < 0.15
+                    exporting = moment < export_share
                     figures["kills_of_one_rank"] += kill(proc, nproc, rng) == "one rank"
                     figures["kills"] += 1
                     figures["kills_during_a_checkpoint_write"] += bool(leftovers(out))
@@ -257,13 +260,14 @@ def fill(disk):
 
 def stopped_on_a_full_disk(proc, nproc, out, log_path):
     """None when a start that met a full disk stopped as it must (exit 4, or torchrun's 1 with run.json
-    recording 4; one sentence, no traceback, no temporary file left), else what went wrong."""
+    recording 4; one sentence, no traceback from the trainer, no temporary file left), else what went wrong."""
     text = log_path.read_text(errors="replace")
     record = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
     temporary = [str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
     sentences = [line for line in text.splitlines() if line.startswith("train_sft.py: error: ")]
+    # torchrun prints a traceback of its own launcher (ChildFailedError) for any failed rank: not the trainer's
     if (proc.returncode, record.get("exit_code"), len(sentences)) != (4 if nproc == 1 else 1, 4, 1) \
-            or temporary or "Traceback" in text:
+            or temporary or 'train_sft.py", line' in text:
         return f"a full disk: exit {proc.returncode}, run.json {record}, left {temporary}: " + text[-2000:]
     return None
 
@@ -285,7 +289,7 @@ def soak_disk_fills(mode, rounds, reference, workdir, rng):
             with open(workdir / "start.log", "w") as log:
                 proc = start(nproc, workdir, out, [*mode_options, "--overwrite_output_dir"], log)
                 figures["fresh_starts"] += 1
-                if logged_step(proc, workdir / "start.log", rng.randrange(5, OPTIONS_MAX_STEPS, 5)):
+                if logged_step(proc, workdir / "start.log", rng.randrange(5, OPTIONS_MAX_STEPS // 2 + 1, 5)):
                     fill(disk)
                     figures["disk_fills"] += 1
                 proc.wait()
@@ -336,6 +340,7 @@ def main():
     results = {"script": "bench/soak_kill.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
                "torch": torch.__version__, "options": OPTIONS, "kills_per_mode": kills_wanted,
+               "export_share": args["export_share"],
                "load_average_before": os.getloadavg(), "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -351,15 +356,16 @@ def main():
             training_s = time.perf_counter() - began
             reference = load_file(out / "hf" / "model.safetensors")
             if mode.endswith("disk-fills"):
-                figures = soak_disk_fills(mode, max(1, kills_wanted // 3), reference, workdir, rng)
+                figures = soak_disk_fills(mode, max(1, kills_wanted // 2), reference, workdir, rng)
             else:
-                figures = soak(mode, kills_wanted, training_s, reference, workdir, rng)
+                figures = soak(mode, kills_wanted, training_s, reference, workdir, rng, args["export_share"])
             figures["uninterrupted_training_s"] = round(training_s, 1)
             results["modes"][mode] = {"ranks": nproc, "options": mode_options, **figures}
             print(f"{mode}: {json.dumps(figures)}", flush=True)
-    results["load_average_after"] = os.getloadavg()  # the machine may be shared: its load goes with the figures
-    path = ROOT / "bench" / "results" / "soak_kill.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+            # after every mode, so that a soak cut short keeps what it measured
+            results["load_average_after"] = os.getloadavg()  # the machine may be shared: its load goes with them
+            path = ROOT / args["results"]
+            path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"-> {path}")
     bad = any(m.get("failures") or m.get("max_abs_difference", 0.0) != 0.0 for m in results["modes"].values())
     sys.exit(1 if bad else 0)
