@@ -7,6 +7,9 @@ Checkpoints and the output directory: everything a run leaves on disk except its
   verified (a damaged one is named and passed over), rotated, loaded, with every rank's RNG state.
 - Models: built from a checkpoint, a Hugging Face directory or scratch options, and exported in
   Hugging Face format at the end of a run. sample.py builds its model from here too.
+- Metrics: metrics.jsonl, one record a line.
+Every write here meets a full disk or an I/O error the same way: one sentence (CheckpointError, exit 4
+in the trainer) and no temporary file left behind.
 """
 import contextlib
 import errno
@@ -51,7 +54,21 @@ RUN_OUTPUTS = re.compile(r"metrics\.jsonl|hf|tensorboard|nonfinite-step-\d{8}-ra
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (a full disk, say): the message says where and why."""
+    """A checkpoint, or another file of the run, could not be written (a full disk, say): the message says
+    where and why."""
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # what a full disk or a failing one reports
+
+
+def is_disk_error(e):
+    return isinstance(e, OSError) and e.errno in DISK_ERRORS
+
+
+def write_failure(path, e):
+    """One sentence for a write to path that failed with OSError e."""
+    reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or type(e).__name__
+    return f"{path or 'a file of the run'} could not be written: {reason}"
 
 
 # -----------------------------------------------------------------------------
@@ -68,6 +85,26 @@ def check_output_dir(path):
         os.remove(probe)
     except OSError as e:
         raise OptionError(f"--output_dir={path} cannot be written: {e.strerror}") from None
+
+
+def open_run(cfg, explicit, rank, world, log):
+    """Makes output_dir this run's (claim_output_dir) and finds the state it starts from (starting_checkpoint:
+    None, or a loaded checkpoint whose options are adopted into cfg). Returns (the lock, to keep referenced;
+    the run id, which a resumed run keeps from its checkpoint; that loaded state). Rank 0 records the id in
+    run.json at once, so that the file, and the disk block that holds it, is there for the run's outcome
+    even when the disk fills before the first checkpoint."""
+    check_output_dir(cfg["output_dir"])
+    lock, run_id = claim_output_dir(cfg["output_dir"], cfg["resume"], cfg["overwrite_output_dir"], rank, world, log)
+    saved_state = starting_checkpoint(cfg, explicit, log, rank == 0, world)
+    if saved_state is not None and cfg["resume"]:
+        run_id = saved_state["run_id"] or run_id
+    if rank == 0:
+        try:
+            write_run_record(cfg["output_dir"], run_id)
+        except OSError as e:
+            raise CheckpointError(f"{write_failure(os.path.join(cfg['output_dir'], RUN_FILE), e)}; "
+                                  f"the run stops before training") from None
+    return lock, run_id, saved_state
 
 
 def claim_output_dir(output_dir, resume, overwrite, rank, world, log):
@@ -314,7 +351,6 @@ def save_checkpoint(output_dir, step, engine, trainer_state, keep, rank, world):
             write_manifest(tmp, {"step": step, "engine": trainer_state["engine"], "run_id": run_id})
         replace_directory(tmp, final)
         fsync_directory(output_dir)  # the rename itself survives a power cut
-        write_run_record(output_dir, run_id)
         remove_old_checkpoints(output_dir, keep, run_id)
     barrier(world)
     return final
@@ -409,24 +445,39 @@ def write_run_record(output_dir, run_id):
     """run.json: the run whose checkpoints output_dir holds (written atomically, when it changes)."""
     path = os.path.join(output_dir, RUN_FILE)
     if (read_json_object(path) or {}).get("run_id") != run_id:
+        write_json_atomically(path, {"run_id": run_id})
+
+
+def write_json_atomically(path, value):
+    """value as JSON in path, written as path.tmp and renamed; a failed write (OSError) leaves no path.tmp."""
+    try:
         with open(path + ".tmp", "w") as f:
-            json.dump({"run_id": run_id}, f)
+            json.dump(value, f)
         os.replace(path + ".tmp", path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
 
 
 def write_outcome(output_dir, exit_code, reason):
     """Adds how the run ended (exit_code, and reason: the sentence it printed) to output_dir/run.json, for
     a scheduler: under torchrun the job's own exit status is 1 whatever the ranks' was. Only the process
     that holds output_dir's lock writes, so a run refused because another one holds it leaves that run's
-    record alone. Returns whether it wrote."""
+    record alone. On a full disk, where the atomic write fails, run.json is rewritten in place: it is
+    smaller than the disk block it already holds. Returns whether it wrote."""
     path = os.path.join(output_dir, RUN_FILE)
     try:
         with open(os.path.join(output_dir, LOCK_FILE)) as f:
             if f.read().strip() != f"pid {os.getpid()} on {socket.gethostname()}":
                 return False
-        with open(path + ".tmp", "w") as f:
-            json.dump({**(read_json_object(path) or {}), "exit_code": exit_code, "reason": reason}, f)
-        os.replace(path + ".tmp", path)
+        record = json.dumps({**(read_json_object(path) or {}), "exit_code": exit_code, "reason": reason})
+        try:
+            write_json_atomically(path, json.loads(record))
+        except OSError:
+            with open(path, "r+") as f:
+                f.write(record)
+                f.truncate()
     except OSError:  # the record is a courtesy; the exit status and the printed sentence remain
         return False
     return True
@@ -518,6 +569,11 @@ def keep_global_batch(cfg, explicit, checkpoint, world, log):
     cannot divide, it stops with a sentence naming the numbers. An explicit --gradient_accumulation_steps
     that changes the batch is the user's choice, made with a notice."""
     saved_world, saved = checkpoint.get("world_size", world), checkpoint["options"]
+    if checkpoint.get("engine") == "deepspeed" and saved.get("zero_stage", 0) > 0 and world != saved_world:
+        raise OptionError(f"--resume on {world} rank(s): {checkpoint['path']} was written by DeepSpeed's ZeRO-"
+                          f"{saved['zero_stage']} on {saved_world} rank(s), and DeepSpeed cannot re-partition that "
+                          f"optimizer state; resume on {saved_world} rank(s), or start a new run from its weights "
+                          f"with --init_from={checkpoint['path']} (the optimizer state starts anew)")
     per_step = saved_world * saved["gradient_accumulation_steps"] * saved["batch_size"]
     factors = f"({saved_world} ranks x {saved['gradient_accumulation_steps']} x {saved['batch_size']})"
     accum, batch = cfg["gradient_accumulation_steps"], cfg["batch_size"]
@@ -704,6 +760,22 @@ def export_gguf(model, cfg, output_dir):
     gguf_format.save_gguf(model, get_tokenizer(cfg["tokenizer"]), path, cfg["export_gguf"],
                           name=f"{model.config.model_type} fine-tuned by train_sft.py")
     return path
+
+
+def check_scratch_model_fits(cfg, n_vocab, device):
+    """A model from scratch is built whole on every rank before any engine shards it: options whose
+    weights alone exceed the device's memory stop here with a sentence, not in the allocator."""
+    n_embd = cfg["n_embd"]
+    n_params = (n_vocab + cfg["max_seq_len"]) * n_embd + cfg["n_layer"] * 12 * n_embd**2  # GPT-2's shape
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n_params * 4 > memory:
+        raise OptionError(f"--n_layer={cfg['n_layer']} --n_embd={n_embd} --max_seq_len={cfg['max_seq_len']} make a "
+                          f"model of about {n_params:,} parameters, whose float32 weights alone "
+                          f"({n_params * 4 / 2**30:,.0f} GiB) exceed the {memory / 2**30:,.0f} GiB of this "
+                          f"{device.type} device; make it smaller")
 
 
 def add_lora(model, options):
@@ -900,3 +972,69 @@ def load_model(path):
     checkpoint = load_checkpoint(checkpoint_path)
     options = checkpoint["options"]
     return build_model(options, None, checkpoint), {"tokenizer": options["tokenizer"], "template": options["template"]}
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+class MetricsLog:
+    """One JSON object per line in output_dir/metrics.jsonl (appended across resumes), and TensorBoard.
+
+    A resumed run starts from its checkpoint's step, so records after that step (written before a
+    crash) are dropped: they are about to be written again. So is a line that a kill cut short. A write
+    that fails (a disk filled by another process) leaves the file as it was, keeps its sentence in
+    `failure` for the trainer, which stops with a checkpoint, and writes nothing more."""
+
+    def __init__(self, output_dir, tensorboard, resumed_step=None, log=print):
+        self.path, self.failure = os.path.join(output_dir, "metrics.jsonl"), None
+        if resumed_step is not None and os.path.exists(self.path):
+            kept = self.records_up_to(resumed_step, log)
+            try:
+                with open(self.path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(self.path + ".tmp", self.path)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.remove(self.path + ".tmp")
+                raise CheckpointError(f"{write_failure(self.path, e)}; the run stops before training") from None
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise OptionError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def records_up_to(self, step, log):
+        """The lines of records up to step; an unreadable line (the torn end of a killed write) is
+        dropped with a notice rather than stopping the resume."""
+        kept = []
+        with open(self.path, errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record_step = json.loads(line)["step"]
+                except (ValueError, TypeError, KeyError):
+                    log(f"metrics: dropped line {number} of {self.path}, which is not a whole record "
+                        f"(a write cut short by a kill)")
+                    continue
+                if record_step <= step:
+                    kept.append(line.rstrip("\n") + "\n")
+        return kept
+
+    def write(self, record):
+        if self.failure:
+            return
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            self.failure = write_failure(self.path, e)
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)  # no torn line; truncating needs no space
+            return
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])

@@ -11,8 +11,8 @@ Order of business: options -> distributed setup -> data -> model -> optimizer ->
 token-weighted over the whole optimizer step, across micro-batches and ranks, so a run's numbers do
 not depend on how the batch is split.
 
-The rooms this file uses: options.py (the option table and its checks), data.py, model.py,
-checkpoint.py (the output directory, checkpoints, the Hugging Face export), and the two engines behind
+The rooms this file uses: options.py (the option table and its checks), data.py, model.py, checkpoint.py
+(the output directory, checkpoints, metrics.jsonl, the Hugging Face export), and the two engines behind
 one seam: zero_lite.py (native) and deepspeed_engine.py.
 """
 
@@ -31,16 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import record as torchelastic_record
 from tqdm import tqdm
 
 import deepspeed_engine
 import sft_kernels.cross_entropy
 import sparse
 import zero_lite
-from checkpoint import (CheckpointError, build_model, check_output_dir, check_resumed_data, claim_output_dir,
-                        data_identity, export_hf, from_rank0, resume_run, rng_state, save_checkpoint,
-                        starting_checkpoint, write_outcome)
+from checkpoint import (CheckpointError, MetricsLog, build_model, check_resumed_data, check_scratch_model_fits,
+                        data_identity, export_hf, from_rank0, is_disk_error, open_run, resume_run, rng_state,
+                        save_checkpoint, write_failure, write_outcome)
 from data import Batches, check_data_files, prepare_data
 from model import only_optimize_lora
 from options import OptionError, check_combinations, parse_options
@@ -72,8 +72,12 @@ class Run:
     device: torch.device
     autocast: contextlib.AbstractContextManager
     log: object
-    data: dict  # the data's identity, which checkpoints record (checkpoint.data_identity)
+    data_identity: dict  # each data file's sha256, the tokenizer, the sample options (checkpoint.data_identity)
     metrics: object = None
+
+    def write_failure(self):
+        """The sentence of a metrics.jsonl write that failed (rank 0), which stops the run; None if none did."""
+        return self.metrics.failure if self.metrics is not None else None
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +139,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def load_data(cfg, rank, world, log, checkpoint):
+def load_data(cfg, rank, world, log, saved_state):
     """The tokenizer, the train and eval sets (tokenized once per machine and cached), this rank's
     batches and the data's identity, which a resumed run's checkpoint must share (or be told to accept
     otherwise). A data problem is bad input: its message names the file, line or option."""
@@ -152,19 +156,28 @@ def load_data(cfg, rank, world, log, checkpoint):
                           packing=cfg["packing"], group_by_length=cfg["group_by_length"])
         identity = data_identity(cfg, tokenizer)
     except (OSError, ValueError) as e:
+        if is_disk_error(e):  # the cache did not fit: a full disk, as anywhere else
+            raise CheckpointError(f"{write_failure(e.filename, e)}; the run stops before training") from None
         raise OptionError(data_error_sentence(e, cfg["cache_dir"])) from None
-    if checkpoint is not None and cfg["resume"]:
-        check_resumed_data(checkpoint, identity, len(train_set), cfg["resume_data_changed"], log)
+    if saved_state is not None and cfg["resume"]:
+        check_resumed_data(saved_state, identity, len(train_set), cfg["resume_data_changed"], log)
     return tokenizer, train_set, eval_set, batches, identity
 
 
-def count_steps(cfg, train_set, batches, world):
-    """The run's optimizer steps: --max_steps, or the whole epochs' worth of micro-batches."""
+def count_steps(cfg, train_set, batches, world, saved_state):
+    """The run's optimizer steps: --max_steps, or the whole epochs' worth of micro-batches. A resume to
+    fewer steps than its checkpoint has taken is refused: it would train nothing and export a model of
+    more steps than asked for."""
     accum = cfg["gradient_accumulation_steps"]
     total_steps = cfg["max_steps"] or cfg["num_train_epochs"] * batches.batches_per_epoch // accum
     if total_steps < 1:
         raise OptionError(f"{len(train_set)} training samples make no full optimizer step of "
                           f"{world} ranks x {accum} micro-batches x {cfg['batch_size']}")
+    if cfg["resume"] and total_steps < saved_state["step"]:
+        raise OptionError(f"--resume to {total_steps} steps (--max_steps / --num_train_epochs), but "
+                          f"{saved_state['path']} has already taken {saved_state['step']}: give at least "
+                          f"--max_steps={saved_state['step']}, or use that checkpoint as it is "
+                          f"(sample.py --model, --init_from)")
     return total_steps
 
 
@@ -172,40 +185,27 @@ def count_steps(cfg, train_set, batches, world):
 # Model, optimizer, engine
 
 
-def prepare_model(cfg, n_vocab, checkpoint, device):
+def prepare_model(cfg, n_vocab, saved_state, device):
     """The model to train, on its device: built, checked against max_seq_len, LoRA-frozen as asked,
     with the chosen loss kernel and NEFTune noise."""
-    if checkpoint is None and cfg["init_from"] == "scratch":
+    if saved_state is None and cfg["init_from"] == "scratch":
         check_scratch_model_fits(cfg, n_vocab, device)
-    model = build_model(cfg, n_vocab, checkpoint)
+    model = build_model(cfg, n_vocab, saved_state)
     if cfg["max_seq_len"] - 1 > model.config.block_size:
         raise OptionError(f"--max_seq_len={cfg['max_seq_len']} needs {cfg['max_seq_len'] - 1} positions but the "
                           f"model has {model.config.block_size}")
     if cfg["only_optimize_lora"]:
         only_optimize_lora(model)
     if cfg["kernels"] == "triton":
+        if not sft_kernels.cross_entropy.runs_on(device):
+            raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
+                              "use --kernels=torch on CPU")
         model.loss_fn = sft_kernels.cross_entropy.fused_masked_linear_cross_entropy
     elif cfg["compile"]:  # traced, its data-dependent row count recompiled, then crashed in dynamo (torch 2.11, H100)
         model.loss_fn = torch.compiler.disable(model.loss_fn)
     if cfg["neftune_alpha"] > 0:
         add_neftune_noise(model, cfg["neftune_alpha"])
     return model.to(device)
-
-
-def check_scratch_model_fits(cfg, n_vocab, device):
-    """A model from scratch is built whole on every rank before any engine shards it: options whose
-    weights alone exceed the device's memory stop here with a sentence, not in the allocator."""
-    n_embd = cfg["n_embd"]
-    n_params = (n_vocab + cfg["max_seq_len"]) * n_embd + cfg["n_layer"] * 12 * n_embd**2  # GPT-2's shape
-    if device.type == "cuda":
-        memory = torch.cuda.get_device_properties(device).total_memory
-    else:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if n_params * 4 > memory:
-        raise OptionError(f"--n_layer={cfg['n_layer']} --n_embd={n_embd} --max_seq_len={cfg['max_seq_len']} make a "
-                          f"model of about {n_params:,} parameters, whose float32 weights alone "
-                          f"({n_params * 4 / 2**30:,.0f} GiB) exceed the {memory / 2**30:,.0f} GiB of this "
-                          f"{device.type} device; make it smaller")
 
 
 def make_optimizer(model, cfg, fused, total_steps=1):
@@ -239,6 +239,13 @@ def make_optimizer(model, cfg, fused, total_steps=1):
 
 
 SPARSE_PROBE_BATCHES = 4  # micro-batches over all ranks whose gradients choose the first entries (--sparse_init=gradient)
+
+
+def start_sparse(run, model, optimizer, batches):
+    """--sparse_init=gradient chooses a new run's entries by its first gradients; the choice is logged."""
+    if run.cfg["sparse_init"] == "gradient" and not run.cfg["resume"]:
+        choose_sparse_entries(model, optimizer, batches, run.device, run.autocast)
+    run.log(sparse.sparse_report(optimizer))
 
 
 def choose_sparse_entries(model, optimizer, batches, device, autocast):
@@ -331,26 +338,21 @@ def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12)):
-        if key in name:
-            return flops
-    return None
+    return next((flops for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12))
+                 if key in name), None)
 
 
-def report_model_state(engine, device, rank, world, stage, n_params, n_trained, step, metrics, log):
-    """Every rank's model-state bytes (engine.memory_report()) and peak memory into metrics.jsonl, and
-    rank 0's beside the ZeRO paper's formula in the log; every rank calls it."""
-    mine = {**engine.memory_report(), "peak_mem_gib": peak_memory_gib(device)}
+def report_model_state(run, engine, n_params, n_trained, step):
+    """Every rank's model-state bytes (engine.memory_report()) and peak memory into metrics.jsonl beside
+    the ZeRO paper's formula (log_start logs them at the start); every rank calls it."""
+    mine = {**engine.memory_report(), "peak_mem_gib": peak_memory_gib(run.device)}
     memory = [mine]
-    if world > 1:
-        memory = [None] * world
+    if run.world > 1:
+        memory = [None] * run.world
         dist.all_gather_object(memory, mine)
-    if rank == 0:
-        formula = zero_lite.zero_formula_bytes(n_params, n_trained, stage, world)
-        metrics.write({"step": step, "memory": memory, "zero_formula_bytes": formula})
-        mib = {k: v / 2**20 for k, v in memory[0].items() if k != "peak_mem_gib"}
-        log(f"model state on rank 0: {mib['total']:.2f} MiB (params {mib['params']:.2f}, grads {mib['grads']:.2f}, "
-            f"optimizer {mib['optimizer_state']:.2f}); the ZeRO paper's fp32 formula: {formula / 2**20:.2f} MiB")
+    if run.rank == 0:
+        formula = zero_lite.zero_formula_bytes(n_params, n_trained, run.cfg["zero_stage"], run.world)
+        run.metrics.write({"step": step, "memory": memory, "zero_formula_bytes": formula})
 
 
 def peak_memory_gib(device):
@@ -378,58 +380,12 @@ def log_start(run, model, engine, n_params, n_trained, total_steps, step, eval_s
         run_eval(run, engine, eval_set, tokenizer, step)
 
 
-def log_step(run, progress, record):
+def log_step(run, progress, step_record):
     """A training record into metrics.jsonl, the progress bar and the log (rank 0)."""
     if run.rank == 0:
-        run.metrics.write(record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        run.log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-
-
-class MetricsLog:
-    """One JSON object per line in output_dir/metrics.jsonl (appended across resumes), and TensorBoard.
-
-    A resumed run starts from its checkpoint's step, so records after that step (written before a
-    crash) are dropped: they are about to be written again. So is a line that a kill cut short."""
-
-    def __init__(self, output_dir, tensorboard, resumed_step=None, log=print):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        if resumed_step is not None and os.path.exists(self.path):
-            kept = self.records_up_to(resumed_step, log)
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise OptionError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-
-    def records_up_to(self, step, log):
-        """The lines of records up to step; an unreadable line (the torn end of a killed write) is
-        dropped with a notice rather than stopping the resume."""
-        kept = []
-        with open(self.path, errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    record_step = json.loads(line)["step"]
-                except (ValueError, TypeError, KeyError):
-                    log(f"metrics: dropped line {number} of {self.path}, which is not a whole record "
-                        f"(a write cut short by a kill)")
-                    continue
-                if record_step <= step:
-                    kept.append(line.rstrip("\n") + "\n")
-        return kept
-
-    def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
+        run.metrics.write(step_record)
+        progress.set_postfix(loss=f"{step_record['loss']:.4f}", lr=f"{step_record['lr']:.2e}")
+        run.log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in step_record.items()))
 
 
 # -----------------------------------------------------------------------------
@@ -559,10 +515,12 @@ def write_nonfinite_batches(output_dir, step, rank, micro, loss):
     return path
 
 
-def skipped_step(run, engine, step, micro, step_loss, in_a_row):
-    """The count of NaN/Inf steps in a row after a step that the engine did not apply. A float16
+def nonfinite_count(run, engine, applied, step, micro, step_loss, in_a_row):
+    """The count of NaN/Inf steps in a row after a step: 0 after one the engine applied. A float16
     gradient overflow is routine (the loss scaler lowers its scale) and starts the count again; a
     NaN/Inf loss or gradient adds one, and its batches are listed in output_dir to look at."""
+    if applied:
+        return 0
     loss = step_loss.item()
     if run.cfg["dtype"] == "float16" and math.isfinite(loss):
         run.log(f"step {step}: gradient overflow in float16, optimizer step skipped; "
@@ -597,9 +555,9 @@ def checkpoint_now(run, engine, batches, model, step):
     if run.world > 1:
         rngs = [None] * run.world
         dist.all_gather_object(rngs, rng_state())
-    trainer_state = {"step": step, "batches": batches.state_dict(), "rng": rngs, "data": run.data, "options": run.cfg,
-                     "model_config": vars(model.config).copy(), "engine": run.cfg["engine"], "world_size": run.world,
-                     "run_id": run.run_id}
+    trainer_state = {"step": step, "batches": batches.state_dict(), "rng": rngs, "data": run.data_identity,
+                     "options": run.cfg, "model_config": vars(model.config).copy(), "engine": run.cfg["engine"],
+                     "world_size": run.world, "run_id": run.run_id}
     path = save_checkpoint(run.cfg["output_dir"], step, engine, trainer_state, run.cfg["keep_checkpoints"],
                            run.rank, run.world)
     run.log(f"checkpoint step {step} -> {path}")
@@ -616,10 +574,21 @@ def export(run, weights, model, optimizer):
         run.log(f"sparse delta -> {sparse.save_delta(optimizer, path, base_name=run.cfg['init_from'])}")
 
 
+def close_process_group():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def raise_if_stopped(run, failure, stopped_by, step):
-    """A run that stopped on NaN/Inf or on a signal ends with RunStopped, whose exit code says which."""
+    """A run that stopped on NaN/Inf, on a failed write or on a signal ends with RunStopped, whose exit
+    code says which."""
     if failure:
         raise RunStopped(f"error: {failure}" if run.rank == 0 else "", EXIT_NONFINITE)
+    if run.write_failure():
+        raise RunStopped(f"error: {run.write_failure()}; the run stopped after step {step} with its checkpoint "
+                         f"in {run.cfg['output_dir']}: continue with --resume once there is space",
+                         EXIT_CHECKPOINT_NOT_WRITTEN)
     if stopped_by:
         raise RunStopped(f"stopped by {signal.Signals(stopped_by).name} after step {step}; its checkpoint is in "
                          f"{run.cfg['output_dir']}, continue with --resume" if run.rank == 0 else "", 128 + stopped_by)
@@ -629,31 +598,25 @@ def raise_if_stopped(run, failure, stopped_by, step):
 # The run
 
 
-def main(argv):
-    cfg, explicit = parse_options(argv, doc=__doc__)
+def main(argv, options=None):
+    """One run; options: argv already parsed, (cfg, explicit), as outcome passes them (a config file runs once)."""
+    cfg, explicit = options or parse_options(argv, doc=__doc__)
     rank, _, world, device = setup_distributed(cfg)
     log = tqdm.write if rank == 0 else (lambda *a, **k: None)  # tqdm.write keeps the progress bar intact
-    check_output_dir(cfg["output_dir"])
-    # Rank 0 holds the output directory's lock until the run ends; a new run gets a new id.
-    lock, run_id = claim_output_dir(cfg["output_dir"], cfg["resume"], cfg["overwrite_output_dir"], rank, world, log)
-    if cfg["kernels"] == "triton" and not sft_kernels.cross_entropy.runs_on(device):
-        raise OptionError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1, for tests); "
-                          "use --kernels=torch on CPU")
-    checkpoint = starting_checkpoint(cfg, explicit, log, rank == 0, world)
-    if checkpoint is not None and cfg["resume"]:
-        run_id = checkpoint["run_id"] or run_id  # the resumed run keeps its id
+    # Rank 0 holds the output directory's lock until the run ends; a resumed run keeps its id.
+    lock, run_id, saved_state = open_run(cfg, explicit, rank, world, log)
     if cfg["engine"] == "deepspeed":
         deepspeed_engine.adopt_options(cfg, explicit, world, device)
     check_combinations(cfg)
     seed_everything(cfg["seed"])
 
     # Data: tokenized once per machine and cached; every rank draws its own micro-batches.
-    tokenizer, train_set, eval_set, batches, data = load_data(cfg, rank, world, log, checkpoint)
+    tokenizer, train_set, eval_set, batches, data_hashes = load_data(cfg, rank, world, log, saved_state)
     accum = cfg["gradient_accumulation_steps"]
-    total_steps = count_steps(cfg, train_set, batches, world)
+    total_steps = count_steps(cfg, train_set, batches, world, saved_state)
 
     # Model: from scratch, a Hugging Face directory or a checkpoint; then the engine that trains it.
-    model = prepare_model(cfg, tokenizer.n_vocab, checkpoint, device)
+    model = prepare_model(cfg, tokenizer.n_vocab, saved_state, device)
     n_params = model.num_params(non_embedding=False)  # counted before an engine may shard the parameters
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     speed = Throughput(model.flops_per_token(cfg["max_seq_len"]), peak_flops(device), world)
@@ -661,16 +624,14 @@ def main(argv):
     engine = make_engine(cfg, model, optimizer)
     dtype = getattr(torch, cfg["dtype"])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    run = Run(cfg, run_id, rank, world, device, autocast, log, data)
+    run = Run(cfg, run_id, rank, world, device, autocast, log, data_hashes)
     if cfg["sparse_density"] > 0:
-        if cfg["sparse_init"] == "gradient" and not cfg["resume"]:
-            choose_sparse_entries(model, optimizer, batches, device, autocast)
-        log(sparse.sparse_report(optimizer))
+        start_sparse(run, model, optimizer, batches)
     step = 0
     if cfg["resume"]:
-        step = resume_run(checkpoint, engine, batches, rank)
-        log(f"resumed from {checkpoint['path']} at step {step}")
-    checkpoint = None  # free the host memory it holds
+        step = resume_run(saved_state, engine, batches, rank)
+        log(f"resumed from {saved_state['path']} at step {step}")
+    saved_state = None  # free the host memory it holds
     if rank == 0:
         run.metrics = MetricsLog(cfg["output_dir"], cfg["tensorboard"], step if cfg["resume"] else None, log)
     log_start(run, model, engine, n_params, n_trained, total_steps, step, eval_set, tokenizer)
@@ -681,9 +642,9 @@ def main(argv):
         # Fetch the step's micro-batches first: the loss is normalised by the trained tokens of the
         # whole step on all ranks, so splitting a batch differently cannot change the result.
         micro = [batches.next_batch() for _ in range(accum)]
+        stop_vote = bool(signals.received or run.write_failure())
         counts = torch.tensor([float(sum((b["labels"] != -100).sum() for b in micro)),
-                               float(sum(b["input_ids"].numel() for b in micro)), float(signals.received)],
-                              device=device)
+                               float(sum(b["input_ids"].numel() for b in micro)), float(stop_vote)], device=device)
         if world > 1:
             dist.all_reduce(counts)
         stop_votes = counts[2].to("cpu", non_blocking=True)  # read after the step's one host sync
@@ -706,9 +667,9 @@ def main(argv):
         grad_norm, applied = engine.step(multiplier, torch.isfinite(step_loss))
         step += 1
         progress.update(1)
-        # A signal stops the run after this step; ranks agree through the votes sent with the counts.
-        stopping = bool(stop_votes) if world > 1 else signals.received > 0
-        nonfinite_in_a_row = 0 if applied else skipped_step(run, engine, step - 1, micro, step_loss, nonfinite_in_a_row)
+        # A signal or a failed metrics write stops the run after this step; ranks agree through the votes.
+        stopping = bool(stop_votes) if world > 1 else bool(signals.received or run.write_failure())
+        nonfinite_in_a_row = nonfinite_count(run, engine, applied, step - 1, micro, step_loss, nonfinite_in_a_row)
         if nonfinite_in_a_row >= cfg["max_nonfinite_steps"]:
             failure = too_many_nonfinite(nonfinite_in_a_row, step - 1, cfg["output_dir"])
             break
@@ -728,7 +689,7 @@ def main(argv):
             if cfg["checkpoint_interval"] and step % cfg["checkpoint_interval"] == 0 and step < total_steps:
                 checkpoint_now(run, engine, batches, model, step)
     progress.close()
-    report_model_state(engine, device, rank, world, cfg["zero_stage"], n_params, n_trained, step, run.metrics, log)
+    report_model_state(run, engine, n_params, n_trained, step)
 
     # The end: checkpoint, export and the final eval, unless the last steps or the weights hold a NaN/Inf.
     weights = engine.full_state_dict()  # collective; rank 0 checks and exports this consolidated copy
@@ -741,45 +702,51 @@ def main(argv):
     if not failure and not stopping:
         export(run, weights, model, optimizer)
         result = run_eval(run, engine, eval_set, tokenizer, step)
-    if dist.is_initialized():
-        # Release the engine before the process group: dropped later (when main returns), its last
-        # reference to the group would destroy it while holding the GIL that gloo's threads wait for.
-        del engine
-        dist.barrier()
-        dist.destroy_process_group()
+    # Released before the process group: dropped later (when main returns), the engine's last reference
+    # to the group would destroy it while holding the GIL that gloo's threads wait for.
+    del engine
+    close_process_group()
     raise_if_stopped(run, failure, (signals.received or signal.SIGTERM) if stopping else 0, step)
     return result
 
 
 def outcome(argv):
-    """(exit status, the sentence that says why) of a run: 0 done, 2 bad input, 3 NaN/Inf, 4 a checkpoint
-    not written, 128 + the signal when stopped by one. The sentence is empty on ranks other than 0 where
-    rank 0 has the same one to print."""
+    """(exit status, the sentence that says why) of a run: 0 done, 2 bad input, 3 NaN/Inf, 4 a file (a
+    checkpoint, say) not written, 128 + the signal when stopped by one. The sentence is empty on ranks other
+    than 0 where rank 0 has the same one to print. The outcome goes into output_dir/run.json too, also
+    for a crash (exit 1, the exception raised on). The options are parsed here, once: a config file is code."""
+    cfg = {}
     try:
-        main(argv)
-        return 0, "done"
+        cfg, explicit = parse_options(argv, doc=__doc__)
+        main(argv, (cfg, explicit))
+        exit_code, sentence = 0, "done"
     except OptionError as e:  # bad input: one sentence, no traceback
-        return 2, f"error: {e}"
+        exit_code, sentence = 2, f"error: {e}"
     except CheckpointError as e:  # a full disk, say: one sentence, no traceback
-        return EXIT_CHECKPOINT_NOT_WRITTEN, f"error: {e}"
+        exit_code, sentence = EXIT_CHECKPOINT_NOT_WRITTEN, f"error: {e}"
     except RunStopped as e:
-        return e.exit_code, str(e)
+        exit_code, sentence = e.exit_code, str(e)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps, where there is no step to finish
-        return 128 + signal.SIGINT, "interrupted; the latest checkpoint in output_dir, if any, holds the run's work"
+        exit_code, sentence = 128 + signal.SIGINT, ("interrupted; the latest checkpoint in output_dir, if any, "
+                                                    "holds the run's work")
+    except Exception as e:
+        if not is_disk_error(e):  # a bug: recorded, then its traceback
+            if cfg:
+                write_outcome(cfg["output_dir"], 1, f"crashed: {type(e).__name__}: {e}")
+            raise
+        exit_code, sentence = EXIT_CHECKPOINT_NOT_WRITTEN, f"error: {write_failure(e.filename, e)}"
+    if cfg:
+        write_outcome(cfg["output_dir"], exit_code, sentence)
+    return exit_code, sentence
 
 
-def report_outcome(argv, exit_code, sentence):
-    """The sentence once, from rank 0; the outcome in output_dir/run.json (checkpoint.write_outcome); and
-    under torchrun the sentence in the error file it reads, so that its failure summary shows it rather
-    than a pointer to its documentation."""
-    rank = int(os.environ.get("RANK", 0))
-    if rank == 0 and exit_code:
+@torchelastic_record  # an unexpected exception (a bug) reaches torchrun's failure summary with its traceback
+def run_from_command_line(argv):
+    """Runs; prints the sentence once, from rank 0, and under torchrun writes it into the error file that
+    torchrun reads, so that its failure summary shows it rather than a pointer to its documentation."""
+    exit_code, sentence = outcome(argv)
+    if int(os.environ.get("RANK", 0)) == 0 and exit_code:
         print(f"train_sft.py: {sentence}", file=sys.stderr)
-    if rank == 0:
-        try:
-            write_outcome(parse_options(argv)[0]["output_dir"], exit_code, sentence)
-        except OptionError:
-            pass  # options that do not parse name no output directory
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and exit_code and sentence:
         with open(error_file, "w") as f:
@@ -787,12 +754,6 @@ def report_outcome(argv, exit_code, sentence):
             sentence = f"train_sft.py: {sentence}"
             json.dump({"message": {"message": sentence, "extraInfo": {"py_callstack": sentence,
                                                                       "timestamp": str(int(time.time()))}}}, f)
-
-
-@record  # an unexpected exception (a bug) reaches torchrun's failure summary with its traceback
-def run_from_command_line(argv):
-    exit_code, sentence = outcome(argv)
-    report_outcome(argv, exit_code, sentence)
     sys.exit(exit_code)
 
 

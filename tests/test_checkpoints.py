@@ -473,8 +473,9 @@ def test_run_json_records_how_the_run_ended(tmp_path, data_file):
     assert record["exit_code"] == 0 and record["reason"] == "done" and len(record["run_id"]) == 32
     proc = run_trainer([f"--data_path={tmp_path}/none.jsonl", f"--output_dir={tmp_path}/new"], tmp_path, check=False)
     assert proc.returncode == 2
-    assert json.loads((tmp_path / "new" / "run.json").read_text()) == {
-        "exit_code": 2, "reason": f"error: data file '{tmp_path}/none.jsonl' not found"}
+    refused = json.loads((tmp_path / "new" / "run.json").read_text())  # the run id is recorded when the run opens
+    assert refused == {"run_id": refused["run_id"], "exit_code": 2,
+                       "reason": f"error: data file '{tmp_path}/none.jsonl' not found"} and len(refused["run_id"]) == 32
     assert proc.stderr.strip().splitlines()[-1] == f"train_sft.py: error: data file '{tmp_path}/none.jsonl' not found"
     # a run refused because another holds the directory leaves that run's record alone
     lock = checkpoint.lock_output_dir(str(out))
@@ -561,3 +562,27 @@ def test_an_export_that_does_not_fit_on_a_small_filesystem_is_one_sentence_and_l
                                        f"full (")
     assert str(error.value).endswith("; the run's final checkpoint holds the model, and --resume exports it again")
     assert os.listdir(out) == []
+
+
+def test_on_a_full_disk_run_json_still_gets_the_outcome_and_no_temporary_file(tmp_path, monkeypatch):
+    """Under torchrun a disk filled by another process left run.json without an exit code and an empty
+    run.json.tmp: the atomic write cannot get a block, so the record is rewritten in the one it holds."""
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = checkpoint.lock_output_dir(str(out))
+    checkpoint.write_run_record(str(out), "this-run")
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)  # creating an empty file takes no block
+        if str(path).endswith(".tmp") and "w" in mode:
+            file.close()
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return file
+    monkeypatch.setattr(checkpoint, "open", open_on_a_full_disk, raising=False)
+    try:
+        assert checkpoint.write_outcome(str(out), 4, "error: the disk is full")
+    finally:
+        lock.close()
+    assert json.loads((out / "run.json").read_text()) == {"run_id": "this-run", "exit_code": 4,
+                                                          "reason": "error: the disk is full"}
+    assert sorted(os.listdir(out)) == ["run.json", "run.lock"]

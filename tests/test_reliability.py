@@ -2,6 +2,7 @@
 their work, non-finite results never pass as success. Property-based tests (hypothesis) drive the
 data and option parsers with arbitrary input."""
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 import data
 import checkpoint
@@ -373,7 +375,7 @@ def test_max_nonfinite_steps_stops_with_a_sentence_and_lists_the_batches(tmp_pat
                               "--max_nonfinite_steps=2", f"--output_dir={out}"], tmp_path)
     assert stopped.value.exit_code == train_sft.EXIT_NONFINITE
     assert str(stopped.value).startswith("error: NaN/Inf loss or gradient for 2 steps in a row at step 1: stopping")
-    assert sorted(p.name for p in out.iterdir() if p.name not in ("metrics.jsonl", "run.lock")) == [
+    assert sorted(p.name for p in out.iterdir() if p.name not in ("metrics.jsonl", "run.lock", "run.json")) == [
         "nonfinite-step-00000000-rank0.json", "nonfinite-step-00000001-rank0.json"]  # no checkpoint, no export
     listed = json.loads((out / "nonfinite-step-00000001-rank0.json").read_text())
     assert [(b["epoch"], b["micro_batch"], len(b["rows"])) for b in listed["micro_batches"]] == [(0, 1, 4)]
@@ -544,3 +546,155 @@ def test_kill_9_of_torchrun_stops_every_rank_with_a_checkpoint(tmp_path, data_fi
     resumed = train_losses(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)
+
+
+# ----------------------------------------------------------------------------- a full disk, a crash, one config run
+
+
+def outcome_of(args, tmp_path):
+    """train_sft.outcome in this process on the tiny model: (exit status, sentence), run.json written."""
+    return train_sft.outcome(TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args)
+
+
+class FullDiskWriter:
+    """A file opened for writing on a disk that another process has just filled: half of the first write
+    lands (a torn line), then ENOSPC, as a real write that meets the end of the disk does."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, text):
+        self.file.write(text[:len(text) // 2])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_appending_metrics_stops_with_a_checkpoint_and_resumes_exactly(
+        tmp_path, data_file, uninterrupted_run, uninterrupted, monkeypatch):
+    """The disk fills at step 4's metrics record, before any checkpoint: the run stops after the next step
+    with a checkpoint (it used to die with a traceback and lose every step), exit 4, no torn line."""
+    metrics_module = sys.modules[train_sft.MetricsLog.__module__]
+    appends = []
+
+    def open_on_a_disk_that_fills(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            appends.append(path)
+            return FullDiskWriter(file) if len(appends) >= 4 else file
+        return file
+    monkeypatch.setattr(metrics_module, "open", open_on_a_disk_that_fills, raising=False)
+    out = tmp_path / "run"
+    args = [f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as main_in_this_process: losses bit for bit those of the uninterrupted run
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        code, sentence = outcome_of(args, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == train_sft.EXIT_CHECKPOINT_NOT_WRITTEN == 4
+    assert sentence == (f"error: {out}/metrics.jsonl could not be written: the disk is full; the run stopped after "
+                        f"step 5 with its checkpoint in {out}: continue with --resume once there is space")
+    assert json.loads((out / "run.json").read_text())["exit_code"] == 4
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt")) == ["ckpt-00000005"]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
+    monkeypatch.undo()
+    main_in_this_process(["--resume", f"--output_dir={out}"], tmp_path)
+    assert train_losses(out) == {s: loss for s, loss in uninterrupted.items() if s not in (4, 5)}
+    weights, reference = (load_file(run / "hf" / "model.safetensors") for run in (out, uninterrupted_run))
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+
+def test_resume_to_fewer_steps_than_the_checkpoint_is_refused(tmp_path, uninterrupted_run):
+    """It used to say "done" and export the checkpoint's 25-step model for --max_steps=20."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, out)
+    exported = (out / "hf" / "model.safetensors").read_bytes()
+    code, sentence = outcome_of(["--resume", "--max_steps=20", f"--output_dir={out}"], tmp_path)
+    assert (code, sentence) == (2, f"error: --resume to 20 steps (--max_steps / --num_train_epochs), but "
+                                   f"{out}/ckpt-00000025 has already taken 25: give at least --max_steps=25, or use "
+                                   f"that checkpoint as it is (sample.py --model, --init_from)")
+    assert json.loads((out / "run.json").read_text())["exit_code"] == 2
+    assert (out / "hf" / "model.safetensors").read_bytes() == exported
+
+
+def test_a_crash_and_a_full_cache_disk_are_recorded_in_run_json(tmp_path, data_file, monkeypatch):
+    """run.json holds the outcome of a run that dies before its first checkpoint: a bug (exit 1, raised on)
+    or a full disk while writing the data cache (exit 4, one sentence; it used to be exit 2, bad input)."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_sft, "count_steps", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        outcome_of([f"--data_path={data_file}", f"--output_dir={out}"], tmp_path)
+    record = json.loads((out / "run.json").read_text())
+    assert record["exit_code"] == 1 and record["reason"] == "crashed: RuntimeError: boom" and len(record["run_id"]) == 32
+    cache_file = str(tmp_path / "cache" / "tokens.bin")
+    monkeypatch.setattr(train_sft, "prepare_data", lambda *args, **kwargs: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device", cache_file)))
+    code, sentence = outcome_of([f"--data_path={data_file}", f"--output_dir={out}", "--overwrite_output_dir"], tmp_path)
+    assert (code, sentence) == (4, f"error: {cache_file} could not be written: the disk is full; the run stops "
+                                   f"before training")
+    assert json.loads((out / "run.json").read_text())["exit_code"] == 4
+
+
+CONFIG_RUN_ONCE = """
+import os as _os, time as _time
+with open(_os.environ["CONFIG_RUNS"], "a") as _runs:
+    _runs.write("run\\n")
+output_dir = _os.path.join(_os.environ["CONFIG_OUT"], f"run-{_time.time_ns()}")
+"""
+
+
+def exit_status_of(argv):
+    """The exit status of train_sft.py's command line, run in this process (torchrun's error handler,
+    which wraps it, returns on exit status 0)."""
+    try:
+        train_sft.run_from_command_line(argv)
+    except SystemExit as exit_status:
+        return exit_status.code
+    return 0
+
+
+def test_a_config_file_runs_once_and_its_outcome_reaches_run_json(tmp_path, data_file, monkeypatch, capsys):
+    """report_outcome used to parse the options again: a time-based output_dir got no outcome, and a config
+    raising KeyboardInterrupt (Ctrl-C while it runs) gave a traceback instead of one line and 130."""
+    config, runs = tmp_path / "config.py", tmp_path / "runs.txt"
+    config.write_text(CONFIG_RUN_ONCE)
+    monkeypatch.setenv("CONFIG_RUNS", str(runs))
+    monkeypatch.setenv("CONFIG_OUT", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the run leaves this process's thread count alone
+    assert exit_status_of([str(config), *TINY, f"--cache_dir={tmp_path / 'cache'}", f"--data_path={data_file}",
+                           "--max_steps=1", "--eval_exact_match=0"]) == 0
+    assert runs.read_text() == "run\n"
+    [record] = [json.loads(path.read_text()) for path in tmp_path.glob("run-*/run.json")]
+    assert record["exit_code"] == 0 and record["reason"] == "done"
+    config.write_text("raise KeyboardInterrupt\n")
+    capsys.readouterr()
+    assert exit_status_of([str(config)]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "train_sft.py: interrupted; the latest checkpoint in output_dir, if any, holds the run's work"]
+
+
+# ----------------------------------------------------------------------------- DeepSpeed on another number of ranks
+
+
+def test_a_deepspeed_zero_checkpoint_resumed_on_other_ranks_is_refused_before_any_notice():
+    """DeepSpeed's own loader died with ZeRORuntimeException (exit 1) after the trainer had announced that
+    it kept the samples per step; now the refusal comes first and names both world sizes and the way out."""
+    cfg, saved = {"gradient_accumulation_steps": 3, "batch_size": 4}, {
+        "world_size": 2, "engine": "deepspeed", "path": "out/ckpt-00000006",
+        "options": {"gradient_accumulation_steps": 3, "batch_size": 4, "zero_stage": 2}}
+    logged = []
+    with pytest.raises(checkpoint.OptionError) as error:
+        checkpoint.keep_global_batch(cfg, set(), saved, 1, logged.append)
+    assert logged == [] and str(error.value) == (
+        "--resume on 1 rank(s): out/ckpt-00000006 was written by DeepSpeed's ZeRO-2 on 2 rank(s), and DeepSpeed "
+        "cannot re-partition that optimizer state; resume on 2 rank(s), or start a new run from its weights with "
+        "--init_from=out/ckpt-00000006 (the optimizer state starts anew)")
+    checkpoint.keep_global_batch(cfg, set(), saved, 2, logged.append)  # the same world size resumes
+    assert logged == [] and cfg["gradient_accumulation_steps"] == 3
