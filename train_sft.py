@@ -42,7 +42,7 @@ from checkpoint import (CheckpointError, build_model, check_output_dir, check_re
                         data_identity, export_hf, from_rank0, resume_run, rng_state, save_checkpoint,
                         starting_checkpoint, write_outcome)
 from data import Batches, check_data_files, prepare_data
-from model import only_optimize_lora
+from model import only_optimize_lora, peak_flops
 from options import OptionError, check_combinations, parse_options
 from tokenizer import get_tokenizer
 
@@ -318,23 +318,13 @@ class Throughput:
         self.start += time.perf_counter() - pause
 
     def rates(self):
-        """tokens_per_s, trained_tokens_per_s and, on a known GPU, MFU (of the positional rate)."""
+        """tokens_per_s, trained_tokens_per_s and, where the peak is known (a GPU's datasheet, a CPU's
+        bench/bench_cpu.py measurement), MFU (of the positional rate)."""
         elapsed = time.perf_counter() - self.start
         rates = {"tokens_per_s": float(self.positions) / elapsed, "trained_tokens_per_s": float(self.trained) / elapsed}
         if self.peak:
             rates["mfu"] = rates["tokens_per_s"] * self.flops_per_token / (self.peak * self.world)
         return rates
-
-
-def peak_flops(device):
-    """Dense bf16 peak of known GPUs, for MFU; None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12)):
-        if key in name:
-            return flops
-    return None
 
 
 def report_model_state(engine, device, rank, world, stage, n_params, n_trained, step, metrics, log):
@@ -655,7 +645,7 @@ def main(argv):
     n_params = model.num_params(non_embedding=False)  # counted before an engine may shard the parameters
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     speed = Throughput(model.flops_per_token(cfg["max_seq_len"]), peak_flops(device), world)
-    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda" and not cfg["offload"], total_steps=total_steps)
+    optimizer = make_optimizer(model, cfg, fused=not cfg["offload"], total_steps=total_steps)  # fused on CPUs too
     engine = make_engine(cfg, model, optimizer)
     dtype = getattr(torch, cfg["dtype"])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
