@@ -17,7 +17,9 @@
      full_unfused  full fine-tuning with the one-tensor-at-a-time AdamW the trainer used on a CPU before (the fused
                    one is now its CPU default): the lever's effect, measured in the same run
    MFU = model FLOPs per position (model.flops_per_token(seq_len): 6N plus attention, the head counted
-   at every position, as on a GPU) x positions per second / the peak.
+   at every position, as on a GPU) x positions per second / the peak. mfu_of_cpu_time is the same with
+   CPU seconds per thread for both the step and the peak: on a loaded machine, where wall time counts
+   the waits for a core, it is the steadier figure.
 Load average before and after, both recorded: on a shared machine the figures are noisy.
 
 Writes bench/results/cpu_<machine>.json (model.cpu_peak_path()), whose matmul_peak_flops the trainer's
@@ -74,27 +76,31 @@ def step_gemms(config, positions, trained):
 
 
 def best_gemm_seconds(m, k, n, repeats):
-    """The fastest of `repeats` float32 torch.mm calls of (m, k) @ (k, n), after one untimed call."""
+    """The fastest wall and CPU seconds (of all threads) of `repeats` float32 torch.mm calls of
+    (m, k) @ (k, n), after one untimed call."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     torch.mm(a, b)
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return best
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
+    return wall, cpu
 
 
-def matmul_peak(gemms, repeats):
-    """(the step's matmul FLOPs / the sum of their best times, per distinct shape: FLOP/s and seconds)."""
+def matmul_peak(gemms, repeats, threads):
+    """The step's matmul FLOPs over the sum of their best wall times (the peak), the same over their best
+    CPU times / threads (the peak as CPU time sees it: steadier on a loaded machine), and per distinct shape."""
     shapes = {}
     for shape in gemms:
         if shape not in shapes:
             shapes[shape] = best_gemm_seconds(*shape, repeats)
     flops = sum(2 * m * k * n for m, k, n in gemms)
-    seconds = sum(shapes[shape] for shape in gemms)
-    per_shape = [{"m": m, "k": k, "n": n, "gflops": 2 * m * k * n / s / 1e9} for (m, k, n), s in shapes.items()]
-    return flops / seconds, per_shape
+    wall = sum(shapes[shape][0] for shape in gemms)
+    cpu = sum(shapes[shape][1] for shape in gemms) / threads
+    per_shape = [{"m": m, "k": k, "n": n, "gflops": 2 * m * k * n / w / 1e9, "gflops_of_cpu_time": 2 * m * k * n / c
+                  * threads / 1e9} for (m, k, n), (w, c) in shapes.items()]
+    return flops / wall, flops / cpu, per_shape
 
 
 # ----------------------------------------------------------------------------- the trainer's step
@@ -143,7 +149,7 @@ def time_rows(names, init_from, idx, labels, steps):
     return rows, times
 
 
-def row_figures(model, times, positions, trained, seq_len, peak, threads):
+def row_figures(model, times, positions, trained, seq_len, peak, threads, peak_of_cpu_time=None):
     """Rates and MFU of one row from its median step time; CPU MFU also per CPU-second of all threads."""
     wall = statistics.median(times["wall_s"])
     cpu = statistics.median(times["cpu_s"])
@@ -151,7 +157,8 @@ def row_figures(model, times, positions, trained, seq_len, peak, threads):
     return {"step_wall_s": times["wall_s"], "step_cpu_s": times["cpu_s"], "median_step_wall_s": wall,
             "positions_per_s": positions / wall, "trained_tokens_per_s": trained / wall,
             "trained_tokens_per_cpu_s": trained / cpu, "model_flops_per_step": flops,
-            "mfu": cpu_mfu(flops, wall, peak), "mfu_of_cpu_time": cpu_mfu(flops, cpu / threads, peak),
+            "mfu": cpu_mfu(flops, wall, peak),
+            "mfu_of_cpu_time": cpu_mfu(flops, cpu / threads, peak_of_cpu_time or peak),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
@@ -248,13 +255,15 @@ def main(argv):
         record["profile"] = run_profile(args, idx, labels)
         path = ROOT / "bench" / "results" / f"profile_cpu_{cpu_machine_name()}.json"
     else:
-        peak, per_shape = matmul_peak(step_gemms(config, positions, trained), args["gemm_repeats"])
-        print(f"float32 matmul peak at the step's GEMM shapes, {threads} thread(s): {peak / 1e9:.1f} GFLOP/s", flush=True)
+        peak, peak_cpu, per_shape = matmul_peak(step_gemms(config, positions, trained), args["gemm_repeats"], threads)
+        print(f"float32 matmul peak at the step's GEMM shapes, {threads} thread(s): {peak / 1e9:.1f} GFLOP/s "
+              f"({peak_cpu / 1e9:.1f} per CPU-second of each thread)", flush=True)
         names = [n for n in args["rows"].split(",") if n]
         rows, times = time_rows(names, args["init_from"], idx, labels, args["steps"])
-        record.update(matmul_peak_flops={str(threads): peak}, gemm_shapes=per_shape, rows={})
+        record.update(matmul_peak_flops={str(threads): peak}, matmul_peak_flops_of_cpu_time={str(threads): peak_cpu},
+                      gemm_shapes=per_shape, rows={})
         for name, (model, _) in rows.items():
-            fig = row_figures(model, times[name], positions, trained, args["seq_len"], peak, threads)
+            fig = row_figures(model, times[name], positions, trained, args["seq_len"], peak, threads, peak_cpu)
             record["rows"][name] = fig
             print(f"{name:<13} step {fig['median_step_wall_s']:.2f} s, {fig['trained_tokens_per_s']:.1f} trained "
                   f"tokens/s, MFU {fig['mfu']:.1%} (of CPU time: {fig['mfu_of_cpu_time']:.1%})", flush=True)

@@ -58,3 +58,21 @@ def test_a_training_row_is_timed_through_the_trainers_optimizer_and_engine(tmp_p
     figures = bench_cpu.row_figures(lora, times["lora16"], idx.numel(), 16, 16, peak=1e9, threads=1)
     assert figures["trainable_parameters"] < sum(p.numel() for p in full.parameters())
     assert figures["mfu"] == pytest.approx(lora.flops_per_token(16) * 32 / figures["median_step_wall_s"] / 1e9)
+
+
+def test_the_peak_is_the_step_flops_over_the_best_times_of_its_shapes():
+    gemms = [(8, 16, 32), (8, 16, 32), (32, 8, 16)]
+    peak, peak_of_cpu_time, shapes = bench_cpu.matmul_peak(gemms, repeats=2, threads=1)
+    assert len(shapes) == 2 and peak > 0 and peak_of_cpu_time > 0
+    seconds = {(s["m"], s["k"], s["n"]): 2 * s["m"] * s["k"] * s["n"] / (s["gflops"] * 1e9) for s in shapes}
+    assert peak == pytest.approx(sum(2 * m * k * n for m, k, n in gemms) / sum(seconds[g] for g in gemms))
+
+
+def test_the_profile_splits_a_step_into_its_phases_and_kinds_of_work(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "init")
+    idx, labels = bench_cpu.sft_batch(2, 16, 300)
+    _, engine = bench_cpu.make_row("full", str(tmp_path / "init"))
+    summary = bench_cpu.profile_summary(bench_cpu.profile_step(engine, idx, labels))
+    assert set(summary["phases_s"]) == set(bench_cpu.PHASES)
+    assert summary["op_groups_self_s"]["matmul"] > 0 and summary["op_groups_self_s"]["attention"] > 0
+    assert engine.module.loss_fn is bench_cpu.GPT(tiny_llama().config).loss_fn, "the loss is put back"
