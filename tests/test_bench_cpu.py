@@ -33,6 +33,9 @@ def test_the_trainer_reads_the_peak_recorded_for_its_thread_count(tmp_path, monk
     assert model_module.peak_flops(cpu, threads=2) == 1.5e11
     assert model_module.peak_flops(cpu, threads=1) == 8e10
     assert model_module.peak_flops(cpu, threads=4) is None, "a peak measured with other threads is not this run's"
+    model_module.cpu_peak_path().write_text(json.dumps({"matmul_peak_flops": {"1": 7e9},
+                                                        "matmul_peak_flops_of_cpu_time": {"1": 8.8e10}}))
+    assert model_module.peak_flops(cpu, threads=1) == 8.8e10, "timed under load, the CPU-time peak is the closer"
     model_module.cpu_peak_path().write_text("{not json")
     assert model_module.peak_flops(cpu, threads=2) is None
 
