@@ -204,9 +204,9 @@ def test_cpu_peak_memory_is_this_process_own_not_its_parents():
     assert 0.05 < float(proc.stdout) < 1.5
 
 
-def test_the_fused_adamw_now_used_on_cpus_trains_like_the_one_tensor_at_a_time_adamw():
-    """The trainer's optimizer on a CPU is torch's fused AdamW (faster); three steps through the native engine
-    give the losses and weights of the one-tensor-at-a-time AdamW it used before, to float32 rounding."""
+def test_the_fused_adamw_on_a_cpu_trains_like_the_one_tensor_at_a_time_adamw():
+    """make_optimizer(fused=True) on a CPU (bench/bench_cpu.py's full_fused row, the lever it measures): three
+    steps through the native engine give the losses and weights of the trainer's CPU AdamW, to float32 rounding."""
     import zero_lite
     from model import GPT, GPTConfig
     cfg = {"sparse_density": 0, "lora_learning_rate": 0, "learning_rate": 1e-2, "weight_decay": 0.1,
