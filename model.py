@@ -5,8 +5,11 @@ Also here: the loss seam (GPT.loss_fn, by default sft_kernels/chunked_cross_entr
 cross-entropy), generation with a KV cache, and LoRA as DeepSpeed-Chat offers it. Hugging Face directories
 are read and written by hf_format.py, which from_pretrained and save_pretrained call.
 """
+import json
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -393,6 +396,46 @@ class GPT(nn.Module):
         """Write this model as a Hugging Face directory of its family (see hf_format.save_pretrained)."""
         import hf_format
         hf_format.save_pretrained(self, path, token_ids)
+
+
+# ----------------------------------------------------------------------------- MFU's yardsticks
+
+GPU_PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12))  # dense bf16, datasheets
+CPU_RESULTS = Path(__file__).resolve().parent / "bench" / "results"
+
+
+def cpu_machine_name():
+    """This CPU's model name as a file-name part, e.g. AMD_EPYC_7B13 (from /proc/cpuinfo; 'cpu' elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "cpu"
+    name = next((line.split(":", 1)[1] for line in lines if line.startswith("model name")), "cpu")
+    return re.sub(r"[^A-Za-z0-9]+", "_", name.replace("Processor", "")).strip("_") or "cpu"
+
+
+def cpu_peak_path():
+    """Where bench/bench_cpu.py records this machine's measured float32 matmul peak."""
+    return CPU_RESULTS / f"cpu_{cpu_machine_name()}.json"
+
+
+def peak_flops(device, threads=None):
+    """The FLOP/s that MFU divides by: a known GPU's dense bf16 datasheet peak; on a CPU, the float32 matmul
+    throughput that bench/bench_cpu.py measured on this machine at the model's GEMM shapes with as many
+    threads (torch.get_num_threads() by default). None where neither is known."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((flops for key, flops in GPU_PEAK_FLOPS if key in name), None)
+    if device.type != "cpu" or not cpu_peak_path().exists():
+        return None
+    try:
+        record = json.loads(cpu_peak_path().read_text())
+    except (OSError, ValueError):
+        return None
+    # Timed in wall and in CPU seconds, each of which can only undercount the machine: the larger is the peak.
+    key = str(threads or torch.get_num_threads())
+    measured = [record.get(name, {}).get(key) for name in ("matmul_peak_flops", "matmul_peak_flops_of_cpu_time")]
+    return max(filter(None, measured), default=None)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):

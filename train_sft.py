@@ -42,7 +42,7 @@ from checkpoint import (CheckpointError, MetricsLog, build_model, check_resumed_
                         data_identity, export_hf, from_rank0, is_disk_error, open_run, resume_run, rng_state,
                         save_checkpoint, write_failure, write_outcome)
 from data import Batches, check_data_files, prepare_data
-from model import only_optimize_lora
+from model import only_optimize_lora, peak_flops
 from options import OptionError, check_combinations, parse_options
 from tokenizer import get_tokenizer
 
@@ -325,21 +325,13 @@ class Throughput:
         self.start += time.perf_counter() - pause
 
     def rates(self):
-        """tokens_per_s, trained_tokens_per_s and, on a known GPU, MFU (of the positional rate)."""
+        """tokens_per_s, trained_tokens_per_s and, where the peak is known (a GPU's datasheet, a CPU's
+        bench/bench_cpu.py measurement), MFU (of the positional rate)."""
         elapsed = time.perf_counter() - self.start
         rates = {"tokens_per_s": float(self.positions) / elapsed, "trained_tokens_per_s": float(self.trained) / elapsed}
         if self.peak:
             rates["mfu"] = rates["tokens_per_s"] * self.flops_per_token / (self.peak * self.world)
         return rates
-
-
-def peak_flops(device):
-    """Dense bf16 peak of known GPUs, for MFU; None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12))
-                 if key in name), None)
 
 
 def report_model_state(run, engine, n_params, n_trained, step):

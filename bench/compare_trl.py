@@ -6,14 +6,23 @@ keeps torch and transformers at the project's versions):
     python3 -m venv .venv-peers && .venv-peers/bin/pip install -r bench/requirements-peers.txt -c requirements.lock
 
     .venv/bin/python bench/compare_trl.py [--pairs=3] [--rows=320] [--data_path=alpaca.jsonl --eval_data_path=...]
+    .venv/bin/python bench/compare_trl.py --init_from=.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf [--data_path=chats.jsonl ...]
     .venv/bin/python bench/compare_trl.py --dry-run     # imports and wiring of both sides, no training
 
-One saved GPT-2 init (model.py's GPT, saved in Hugging Face format) starts both systems; one
-Alpaca-format file (by default the demo task's rows written as Alpaca rows) feeds both. The project runs
+Two kinds of run. Without --init_from: one saved GPT-2 init (model.py's GPT, saved in Hugging Face
+format) starts both systems, and one Alpaca-format file (by default the demo task's rows written as
+Alpaca rows) feeds both. With --init_from (a Hugging Face directory, or a GGUF file, which the project
+reads and saves as a directory for TRL): that real model, its own tokenizer and its own chat template
+on both sides; the data are chat rows (TRL's conversational prompt/completion, or messages rows, whose
+last assistant message becomes the completion), by default the demo task as one-turn chats. Only the
+completion is trained in both; the project stops each sample at the end-of-turn token, while TRL also
+trains what its chat template writes after it (ChatML's newline): that one position per row is counted
+apart (verification.trl_extra_trained_positions) and every rate uses the positions both train. The project runs
 `train_sft.py --init_from=DIR` in .venv; TRL runs in the peers' Python (this file's workers), with the
 template's prompt part as TRL's prompt and its response part, plus the end-of-text token the project
 appends, as the completion (completion-only loss). Before anything is timed, every row's token ids
 and trained positions are compared between the two systems' prepared data.
+(Realistic chats for a committed figure: bench/prose_chats.py.)
 
 Each pair (project, then TRL; alternating, so a noisy machine slows both) measures, each in its own
 process: data preparation (all rows of the file) and training (the first --rows rows, one epoch,
@@ -27,7 +36,8 @@ process: data preparation (all rows of the file) and training (the first --rows 
   /proc over the same span; step time = the median gap between step lines; peak RSS of the process
   (its VmHWM, polled) and on a GPU peak GPU memory (torch.cuda.max_memory_allocated in both);
 - eval loss of both final models (the project's exported hf/ dir, TRL's saved dir) through one
-  evaluator here: transformers' GPT2LMHeadModel, token-weighted cross-entropy on the held-out rows.
+  evaluator here: transformers' AutoModelForCausalLM, token-weighted cross-entropy on the held-out
+  rows' trained positions as the project marks them.
 Min and median over the pairs, the load average before and after, and the machine go to
 bench/results/trl_cpu.json (trl_<GPU name>.json on a GPU).
 """
@@ -56,8 +66,9 @@ PEAK_GPU = re.compile(r"peak_mem_gib ([0-9.]+)|^trl: peak_gpu_gib ([0-9.]+)")
 OPTIONS = {
     "pairs": (3, "alternating (project, TRL) pairs of data preparation and training runs"),
     "rows": (320, "training rows: the first ROWS of the train file, one epoch (a multiple of --batch_size)"),
-    "data_path": ("", "an Alpaca-format JSONL file to train on; empty = the demo task written as Alpaca rows"),
-    "eval_data_path": ("", "the held-out Alpaca-format JSONL file for the eval loss (needed with --data_path)"),
+    "init_from": ("", "a real model (Hugging Face directory or .gguf) with its chat template; empty = a GPT-2 init"),
+    "data_path": ("", "the JSONL rows to train on: Alpaca rows, or chat rows with --init_from; empty = the demo task"),
+    "eval_data_path": ("", "the held-out rows (same format) for the eval loss (needed with --data_path)"),
     "template": ("deepspeed_chat", "the project's --template; TRL gets its prompt part as the prompt and its "
                                    "response part as the completion"),
     "max_seq_len": (128, "most tokens in one sample (a longer row stops the benchmark: the systems cut differently)"),
@@ -176,6 +187,8 @@ def trl_dataset(spec, path, rows):
     dataset = load_dataset("json", data_files=path, split="train")
     if rows:
         dataset = dataset.select(range(rows))
+    if spec["chat"]:  # conversational prompt/completion rows: TRL applies the model's chat template itself
+        return dataset
     prompt_part, response_part, join, eot = spec["prompt_part"], spec["response_part"], spec["alpaca_join"], spec["eot"]
 
     def to_prompt_completion(row):
@@ -291,7 +304,7 @@ def project_prep(spec):
     from data import prepare_data
     rss_before = rss_mib("VmRSS")
     started, cpu = time.perf_counter(), time.process_time()
-    prepare_data(spec["train_file"], "gpt2", spec["max_seq_len"], eval_data_path=spec["eval_file"],
+    prepare_data(spec["train_file"], spec["tokenizer"], spec["max_seq_len"], eval_data_path=spec["eval_file"],
                  template=spec["template"], seed=spec["seed"], cache_dir=spec["cache_dir"], log=lambda *a: None)
     print(json.dumps({"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
                       "rss_before_mib": rss_before, "peak_rss_mib": rss_mib("VmHWM")}))
@@ -307,17 +320,53 @@ def write_alpaca(rows, path):
             f.write(json.dumps({"instruction": row["prompt"], "input": "", "output": row["response"]}) + "\n")
 
 
+def as_chat_row(row, where):
+    """A chat row as TRL's conversational prompt/completion (the form both systems read): a messages row's
+    last message, which must be the assistant's, becomes the completion; prompt/completion rows stay."""
+    if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+        return {"prompt": row["prompt"], "completion": row["completion"]}
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) \
+            or messages[-1].get("role") != "assistant":
+        raise ValueError(f"{where}: a chat row needs 'messages' ending with an assistant message, or 'prompt' and "
+                         f"'completion' message lists")
+    return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+
+def write_chats(rows, path):
+    """Chat rows (or the demo's prompt/response rows as one-turn chats) as prompt/completion rows."""
+    with open(path, "w") as f:
+        for k, row in enumerate(rows):
+            if "response" in row:
+                row = {"messages": [{"role": "user", "content": row["prompt"]},
+                                    {"role": "assistant", "content": row["response"]}]}
+            f.write(json.dumps(as_chat_row(row, f"row {k + 1}")) + "\n")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def write_data(args, workdir):
-    """(train file, eval file, training-rows file): the chosen files, or the demo task as Alpaca rows;
-    the training rows are the first --rows rows of the train file, in a file of their own."""
+    """(train file, eval file, training-rows file): the chosen files, or the demo task (as Alpaca rows, or
+    with --init_from as chats); with --init_from every file is rewritten as prompt/completion chat rows.
+    The training rows are the first --rows rows of the train file, in a file of their own."""
     from data import demo_examples
     if args["data_path"]:
         train_file, eval_file = args["data_path"], args["eval_data_path"]
+        if args["init_from"]:
+            train_rows, eval_rows = read_jsonl(train_file), read_jsonl(eval_file)
     else:
         train_rows, eval_rows = demo_examples()
         train_file, eval_file = workdir / "train_alpaca.jsonl", workdir / "eval_alpaca.jsonl"
-        write_alpaca(train_rows, train_file)
-        write_alpaca(eval_rows, eval_file)
+        if not args["init_from"]:
+            write_alpaca(train_rows, train_file)
+            write_alpaca(eval_rows, eval_file)
+    if args["init_from"]:
+        train_file, eval_file = workdir / "train_chats.jsonl", workdir / "eval_chats.jsonl"
+        write_chats(train_rows, train_file)
+        write_chats(eval_rows, eval_file)
     with open(train_file) as f:
         head = [line for line, _ in zip(f, range(args["rows"]))]
     if len(head) < args["rows"]:
@@ -325,6 +374,21 @@ def write_data(args, workdir):
     subset = workdir / "train_rows.jsonl"
     subset.write_text("".join(head))
     return str(train_file), str(eval_file), str(subset)
+
+
+def real_model_init(args, workdir):
+    """(model directory, tokenizer directory, parameters) of --init_from for TRL: a directory as it is; a GGUF
+    file read by the project's own loader (what the trainer's --init_from does) and saved as a directory."""
+    from model import GPT
+    from tokenizer import save_tokenizer
+    model = GPT.from_pretrained(args["init_from"])
+    n_params = model.num_params(non_embedding=False)
+    if os.path.isdir(args["init_from"]):
+        return args["init_from"], args["init_from"], n_params
+    init_dir = workdir / "init"
+    model.save_pretrained(init_dir)
+    save_tokenizer(args["init_from"], init_dir)
+    return str(init_dir), str(init_dir), n_params
 
 
 def save_init(args, workdir):
@@ -354,8 +418,8 @@ def save_init(args, workdir):
 def project_command(args, spec, output_dir, cache_dir):
     """train_sft.py with the benchmark's hyperparameters: one process, no eval or checkpoint before the end."""
     return [sys.executable, "train_sft.py", f"--data_path={spec['rows_train_file']}",
-            f"--eval_data_path={spec['eval_file']}", f"--init_from={spec['init_dir']}", "--tokenizer=gpt2",
-            f"--template={args['template']}", f"--max_seq_len={args['max_seq_len']}",
+            f"--eval_data_path={spec['eval_file']}", f"--init_from={args['init_from'] or spec['init_dir']}",
+            f"--tokenizer={spec['tokenizer']}", f"--template={args['template']}", f"--max_seq_len={args['max_seq_len']}",
             f"--batch_size={args['batch_size']}", "--gradient_accumulation_steps=1",
             f"--max_steps={args['rows'] // args['batch_size']}", f"--learning_rate={args['learning_rate']}",
             "--lr_scheduler=cosine", "--warmup_steps=0", "--weight_decay=0.0", "--beta1=0.9", "--beta2=0.95",
@@ -376,11 +440,13 @@ def write_spec(spec, path):
     return path
 
 
-def verify_positions(project_set, trl_rows_file, limit=10):
+def verify_positions(project_set, trl_rows_file, limit=10, trailing_ok=False):
     """Row by row: the same token ids and the same trained positions (a label at position t trains
-    token t; the first token is never a target). Returns the counts and the first differing rows."""
+    token t; the first token is never a target). With trailing_ok (chat templates), TRL's row may go on
+    after the project's sample ends (what the template writes after the end-of-turn token); those extra
+    positions are counted in trl_extra_trained_positions. Returns the counts and the first differing rows."""
     import numpy as np
-    differing, rows = [], 0
+    differing, rows, extra_trained = [], 0, 0
     with open(trl_rows_file) as f:
         for i, line in enumerate(f):
             rows += 1
@@ -389,13 +455,17 @@ def verify_positions(project_set, trl_rows_file, limit=10):
                 differing.append({"row": i, "why": "missing in the project's data"})
                 continue
             tokens, mask = project_set.tokens_and_mask(i)
+            if trailing_ok and len(trl_ids) > len(tokens):
+                extra_trained += sum(label != -100 for label in trl_labels[len(tokens):])
+                trl_ids, trl_labels = trl_ids[:len(tokens)], trl_labels[:len(tokens)]
             same_ids = tokens.tolist() == trl_ids
             same_mask = same_ids and np.array_equal(mask[1:] == 1, np.asarray(trl_labels[1:]) != -100)
             if not same_mask:
                 differing.append({"row": i, "why": "token ids differ" if not same_ids else "trained positions differ"})
     extra = max(0, len(project_set) - rows)
     return {"rows_compared": rows, "project_rows": len(project_set), "identical_rows": rows - len(differing),
-            "differing_rows": len(differing) + extra, "first_differences": differing[:limit]}
+            "differing_rows": len(differing) + extra, "first_differences": differing[:limit],
+            "trl_extra_trained_positions": extra_trained}
 
 
 def trained_positions(project_set, rows):
@@ -405,11 +475,11 @@ def trained_positions(project_set, rows):
 
 def eval_loss(model_dir, eval_set, device, batch_size=32):
     """The common evaluator: one model directory (either system's) loaded by transformers'
-    GPT2LMHeadModel; token-weighted cross-entropy over the eval rows' trained positions."""
+    AutoModelForCausalLM; token-weighted cross-entropy over the eval rows' trained positions."""
     import torch
     import torch.nn.functional as F
-    from transformers import GPT2LMHeadModel
-    model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(eval_set), batch_size):
@@ -445,8 +515,17 @@ def resolve(args):
                          "both systems train every row exactly once")
     if args["data_path"] and not args["eval_data_path"]:
         raise ValueError("--data_path needs --eval_data_path: the eval loss is taken on held-out rows")
+    if args["init_from"]:
+        if not os.path.exists(args["init_from"]):
+            raise ValueError(f"--init_from={args['init_from']} does not exist")
+        args["template"] = "model"  # a real model brings its chat template: both systems render with it
     args["peers_python"] = args["peers_python"] or default_peers_python()
     return args
+
+
+def tokenizer_name(args):
+    """The project's --tokenizer: GPT-2's for the GPT-2 init, else --init_from's own."""
+    return args["init_from"] or "gpt2"
 
 
 def default_peers_python():
@@ -475,24 +554,30 @@ def check_peers(python):
 
 
 def check_project(args, workdir):
-    """Project-side wiring without training: the data files and their format, the GPT-2 vocabulary, the
-    evaluator's transformers, and train_sft.py's command line as this benchmark builds it."""
+    """Project-side wiring without training: the data files and their format, the tokenizer (GPT-2's, or
+    --init_from's with its chat template), the evaluator's transformers, and train_sft.py's command line
+    as this benchmark builds it."""
     import transformers  # noqa: F401  (the common evaluator)
 
     import data
     from options import parse_options
-    from tokenizer import get_tokenizer
+    from tokenizer import ChatTemplate, get_tokenizer
     train_file, eval_file, rows_file = write_data(args, workdir)
-    lines = []
+    lines, wanted = [], "prompt_completion" if args["init_from"] else "alpaca"
     for path in (train_file, eval_file):
         found = {}
         first = next(data.iter_examples(path, found=found))
-        if found["format"] != "alpaca":
-            raise ValueError(f"{path} is in {found['format']} format; this benchmark needs Alpaca rows "
-                             "(instruction, input, output)")
-        lines.append(f"{path}: alpaca, first row line {first[0]}")
-    get_tokenizer("gpt2")
-    spec = {"rows_train_file": rows_file, "eval_file": eval_file, "init_dir": str(workdir / "init")}
+        if found["format"] != wanted:
+            raise ValueError(f"{path} is in {found['format']} format; this benchmark needs "
+                             + ("chat rows (prompt/completion message lists)" if args["init_from"]
+                                else "Alpaca rows (instruction, input, output)"))
+        lines.append(f"{path}: {wanted}, first row line {first[0]}")
+    tokenizer = tokenizer_name(args)
+    enc = get_tokenizer(tokenizer)
+    if args["init_from"]:
+        ChatTemplate(enc)  # the model's own template must exist
+    spec = {"rows_train_file": rows_file, "eval_file": eval_file, "init_dir": str(workdir / "init"),
+            "tokenizer": tokenizer}
     command = project_command(args, spec, workdir / "out", workdir / "cache")
     parse_options(command[2:])
     lines.append("train_sft.py " + " ".join(command[2:]))
@@ -581,11 +666,13 @@ def run_benchmark(args):
         workdir = Path(tmp)
         versions = check_peers(args["peers_python"])
         train_file, eval_file, rows_file = write_data(args, workdir)
-        init_dir, tokenizer_dir, n_params = save_init(args, workdir)
-        prompt_part, response_part = split_template(args["template"])
+        chat = bool(args["init_from"])
+        init_dir, tokenizer_dir, n_params = (real_model_init if chat else save_init)(args, workdir)
+        prompt_part, response_part = split_template(args["template"]) if not chat else (None, None)
         spec = {"train_file": train_file, "eval_file": eval_file, "rows_train_file": rows_file, "init_dir": init_dir,
                 "tokenizer_dir": tokenizer_dir, "template": args["template"], "prompt_part": prompt_part,
-                "response_part": response_part, "alpaca_join": data.ALPACA_JOIN, "eot": EOT,
+                "response_part": response_part, "alpaca_join": data.ALPACA_JOIN, "eot": EOT, "chat": chat,
+                "tokenizer": tokenizer_name(args),
                 **{k: args[k] for k in ("max_seq_len", "batch_size", "learning_rate", "seed", "device", "dtype",
                                         "group_by_length", "rows")}}
         prep = {"project": [], "trl": []}
@@ -599,9 +686,9 @@ def run_benchmark(args):
             prep["trl"].append(trl_prep_row)
             if verification is None:  # every row of the file, before anything is trained
                 project_set, eval_set = data.prepare_data(
-                    train_file, "gpt2", args["max_seq_len"], eval_data_path=eval_file, template=args["template"],
+                    train_file, spec["tokenizer"], args["max_seq_len"], eval_data_path=eval_file, template=args["template"],
                     seed=args["seed"], cache_dir=project_spec["cache_dir"], log=lambda *a: None)
-                verification = verify_positions(project_set, trl_spec["rows_file"])
+                verification = verify_positions(project_set, trl_spec["rows_file"], trailing_ok=chat)
                 print(f"verified: {verification['identical_rows']:,} of {verification['rows_compared']:,} rows "
                       f"identical in token ids and trained positions", flush=True)
                 if verification["differing_rows"]:
@@ -635,14 +722,17 @@ def run_benchmark(args):
     record = {"device": device, **provenance(["bench/compare_trl.py", "train_sft.py"], load_before,
                                              packages=("transformers",)),
               "peers": versions, "options": args,
-              "model": {"n_layer": args["n_layer"], "n_head": args["n_head"], "n_embd": args["n_embd"],
-                        "vocab_size": 50257, "parameters": n_params},
+              "model": ({"init_from": args["init_from"], "parameters": n_params} if chat else
+                        {"n_layer": args["n_layer"], "n_head": args["n_head"], "n_embd": args["n_embd"],
+                         "vocab_size": 50257, "parameters": n_params}),
               "data": {"train_rows_prepared": verification["rows_compared"], "train_rows_trained": args["rows"],
                        "eval_rows": len(eval_set), "trained_tokens_per_run": trained_tokens,
                        "demo": not args["data_path"]},
               "verification": verification, "systems": systems, "ratios_project_over_trl": ratios}
     print_table(record)
     name = device.replace(" ", "_").replace("/", "_")
+    if chat:  # beside the GPT-2 init's file, named by the model
+        name = f"{Path(args['init_from']).stem}_{name}"
     path = ROOT / "bench" / "results" / f"trl_{name}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")

@@ -103,3 +103,42 @@ def test_a_measured_process_reports_its_own_peak_memory_and_its_lines_as_they_co
     (first, _, _), (last, _, _) = result["lines"]
     # read as they come: 1 s apart, not both at the exit (the slack is the reader thread's on a busy machine)
     assert last - first >= 0.5 and result["cpu_s"] > 0
+
+
+def test_chat_rows_become_prompt_completion_rows_and_other_rows_are_refused():
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    assert compare_trl.as_chat_row({"messages": [user, answer, user, answer]}, "row 1") == {
+        "prompt": [user, answer, user], "completion": [answer]}
+    kept = {"prompt": [user], "completion": [answer]}
+    assert compare_trl.as_chat_row(kept, "row 1") == kept
+    with pytest.raises(ValueError, match="row 3: a chat row needs 'messages' ending with an assistant message"):
+        compare_trl.as_chat_row({"messages": [answer, user]}, "row 3")
+
+
+def test_verification_counts_what_trl_trains_after_the_end_of_turn_token(tmp_path):
+    """The project's chat sample ends at <|im_end|> (id 9 here); TRL's row goes on with the newline (id 4),
+    trained: the rows are the same positions plus one that TRL alone trains, counted apart."""
+    project = FakeProjectSet([([5, 6, 7, 9], [0, 0, 1, 1]), ([5, 7, 9], [0, 1, 1])])
+    rows_file = tmp_path / "trl_rows.jsonl"
+    rows_file.write_text(json.dumps([[5, 6, 7, 9, 4], [-100, -100, 7, 9, 4]]) + "\n"
+                         + json.dumps([[5, 7, 9, 4], [-100, 7, 9, 4]]) + "\n")
+    chat = compare_trl.verify_positions(project, rows_file, trailing_ok=True)
+    assert chat["identical_rows"] == 2 and chat["differing_rows"] == 0 and chat["trl_extra_trained_positions"] == 2
+    strict = compare_trl.verify_positions(project, rows_file)
+    assert strict["differing_rows"] == 2, "without a chat template the rows must match to the last token"
+
+
+def test_the_dry_run_with_a_real_model_trains_chats_with_its_own_template(tmp_path):
+    from conftest import make_chatml_tokenizer_dir
+    from model import GPT, family_config
+    init = tmp_path / "init"
+    GPT(family_config("llama", vocab_size=512, n_layer=1, n_head=2, n_embd=16, block_size=64)).save_pretrained(init)
+    make_chatml_tokenizer_dir(init)
+    args = default_args(device="cpu", init_from=init, rows=16)
+    lines = compare_trl.check_project(args, tmp_path)
+    assert lines[0].endswith("train_chats.jsonl: prompt_completion, first row line 1")
+    assert f"--init_from={init} --tokenizer={init} --template=model" in lines[2]
+    first = json.loads((tmp_path / "train_rows.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in first["prompt"] + first["completion"]] == ["user", "assistant"]
+    with pytest.raises(ValueError, match="does not exist"):
+        default_args(init_from=tmp_path / "missing")

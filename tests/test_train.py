@@ -205,3 +205,32 @@ def test_cpu_peak_memory_is_this_process_own_not_its_parents():
     del held
     assert proc.returncode == 0, proc.stderr
     assert 0.05 < float(proc.stdout) < 1.5
+
+
+def test_the_fused_adamw_on_a_cpu_trains_like_the_one_tensor_at_a_time_adamw():
+    """make_optimizer(fused=True) on a CPU (bench/bench_cpu.py's full_fused row, the lever it measures): three
+    steps through the native engine give the losses and weights of the trainer's CPU AdamW, to float32 rounding."""
+    import zero_lite
+    from model import GPT, GPTConfig
+    cfg = {"sparse_density": 0, "lora_learning_rate": 0, "learning_rate": 1e-2, "weight_decay": 0.1,
+           "beta1": 0.9, "beta2": 0.95}
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = idx.roll(-1, 1).masked_fill(torch.arange(12) < 5, -100)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+        optimizer = train_sft.make_optimizer(model, cfg, fused=fused)
+        assert optimizer.defaults["fused"] is fused
+        engine = zero_lite.Engine(model, optimizer, stage=0, grad_clip=1.0)
+        losses = []
+        for _ in range(3):
+            loss = engine(idx, labels)
+            engine.backward(loss)
+            engine.step(1.0, torch.isfinite(loss.detach()))
+            losses.append(loss.item())
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (old_losses, old_weights), (new_losses, new_weights) = runs
+    assert new_losses == pytest.approx(old_losses, rel=1e-6, abs=1e-6)
+    for old, new in zip(old_weights, new_weights):  # Adam divides near-zero gradients by their own size: a few
+        torch.testing.assert_close(new, old, rtol=1e-4, atol=2e-5)  # 1e-6 of rounding there; a step is 1e-2
