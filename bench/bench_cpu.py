@@ -66,8 +66,8 @@ def step_gemms(config, positions, trained):
     its input gradient (positions x out -> in) and weight gradient (out x positions -> in), and the head's
     three at the trained rows only (the chunked loss skips the rest). Attention's own products are left
     out: SDPA does them, not torch.mm."""
-    C, hs = config.n_embd, config.head_size
-    q, kv, width = config.n_head * hs, config.kv_heads * hs, config.mlp_width
+    C, hs = config.n_embd, config.head_dim
+    q, kv, width = config.n_head * hs, config.n_kv_head * hs, config.intermediate_size
     up = 2 * width if config.mlp == "swiglu" else width
     per_layer = [(C, q + 2 * kv), (q, C), (C, up), (width, C)]  # (in, out) of c_attn, attn.c_proj, c_fc, mlp.c_proj
     gemms = []
