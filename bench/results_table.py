@@ -252,11 +252,15 @@ def engines_at_scale_headline(name, data):
     speed = ", ".join(f"{rows['native', s]['tokens_per_s'] / rows['deepspeed', s]['tokens_per_s']:.2f}x" for s in stages)
     largest = max(rows[key]["max_loss_difference"] for key in rows)
     opts = data["options"]
+    runs = (f", median of {opts['repeats']} runs per row, the engines alternating" if opts.get("repeats", 1) > 1
+            else "")
+    load = (f", shared (load average {data['loadavg_before'][0]:.1f} before, {data['loadavg_after'][0]:.1f} after)"
+            if "loadavg_before" in data else "")
     return (f"native engine against DeepSpeed {data['deepspeed']}, GPT-2 124M's shape, {opts['steps']} steps, "
-            f"{opts['dtype']}, ZeRO stages {stages[0]}-{stages[-1]}",
+            f"{opts['dtype']}, ZeRO stages {stages[0]}-{stages[-1]}{runs}",
             f"model state per rank {state('native')} MiB against DeepSpeed's {state('deepspeed')}; tokens/s "
             f"**{speed}** DeepSpeed's; every loss within {largest:.1e} of native stage 0",
-            f"{data['device']}, {opts['nproc']} gloo ranks", name)
+            f"{data['device']}, {opts['nproc']} gloo ranks{load}", name)
 
 
 def trl_headline(name, data):
