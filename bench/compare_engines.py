@@ -15,7 +15,7 @@ torch.cuda.max_memory_allocated); model state is each rank's engine.memory_repor
 paper's fp32 formula. Writes bench/results/engines_<device>.json (gpt2_124m_cpu:
 engines_124m_<device>.json) with the load average before and after and a digest of every source the
 runs execute, and a loss-curve PNG beside it. gpt2_124m_cpu is GPT-2 small's shape at a size a 2-core
-CPU runs in about ten minutes for all eight rows, twice each: short packed sequences and a
+CPU runs in about ten minutes for all eight rows, one run each: short packed sequences and a
 few steps, so its tokens/s are about the engines' cost per step on a real model's parameter count, not
 about long-sequence compute.
 """
@@ -64,7 +64,7 @@ PRESETS = {  # trainer options of each preset, on top of the ones every run shar
                       "--max_seq_len=64", "--batch_size=2", "--packing", "--learning_rate=6e-4"],
 }
 # A preset's own --steps and --warmup, where the command line does not set them.
-PRESET_STEPS = {"gpt2_124m_cpu": {"steps": 4, "warmup": 1, "repeats": 2}}
+PRESET_STEPS = {"gpt2_124m_cpu": {"steps": 4, "warmup": 1}}
 # The JSON's name: engines_<prefix><device>.json.
 PRESET_FILE_PREFIX = {"gpt2_124m_cpu": "124m_"}
 # Every source file a run executes (the trainer and the rooms it imports), digested into the JSON.
