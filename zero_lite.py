@@ -7,8 +7,10 @@ The native training engine: what DeepSpeed's engine does for this trainer, in pl
     grad_norm, applied = engine.step(lr_multiplier, loss_is_finite)     # clip, update or skip, zero gradients
 
 Stage 0 is data parallelism as DDP does it: every rank holds the whole model, gradients and optimizer
-state, and the gradients are averaged over ranks once per optimizer step, after the backward of the
-step's last (boundary) micro-batch, in flat buckets.
+state, and the gradients are averaged over ranks once per optimizer step, in the backward of the step's
+last (boundary) micro-batch. On a process group every gradient is a view into one of a few flat buckets
+(filled from the last layer back); the hook of a bucket's last gradient launches its all-reduce, which runs
+while the backward goes on with earlier layers, and the step waits for them all after the backward.
 
 Stages 1-3 are ZeRO (Rajbhandari et al., 2020), which removes that redundancy step by step. The trained
 parameters are grouped into units, one per transformer block plus a root unit (the embeddings, the final
@@ -16,8 +18,9 @@ LayerNorm and the tied head). A unit's parameters are views into one flat fp32 b
 of the world size, so that rank r owns slice r of it: its shard.
 
   stage 1  Adam moments exist for the rank's shard only. At the boundary each unit's flat gradient buffer
-           is reduce-scattered in place (each rank receives the sum over ranks of its own slice), the rank
-           updates its shard of the weights, and an all-gather brings every rank all the updated weights.
+           is reduce-scattered in place as soon as the backward has produced its last gradient (each rank
+           receives the sum over ranks of its own slice), the rank updates its shard of the weights, and an
+           all-gather brings every rank all the updated weights.
   stage 2  as 1, without full gradient buffers: a hook on every parameter notices when the backward has
            produced a unit's last gradient, copies the unit's gradients into a bucket and launches its
            reduce-scatter while the backward goes on with earlier blocks. Only the gradient shard is kept.
@@ -71,6 +74,45 @@ def optimizer_state_bytes(optimizer):
     held = sum(saved_bytes(t for t in state.values() if torch.is_tensor(t)) for state in optimizer.state.values())
     fresh = [p for group in optimizer.param_groups for p in group["params"] if not optimizer.state.get(p)]
     return held + sum(2 * p.numel() * p.element_size() + 4 + 3 * TENSOR_RECORD_BYTES for p in fresh)
+
+
+# ----------------------------------------------------------------------------- buckets (stage 0)
+
+
+class Bucket:
+    """Stage 0 on a process group: gradients of neighbouring parameters as views into one flat buffer, so that
+    the backward accumulates straight into it and one all-reduce averages them all, with no copy either way."""
+
+    def __init__(self, params):
+        self.params = params
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        sizes = [p.numel() for p in params]
+        self.views = [part.view_as(p) for part, p in zip(self.flat.split(sizes), params)]
+        self.arrived = set()  # parameters whose gradient the current backward has produced
+        self.received = set()  # those of the step's earlier backwards
+        self.handle = None  # the all-reduce in flight
+
+    def attach(self):
+        """Every parameter's .grad becomes its view again (the step may have dropped one that got none)."""
+        for p, view in zip(self.params, self.views):
+            p.grad = view
+
+    def launch(self):
+        """Starts summing the bucket over ranks; the backward goes on meanwhile."""
+        self.handle = dist.all_reduce(self.flat, async_op=True)
+
+
+def make_buckets(params, bucket_bytes):
+    """Consecutive parameters of one dtype in buckets of about bucket_bytes (a larger parameter gets a bucket of
+    its own). params should come in the order the backward produces their gradients: the last layer's first."""
+    buckets, current, size = [], [], 0
+    for p in params:
+        if current and (size >= bucket_bytes or p.dtype != current[0].dtype):
+            buckets.append(Bucket(current))
+            current, size = [], 0
+        current.append(p)
+        size += p.numel() * p.element_size()
+    return buckets + ([Bucket(current)] if current else [])
 
 
 # ----------------------------------------------------------------------------- units (stages 1-3)
@@ -197,7 +239,9 @@ class Engine:
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor.data, src=0)
         self.names = {p: name for name, p in model.named_parameters()}
-        self.units, self.blocks, self.optimizer = [], [], optimizer
+        self.units, self.blocks, self.optimizer, self.buckets = [], [], optimizer, []
+        if stage == 0 and dist.is_initialized():
+            self._attach_buckets()
         if stage >= 1:
             group_of = {p: g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
             self.units, self.blocks = make_units(model, group_of, self.rank, self.world)
@@ -211,9 +255,24 @@ class Engine:
 
     # ------------------------------------------------------------------------- setup of stages 1-3
 
+    def _attach_buckets(self):
+        """Stage 0 on a process group: the dense trained parameters' gradients live in flat buckets (each .grad a
+        view), filled from the last layer back as the backward produces them, so that the boundary micro-batch's
+        hooks can launch a bucket's all-reduce as soon as its last gradient arrives, while the backward goes on
+        (DDP's overlap). Sparse fine-tuning's matrices keep their own gathered gradients and stay out."""
+        position = {p: i for i, p in enumerate(self.module.parameters())}
+        dense = [p for group in self.optimizer.param_groups if not group.get("sparse")
+                 for p in group["params"] if p.requires_grad]
+        self.buckets = make_buckets(sorted(dense, key=lambda p: position.get(p, -1), reverse=True), BUCKET_BYTES)
+        for bucket in self.buckets:
+            bucket.attach()
+            for p in bucket.params:
+                p.register_post_accumulate_grad_hook(partial(self._on_bucket_gradient, bucket))
+
     def _attach_gradients(self):
         """Stage 1: gradients accumulate straight into one flat buffer per unit (each .grad a view of it), whose
-        own slice is the shard. Stages 2-3: only the shard exists; a hook reduces each unit as it completes."""
+        own slice is the shard. Stages 2-3: only the shard exists. At every stage a hook reduces each unit as
+        it completes."""
         for unit in self.units:
             if self.stage == 1:
                 unit.grad_flat = torch.zeros_like(unit.flat)
@@ -222,8 +281,8 @@ class Engine:
                 unit.grad_shard = unit.grad_flat[unit.begin:unit.begin + unit.shard_size]
             else:
                 unit.grad_shard = torch.zeros(unit.shard_size, device=self.device)
-                for p in unit.params:
-                    p.register_post_accumulate_grad_hook(partial(self._on_gradient, unit))
+            for p in unit.params:
+                p.register_post_accumulate_grad_hook(partial(self._on_gradient, unit))
 
     def _shard_optimizer(self, optimizer):
         """The caller's AdamW with the same groups and settings, over this rank's shards: per unit and group, one
@@ -300,34 +359,62 @@ class Engine:
         """Accumulates gradients; after the boundary micro-batch they are the mean over ranks (at stages 1-3:
         of the gradient shard this rank keeps)."""
         self.scaler.scale(loss).backward()
-        if self.stage >= 2:
-            for unit in self.units:
-                if unit.arrived != -1:  # some parameter got no gradient in this backward: it counts as zero
-                    self._unit_backward_done(unit)
-                unit.arrived = 0
-        if self.boundary and self.stage == 1:
-            for unit in self.units:
-                self._reduce_scatter(unit.grad_flat, unit.grad_shard)
+        for unit in self.units:
+            if unit.arrived != -1:  # some parameter got no gradient in this backward: it counts as zero
+                self._unit_backward_done(unit)
+            unit.arrived = 0
         if self.boundary and self.stage >= 1:
             for work, _ in self.pending:
                 work.wait()
             self.pending = []
             for unit in self.units:
                 unit.grad_shard.div_(self.world)
-        if self.boundary and self.stage == 0 and self.world > 1:
-            self._average_gradients()
+        if self.buckets:
+            self._finish_buckets()
+        if self.boundary and self.world > 1 and self._sparse_gradients():
+            self._all_reduce_mean(self._sparse_gradients())
+
+    def _on_bucket_gradient(self, bucket, param):
+        """Stage 0: called after each gradient is accumulated into its bucket; in the boundary micro-batch's
+        backward the bucket's last one launches its all-reduce."""
+        bucket.arrived.add(param)
+        if self.boundary and len(bucket.arrived) == len(bucket.params):
+            bucket.launch()
+
+    def _finish_buckets(self):
+        """Stage 0 after each backward. At the boundary: the buckets no hook launched (one of their parameters
+        got no gradient) are launched, every all-reduce is waited for and the sums become means. A parameter
+        that got no gradient in the whole step has none (None), as in a single process: the optimizer skips it."""
+        for bucket in self.buckets:
+            bucket.received.update(bucket.arrived)
+            bucket.arrived.clear()
+        if not self.boundary:
+            return
+        for bucket in self.buckets:
+            if bucket.handle is None:
+                bucket.launch()
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.handle = None
+            bucket.flat.div_(self.world)
+            for p in bucket.params:
+                if p not in bucket.received:
+                    p.grad = None
 
     def _on_gradient(self, unit, param):
-        """Stages 2-3: called after each parameter's gradient is accumulated; the unit's last one finishes it."""
+        """Stages 1-3: called after each parameter's gradient is accumulated; the unit's last one finishes it."""
         unit.arrived += 1
         if unit.arrived == len(unit.params):
             self._unit_backward_done(unit)
 
     def _unit_backward_done(self, unit):
-        """A unit's gradients for this micro-batch are complete. At the boundary they are copied into a bucket whose
-        reduce-scatter runs while the backward goes on with earlier units; at stage 3 the weights are freed."""
+        """A unit's gradients for this micro-batch are complete. At the boundary their reduce-scatter starts and
+        runs while the backward goes on with earlier units: at stage 1 in place in the unit's gradient buffer, at
+        stages 2-3 from a bucket they are copied into. At stage 3 the weights are freed."""
         unit.arrived = -1
-        if self.boundary:
+        if self.boundary and self.stage == 1:
+            self._reduce_scatter(unit.grad_flat, unit.grad_shard)
+        elif self.boundary:
             bucket = torch.zeros(unit.shard_size * self.world, device=self.device)
             for p, offset in zip(unit.params, unit.offsets):
                 if p.grad is not None:
@@ -380,6 +467,10 @@ class Engine:
         Stage 3 also frees a unit still gathered (for an evaluation): it holds the weights before this step."""
         if self.stage == 0:
             self.optimizer.zero_grad(set_to_none=True)
+        for bucket in self.buckets:  # stage 0 on a process group: the gradients stay views into the buckets
+            bucket.flat.zero_()
+            bucket.received.clear()
+            bucket.attach()
         for unit in self.units:
             (unit.grad_flat if self.stage == 1 else unit.grad_shard).zero_()
             if self.stage == 3:
@@ -400,20 +491,8 @@ class Engine:
         dense = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         return dense + self._sparse_gradients()
 
-    def _average_gradients(self):
-        """Stage 0: sum over ranks, then divide, one flat bucket of about BUCKET_BYTES at a time: a few large
-        collectives instead of one per tensor."""
-        bucket, size = [], 0
-        for grad in self._gradients():
-            bucket.append(grad)
-            size += grad.numel() * grad.element_size()
-            if size >= BUCKET_BYTES:
-                self._all_reduce_mean(bucket)
-                bucket, size = [], 0
-        if bucket:
-            self._all_reduce_mean(bucket)
-
     def _all_reduce_mean(self, grads):
+        """Sparse fine-tuning's gathered gradients: sum over ranks in one flat tensor, then divide."""
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat.div_(self.world)

@@ -6,19 +6,25 @@
 
 Each (engine, stage) is a real `torchrun train_sft.py` with the same options and seed; a native
 stage the native engine does not have yet is listed as such. Every row is compared with the first
-one (native stage 0 by default). tokens/s is the median over the steps after --warmup; peak memory
-is each rank's (CPU: peak resident memory of the process; GPU: torch.cuda.max_memory_allocated);
-model state is each rank's engine.memory_report() beside the ZeRO paper's fp32 formula. Writes
-bench/results/engines_<device>.json (gpt2_124m_cpu: engines_124m_<device>.json) and a loss-curve PNG
-beside it. gpt2_124m_cpu is GPT-2 small's shape at a size a 2-core CPU runs in about ten minutes for
-all eight rows: short packed sequences and a few steps, so its tokens/s are about the engines' cost
-per step on a real model's parameter count, not about long-sequence compute.
+one (native stage 0 by default). Each stage runs --repeats times on every engine in alternating order
+(native, deepspeed, native, deepspeed, ...), so that a change in the machine's load while the benchmark
+runs falls on both engines alike. A run's tokens/s is the median over its steps after --warmup, a row's
+the median of its runs (each run's figure is kept); losses and memory are those of a row's first run.
+Peak memory is each rank's (CPU: peak resident memory of the process; GPU:
+torch.cuda.max_memory_allocated); model state is each rank's engine.memory_report() beside the ZeRO
+paper's fp32 formula. Writes bench/results/engines_<device>.json (gpt2_124m_cpu:
+engines_124m_<device>.json) with the load average before and after and a digest of every source the
+runs execute, and a loss-curve PNG beside it. gpt2_124m_cpu is GPT-2 small's shape at a size a 2-core
+CPU runs in about ten minutes for all eight rows, one run each: short packed sequences and a
+few steps, so its tokens/s are about the engines' cost per step on a real model's parameter count, not
+about long-sequence compute.
 """
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,13 +44,14 @@ OPTIONS = {
     "nproc": (0, "processes (ranks) per run; 0 = 2 on a CPU, 1 on a GPU"),
     "steps": (40, "optimizer steps per run"),
     "warmup": (5, "steps left out of tokens/s"),
+    "repeats": (1, "runs of each (engine, stage), alternating between the engines; tokens/s is their median"),
     "dtype": ("auto", "float32 | bfloat16 | auto (float32 on a CPU, bfloat16 on a GPU)"),
     "device": ("auto", "cpu | cuda | auto"),
     "seed": (1337, "the seed of every run"),
 }
 CHOICES = {"preset": ("auto", "demo", "gpt2_124m", "gpt2_124m_cpu"), "dtype": ("auto", "float32", "bfloat16"),
            "device": ("auto", "cpu", "cuda")}
-RANGES = {"steps": (2, None)}
+RANGES = {"steps": (2, None), "repeats": (1, None)}
 PRESETS = {  # trainer options of each preset, on top of the ones every run shares
     "demo": ["configs/demo.py", "--batch_size=16", "--warmup_steps=0"],
     "gpt2_124m": ["--data_path=demo", "--tokenizer=gpt2", "--n_layer=12", "--n_head=12", "--n_embd=768",
@@ -53,14 +60,14 @@ PRESETS = {  # trainer options of each preset, on top of the ones every run shar
                       "--max_seq_len=64", "--batch_size=2", "--packing", "--learning_rate=6e-4"],
 }
 # A preset's own --steps and --warmup, where the command line does not set them.
-PRESET_STEPS = {"gpt2_124m_cpu": {"steps": 8, "warmup": 2}}
+PRESET_STEPS = {"gpt2_124m_cpu": {"steps": 4, "warmup": 1}}
 # The JSON's name: engines_<prefix><device>.json.
 PRESET_FILE_PREFIX = {"gpt2_124m_cpu": "124m_"}
 
 
-def run_trainer(engine, stage, args, workdir):
+def run_trainer(engine, stage, args, workdir, repeat=0):
     """One torchrun of train_sft.py; returns its metrics records, or the one-line reason it refused."""
-    out = Path(workdir) / f"{engine}{stage}"
+    out = Path(workdir) / f"{engine}{stage}-{repeat}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args['nproc']}",
            "train_sft.py", *PRESETS[args["preset"]], f"--engine={engine}", f"--zero_stage={stage}",
            f"--max_steps={args['steps']}", f"--dtype={args['dtype']}", f"--device={args['device']}",
@@ -76,12 +83,35 @@ def run_trainer(engine, stage, args, workdir):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
-def summarize(records, warmup):
-    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > warmup]
-    memory = next(r for r in records if "memory" in r)
-    return {"losses": losses, "tokens_per_s": statistics.median(speeds), "ranks": memory["memory"],
-            "formula_bytes": memory["zero_formula_bytes"]}
+def summarize(runs, warmup):
+    """One row from the runs of an (engine, stage): the median of the runs' tokens/s, the first run's losses
+    and memory."""
+    speeds = [statistics.median(r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > warmup)
+              for records in runs]
+    losses = {r["step"]: r["loss"] for r in runs[0] if "loss" in r}
+    memory = next(r for r in runs[0] if "memory" in r)
+    return {"losses": losses, "tokens_per_s": statistics.median(speeds), "tokens_per_s_runs": speeds,
+            "ranks": memory["memory"], "formula_bytes": memory["zero_formula_bytes"]}
+
+
+def run_alternating(engines, stages, args, workdir):
+    """Every (engine, stage) args["repeats"] times, the engines alternating within each stage; returns the rows
+    in engine-major order, as the table shows them."""
+    runs, skipped = {}, {}
+    for stage in stages:
+        for repeat in range(args["repeats"]):
+            for engine in engines:
+                if (engine, stage) in skipped:
+                    continue
+                print(f"running {engine} stage {stage} ({repeat + 1} of {args['repeats']}) ...", flush=True)
+                result = run_trainer(engine, stage, args, workdir, repeat)
+                if isinstance(result, str):
+                    skipped[engine, stage] = result
+                else:
+                    runs.setdefault((engine, stage), []).append(result)
+    return [{"engine": engine, "stage": stage, "skipped": skipped[engine, stage]} if (engine, stage) in skipped
+            else {"engine": engine, "stage": stage, **summarize(runs[engine, stage], args["warmup"])}
+            for engine in engines for stage in stages]
 
 
 def print_table(rows, checkpoints):
@@ -133,15 +163,9 @@ def main(argv):
     args.update({k: v for k, v in PRESET_STEPS.get(args["preset"], {}).items() if k not in explicit})
     engines, stages = args["engines"].split(","), [int(s) for s in args["stages"].split(",")]
     rows, load_before = [], load_average()  # the machine may be shared: its load goes with the figures
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        for engine in engines:
-            for stage in stages:
-                print(f"running {engine} stage {stage} ...", flush=True)
-                result = run_trainer(engine, stage, args, workdir)
-                if isinstance(result, str):
-                    rows.append({"engine": engine, "stage": stage, "skipped": result})
-                    continue
-                rows.append({"engine": engine, "stage": stage, **summarize(result, args["warmup"])})
+        rows = run_alternating(engines, stages, args, workdir)
     checkpoints = sorted({1, args["steps"] // 4, args["steps"] // 2, args["steps"]})
     print_table(rows, checkpoints)
 
@@ -150,7 +174,8 @@ def main(argv):
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     record = {"device": device, **provenance(["bench/compare_engines.py", "train_sft.py"], load_before,
-                                             packages=("deepspeed",)), "options": args, "rows": rows}
+                                             packages=("deepspeed",)),
+              "wall_s": round(time.perf_counter() - start), "options": args, "rows": rows}
     (results / f"engines_{name}.json").write_text(json.dumps(record, indent=1))
     plot(rows, results / f"engines_{name}.png")
     print(f"wrote bench/results/engines_{name}.json and .png")

@@ -316,11 +316,15 @@ def engines_at_scale_headline(name, data):
     largest = max(rows[key]["max_loss_difference"] for key in rows)
     opts = data["options"]
     deepspeed = versions_of(data)["deepspeed"]
+    runs = (f", median of {opts['repeats']} runs per row, the engines alternating" if opts.get("repeats", 1) > 1
+            else "")
+    recorded = load_average_of(data)
+    load = f", shared (load average {recorded[0][0]:.1f} before, {recorded[1][0]:.1f} after)" if recorded else ""
     return (f"native engine against DeepSpeed {deepspeed}, GPT-2 124M's shape, {opts['steps']} steps, "
-            f"{opts['dtype']}, ZeRO stages {stages[0]}-{stages[-1]}",
+            f"{opts['dtype']}, ZeRO stages {stages[0]}-{stages[-1]}{runs}",
             f"model state per rank {state('native')} MiB against DeepSpeed's {state('deepspeed')}; tokens/s "
             f"**{speed}** DeepSpeed's; every loss within {largest:.1e} of native stage 0",
-            f"{data['device']}, {opts['nproc']} gloo ranks", name)
+            f"{data['device']}, {opts['nproc']} gloo ranks{load}", name)
 
 
 def trl_headline(name, data):

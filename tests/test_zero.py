@@ -179,3 +179,102 @@ def test_shard_files_reshard_on_load_and_bad_ones_are_named(stage_runs, tmp_path
         damage(bad / shard1)
         with pytest.raises(ValueError, match=re.escape(f"{bad / shard1} {messages[case]}")):
             engine.load(bad)
+
+
+# ----------------------------------------------------------------------------- stage 0's gradient buckets
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A gloo process group of one rank in this process: stage 0 then keeps its gradients in buckets and
+    all-reduces them (an identity on one rank), the path it takes on several ranks."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def tiny_with_an_unused_parameter():
+    """tiny_model() plus a trained parameter the forward never reads (it gets no gradient)."""
+    model = tiny_model()
+    model.unused = torch.nn.Parameter(torch.ones(3))
+    return model
+
+
+def stage0_engine(model):
+    """Stage 0 with weight decay on every parameter, so that an update of the unused one would show."""
+    groups = [{"params": list(model.parameters()), "lr": 1e-2, "base_lr": 1e-2, "weight_decay": 0.1}]
+    return zero_lite.Engine(model, torch.optim.AdamW(groups), stage=0, grad_clip=1.0)
+
+
+def accumulate(engine, batches):
+    """One optimizer step over the micro-batches; returns the gradients at the boundary (None where none)."""
+    for i, idx in enumerate(batches):
+        engine.backward(engine(idx, idx, boundary=i == len(batches) - 1) * 0.5)
+    grads = [None if p.grad is None else p.grad.clone() for p in engine.module.parameters()]
+    engine.step(1.0, torch.tensor(True))
+    return grads
+
+
+def test_make_buckets_cuts_at_the_size_splits_dtypes_and_views_one_buffer():
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype))
+              for n, dtype in [(3, torch.float32), (5, torch.float32), (100, torch.float32), (2, torch.float32),
+                               (7, torch.bfloat16), (1, torch.float32)]]
+    buckets = zero_lite.make_buckets(params, bucket_bytes=32)  # 8 fp32 elements
+    assert [[p.numel() for p in b.params] for b in buckets] == [[3, 5], [100], [2], [7], [1]]
+    for bucket in buckets:
+        bucket.attach()
+        assert bucket.flat.dtype == bucket.params[0].dtype and bucket.flat.numel() == sum(
+            p.numel() for p in bucket.params)
+        for p in bucket.params:
+            assert p.grad.shape == p.shape and p.grad.untyped_storage().data_ptr() == bucket.flat.untyped_storage(
+                ).data_ptr()
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 1000, 50_000, 2**30])
+def test_bucketed_stage0_gives_the_gradients_and_weights_of_the_plain_path(process_group, monkeypatch,
+                                                                           bucket_bytes):
+    """Buckets of one parameter each, of odd sizes cutting through the model (the 320 x 32 embedding is larger
+    than 1,000 and 50,000 bytes), and one for everything: the same gradients at the boundary and the same
+    weights after two steps of two micro-batches as the engine without a process group, bit for bit. The
+    parameter that gets no gradient has none, and keeps its value."""
+    monkeypatch.setattr(zero_lite, "BUCKET_BYTES", bucket_bytes)
+    torch.manual_seed(1)
+    steps = [[torch.randint(0, 320, (2, 12)) for _ in range(2)] for _ in range(2)]
+    bucketed = stage0_engine(tiny_with_an_unused_parameter())
+    assert bucketed.buckets and (bucket_bytes > 2**20 or len(bucketed.buckets) > 1)
+    dist = torch.distributed
+    dist.destroy_process_group()  # the reference engine: no process group, no buckets
+    plain = stage0_engine(tiny_with_an_unused_parameter())
+    assert not plain.buckets
+    plain_grads = [accumulate(plain, batches) for batches in steps]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    bucketed_grads = [accumulate(bucketed, batches) for batches in steps]
+    unused = [p is bucketed.module.unused for p in bucketed.module.parameters()]
+    for ours, reference in zip(bucketed_grads, plain_grads):
+        assert [g is None for g in ours] == [g is None for g in reference] == unused
+        assert all(torch.equal(a, b) for a, b in zip(ours, reference) if a is not None)
+    assert all(torch.equal(a, b) for a, b in zip(bucketed.module.parameters(), plain.module.parameters()))
+    assert torch.equal(bucketed.module.unused, torch.ones(3))
+
+
+def test_stage0_sends_nothing_before_the_boundary_and_launches_buckets_inside_the_backward(process_group,
+                                                                                           monkeypatch):
+    """Accumulation: the first micro-batch's backward starts no collective. The boundary's: one all-reduce per
+    bucket, each launched by a gradient hook before the backward returns (overlap), except a bucket holding a
+    parameter that got no gradient, launched after it."""
+    monkeypatch.setattr(zero_lite, "BUCKET_BYTES", 20_000)
+    engine = stage0_engine(tiny_with_an_unused_parameter())
+    events = []
+    all_reduce, finish = zero_lite.dist.all_reduce, engine._finish_buckets
+    monkeypatch.setattr(zero_lite.dist, "all_reduce", lambda *a, **kw: events.append("all_reduce") or all_reduce(
+        *a, **kw))
+    monkeypatch.setattr(engine, "_finish_buckets", lambda: events.append("backward returned") or finish())
+    idx = torch.randint(0, 320, (2, 12))
+    engine.backward(engine(idx, idx, boundary=False))
+    assert events == ["backward returned"]
+    events.clear()
+    engine.backward(engine(idx, idx, boundary=True))
+    launched_in_backward = len(engine.buckets) - 1  # all but the unused parameter's
+    assert len(engine.buckets) > 3
+    assert events == ["all_reduce"] * launched_in_backward + ["backward returned", "all_reduce"]
