@@ -757,7 +757,8 @@ def check_gguf_export(model_config, cfg):
 def export_gguf(model, cfg, output_dir):
     """<output_dir>/model-<type>.gguf of the model (LoRA merged), its tokenizer and chat template."""
     path = os.path.join(output_dir, f"model-{cfg['export_gguf']}.gguf")
-    gguf_format.save_gguf(model, get_tokenizer(cfg["tokenizer"]), path, cfg["export_gguf"],
+    vocabulary = gguf_tokenizer_metadata(get_tokenizer(cfg["tokenizer"]), model.config.vocab_size)
+    gguf_format.save_gguf(model, vocabulary, path, cfg["export_gguf"],
                           name=f"{model.config.model_type} fine-tuned by train_sft.py")
     return path
 

@@ -16,7 +16,6 @@ import torch
 
 from hf_format import exported_weights, hf_part_rows, sliding_window_override, write_atomically
 from model import GPT, family_config
-from tokenizer import gguf_tokenizer_metadata
 
 # GGUF's architecture name -> the family (model_type). llama.cpp writes Mistral models as "llama".
 GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
@@ -259,15 +258,15 @@ def check_gguf_expressible(config):
                          f"{config.model_type} model with full attention")
 
 
-def save_gguf(model, tokenizer, path, kind, name):
+def save_gguf(model, vocabulary, path, kind, name):
     """Write model (LoRA merged) as a GGUF file of its architecture that llama.cpp, Ollama and LM Studio
-    run: the metadata of its config, tokenizer (its GGUF form, see tokenizer.gguf_tokenizer_metadata, with
-    the chat template), and every matrix in kind (f32, f16 or q8_0; a matrix whose rows q8_0's 32-value
-    blocks do not divide is written f16, as llama.cpp does), norms and biases in f32. A Llama's q and k
-    rows are put in llama.cpp's rotary order. Written under a temporary name, then renamed onto path."""
+    run: the metadata of its config and of its tokenizer (vocabulary, the tokenizer's GGUF form with the
+    chat template: tokenizer.gguf_tokenizer_metadata, passed in since tokenizer.py imports this module),
+    and every matrix in kind (f32, f16 or q8_0; a matrix whose rows q8_0's 32-value blocks do not divide
+    is written f16, as llama.cpp does), norms and biases in f32. A Llama's q and k rows are put in
+    llama.cpp's rotary order. Written under a temporary name, then renamed onto path."""
     cfg = model.config
     check_gguf_expressible(cfg)
-    vocabulary = gguf_tokenizer_metadata(tokenizer, cfg.vocab_size)
     weights = exported_weights(model)
 
     def write(tmp):

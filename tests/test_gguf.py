@@ -18,7 +18,7 @@ import transformers
 import gguf_format
 from conftest import CHATML_TEMPLATE, ROOT, make_chatml_tokenizer_dir, write_reverse_pairs
 from model import GPT, apply_lora, family_config
-from tokenizer import ChatTemplate, get_tokenizer
+from tokenizer import ChatTemplate, get_tokenizer, gguf_tokenizer_metadata
 
 Q = gguf.GGMLQuantizationType
 # One tensor type per matrix of a two-layer Llama, so one file (one transformers load) covers them all.
@@ -320,7 +320,7 @@ def test_gguf_export_reads_back_in_transformers(family, tiny_tokenizer, tmp_path
         expected = model(idx)
     for kind, bound in EXPORT_BOUNDS.items():
         path = tmp_path / f"model-{kind}.gguf"
-        gguf_format.save_gguf(model, enc, path, kind, name="test")
+        gguf_format.save_gguf(model, gguf_tokenizer_metadata(enc, model.config.vocab_size), path, kind, name="test")
         assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary file left behind
         back = transformers_logits(str(path), idx)
         scale = expected.abs().max()
