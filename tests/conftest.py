@@ -77,6 +77,8 @@ def train_here(args, tmp_path, check=True, tiny=TINY):
             exit_code, sentence = train_sft.outcome(argv)
             train_sft.report_outcome(argv, exit_code, sentence)
     finally:
+        if torch.distributed.is_initialized():  # a run refused after its start leaves what its exit would end
+            torch.distributed.destroy_process_group()
         torch.set_num_threads(threads)
         os.environ.pop("OMP_NUM_THREADS") if omp is None else os.environ.update(OMP_NUM_THREADS=omp)
         for sig, handler in handlers.items():
