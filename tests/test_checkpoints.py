@@ -2,7 +2,8 @@
 checkpoints, a second run on the same output directory, leftovers of a crash, and a full disk.
 
 Most tests call checkpoint.py's functions on small hand-made checkpoints; a few run the
-trainer as a process to show that main() wires them in."""
+trainer (in this process, conftest.train_here, or as a process where the process is tested) to show
+that main() wires them in."""
 
 import errno
 import json
@@ -19,15 +20,10 @@ import torch
 
 import checkpoint
 import train_sft
-from conftest import ROOT, TINY, run_trainer, write_reverse_pairs
+from conftest import ROOT, run_trainer, train_here, write_reverse_pairs
 from checkpoint import CheckpointError
 from model import GPT, GPTConfig, family_config
 from options import OptionError
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_reverse_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 120)
 
 
 def make_checkpoint(output_dir, step, run_id, n=4096):
@@ -205,7 +201,7 @@ def test_a_new_run_replaces_an_earlier_runs_output_only_when_told(tmp_path):
 def test_the_trainer_refuses_an_earlier_runs_output_and_contradicting_options(tmp_path):
     out = tmp_path / "out"
     make_checkpoint(out, 30, "earlier-run")
-    proc = run_trainer([f"--output_dir={out}"], tmp_path, check=False)
+    proc = train_here([f"--output_dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"train_sft.py: error: --output_dir={out} holds an earlier run's output "
                                    f"(ckpt-00000030): continue that run with --resume or replace it with "
@@ -226,7 +222,7 @@ def test_a_live_run_locks_its_output_dir_and_a_killed_one_leaves_no_lock(tmp_pat
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OptionError, match=rf"is in use by a run that is still going \(pid {holder.pid} on "):
             checkpoint.lock_output_dir(str(out))
-        proc = run_trainer([f"--output_dir={out}"], tmp_path, check=False)  # a second run started while the first goes on
+        proc = train_here([f"--output_dir={out}"], tmp_path, check=False)  # a second run started while the first goes on
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert f"--output_dir={out} is in use by a run that is still going" in proc.stderr
     finally:
@@ -324,8 +320,8 @@ def disk_for_one_checkpoint():
 
 def test_the_trainer_stops_with_one_sentence_when_the_disk_is_full(tmp_path, data_file, disk_for_one_checkpoint):
     out = disk_for_one_checkpoint / "out"
-    proc = run_trainer([f"--data_path={data_file}", "--max_steps=4", "--checkpoint_interval=1", "--keep_checkpoints=5",
-                    f"--output_dir={out}"], tmp_path, check=False)
+    proc = train_here([f"--data_path={data_file}", "--max_steps=4", "--checkpoint_interval=1", "--keep_checkpoints=5",
+                       f"--output_dir={out}"], tmp_path, check=False)
     assert proc.returncode == train_sft.EXIT_CHECKPOINT_NOT_WRITTEN == 4 and "Traceback" not in proc.stderr, proc.stderr
     errors = [line.partition("train_sft.py: error: ")[2] for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("checkpoint step 2 needs about "), errors  # after the bar
@@ -355,14 +351,21 @@ train_sft.run_from_command_line(sys.argv[1:])
     pytest.param(["--zero_stage=2"], 2, id="native-stage2-2ranks", marks=pytest.mark.slow),
     pytest.param(["--engine=deepspeed", "--zero_stage=3"], 2, id="deepspeed-stage3-2ranks", marks=pytest.mark.slow),
 ])
-def test_the_space_a_first_checkpoint_needs_is_reckoned_from_everything_it_holds(tmp_path, data_file, args, nproc):
+def test_the_space_a_first_checkpoint_needs_is_reckoned_from_everything_it_holds(tmp_path, data_file, args, nproc,
+                                                                               monkeypatch):
     """Before the first checkpoint there is no earlier one to measure: the estimate counted only the weights
     (a third of what stage 0 writes), so a disk that could not hold the checkpoint let it start."""
     out, estimates, driver = tmp_path / "out", tmp_path / "estimates", tmp_path / "record_estimates.py"
-    driver.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + RECORDING_DRIVER)
-    run_trainer([f"--data_path={data_file}", "--max_steps=1", "--checkpoint_interval=1", f"--output_dir={out}", *args],
-                tmp_path, nproc=nproc, script=str(driver), env={"ESTIMATES": str(estimates)})
-    estimate = json.loads(estimates.read_text().splitlines()[0])
+    args = [f"--data_path={data_file}", "--max_steps=1", "--checkpoint_interval=1", f"--output_dir={out}", *args]
+    if nproc == 1:  # in this process, recorded as the driver records them
+        reckon, recorded = checkpoint.checkpoint_bytes_needed, []
+        monkeypatch.setattr(checkpoint, "checkpoint_bytes_needed", lambda *a: recorded.append(reckon(*a)) or recorded[-1])
+        train_here(args, tmp_path)
+    else:
+        driver.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + RECORDING_DRIVER)
+        run_trainer(args, tmp_path, nproc=nproc, script=str(driver), env={"ESTIMATES": str(estimates)})
+        recorded = [json.loads(line) for line in estimates.read_text().splitlines()]
+    estimate = recorded[0]
     written = sum(path.stat().st_size for path in (out / "ckpt-00000001").rglob("*") if path.is_file())
     assert 0.9 * written <= estimate <= 1.1 * written, (estimate, written)
 
@@ -375,11 +378,11 @@ def test_resume_passes_over_a_corrupted_latest_checkpoint_and_ends_as_the_uninte
     out = tmp_path / "out"
     common = [f"--data_path={data_file}", "--max_steps=3", "--checkpoint_interval=1", "--keep_checkpoints=5",
               f"--output_dir={out}"]
-    assert run_trainer(common, tmp_path, check=False).returncode == 0
+    assert train_here(common, tmp_path, check=False).returncode == 0
     uninterrupted = torch.load(out / "ckpt-00000003" / "model.pt", weights_only=True)
     flip_bytes_inside_a_tensor(out / "ckpt-00000003" / "zero_lite-stage0.pt")
     os.mkdir(out / "ckpt-best")
-    proc = run_trainer(common + ["--resume", "--keep_checkpoints=2"], tmp_path, check=False)
+    proc = train_here(common + ["--resume", "--keep_checkpoints=2"], tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (f"checkpoint {out}/ckpt-00000003 cannot be used: zero_lite-stage0.pt does not match its sha256 "
             f"(corrupted)") in proc.stdout
@@ -393,11 +396,6 @@ def test_resume_passes_over_a_corrupted_latest_checkpoint_and_ends_as_the_uninte
 # ----------------------------------------------------------------------------- resuming on other data
 
 
-def train_here(args, tmp_path):
-    """train_sft.main in this process (a start-up costs seconds) on the tiny model; OptionError as raised."""
-    return train_sft.main(TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args)
-
-
 @pytest.mark.parametrize("edit", ["one_row", "reorder"])
 def test_resume_on_changed_data_stops_naming_the_file_and_the_option(tmp_path, edit):
     """The same number of rows used to pass: only the sample count was compared."""
@@ -407,9 +405,8 @@ def test_resume_on_changed_data_stops_naming_the_file_and_the_option(tmp_path, e
     rows = open(data_file).read().splitlines(keepends=True)
     rows = rows[::-1] if edit == "reorder" else [rows[0].replace("reverse", "flip")] + rows[1:]
     open(data_file, "w").writelines(rows)
-    with pytest.raises(OptionError) as error:
-        train_here(["--resume", "--max_steps=4", f"--output_dir={out}"], tmp_path)
-    assert str(error.value) == (
+    proc = train_here(["--resume", "--max_steps=4", f"--output_dir={out}"], tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "train_sft.py: error: " + (
         f"--resume: training file {data_file} changed since {out}/ckpt-00000002 was written (its sha256 differs): "
         f"give --resume_data_changed=continue to go on from the same position in it, or "
         f"--resume_data_changed=restart_epoch to start epoch 0 over on it")
@@ -418,15 +415,14 @@ def test_resume_on_changed_data_stops_naming_the_file_and_the_option(tmp_path, e
 
 @pytest.mark.parametrize("choice, logged", [("continue", "goes on from the same position"),
                                             ("restart_epoch", "starts epoch 0 over")])
-def test_resume_on_changed_data_goes_on_when_told(tmp_path, capsys, choice, logged):
+def test_resume_on_changed_data_goes_on_when_told(tmp_path, choice, logged):
     data_file = write_reverse_pairs(tmp_path / "train.jsonl", 120)
     out = tmp_path / "out"
     train_here([f"--data_path={data_file}", "--max_steps=2", f"--output_dir={out}"], tmp_path)
     rows = open(data_file).read().splitlines(keepends=True)
     open(data_file, "w").writelines(rows[::-1] + (rows[:7] if choice == "restart_epoch" else []))
-    capsys.readouterr()
-    train_here(["--resume", "--max_steps=4", f"--resume_data_changed={choice}", f"--output_dir={out}"], tmp_path)
-    log = capsys.readouterr().out
+    log = train_here(["--resume", "--max_steps=4", f"--resume_data_changed={choice}", f"--output_dir={out}"],
+                     tmp_path).stdout
     assert f"--resume_data_changed={choice}: training file {data_file} changed since {out}/ckpt-00000002" in log
     assert logged in log and f"resumed from {out}/ckpt-00000002 at step 2" in log
     assert (out / "ckpt-00000004").is_dir()
@@ -434,8 +430,9 @@ def test_resume_on_changed_data_goes_on_when_told(tmp_path, capsys, choice, logg
     state = torch.load(out / "ckpt-00000004" / "trainer.pt", weights_only=True)
     assert state["data"]["train"] == [[data_file, checkpoint.sha256_of(data_file)]]
     open(data_file, "a").write(rows[0])
-    with pytest.raises(OptionError, match=f"--resume: training file {data_file} changed since {out}/ckpt-00000004"):
-        train_here(["--resume", "--max_steps=6", f"--output_dir={out}"], tmp_path)
+    proc = train_here(["--resume", "--max_steps=6", f"--output_dir={out}"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert f"error: --resume: training file {data_file} changed since {out}/ckpt-00000004" in proc.stderr
 
 
 def test_resume_without_a_checkpoint_names_overwrite_output_dir(tmp_path):
@@ -468,16 +465,17 @@ def test_rotation_keeps_only_the_newest_rejected_checkpoints(tmp_path):
 
 def test_run_json_records_how_the_run_ended(tmp_path, data_file):
     out = tmp_path / "out"
-    proc = run_trainer([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={out}"], tmp_path)
+    proc = train_here([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={out}"], tmp_path)
     record = json.loads((out / "run.json").read_text())
     assert record["exit_code"] == 0 and record["reason"] == "done" and len(record["run_id"]) == 32
-    proc = run_trainer([f"--data_path={tmp_path}/none.jsonl", f"--output_dir={tmp_path}/new"], tmp_path, check=False)
+    proc = train_here([f"--data_path={tmp_path}/none.jsonl", f"--output_dir={tmp_path}/new"], tmp_path, check=False)
     assert proc.returncode == 2
     refused = json.loads((tmp_path / "new" / "run.json").read_text())  # the run id is recorded when the run opens
     assert refused == {"run_id": refused["run_id"], "exit_code": 2,
                        "reason": f"error: data file '{tmp_path}/none.jsonl' not found"} and len(refused["run_id"]) == 32
     assert proc.stderr.strip().splitlines()[-1] == f"train_sft.py: error: data file '{tmp_path}/none.jsonl' not found"
-    # a run refused because another holds the directory leaves that run's record alone
+    # a run refused because another holds the directory leaves that run's record alone (a process of its own:
+    # the record's writer is the process that holds the lock)
     lock = checkpoint.lock_output_dir(str(out))
     try:
         proc = run_trainer([f"--data_path={data_file}", "--resume", f"--output_dir={out}"], tmp_path, check=False)

@@ -1,9 +1,8 @@
 """The engines behind train_sft.py's seam: zero_lite.Engine's contract on its own, and the trainer's
-choice of engine and stage."""
+choice of engine and stage (the 2-rank runs are the session's sweep, conftest.engine_sweep)."""
 
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import options
 import zero_lite
 from hf_format import HF_TRANSPOSED
 from model import GPT, GPTConfig
-from conftest import ROOT, run_trainer, train_losses
+from conftest import RESUME_AT, SWEEP_STEPS as STEPS, train_here, train_losses
 
 
 class WithSparseGrads(torch.optim.AdamW):
@@ -66,25 +65,6 @@ def test_stage0_skips_a_nonfinite_step_and_leaves_the_weights():
 # Every engine and stage trains the same as the native engine at stage 0 (plain data parallelism).
 # Native stages 1-3 against stage 0 are in tests/test_zero.py; here they meet DeepSpeed's stage.
 ENGINES = [("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]
-STEPS, RESUME_AT = 20, 10
-
-
-@pytest.fixture(scope="module")
-def engine_run(tmp_path_factory, data_file):
-    """engine_run(engine, stage) -> the output directory of a 2-rank fp32 run of STEPS steps (each run once)."""
-    runs = {}
-
-    def get(engine, stage):
-        if (engine, stage) not in runs:
-            out = tmp_path_factory.mktemp(f"{engine}{stage}")
-            run_trainer([f"--data_path={data_file}", f"--max_steps={STEPS}", "--dropout=0.0", "--eval_exact_match=5",
-                 f"--engine={engine}", f"--zero_stage={stage}", f"--checkpoint_interval={RESUME_AT}",
-                 f"--output_dir={out}"], out, nproc=2)
-            runs[engine, stage] = out
-        return runs[engine, stage]
-    return get
-
-
 def final_eval(output_dir):
     with open(output_dir / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if "eval_loss" in line][-1]
@@ -96,9 +76,9 @@ def final_weights(output_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, stage", ENGINES)
-def test_engine_trains_like_native_stage0(engine_run, engine, stage):
+def test_engine_trains_like_native_stage0(engine_sweep, engine, stage):
     """2 ranks, fp32, the same seed and data: the same losses and final weights within 1e-5."""
-    reference, other = engine_run("native", 0), engine_run(engine, stage)
+    reference, other = engine_sweep("native", 0), engine_sweep(engine, stage)
     expected, got = train_losses(reference), train_losses(other)
     assert sorted(got) == list(range(1, STEPS + 1))
     differences = [abs(expected[s] - got[s]) for s in expected]
@@ -115,9 +95,9 @@ def test_engine_trains_like_native_stage0(engine_run, engine, stage):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_native_stage_trains_like_deepspeed_at_the_same_stage(engine_run, stage):
+def test_native_stage_trains_like_deepspeed_at_the_same_stage(engine_sweep, stage):
     """2 ranks, fp32: zero_lite's ZeRO stage against DeepSpeed's, losses and final weights within 1e-5."""
-    native, deepspeed = engine_run("native", stage), engine_run("deepspeed", stage)
+    native, deepspeed = engine_sweep("native", stage), engine_sweep("deepspeed", stage)
     expected, got = train_losses(deepspeed), train_losses(native)
     assert sorted(got) == list(range(1, STEPS + 1))
     differences = [abs(expected[s] - got[s]) for s in expected]
@@ -129,23 +109,19 @@ def test_native_stage_trains_like_deepspeed_at_the_same_stage(engine_run, stage)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_resume_gives_the_uninterrupted_losses(engine_run, tmp_path, stage):
-    full = engine_run("deepspeed", stage)
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copytree(full / f"ckpt-{RESUME_AT:08d}", part / f"ckpt-{RESUME_AT:08d}")
-    proc = run_trainer(["--resume", f"--output_dir={part}"], tmp_path, nproc=2)
-    assert "resumed from" in proc.stdout
+def test_deepspeed_resume_gives_the_uninterrupted_losses(engine_sweep, resumed_sweep, stage):
+    full, part = engine_sweep("deepspeed", stage), resumed_sweep("deepspeed", stage)
+    assert "resumed from" in resumed_sweep.stdout("deepspeed", stage)
     expected, got = train_losses(full), train_losses(part)
     assert sorted(got) == list(range(RESUME_AT + 1, STEPS + 1))
     assert all(abs(got[s] - expected[s]) <= 1e-6 for s in got), (got, expected)
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_export_loads_in_transformers(engine_run):
+def test_deepspeed_zero3_export_loads_in_transformers(engine_sweep):
     """The hf/ export of a ZeRO-3 run holds the consolidated weights, which were sharded over the ranks."""
     from transformers import GPT2LMHeadModel
-    out = engine_run("deepspeed", 3)
+    out = engine_sweep("deepspeed", 3)
     weights = final_weights(out)
     hf = GPT2LMHeadModel.from_pretrained(out / "hf")
     theirs = hf.state_dict()
@@ -213,16 +189,20 @@ def test_deepspeed_config_fields_become_the_runs_options(tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_deepspeed_and_a_checkpoint_of_the_other_engine_exit_2(tmp_path, data_file, engine_run):
+def test_missing_deepspeed_and_a_checkpoint_of_the_other_engine_exit_2(tmp_path, data_file, engine_sweep,
+                                                                         monkeypatch):
     """DeepSpeed made unimportable in the trainer's process: the run says how to install it."""
-    script = ("import runpy, sys; sys.modules['deepspeed'] = None; sys.argv = ['train_sft.py'] + sys.argv[1:]; "
-              "runpy.run_path('train_sft.py', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", script, "--engine=deepspeed", f"--data_path={data_file}",
-                           f"--output_dir={tmp_path}/ds"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    proc = train_here(["--engine=deepspeed", f"--data_path={data_file}", f"--output_dir={tmp_path}/ds"], tmp_path,
+                      check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--engine=deepspeed needs DeepSpeed, which is not installed: run bash setup.sh" in proc.stderr
-    out = engine_run("native", 0)  # refused before anything in it is touched
-    proc = run_trainer(["--resume", "--engine=deepspeed", f"--output_dir={out}"], tmp_path, check=False)
+    monkeypatch.undo()
+    out = tmp_path / "native"  # a native run's checkpoint, refused before anything in it is touched
+    out.mkdir()
+    shutil.copytree(engine_sweep("native", 0) / f"ckpt-{STEPS:08d}", out / f"ckpt-{STEPS:08d}")
+    proc = train_here(["--resume", "--engine=deepspeed", "--batch_size=8", f"--output_dir={out}"], tmp_path,
+                      check=False)  # the sweep's batch size: only the engine differs
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"checkpoint {out}/ckpt-{STEPS:08d} has engine='native' but engine='deepspeed' was requested" in proc.stderr
 

@@ -1,19 +1,19 @@
 """The Llama family through the trainer and the sampler: a Qwen2-shaped Hugging Face directory with its own
 tokenizer and chat template fine-tuned with --template=model (data.py inspect shows what it trains, the
 export loads in transformers with the same tokenizer, sample.py chats through the template), a Llama-shaped
-model from scratch trained alike by every engine and stage, and the bad input of this path."""
+model from scratch trained alike by the engines and stages that lay it out differently, and the bad input of
+this path."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import data
 import sample
 from checkpoint import starting_checkpoint
-from conftest import ROOT, TINY, make_chatml_tokenizer_dir, run_trainer, train_losses
+from conftest import ROOT, TINY, make_chatml_tokenizer_dir, train_here, train_losses
 from model import GPT, family_config
 from options import OptionError, parse_options
 from tokenizer import ChatTemplate, get_tokenizer
@@ -50,8 +50,8 @@ def qwen2_run(tmp_path_factory):
     data_file = tmp / "chats.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in chat_rows(24)))
     out = tmp / "run"
-    run_trainer([f"--init_from={directory}", "--template=model", f"--data_path={data_file}", "--max_steps=2",
-                 f"--output_dir={out}"], tmp, tiny=FROM_DIR)
+    train_here([f"--init_from={directory}", "--template=model", f"--data_path={data_file}", "--max_steps=2",
+                f"--output_dir={out}"], tmp, tiny=FROM_DIR)
     return directory, data_file, out
 
 
@@ -83,15 +83,14 @@ def test_a_qwen2_directory_trains_on_its_own_tokenizer_and_exports_whole(qwen2_r
         assert (logits - before(idx)[0]).abs().max() > 1e-3  # it trained
 
 
-def test_inspect_shows_exactly_the_assistant_turns_as_trained(qwen2_run, tmp_path):
+def test_inspect_shows_exactly_the_assistant_turns_as_trained(qwen2_run, tmp_path, capsys):
     directory, data_file, out = qwen2_run
     # The trainer's cache and settings: inspect reuses the very samples the run trained on.
-    proc = subprocess.run([sys.executable, "data.py", "inspect", f"--data_path={data_file}", f"--tokenizer={directory}",
-                           "--template=model", "--max_seq_len=96", "--seed=7", "--num_samples=30",
-                           f"--cache_dir={out.parent / 'cache'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "data: reused cache" in proc.stdout
-    samples = re.findall(r"--- sample \d+ \(\d+ tokens\)\n(.*?)(?=\n---|\npadding share)", proc.stdout, re.S)
+    data.main(["inspect", f"--data_path={data_file}", f"--tokenizer={directory}", "--template=model", "--max_seq_len=96",
+               "--seed=7", "--num_samples=30", f"--cache_dir={out.parent / 'cache'}"])
+    shown = capsys.readouterr().out
+    assert "data: reused cache" in shown
+    samples = re.findall(r"--- sample \d+ \(\d+ tokens\)\n(.*?)(?=\n---|\npadding share)", shown, re.S)
     assert len(samples) >= 20
     chat = ChatTemplate(get_tokenizer(str(directory)))
     rendered = {chat.render(row["messages"]): row for row in chat_rows(24)}
@@ -139,34 +138,29 @@ def test_the_qwen2_5_config_parses_and_stops_without_init_from():
 def test_the_qwen2_5_config_fine_tunes_a_qwen2_directory_with_its_template(qwen2_run, tmp_path):
     directory, data_file, _ = qwen2_run
     out = tmp_path / "run"
-    run_trainer([QWEN_CONFIG, f"--init_from={directory}", f"--data_path={data_file}", *ON_CPU,
-                 f"--output_dir={out}"], tmp_path, tiny=[])
+    train_here([QWEN_CONFIG, f"--init_from={directory}", f"--data_path={data_file}", *ON_CPU,
+                f"--output_dir={out}"], tmp_path, tiny=[])
     assert sorted(train_losses(out)) == [1, 2]
     trained_with = json.loads((out / "hf" / "sft_config.json").read_text())
     assert trained_with["template"] == "model" and trained_with["tokenizer"] == str(out / "hf")
 
 
-# ----------------------------------------------------------------------------- every engine on the family
-
-LLAMA = ["--model_type=llama", "--n_kv_head=1", "--max_steps=4", "--dropout=0.0"]
-STAGES = [("native", 1), ("native", 2), ("native", 3), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2),
-          ("deepspeed", 3)]
-
+# ----------------------------------------------------------------------------- the engines on the family
 
 @pytest.mark.slow
-def test_every_engine_and_stage_trains_a_llama_shaped_model_like_native_stage_0(tmp_path, data_file):
-    """2 ranks, fp32: native stages 1-3 and DeepSpeed stages 0-3 give native stage 0's losses and weights."""
+def test_sharding_engines_train_a_llama_shaped_model_like_native_stage_0(engine_sweep):
+    """2 ranks, fp32: native stage 3 and DeepSpeed stage 3, which shard the untied head, the grouped k|v
+    projection and the norms, give native stage 0's losses and weights (every stage of both engines meets
+    native stage 0 on the GPT-2 shape in tests/test_engine.py and tests/test_zero.py)."""
     def run(engine, stage):
-        out = tmp_path / f"{engine}{stage}"
-        run_trainer([f"--data_path={data_file}", *LLAMA, f"--engine={engine}", f"--zero_stage={stage}",
-                     f"--output_dir={out}"], tmp_path, nproc=2)
+        out = engine_sweep(engine, stage, shape="llama")
         return train_losses(out), torch.load(out / "ckpt-00000004" / "model.pt", weights_only=True)
 
     expected, weights = run("native", 0)
     assert sorted(expected) == [1, 2, 3, 4] and expected[4] < expected[1]
     assert "transformer.h.0.attn.c_attn.weight" in weights and weights["lm_head.weight"].data_ptr() != weights[
         "transformer.wte.weight"].data_ptr()  # an untied head
-    for engine, stage in STAGES:
+    for engine, stage in [("native", 3), ("deepspeed", 3)]:
         losses, other = run(engine, stage)
         assert max(abs(expected[s] - losses[s]) for s in expected) <= 1e-5, (engine, stage, expected, losses)
         assert max((weights[k] - other[k]).abs().max().item() for k in weights) <= 1e-5, (engine, stage)
@@ -196,8 +190,8 @@ def bad_inputs(tmp_path):
 def test_bad_tokenizer_or_model_directory_is_one_sentence(tmp_path, data_file, name):
     args, sentence = bad_inputs(tmp_path)[name]
     tiny = [a for a in TINY if not a.startswith("--tokenizer")]  # each case names its tokenizer or directory
-    proc = run_trainer([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={tmp_path / 'out'}", *args],
-                       tmp_path, check=False, tiny=tiny)
+    proc = train_here([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={tmp_path / 'out'}", *args],
+                      tmp_path, check=False, tiny=tiny)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train_sft.py: error: ") and sentence in lines[0], proc.stderr

@@ -21,13 +21,8 @@ from safetensors.torch import load_file
 import data
 import checkpoint
 import train_sft
-from conftest import ROOT, TINY, run_trainer, train_losses, write_reverse_pairs
+from conftest import ROOT, TINY, run_trainer, train_here, train_losses, write_reverse_pairs
 from tokenizer import DEFAULT_TEMPLATE
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_reverse_pairs(tmp_path_factory.mktemp("data") / "train.jsonl", 240)
 
 
 # ----------------------------------------------------------------------------- hostile data rows
@@ -243,25 +238,12 @@ def keep_signalling(proc, sig):
         time.sleep(0.002)
 
 
-def main_in_this_process(args, tmp_path):
-    """train_sft.main here rather than in a new process (a start-up costs seconds), with one thread as
-    the subprocess runs have (OMP_NUM_THREADS=1), so that their losses agree bit for bit."""
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # main then leaves the thread count alone
-    torch.set_num_threads(1)
-    try:
-        return train_sft.main(TINY + [f"--cache_dir={tmp_path / 'cache'}"] + args)
-    finally:
-        torch.set_num_threads(threads)
-        os.environ.pop("OMP_NUM_THREADS") if omp is None else os.environ.update(OMP_NUM_THREADS=omp)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory, data_file):
     """A run that nobody stops: 1 rank x 2 micro-batches per step."""
     out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    main_in_this_process([f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"]
-                         + LONG_RUN, out.parent)
+    train_here([f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN,
+               out.parent)
     return out
 
 
@@ -277,7 +259,7 @@ def stopped_step(stderr, signame):
     return int(last.split("after step ")[1].split(";")[0])
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data_file, uninterrupted, capsys):
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data_file, uninterrupted):
     """SIGINT and SIGTERM share one handler: Ctrl-C here, SIGTERM under torchrun below."""
     out = tmp_path / "run"
     args = [f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN
@@ -287,8 +269,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data
     assert 2 <= step < STEPS and (out / f"ckpt-{step:08d}").is_dir() and not (out / "hf").exists()
     with open(out / "metrics.jsonl", "a") as f:  # and a kill cut the next record short
         f.write('{"step": %d, "loss": 1.2' % (step + 1))
-    main_in_this_process(["--resume", f"--output_dir={out}"], tmp_path)
-    log = capsys.readouterr().out
+    log = train_here(["--resume", f"--output_dir={out}"], tmp_path).stdout
     assert f"resumed from {out}/ckpt-{step:08d} at step {step}" in log and "dropped line" in log
     assert train_losses(out) == uninterrupted  # every step, before and after the stop, bit for bit
 
@@ -322,16 +303,15 @@ def test_a_signal_during_the_final_checkpoint_waits_for_it_then_stops_the_run(tm
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, lambda *_: None)  # not pytest's death, should the trainer let it through
     try:
-        with pytest.raises(train_sft.RunStopped, match=f"stopped by SIGTERM after step {STEPS};") as stopped:
-            main_in_this_process(args, tmp_path)
+        proc = train_here(args, tmp_path, check=False)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    assert stopped.value.exit_code == 128 + signal.SIGTERM
-    del stopped  # its traceback holds the stopped run's frame, and with it the output directory's lock
+    assert f"train_sft.py: stopped by SIGTERM after step {STEPS};" in proc.stderr
+    assert proc.returncode == 128 + signal.SIGTERM
     assert (out / f"ckpt-{STEPS:08d}").is_dir() and not (out / "hf").exists()
     monkeypatch.undo()
-    main_in_this_process(["--resume", f"--output_dir={out}"], tmp_path)  # no step left: it exports
+    train_here(["--resume", f"--output_dir={out}"], tmp_path)  # no step left: it exports
     assert (out / "hf" / "model.safetensors").is_file() and train_losses(out) == uninterrupted
 
 
@@ -367,16 +347,16 @@ def with_nan(run_dir, tmp_path, tensor, row):
 
 
 def test_max_nonfinite_steps_stops_with_a_sentence_and_lists_the_batches(tmp_path, data_file, uninterrupted_run):
-    """In this process, to save a start-up: main raises what train_sft.py prints and exits with."""
+    """In this process, to save a start-up: what train_sft.py exits with and prints."""
     broken = with_nan(uninterrupted_run, tmp_path, "transformer.ln_f.weight", 0)
     out = tmp_path / "nan"
-    with pytest.raises(train_sft.RunStopped) as stopped:
-        main_in_this_process([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=10",
-                              "--max_nonfinite_steps=2", f"--output_dir={out}"], tmp_path)
-    assert stopped.value.exit_code == train_sft.EXIT_NONFINITE
-    assert str(stopped.value).startswith("error: NaN/Inf loss or gradient for 2 steps in a row at step 1: stopping")
-    assert sorted(p.name for p in out.iterdir() if p.name not in ("metrics.jsonl", "run.lock", "run.json")) == [
-        "nonfinite-step-00000000-rank0.json", "nonfinite-step-00000001-rank0.json"]  # no checkpoint, no export
+    proc = train_here([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=10", "--max_nonfinite_steps=2",
+                       f"--output_dir={out}"], tmp_path, check=False)
+    assert proc.returncode == train_sft.EXIT_NONFINITE
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "train_sft.py: error: NaN/Inf loss or gradient for 2 steps in a row at step 1: stopping")
+    assert sorted(p.name for p in out.iterdir() if p.name not in ("metrics.jsonl", "run.lock")) == [
+        "nonfinite-step-00000000-rank0.json", "nonfinite-step-00000001-rank0.json", "run.json"]  # no checkpoint, no export
     listed = json.loads((out / "nonfinite-step-00000001-rank0.json").read_text())
     assert [(b["epoch"], b["micro_batch"], len(b["rows"])) for b in listed["micro_batches"]] == [(0, 1, 4)]
     assert all(len(row) == 1 and 0 <= row[0] < 240 for row in listed["micro_batches"][0]["rows"])
@@ -391,12 +371,11 @@ def test_a_run_that_ends_non_finite_exits_non_zero_and_exports_nothing(tmp_path,
                                                                          tensor, row, what, stage):
     broken = with_nan(uninterrupted_run, tmp_path, tensor, row)
     out = tmp_path / "nan"
-    with pytest.raises(train_sft.RunStopped) as stopped:
-        main_in_this_process([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=2",
-                              "--max_nonfinite_steps=5", f"--zero_stage={stage}", f"--output_dir={out}"], tmp_path)
-    assert stopped.value.exit_code == train_sft.EXIT_NONFINITE
-    assert str(stopped.value).startswith(
-        f"error: the run ended at step 2 with a NaN/Inf {what}: neither its checkpoint nor its export")
+    proc = train_here([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=2", "--max_nonfinite_steps=5",
+                       f"--zero_stage={stage}", f"--output_dir={out}"], tmp_path, check=False)
+    assert proc.returncode == train_sft.EXIT_NONFINITE
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"train_sft.py: error: the run ended at step 2 with a NaN/Inf {what}: neither its checkpoint nor its export")
     assert not (out / "hf").exists() and not any(p.name.startswith("ckpt-") for p in out.iterdir())
 
 
@@ -423,20 +402,17 @@ def test_resume_on_ranks_that_cannot_share_the_position_is_one_sentence(tmp_path
 
 
 @pytest.mark.slow
-def test_a_two_rank_stage2_checkpoint_resumed_on_one_rank_continues_the_same_run(tmp_path, data_file):
+def test_a_two_rank_stage2_checkpoint_resumed_on_one_rank_continues_the_same_run(tmp_path, engine_sweep):
     """It went on with 1 x 1 x 4 samples per step instead of 2 x 1 x 4, silently: another run."""
-    out = tmp_path / "run"
-    args = [f"--data_path={data_file}", "--zero_stage=2", "--max_steps=12", "--checkpoint_interval=6",
-            "--keep_checkpoints=5", f"--output_dir={out}"]
-    run_trainer(args, tmp_path, nproc=2)
-    uninterrupted = train_losses(out)
-    for later in ("ckpt-00000012", "hf"):  # as if the run had been stopped after step 6
-        shutil.rmtree(out / later)
-    proc = run_trainer(["--resume", f"--output_dir={out}"], tmp_path)
-    assert ("--resume on 1 rank(s) instead of 2: --gradient_accumulation_steps=2 keeps the checkpoint's 8 samples "
-            "per step (2 ranks x 1 x 4)") in proc.stdout
+    out = tmp_path / "run"  # the sweep's 2-rank stage-2 run, as if stopped after step 10
+    shutil.copytree(engine_sweep("native", 2) / "ckpt-00000010", out / "ckpt-00000010")
+    shutil.copy(engine_sweep("native", 2) / "metrics.jsonl", out)
+    uninterrupted = train_losses(engine_sweep("native", 2))
+    proc = train_here(["--resume", "--batch_size=8", f"--output_dir={out}"], tmp_path)  # the sweep's batch size
+    assert ("--resume on 1 rank(s) instead of 2: --gradient_accumulation_steps=6 keeps the checkpoint's 48 samples "
+            "per step (2 ranks x 3 x 8)") in proc.stdout
     resumed = train_losses(out)
-    assert sorted(resumed) == list(range(1, 13))
+    assert sorted(resumed) == list(range(1, 21))
     assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-5 for s in resumed), (resumed, uninterrupted)
 
 
@@ -592,7 +568,7 @@ def test_a_full_disk_while_appending_metrics_stops_with_a_checkpoint_and_resumes
     out = tmp_path / "run"
     args = [f"--data_path={data_file}", "--gradient_accumulation_steps=2", f"--output_dir={out}"] + LONG_RUN
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as main_in_this_process: losses bit for bit those of the uninterrupted run
+    torch.set_num_threads(1)  # as train_here: losses bit for bit those of the uninterrupted run
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     try:
         code, sentence = outcome_of(args, tmp_path)
@@ -605,7 +581,7 @@ def test_a_full_disk_while_appending_metrics_stops_with_a_checkpoint_and_resumes
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt")) == ["ckpt-00000005"]
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
     monkeypatch.undo()
-    main_in_this_process(["--resume", f"--output_dir={out}"], tmp_path)
+    train_here(["--resume", f"--output_dir={out}"], tmp_path)
     assert train_losses(out) == {s: loss for s, loss in uninterrupted.items() if s not in (4, 5)}
     weights, reference = (load_file(run / "hf" / "model.safetensors") for run in (out, uninterrupted_run))
     assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)

@@ -14,7 +14,7 @@ import checkpoint
 import options
 import sample
 import train_sft
-from conftest import CHATML_TEMPLATE, ROOT, TINY, make_chatml_tokenizer_dir, run_trainer
+from conftest import CHATML_TEMPLATE, ROOT, TINY, make_chatml_tokenizer_dir, train_here
 from model import GPT, GPTConfig, family_config
 from tokenizer import get_tokenizer
 
@@ -23,8 +23,8 @@ from tokenizer import get_tokenizer
 def trained_run(tmp_path_factory, data_file):
     """A run of two steps, with its checkpoints and hf/ export, shared by this module's tests: read it, or copy it."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    run_trainer([f"--data_path={data_file}", "--max_steps=2", "--template={prompt}={response}", "--attn_window=4",
-                 f"--output_dir={out}"], out.parent)
+    train_here([f"--data_path={data_file}", "--max_steps=2", "--template={prompt}={response}", "--attn_window=4",
+                f"--output_dir={out}"], out.parent)
     return out
 
 
@@ -114,10 +114,9 @@ def test_a_flipped_byte_in_the_export_stops_sample_and_init_from(tmp_path, train
     proc = answer_of(hf)
     problem = "model.safetensors does not match its sha256 (corrupted)"
     assert proc.returncode == 2 and proc.stderr.strip() == f"sample.py: error: {refusal(hf, '--model', problem)}"
-    with pytest.raises(options.OptionError) as error:
-        train_sft.main(TINY + [f"--init_from={hf}", f"--data_path={data_file}", f"--output_dir={tmp_path / 'out'}",
-                               f"--cache_dir={tmp_path / 'cache'}"])
-    assert str(error.value) == refusal(hf, "--init_from", problem)
+    proc = train_here([f"--init_from={hf}", f"--data_path={data_file}", f"--output_dir={tmp_path / 'out'}"], tmp_path,
+                      check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"train_sft.py: error: {refusal(hf, '--init_from', problem)}"
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -139,8 +138,8 @@ def test_an_intact_export_and_a_directory_without_checksums_load(tmp_path, train
     an export edited by hand and its manifest deleted) nothing is checked, as before exports had one."""
     hf = shutil.copytree(trained_run / "hf", tmp_path / "hf")
     (hf / "README.md").write_text("notes\n")
-    train_sft.main(TINY + [f"--init_from={hf}", f"--data_path={data_file}", "--max_steps=1",
-                           f"--output_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}"])
+    train_here([f"--init_from={hf}", f"--data_path={data_file}", "--max_steps=1", f"--output_dir={tmp_path / 'out'}"],
+               tmp_path)
     flip_a_byte_inside(hf / "model.safetensors")
     (hf / "sft_manifest.json").unlink()
     capsys.readouterr()

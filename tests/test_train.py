@@ -1,7 +1,8 @@
 """The trainer end to end: options, distributed equivalence, resume, precision safeguards, export.
 
-Runs train_sft.py as a real process (python or torchrun with gloo) on a tiny model and a small
-JSONL file, and reads metrics.jsonl."""
+Runs train_sft.py on one rank in this process (conftest.train_here: what the command line would exit
+with and print), as a real process where the process is what is tested, and compares with the session's
+2-rank runs (conftest.engine_sweep, torchrun with gloo); a tiny model, a small JSONL file, metrics.jsonl."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import torch
 
 import checkpoint
 import train_sft
-from conftest import ROOT, run_trainer, train_losses
+from conftest import ROOT, SWEEP_STEPS, run_trainer, train_here, train_losses
 
 
 # ----------------------------------------------------------------------------- setup and schedule
@@ -23,7 +24,7 @@ from conftest import ROOT, run_trainer, train_losses
 def test_unwritable_output_dir_fails_before_training(tmp_path, data_file):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    proc = run_trainer([f"--data_path={data_file}", f"--output_dir={blocker}/run"], tmp_path, check=False)
+    proc = train_here([f"--data_path={data_file}", f"--output_dir={blocker}/run"], tmp_path, check=False)
     assert proc.returncode == 2
     assert f"--output_dir={blocker}/run cannot be written" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -43,23 +44,23 @@ def test_lr_schedule_shapes():
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path, data_file):
-    """2 ranks x accumulation 2 see the same micro-batches as 1 rank x accumulation 4."""
-    common = [f"--data_path={data_file}", "--max_steps=4", "--dropout=0.0"]
-    run_trainer(common + ["--gradient_accumulation_steps=4", f"--output_dir={tmp_path}/one"], tmp_path)
-    run_trainer(common + ["--gradient_accumulation_steps=2", f"--output_dir={tmp_path}/two"], tmp_path, nproc=2)
-    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
-    assert sorted(one) == [1, 2, 3, 4] and sorted(two) == [1, 2, 3, 4]
+def test_two_ranks_match_one_rank_with_double_accumulation(tmp_path, data_file, engine_sweep):
+    """2 ranks x accumulation 3 (the sweep's native stage 0) see the same micro-batches as 1 rank x accumulation 6."""
+    two = train_losses(engine_sweep("native", 0))
+    train_here([f"--data_path={data_file}", f"--max_steps={SWEEP_STEPS}", "--batch_size=8",
+                "--gradient_accumulation_steps=6", "--dropout=0.0", f"--output_dir={tmp_path}/one"], tmp_path)
+    one = train_losses(tmp_path / "one")
+    assert sorted(one) == sorted(two) == list(range(1, SWEEP_STEPS + 1))
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
-    assert one[4] < one[1]  # it trained
+    assert one[SWEEP_STEPS] < one[1]  # it trained
 
 
 def test_resume_gives_the_uninterrupted_losses(tmp_path, data_file):
     common = [f"--data_path={data_file}", "--max_steps=6", "--dropout=0.1", "--checkpoint_interval=3",
               "--keep_checkpoints=5", "--eval_exact_match=4", "--eval_at_start"]
     full = tmp_path / "full"
-    run_trainer(common + [f"--output_dir={full}"], tmp_path)
+    train_here(common + [f"--output_dir={full}"], tmp_path)
     start = json.loads(open(full / "metrics.jsonl").readline())  # --eval_at_start: the untrained model's figures
     assert start["step"] == 0 and {"eval_loss", "exact_match"} <= set(start)
     assert sorted(os.listdir(full)) == ["ckpt-00000003", "ckpt-00000006", "hf", "metrics.jsonl", "run.json",
@@ -72,7 +73,7 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, data_file):
     shutil.copytree(full / "ckpt-00000003", part / "ckpt-00000003")
     shutil.copytree(full / "ckpt-00000006", part / "ckpt-00000006.tmp")
     shutil.copy(full / "metrics.jsonl", part)
-    proc = run_trainer(["--resume", f"--output_dir={part}"], tmp_path)
+    proc = train_here(["--resume", f"--output_dir={part}"], tmp_path)
     assert "resumed from" in proc.stdout
     full_losses, resumed = train_losses(full), train_losses(part)
     records = [json.loads(line) for line in open(part / "metrics.jsonl")]
@@ -87,30 +88,30 @@ def test_resume_gives_the_uninterrupted_losses(tmp_path, data_file):
 
 def test_resume_refuses_a_different_model(tmp_path, data_file):
     out = tmp_path / "run"
-    run_trainer([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={out}"], tmp_path)
-    proc = run_trainer(["--resume", "--n_layer=3", f"--output_dir={out}"], tmp_path, check=False)
+    train_here([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={out}"], tmp_path)
+    proc = train_here(["--resume", "--n_layer=3", f"--output_dir={out}"], tmp_path, check=False)
     assert proc.returncode == 2 and "has n_layer=2 but n_layer=3 was requested" in proc.stderr
-    proc = run_trainer([f"--init_from={out}", "--n_embd=64", f"--data_path={data_file}", f"--output_dir={tmp_path}/b"],
+    proc = train_here([f"--init_from={out}", "--n_embd=64", f"--data_path={data_file}", f"--output_dir={tmp_path}/b"],
                tmp_path, check=False)
     assert proc.returncode == 2 and "has n_embd=32 but n_embd=64 was requested" in proc.stderr
 
 
 def test_float16_skips_overflowing_steps(tmp_path, data_file):
-    proc = run_trainer([f"--data_path={data_file}", "--max_steps=3", "--dtype=float16", "--initial_scale_power=60",
+    proc = train_here([f"--data_path={data_file}", "--max_steps=3", "--dtype=float16", "--initial_scale_power=60",
                 f"--output_dir={tmp_path}/fp16"], tmp_path)
     assert "gradient overflow in float16, optimizer step skipped" in proc.stdout
 
 
 def test_nonfinite_loss_stops_the_run(tmp_path, data_file):
     good = tmp_path / "good"
-    run_trainer([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={good}"], tmp_path)
+    train_here([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={good}"], tmp_path)
     broken = tmp_path / "broken"
     shutil.copytree(good / "ckpt-00000001", broken)
     weights = torch.load(broken / "model.pt", weights_only=True)
     weights["transformer.ln_f.weight"].fill_(float("nan"))
     torch.save(weights, broken / "model.pt")
     checkpoint.write_manifest(broken, json.loads((broken / "manifest.json").read_text()))
-    proc = run_trainer([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=10",
+    proc = train_here([f"--init_from={broken}", f"--data_path={data_file}", "--max_steps=10",
                 "--max_nonfinite_steps=2", f"--output_dir={tmp_path}/nan"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "NaN/Inf loss or gradient for 2 steps in a row" in proc.stderr
@@ -118,7 +119,7 @@ def test_nonfinite_loss_stops_the_run(tmp_path, data_file):
 
 def test_lora_trains_only_the_factors(tmp_path, data_file):
     out = tmp_path / "lora"
-    run_trainer([f"--data_path={data_file}", "--max_steps=2", "--lora_dim=4", "--only_optimize_lora",
+    train_here([f"--data_path={data_file}", "--max_steps=2", "--lora_dim=4", "--only_optimize_lora",
          "--learning_rate=1e-2", f"--output_dir={out}"], tmp_path)
     state = torch.load(out / "ckpt-00000002" / "zero_lite-stage0.pt", weights_only=True)
     trained = state["optimizer"]["state"]
@@ -130,9 +131,9 @@ def test_triton_kernel_trains_like_the_torch_loss(tmp_path, data_file):
     """The fused kernel inside real training steps; without a GPU it runs under Triton's interpreter
     (tests/conftest.py sets TRITON_INTERPRET=1, which the trainer's process inherits)."""
     common = [f"--data_path={data_file}", "--max_steps=3", "--eval_exact_match=0"]
-    assert "loss sft_kernels.chunked_cross_entropy.linear_cross_entropy" in run_trainer(common + ["--kernels=torch", f"--output_dir={tmp_path}/torch"],
+    assert "loss sft_kernels.chunked_cross_entropy.linear_cross_entropy" in train_here(common + ["--kernels=torch", f"--output_dir={tmp_path}/torch"],
                                                     tmp_path).stdout
-    proc = run_trainer(common + ["--kernels=triton", f"--output_dir={tmp_path}/triton"], tmp_path)
+    proc = train_here(common + ["--kernels=triton", f"--output_dir={tmp_path}/triton"], tmp_path)
     assert "loss sft_kernels.cross_entropy.fused_masked_linear_cross_entropy" in proc.stdout
     torch_losses, triton_losses = train_losses(tmp_path / "torch"), train_losses(tmp_path / "triton")
     assert sorted(triton_losses) == [1, 2, 3]
@@ -151,22 +152,22 @@ def test_init_from_a_hugging_face_directory(tmp_path, data_file):
     """An unpadded vocabulary (GPT-2's 50257; here the byte tokenizer's 257) loads and trains."""
     from model import GPT, GPTConfig
     GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32)).save_pretrained(tmp_path / "hf")
-    run_trainer([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", "--max_steps=2",
+    train_here([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", "--max_steps=2",
          f"--output_dir={tmp_path}/run"], tmp_path)
     assert sorted(train_losses(tmp_path / "run")) == [1, 2]
-    proc = run_trainer([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", "--max_seq_len=100",
+    proc = train_here([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", "--max_seq_len=100",
                 f"--output_dir={tmp_path}/long"], tmp_path, check=False)
     assert proc.returncode == 2 and "--max_seq_len=100 needs 99 positions but the model has 64" in proc.stderr
     (tmp_path / "hf" / "model.safetensors").unlink()
-    proc = run_trainer([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", f"--output_dir={tmp_path}/broken"],
+    proc = train_here([f"--init_from={tmp_path}/hf", f"--data_path={data_file}", f"--output_dir={tmp_path}/broken"],
                tmp_path, check=False)
     assert proc.returncode == 2 and "no model.safetensors or pytorch_model.bin" in proc.stderr
 
 
 def test_init_from_a_checkpoint_takes_its_shape_and_the_runs_own_choices(tmp_path, data_file):
     base = tmp_path / "base"
-    run_trainer([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={base}"], tmp_path)
-    proc = run_trainer([f"--init_from={base}", f"--data_path={data_file}", "--max_steps=1", "--dropout=0.2",
+    train_here([f"--data_path={data_file}", "--max_steps=1", f"--output_dir={base}"], tmp_path)
+    proc = train_here([f"--init_from={base}", f"--data_path={data_file}", "--max_steps=1", "--dropout=0.2",
                 "--attn_window=3", "--data_split=100,0", f"--output_dir={tmp_path}/next"], tmp_path)
     assert "skipped, the eval set is empty" in proc.stdout  # rather than a perfect score on nothing
     config = torch.load(tmp_path / "next" / "ckpt-00000001" / "trainer.pt", weights_only=True)["model_config"]
@@ -175,7 +176,7 @@ def test_init_from_a_checkpoint_takes_its_shape_and_the_runs_own_choices(tmp_pat
     foreign.mkdir()
     torch.save({"weight": torch.zeros(2)}, foreign / "model.pt")
     (foreign / "manifest.json").write_text("{}")
-    proc = run_trainer([f"--init_from={foreign}", f"--data_path={data_file}", f"--output_dir={tmp_path}/f"],
+    proc = train_here([f"--init_from={foreign}", f"--data_path={data_file}", f"--output_dir={tmp_path}/f"],
                tmp_path, check=False)
     assert proc.returncode == 2 and "foreign is not a train_sft.py checkpoint" in proc.stderr
 
@@ -186,7 +187,7 @@ def test_trained_tokens_per_s_counts_labelled_positions_only(tmp_path):
     tokens, so every log line's trained rate is 5/14 of its positional rate."""
     data = tmp_path / "two.jsonl"
     data.write_text('{"prompt": "a", "response": "bc"}\n{"prompt": "abcdef", "response": "g"}\n')
-    run_trainer([f"--data_path={data}", "--data_split=100,0", "--template={prompt}{response}", "--batch_size=2",
+    train_here([f"--data_path={data}", "--data_split=100,0", "--template={prompt}{response}", "--batch_size=2",
                  "--max_steps=3", f"--output_dir={tmp_path / 'out'}"], tmp_path)
     with open(tmp_path / "out" / "metrics.jsonl") as f:
         records = [r for r in map(json.loads, f) if "loss" in r]

@@ -1,6 +1,7 @@
 """ZeRO stages 1-3 of the native engine (zero_lite.py) through train_sft.py: the losses and weights of
 stage 0, model state within 10% of the ZeRO formula, resume at the same and at another number of ranks,
-and bad input. Each run is a real train_sft.py process (torchrun with gloo for several ranks)."""
+and bad input. The runs on 2 ranks are the session's sweep (conftest.engine_sweep: torchrun with gloo);
+the others are real train_sft.py processes, or in this process on one rank (conftest.train_here)."""
 
 import json
 import os
@@ -16,19 +17,16 @@ import options
 import train_sft
 import zero_lite
 from model import GPT, GPTConfig
-from conftest import TINY, run_trainer, train_losses
+from conftest import SWEEP, SWEEP_STEPS, TINY, run_trainer, train_here, train_losses
 
-# 235 training samples make 30 micro-batches of 8 per epoch: 5 steps of 6 micro-batches for 1, 2 or 3
-# ranks alike, so runs on different numbers of ranks see the same batches at every step, across epochs.
-STEPS = ["--max_steps=20", "--batch_size=8", "--checkpoint_interval=10", "--keep_checkpoints=5"]
-RESUME = ["--resume", "--batch_size=8"]  # the run helper's TINY says 4
+RESUME = ["--resume", "--batch_size=8"]  # the sweep's batch; TINY says 4
 
 
-def weights(output_dir, step=20):
+def weights(output_dir, step=SWEEP_STEPS):
     return torch.load(os.path.join(output_dir, f"ckpt-{step:08d}", "model.pt"), weights_only=True)
 
 
-def assert_same_run(a, b, tolerance, steps=range(1, 21)):
+def assert_same_run(a, b, tolerance, steps=range(1, SWEEP_STEPS + 1)):
     """Equal losses at the given steps, and equal final weights, within tolerance."""
     la, lb = train_losses(a), train_losses(b)
     assert all(abs(la[s] - lb[s]) <= tolerance for s in steps), [(s, la[s], lb[s]) for s in steps]
@@ -46,39 +44,25 @@ def resume_from(source, step, target):
     return target
 
 
-@pytest.fixture(scope="module")
-def stage_runs(tmp_path_factory, data_file):
-    """Stages 0-3 on 2 ranks with 3 micro-batches each (accumulation without communication), 20 steps;
-    stage 3 also generates for exact match. Returns the directory and each run's stdout."""
-    tmp = tmp_path_factory.mktemp("stages")
-    stdout = {}
-    for stage in range(4):
-        stdout[stage] = run_trainer([f"--data_path={data_file}", *STEPS, "--gradient_accumulation_steps=3",
-                             f"--zero_stage={stage}", f"--output_dir={tmp}/stage{stage}"]
-                            + (["--eval_exact_match=2"] if stage == 3 else []), tmp, nproc=2).stdout
-    return tmp, stdout
-
-
 @pytest.mark.slow
-def test_stages_1_2_3_give_stage_0s_losses_and_weights(stage_runs, data_file):
-    tmp, _ = stage_runs
+def test_stages_1_2_3_give_stage_0s_losses_and_weights(engine_sweep, data_file, tmp_path):
     for stage in (1, 2, 3):
-        assert_same_run(tmp / "stage0", tmp / f"stage{stage}", 1e-5)
+        assert_same_run(engine_sweep("native", 0), engine_sweep("native", stage), 1e-5)
     # 3 ranks x 2 micro-batches see the same 6 micro-batches per step as 2 ranks x 3
-    run_trainer([f"--data_path={data_file}", *STEPS, "--gradient_accumulation_steps=2", "--zero_stage=3",
-         f"--output_dir={tmp}/three_ranks"], tmp, nproc=3)
-    assert_same_run(tmp / "stage0", tmp / "three_ranks", 1e-5)
-    assert train_losses(tmp / "stage0")[20] < train_losses(tmp / "stage0")[1] - 1  # it trained
+    run_trainer([f"--data_path={data_file}", *SWEEP, "--gradient_accumulation_steps=2", "--zero_stage=3",
+                 f"--output_dir={tmp_path}/three_ranks"], tmp_path, nproc=3)
+    assert_same_run(engine_sweep("native", 0), tmp_path / "three_ranks", 1e-5)
+    assert train_losses(engine_sweep("native", 0))[20] < train_losses(engine_sweep("native", 0))[1] - 1  # it trained
 
 
 @pytest.mark.slow
-def test_memory_report_is_within_10_percent_of_the_zero_formula(stage_runs):
+def test_memory_report_is_within_10_percent_of_the_zero_formula(engine_sweep):
     """Every rank's engine.memory_report() (in metrics.jsonl) beside the ZeRO paper's fp32 formula, N = 2."""
-    tmp, stdout = stage_runs
     held = {}
     for stage in range(4):
-        assert stdout[stage].count(f"formula for stage {stage} on 2 rank(s)") == 2  # each rank says it at start
-        with open(tmp / f"stage{stage}" / "metrics.jsonl") as f:
+        # each rank says it at start
+        assert engine_sweep.stdout("native", stage).count(f"formula for stage {stage} on 2 rank(s)") == 2
+        with open(engine_sweep("native", stage) / "metrics.jsonl") as f:
             record = next(r for r in map(json.loads, f) if "memory" in r)
         assert len(record["memory"]) == 2
         for rank in record["memory"]:
@@ -92,36 +76,33 @@ def test_memory_report_is_within_10_percent_of_the_zero_formula(stage_runs):
 
 
 @pytest.mark.slow
-def test_resume_on_the_same_ranks_is_exact(stage_runs):
-    tmp, _ = stage_runs
-    proc = run_trainer([*RESUME, f"--output_dir={resume_from(tmp / 'stage3', 10, tmp / 'two_to_two')}"], tmp, nproc=2)
-    assert "resumed from" in proc.stdout
-    assert_same_run(tmp / "stage3", tmp / "two_to_two", 1e-6, steps=range(11, 21))
+def test_resume_on_the_same_ranks_is_exact(engine_sweep, resumed_sweep):
+    assert "resumed from" in resumed_sweep.stdout("native", 3)
+    assert_same_run(engine_sweep("native", 3), resumed_sweep("native", 3), 1e-6, steps=range(11, 21))
 
 
 @pytest.mark.slow
-def test_resume_on_another_number_of_ranks_reshards(stage_runs):
+def test_resume_on_another_number_of_ranks_reshards(engine_sweep, tmp_path):
     """Stage 2 from 2 ranks onto 1 at step 10 (6 micro-batches: the same batch), checkpointed by 1 rank at
     step 15 and resumed from there on 2 ranks: both continue from the re-sharded weights and moments, so
     the later losses are the uninterrupted run's (to reduction order), as from no other state."""
-    tmp, _ = stage_runs
-    proc = run_trainer([*RESUME, "--gradient_accumulation_steps=6", "--checkpoint_interval=5",
-                f"--output_dir={resume_from(tmp / 'stage2', 10, tmp / 'two_to_one')}"], tmp)
+    stage2 = engine_sweep("native", 2)
+    proc = train_here([*RESUME, "--gradient_accumulation_steps=6", "--checkpoint_interval=5",
+                       f"--output_dir={resume_from(stage2, 10, tmp_path / 'two_to_one')}"], tmp_path)
     assert "formula for stage 2 on 1 rank(s)" in proc.stdout
-    assert_same_run(tmp / "stage2", tmp / "two_to_one", 1e-5, steps=range(11, 21))
+    assert_same_run(stage2, tmp_path / "two_to_one", 1e-5, steps=range(11, 21))
     run_trainer([*RESUME, "--gradient_accumulation_steps=3",
-         f"--output_dir={resume_from(tmp / 'two_to_one', 15, tmp / 'one_to_two')}"], tmp, nproc=2)
-    assert_same_run(tmp / "stage2", tmp / "one_to_two", 1e-5, steps=range(16, 21))
+                 f"--output_dir={resume_from(tmp_path / 'two_to_one', 15, tmp_path / 'one_to_two')}"], tmp_path, nproc=2)
+    assert_same_run(stage2, tmp_path / "one_to_two", 1e-5, steps=range(16, 21))
 
 
 @pytest.mark.slow
-def test_a_missing_shard_stops_every_rank_with_one_sentence(stage_runs):
-    tmp, _ = stage_runs
-    broken = resume_from(tmp / "stage2", 10, tmp / "missing_shard")
+def test_a_missing_shard_stops_every_rank_with_one_sentence(engine_sweep, tmp_path):
+    broken = resume_from(engine_sweep("native", 2), 10, tmp_path / "missing_shard")
     os.remove(os.path.join(broken, "ckpt-00000010", "zero_lite-shard00001-of00002.pt"))
     manifest = broken / "ckpt-00000010" / "manifest.json"  # as if the file was never written: past the checksums
     checkpoint.write_manifest(manifest.parent, json.loads(manifest.read_text()))
-    proc = run_trainer([*RESUME, f"--output_dir={broken}"], tmp, nproc=2, check=False)
+    proc = run_trainer([*RESUME, f"--output_dir={broken}"], tmp_path, nproc=2, check=False)
     missing = f"{broken}/ckpt-00000010/zero_lite-shard00001-of00002.pt is missing"
     printed = [line for line in proc.stderr.splitlines() if line.startswith(f"train_sft.py: error: {missing}")]
     assert proc.returncode != 0 and len(printed) == 1, proc.stderr[-3000:]  # by rank 0, once
@@ -157,10 +138,10 @@ def test_options_a_stage_cannot_honour_are_named():
 
 
 @pytest.mark.slow
-def test_shard_files_reshard_on_load_and_bad_ones_are_named(stage_runs, tmp_path):
+def test_shard_files_reshard_on_load_and_bad_ones_are_named(engine_sweep, tmp_path):
     """One rank loads a 2-rank stage-2 checkpoint: the re-sharded weights are the consolidated ones; a
     truncated, foreign or missing shard file, or another model's, is named in a ValueError."""
-    ckpt = stage_runs[0] / "stage2" / "ckpt-00000010"
+    ckpt = engine_sweep("native", 2) / "ckpt-00000010"
     engine = make_engine(["--zero_stage=2"], tiny_model())
     engine.load(ckpt)
     consolidated, loaded = torch.load(ckpt / "model.pt", weights_only=True), engine.full_state_dict()
