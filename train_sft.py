@@ -613,12 +613,12 @@ def main(argv, options=None):
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     speed = Throughput(model.flops_per_token(cfg["max_seq_len"]), peak_flops(device), world)
     optimizer = make_optimizer(model, cfg, fused=device.type == "cuda" and not cfg["offload"], total_steps=total_steps)
-    engine = make_engine(cfg, model, optimizer)
     dtype = getattr(torch, cfg["dtype"])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     run = Run(cfg, run_id, rank, world, device, autocast, log, data_hashes)
-    if cfg["sparse_density"] > 0:
+    if cfg["sparse_density"] > 0:  # before the engine: the probe's backward must not reach its gradient hooks
         start_sparse(run, model, optimizer, batches)
+    engine = make_engine(cfg, model, optimizer)
     step = 0
     if cfg["resume"]:
         step = resume_run(saved_state, engine, batches, rank)

@@ -416,10 +416,10 @@ def test_two_ranks_match_one_rank_and_only_the_selected_entries_cross(tmp_path, 
         proc.stdout + proc.stderr).groups())
     matrices = [p.numel() for _, p in sparse.sparse_matrices(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32)), "h.")]
     assert total == sum(matrices) and entries == sum(sparse.entries_for(n, 0.01) for n in matrices)
-    # Each step: one bucket with the gathered entries and the dense (LayerNorm) gradients. Once before
-    # the first step (the probe) and once at the regrow (step 2; at step 4 the share has decayed to 0),
-    # each matrix's dense gradient sum, which chooses the entries.
-    expected = [4 * (entries + dense)] * 4 + [4 * n for n in matrices] * 2
+    # Each step: the dense (LayerNorm) gradients in stage 0's bucket, all-reduced during the backward, and
+    # the gathered entries after it. Once before the first step (the probe) and once at the regrow (step 2;
+    # at step 4 the share has decayed to 0), each matrix's dense gradient sum, which chooses the entries.
+    expected = [4 * dense, 4 * entries] * 4 + [4 * n for n in matrices] * 2
     assert sorted(json.load(open(f"{counts}.0"))) == sorted(expected)
 
 
