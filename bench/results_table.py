@@ -627,7 +627,8 @@ def render_cpu(results_dir=RESULTS):
     name = sorted(path.name for path in results_dir.glob("cpu_*.json"))[-1]
     data = read_result(results_dir, name)
     threads, options = str(data["threads"]), data["options"]
-    peak_cpu, peak_wall = data["matmul_peak_flops_of_cpu_time"][threads], data["matmul_peak_flops"][threads]
+    peak_cpu = data["matmul_peak_flops_of_cpu_time"][threads]
+    peak_wall = data.get("matmul_peak_flops_of_wall_time", data["matmul_peak_flops"])[threads]
     full = data["rows"].get("full", {}).get("trained_tokens_per_cpu_s")
     lines = [f"Measured (`bench/results/{name}`, {threads} thread(s), {options['steps']} steps a row; "
              f"{machine_words(data)}): the matmul peak at the step's shapes {peak_cpu / 1e9:.1f} GFLOP/s per "
