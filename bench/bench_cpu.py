@@ -16,8 +16,8 @@
    step so that a change of machine load hits all of them):
      full          full fine-tuning, the trainer's settings
      lora16        LoRA rank 16 on every block Linear, only the LoRA factors trained
-     full_fused    full fine-tuning with torch's fused AdamW in place of the trainer's one-tensor-at-a-time AdamW
-                   on a CPU: the lever's effect, measured in the same run
+     full_unfused  full fine-tuning with torch's one-tensor-at-a-time AdamW in place of the trainer's fused one:
+                   that lever's effect, measured in the same run
    MFU = model FLOPs per position (model.flops_per_token(seq_len): 6N plus attention, the head counted
    at every position, as on a GPU) x positions per second / the peak. mfu_of_cpu_time is the same with
    CPU seconds per thread for both the step and the peak: on a loaded machine, where wall time counts
@@ -51,7 +51,7 @@ OPTIONS = {
     "steps": (4, "timed steps of each row, after one warm-up step"),
     "threads": (0, "torch threads; 0: the trainer's choice for one process (all cores)"),
     "gemm_repeats": (5, "timed repeats of each GEMM shape (the best counts)"),
-    "rows": ("full,lora16,full_fused", "which training rows to time"),
+    "rows": ("full,lora16,full_unfused", "which training rows to time"),
     "profile": (False, "profile one step of full fine-tuning and of LoRA instead (torch.profiler)"),
 }
 LORA_RANK = 16
@@ -124,7 +124,7 @@ def make_row(name, init_from):
     if name.startswith("lora"):
         apply_lora(model, LORA_RANK)
         only_optimize_lora(model)
-    optimizer = train_sft.make_optimizer(model, TRAINER_CFG, fused=name == "full_fused")
+    optimizer = train_sft.make_optimizer(model, TRAINER_CFG, fused=name != "full_unfused")
     return model, zero_lite.Engine(model, optimizer, stage=0, grad_clip=1.0)
 
 

@@ -117,7 +117,7 @@ def test_nonfinite_loss_stops_the_run(tmp_path, data_file):
     assert "NaN/Inf loss or gradient for 2 steps in a row" in proc.stderr
 
 
-def test_lora_trains_only_the_factors(tmp_path, data_file):
+def test_lora_trains_only_the_factors_with_the_fused_adamw_on_a_cpu(tmp_path, data_file):
     out = tmp_path / "lora"
     train_here([f"--data_path={data_file}", "--max_steps=2", "--lora_dim=4", "--only_optimize_lora",
          "--learning_rate=1e-2", f"--output_dir={out}"], tmp_path)
@@ -125,6 +125,7 @@ def test_lora_trains_only_the_factors(tmp_path, data_file):
     trained = state["optimizer"]["state"]
     n_lora = sum(1 for k in torch.load(out / "ckpt-00000002" / "model.pt", weights_only=True) if "lora_" in k)
     assert n_lora > 0 and len(trained) == n_lora
+    assert [group["fused"] for group in state["optimizer"]["param_groups"]] == [True]  # the CPU default too
 
 
 def test_triton_kernel_trains_like_the_torch_loss(tmp_path, data_file):
@@ -209,8 +210,9 @@ def test_cpu_peak_memory_is_this_process_own_not_its_parents():
 
 
 def test_the_fused_adamw_on_a_cpu_trains_like_the_one_tensor_at_a_time_adamw():
-    """make_optimizer(fused=True) on a CPU (bench/bench_cpu.py's full_fused row, the lever it measures): three
-    steps through the native engine give the losses and weights of the trainer's CPU AdamW, to float32 rounding."""
+    """make_optimizer(fused=True), the trainer's CPU default (bench/bench_cpu.py's full_unfused row measures
+    what it gains): three steps through the native engine give the losses and weights of torch's
+    one-tensor-at-a-time AdamW, to float32 rounding."""
     import zero_lite
     from model import GPT, GPTConfig
     cfg = {"sparse_density": 0, "lora_learning_rate": 0, "learning_rate": 1e-2, "weight_decay": 0.1,
