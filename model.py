@@ -484,7 +484,11 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + (self.lora_dropout(x) @ self.lora_right_weight @ self.lora_left_weight) * self.lora_scaling
+        # The low-rank product accumulates onto y inside one GEMM, alpha doing the scaling: no full-size
+        # temporaries for the product, its scaling and the sum, forward or backward.
+        low_rank = self.lora_dropout(x) @ self.lora_right_weight  # (..., r)
+        return torch.addmm(y.flatten(0, -2), low_rank.flatten(0, -2), self.lora_left_weight,
+                           alpha=self.lora_scaling).view_as(y)
 
 
 def apply_lora(model, lora_dim, lora_scaling=1.0, lora_dropout=0.0, module_name="h."):

@@ -531,6 +531,26 @@ def test_lora_starts_as_identity_and_then_changes_outputs():
         assert max_abs_diff(model(idx), base(idx)) > 1e-3
 
 
+@pytest.mark.parametrize("shape", [(7, 13), (3, 5, 13), (2, 1, 13)])
+def test_lora_linear_matches_its_formula_values_and_gradients(shape):
+    """x W^T + b + (s / r) (x right) left, and the gradients of x, the factors and the bias, at odd sizes and
+    with 2-D and 3-D inputs: the fused accumulation in LoRALinear.forward is the plain formula."""
+    gen = torch.Generator().manual_seed(len(shape))
+    layer = LoRALinear(torch.nn.Linear(13, 11), lora_dim=3, lora_scaling=2.0)
+    with torch.no_grad():
+        layer.lora_left_weight.copy_(torch.randn(3, 11, generator=gen))
+        layer.bias.requires_grad_(True)
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    upstream = torch.randn(*shape[:-1], 11, generator=gen)
+    params = [x, layer.lora_right_weight, layer.lora_left_weight, layer.bias]
+    fused = torch.autograd.grad((layer(x) * upstream).sum(), params)
+    plain_out = x @ layer.weight.t() + layer.bias + (x @ layer.lora_right_weight @ layer.lora_left_weight) * (2.0 / 3)
+    plain = torch.autograd.grad((plain_out * upstream).sum(), params)
+    torch.testing.assert_close(layer(x), plain_out)
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want)
+
+
 def test_lora_merge_equals_lora_and_unmerge_restores_weights():
     model = lora_model()
     randomize_lora(model)
