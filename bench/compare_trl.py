@@ -78,7 +78,7 @@ OPTIONS = {
     "n_layer": (4, "layers of the GPT-2 init"),
     "n_head": (4, "attention heads of the GPT-2 init"),
     "n_embd": (256, "width of the GPT-2 init (4 x 256 with GPT-2's 50,257 tokens: 16M parameters)"),
-    "seed": (1337, "seed of the init and of both trainers"),
+    "seed": (1337, "seed of the init and of both trainers; pair k runs both with seed + k (another batch order)"),
     "device": ("auto", "cpu | cuda | auto"),
     "dtype": ("auto", "float32 | bfloat16 | auto (float32 on a CPU, bfloat16 on a GPU)"),
     "peers_python": ("", "the Python that has TRL; empty = .venv-peers/bin/python, else this Python"),
@@ -423,7 +423,7 @@ def project_command(args, spec, output_dir, cache_dir):
             f"--batch_size={args['batch_size']}", "--gradient_accumulation_steps=1",
             f"--max_steps={args['rows'] // args['batch_size']}", f"--learning_rate={args['learning_rate']}",
             "--lr_scheduler=cosine", "--warmup_steps=0", "--weight_decay=0.0", "--beta1=0.9", "--beta2=0.95",
-            "--grad_clip=1.0", f"--group_by_length={args['group_by_length']}", f"--seed={args['seed']}",
+            "--grad_clip=1.0", f"--group_by_length={args['group_by_length']}", f"--seed={spec['seed']}",
             "--dropout=0.0", f"--device={args['device']}", f"--dtype={args['dtype']}", "--log_interval=1",
             "--eval_interval=0", "--eval_exact_match=0", "--checkpoint_interval=0", "--keep_checkpoints=1",
             f"--output_dir={output_dir}", f"--cache_dir={cache_dir}"]
@@ -577,7 +577,7 @@ def check_project(args, workdir):
     if args["init_from"]:
         ChatTemplate(enc)  # the model's own template must exist
     spec = {"rows_train_file": rows_file, "eval_file": eval_file, "init_dir": str(workdir / "init"),
-            "tokenizer": tokenizer}
+            "tokenizer": tokenizer, "seed": args["seed"]}
     command = project_command(args, spec, workdir / "out", workdir / "cache")
     parse_options(command[2:])
     lines.append("train_sft.py " + " ".join(command[2:]))
@@ -617,8 +617,11 @@ def prepare_pair(args, spec, workdir, k):
 
 
 def train_pair(args, spec, workdir, k, trained_tokens):
-    """One training run per system (project first), each measured from outside; returns both rows."""
+    """One training run per system (project first), each measured from outside; returns both rows. Pair k
+    seeds both systems with --seed + k: the same rows in another batch order, so that the spread of each
+    system's eval loss over the pairs measures how much the batch order alone moves it."""
     out = workdir / f"train{k}"
+    spec = {**spec, "seed": spec["seed"] + k}
     project = run_measured(project_command(args, spec, out / "project", out / "project_cache"))
     env = dict(os.environ, HF_DATASETS_CACHE=str(out / "hf_datasets"))
     trl_spec = {**spec, "output_dir": str(out / "trl"), "train_file": spec["rows_train_file"]}
@@ -710,7 +713,8 @@ def run_benchmark(args):
             "train": {key: summary([r[key] for r in train[name]]) for key in (
                 "wall_s", "cpu_s", "trained_tokens_per_s", "trained_tokens_per_cpu_s", "step_s_median", "step_s_min",
                 "peak_rss_mib", "peak_gpu_gib", "process_wall_s", "process_cpu_s")},
-            "eval": {"loss": summary(evals[name])}, "prep_runs": prep[name], "train_runs": train[name]}
+            "eval": {"loss": summary(evals[name]), "batch_order_spread": max(evals[name]) - min(evals[name])},
+            "prep_runs": prep[name], "train_runs": train[name]}
     ratios = {}
     for section, key in (("prep", "wall_s"), ("prep", "cpu_s"), ("prep", "peak_rss_mib"), ("prep", "added_rss_mib"),
                          ("train", "trained_tokens_per_s"), ("train", "trained_tokens_per_cpu_s"),
