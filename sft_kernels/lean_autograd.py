@@ -1,0 +1,73 @@
+"""RMSNorm and SwiGLU as autograd Functions that keep less for the backward than their PyTorch formulas.
+
+Written as plain tensor ops, RMSNorm (x * rsqrt(mean(x^2) + eps) * w) makes autograd keep the input and
+the normalized product, a full (rows, C) tensor more than it needs, and SwiGLU (silu(gate) * up) keeps
+gate, up and silu(gate). Between a forward and its backward every block's saved tensors are alive at
+once, so on a CPU, with no fused kernel, they are most of a step's activation memory. These Functions
+keep only the input and per-row 1/rms (RMSNorm) or the [gate; up] input (SwiGLU) and recompute the rest
+in the backward, a few elementwise passes over tensors that are there anyway. The forward's values are
+those of the formulas, bit for bit; the gradients agree to float rounding (tests/test_lean_autograd.py).
+"""
+import torch
+from torch.nn import functional as F
+
+
+def _compute_dtype(dtype):
+    """float32 for bfloat16/float16 inputs (as torch's own rms_norm computes them), else the dtype itself."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xc = x.to(_compute_dtype(x.dtype))
+        rstd = xc.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt()  # (..., 1): all the backward needs besides x
+        ctx.save_for_backward(x, weight, rstd)
+        return (xc * rstd * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        xc = x.to(rstd.dtype)
+        normed = xc * rstd  # recomputed rather than kept
+        grad_normed = grad_y.to(rstd.dtype) * weight
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_y.to(rstd.dtype) * normed).reshape(-1, weight.numel()).sum(0).to(weight.dtype)
+        # d/dx of x * r(x): r * (g - normed * mean(g * normed)) over the last dimension
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = grad_normed.sub_(normed.mul_(dot)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x, weight, eps):
+    """x * rsqrt(mean(x^2, -1) + eps) * weight over the last dimension, keeping x and 1/rms for the backward."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (gate_up,) = ctx.saved_tensors
+        dtype = _compute_dtype(gate_up.dtype)
+        gate, up = (t.to(dtype) for t in gate_up.chunk(2, dim=-1))
+        g = grad_out.to(dtype)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        grad_up.copy_(g * silu)
+        # silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a))) = sig + silu * (1 - sig)
+        grad_gate.copy_(torch.mul(g, up).mul_(silu.mul_(1 - sig).add_(sig)))
+        return grad
+
+
+def swiglu(gate_up):
+    """silu(gate) * up of gate_up = [gate; up] (its last dimension halves), keeping only gate_up for the backward."""
+    return _SwiGLU.apply(gate_up)
