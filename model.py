@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sft_kernels.chunked_cross_entropy import linear_cross_entropy
-from sft_kernels.lean_autograd import rms_norm, swiglu
+from sft_kernels.lean_autograd import rms_norm, swiglu, swiglu_linear
 
 
 @dataclass
@@ -231,7 +231,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        h = swiglu(h) if self.swiglu else self.gelu(h)  # swiglu: silu(gate) * up of h = [gate; up]
+        if self.swiglu and type(self.c_proj) is nn.Linear:  # silu(gate) * up of h = [gate; up], then c_proj
+            return self.dropout(swiglu_linear(h, self.c_proj.weight, self.c_proj.bias))
+        h = swiglu(h) if self.swiglu else self.gelu(h)  # with LoRA on c_proj: its own input kept
         return self.dropout(self.c_proj(h))
 
 

@@ -32,7 +32,8 @@ def _chunk_loss_and_grads(hc, yc, weight, acc, want_h, grad_w, want_w):
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss and gradients computed together, one row chunk at a time, so that only one (chunk, V) block
-    of logits is ever alive and the backward keeps just the (n, C) and (V, C) gradients."""
+    of logits is ever alive and the backward keeps just the (n, C) and (V, C) gradients, which it scales
+    in place (so one backward per forward)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, keep, chunk_size, grad_enabled):
@@ -49,19 +50,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             loss_sum += loss
             if want_h:
                 grad_h[s:s + chunk_size] = gh
-        ctx.save_for_backward(keep, grad_h, grad_w)
+        ctx.save_for_backward(keep)
+        ctx.grads = (grad_h, grad_w)  # scaled in place by the backward, so not saved tensors
         ctx.hidden_shape, ctx.n, ctx.weight_dtype = hidden.shape, h.size(0), weight.dtype
         return loss_sum / ctx.n
 
     @staticmethod
     def backward(ctx, grad_loss):
-        keep, grad_h, grad_w = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy supports one backward per forward (its gradients are computed "
+                               "in the forward and scaled in place)")
+        (grad_h, grad_w), ctx.grads = ctx.grads, None
+        (keep,) = ctx.saved_tensors
         scale = grad_loss / ctx.n
         grad_hidden = grad_weight = None
         if grad_h is not None:  # masked rows get exactly zero gradient
-            grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, keep, grad_h * scale.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_weight = (grad_w * scale).to(ctx.weight_dtype)
+            grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, keep, grad_h.mul_(scale.to(grad_h.dtype)))
+        if grad_w is not None:  # in place: a (V, C) copy would stand beside it at the backward's start
+            grad_weight = grad_w.mul_(scale).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 

@@ -5,7 +5,9 @@ the normalized product, a full (rows, C) tensor more than it needs, and SwiGLU (
 gate, up and silu(gate). Between a forward and its backward every block's saved tensors are alive at
 once, so on a CPU, with no fused kernel, they are most of a step's activation memory. These Functions
 keep only the input and per-row 1/rms (RMSNorm) or the [gate; up] input (SwiGLU) and recompute the rest
-in the backward, a few elementwise passes over tensors that are there anyway. The forward's values are
+in the backward, a few elementwise passes over tensors that are there anyway. swiglu_linear goes one further:
+with the down projection in the same Function, the (rows, width) product that the Linear would keep is
+recomputed too. The forward's values are
 those of the formulas, bit for bit; the gradients agree to float rounding (tests/test_lean_autograd.py).
 """
 import torch
@@ -55,19 +57,55 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (gate_up,) = ctx.saved_tensors
-        dtype = _compute_dtype(gate_up.dtype)
-        gate, up = (t.to(dtype) for t in gate_up.chunk(2, dim=-1))
-        g = grad_out.to(dtype)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        grad_gate, grad_up = grad.chunk(2, dim=-1)
-        grad_up.copy_(g * silu)
-        # silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a))) = sig + silu * (1 - sig)
-        grad_gate.copy_(torch.mul(g, up).mul_(silu.mul_(1 - sig).add_(sig)))
-        return grad
+        return _swiglu_backward(gate_up, grad_out)[0]
+
+
+def _swiglu_backward(gate_up, grad_out):
+    """The gradient for gate_up of silu(gate) * up given the output's gradient, and that output, recomputed."""
+    dtype = _compute_dtype(gate_up.dtype)
+    gate, up = (t.to(dtype) for t in gate_up.chunk(2, dim=-1))
+    g = grad_out.to(dtype)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    product = (silu * up).to(gate_up.dtype)
+    grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+    grad_gate, grad_up = grad.chunk(2, dim=-1)
+    grad_up.copy_(g * silu)
+    # silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a))) = sig + silu * (1 - sig)
+    grad_gate.copy_(torch.mul(g, up).mul_(silu.mul_(1 - sig).add_(sig)))
+    return grad, product
 
 
 def swiglu(gate_up):
     """silu(gate) * up of gate_up = [gate; up] (its last dimension halves), keeping only gate_up for the backward."""
     return _SwiGLU.apply(gate_up)
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up, weight, bias):
+        gate, up = gate_up.chunk(2, dim=-1)
+        product = F.silu(gate) * up
+        out = F.linear(product, weight, bias)
+        ctx.save_for_backward(gate_up, weight)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate_up, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.size(-1))  # (rows, out)
+        grad_product = (g @ weight.to(g.dtype)).view(*gate_up.shape[:-1], weight.size(1))
+        grad_gate_up, product = _swiglu_backward(gate_up, grad_product)  # the product recomputed, not kept
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (g.t() @ product.reshape(-1, product.size(-1)).to(g.dtype)).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0).to(ctx.bias_dtype)
+        return grad_gate_up, grad_weight, grad_bias
+
+
+def swiglu_linear(gate_up, weight, bias=None):
+    """F.linear(silu(gate) * up, weight, bias) keeping only gate_up (and the weight) for the backward: the
+    product, which the Linear alone would keep, is recomputed there (elementwise, no matmul)."""
+    return _SwiGLULinear.apply(gate_up, weight, bias)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import GPT, MLP, RMSNorm, family_config
-from sft_kernels.lean_autograd import rms_norm, swiglu
+from model import GPT, MLP, RMSNorm, apply_lora, family_config
+from sft_kernels.lean_autograd import rms_norm, swiglu, swiglu_linear
 
 SHAPES = [(1, 1), (3, 7), (2, 5, 13), (2, 3, 4, 33)]  # the last dimension is normalized / halved
 
@@ -58,6 +58,49 @@ def test_swiglu_matches_silu_times_up(shape, dtype, tol):
     torch.testing.assert_close(grad, expected_grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("shape, out_features, bias", [((1, 2), 1, False), ((3, 14), 5, True), ((2, 3, 10), 7, True)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_swiglu_linear_matches_silu_times_up_then_linear(shape, out_features, bias, dtype, tol):
+    gate_up, _ = random_pair(shape, dtype, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(out_features, shape[-1] // 2, generator=gen).to(dtype)
+    b = torch.randn(out_features, generator=gen).to(dtype) if bias else None
+    grad_out = torch.randn(shape[:-1] + (out_features,), generator=gen).to(dtype)
+    inputs = (gate_up, weight) + ((b,) if bias else ())
+
+    def reference(h, w, b=None):
+        gate, up = h.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w, b)
+    expected, expected_grads = grads(reference, *inputs, grad_out=grad_out)
+    actual, actual_grads = grads(lambda h, w, b=None: swiglu_linear(h, w, b), *inputs, grad_out=grad_out)
+    assert torch.equal(actual, expected)
+    for ours, theirs in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+
+
+def test_swiglu_linear_under_bfloat16_autocast_gives_float32_weight_gradients():
+    gate_up = torch.randn(3, 4, 12)
+    weight, bias = torch.randn(5, 6), torch.randn(5)
+    grad_out = torch.randn(3, 4, 5)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (gate_up, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*leaves)
+        (out.float() * grad_out).sum().backward()
+        return out, [t.grad for t in leaves]
+
+    def reference(h, w, b):
+        gate, up = h.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w, b)
+    expected, expected_grads = run(reference)
+    actual, actual_grads = run(swiglu_linear)
+    assert actual.dtype == expected.dtype == torch.bfloat16 and torch.equal(actual, expected)
+    for ours, theirs in zip(actual_grads, expected_grads):
+        assert ours.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+
+
 def test_rms_norm_weight_may_be_frozen_and_input_a_view():
     x = torch.randn(4, 6, 10)[:, 1:, ::2]  # not contiguous
     weight = torch.randn(5)
@@ -83,7 +126,8 @@ def saved_bytes(fn, *inputs, params=()):
 
 def test_model_norm_and_mlp_keep_less_for_the_backward():
     """The reason for the Functions: a Llama block's RMSNorm keeps its input and one float per row, not the
-    normalized product too; its SwiGLU MLP keeps [gate; up] and the product (for c_proj), not silu(gate) too."""
+    normalized product too; its SwiGLU MLP keeps its input and [gate; up], not silu(gate) nor the product
+    (c_proj's input) too; with LoRA on c_proj, the product is c_proj's own input and is kept."""
     config = family_config("llama", n_layer=1, n_head=2, n_embd=16, intermediate_size=24, vocab_size=32)
     x = torch.randn(3, 5, 16, requires_grad=True)
     rows = 3 * 5
@@ -93,7 +137,10 @@ def test_model_norm_and_mlp_keep_less_for_the_backward():
     assert plain >= 2 * x.nbytes
     mlp = MLP(config)
     h_bytes, product_bytes = rows * 48 * 4, rows * 24 * 4
-    assert saved_bytes(mlp, x, params=mlp.parameters()) == x.nbytes + h_bytes + product_bytes  # c_fc's input, swiglu's input, c_proj's input
+    assert saved_bytes(mlp, x, params=mlp.parameters()) == x.nbytes + h_bytes  # c_fc's input, [gate; up]
+    apply_lora(mlp, 4, module_name="c_proj")
+    lora_saved = saved_bytes(mlp, x, params=mlp.parameters())
+    assert x.nbytes + h_bytes + product_bytes <= lora_saved < x.nbytes + h_bytes + 2 * product_bytes
 
 
 def test_llama_model_loss_and_gradients_unchanged():
