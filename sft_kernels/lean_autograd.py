@@ -25,7 +25,7 @@ class _RMSNorm(torch.autograd.Function):
         xc = x.to(_compute_dtype(x.dtype))
         rstd = xc.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt()  # (..., 1): all the backward needs besides x
         ctx.save_for_backward(x, weight, rstd)
-        return (xc * rstd * weight).to(x.dtype)
+        return (xc * rstd).mul_(weight).to(x.dtype)  # in place: one (rows, C) allocation, not two
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -52,7 +52,7 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
         ctx.save_for_backward(gate_up)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)  # in place: no (rows, width) temporary
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -60,20 +60,21 @@ class _SwiGLU(torch.autograd.Function):
         return _swiglu_backward(gate_up, grad_out)[0]
 
 
-def _swiglu_backward(gate_up, grad_out):
-    """The gradient for gate_up of silu(gate) * up given the output's gradient, and that output, recomputed."""
+def _swiglu_backward(gate_up, grad_out, want_product=False):
+    """The gradient for gate_up of silu(gate) * up given the output's gradient, and (want_product) that output,
+    recomputed. Written into one buffer, with as few (rows, width) temporaries as the formula allows."""
     dtype = _compute_dtype(gate_up.dtype)
     gate, up = (t.to(dtype) for t in gate_up.chunk(2, dim=-1))
     g = grad_out.to(dtype)
     sig = torch.sigmoid(gate)
     silu = gate * sig
-    product = (silu * up).to(gate_up.dtype)
-    grad = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+    product = (silu * up).to(gate_up.dtype) if want_product else None
+    grad = torch.empty(gate_up.shape, dtype=dtype, device=gate_up.device)
     grad_gate, grad_up = grad.chunk(2, dim=-1)
-    grad_up.copy_(g * silu)
+    torch.mul(g, silu, out=grad_up)
     # silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a))) = sig + silu * (1 - sig)
-    grad_gate.copy_(torch.mul(g, up).mul_(silu.mul_(1 - sig).add_(sig)))
-    return grad, product
+    torch.mul(g, up, out=grad_gate).mul_(silu.mul_(sig.neg().add_(1)).add_(sig))
+    return grad.to(gate_up.dtype), product
 
 
 def swiglu(gate_up):
@@ -85,7 +86,7 @@ class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up, weight, bias):
         gate, up = gate_up.chunk(2, dim=-1)
-        product = F.silu(gate) * up
+        product = F.silu(gate).mul_(up)
         out = F.linear(product, weight, bias)
         ctx.save_for_backward(gate_up, weight)
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -96,7 +97,7 @@ class _SwiGLULinear(torch.autograd.Function):
         gate_up, weight = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.size(-1))  # (rows, out)
         grad_product = (g @ weight.to(g.dtype)).view(*gate_up.shape[:-1], weight.size(1))
-        grad_gate_up, product = _swiglu_backward(gate_up, grad_product)  # the product recomputed, not kept
+        grad_gate_up, product = _swiglu_backward(gate_up, grad_product, want_product=True)  # recomputed, not kept
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             grad_weight = (g.t() @ product.reshape(-1, product.size(-1)).to(g.dtype)).to(weight.dtype)
