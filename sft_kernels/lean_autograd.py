@@ -5,10 +5,10 @@ the normalized product, a full (rows, C) tensor more than it needs, and SwiGLU (
 gate, up and silu(gate). Between a forward and its backward every block's saved tensors are alive at
 once, so on a CPU, with no fused kernel, they are most of a step's activation memory. These Functions
 keep only the input and per-row 1/rms (RMSNorm) or the [gate; up] input (SwiGLU) and recompute the rest
-in the backward, a few elementwise passes over tensors that are there anyway. swiglu_linear goes one further:
-with the down projection in the same Function, the (rows, width) product that the Linear would keep is
-recomputed too. The forward's values are
-those of the formulas, bit for bit; the gradients agree to float rounding (tests/test_lean_autograd.py).
+in the backward, a few elementwise passes over tensors that are there anyway. swiglu_linear goes one
+further: with the down projection in the same Function, the (rows, width) product that the Linear would
+keep is recomputed too. The forward's values are those of the formulas, bit for bit; the gradients agree
+to float rounding (tests/test_lean_autograd.py).
 """
 import torch
 from torch.nn import functional as F
