@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sft_kernels.chunked_cross_entropy import linear_cross_entropy
+from sft_kernels.lean_autograd import rms_norm, swiglu, swiglu_linear
 
 
 @dataclass
@@ -149,10 +150,18 @@ def rotate(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (its parameter, state-dict name and forward values) through sft_kernels.lean_autograd.rms_norm,
+    which keeps only the input and 1/rms for the backward, not also the normalized input."""
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+
+
 def make_norm(config, size):
     """The family's normalisation: GPT-2's LayerNorm (with bias when config.bias) or the Llama family's RMSNorm."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(size, eps=config.norm_eps)
+        return RMSNorm(size, eps=config.norm_eps)
     return nn.LayerNorm(size, eps=config.norm_eps, bias=config.bias)
 
 
@@ -183,8 +192,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, sum(self.qkv_sizes), bias=config.bias or config.qkv_bias)  # q, k, v
         self.c_proj = nn.Linear(q_size, config.n_embd, bias=config.bias)
         if config.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, mask=None, cache=None):
@@ -222,11 +231,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = self.gelu(h)
+        if self.swiglu and type(self.c_proj) is nn.Linear:  # silu(gate) * up of h = [gate; up], then c_proj
+            return self.dropout(swiglu_linear(h, self.c_proj.weight, self.c_proj.bias))
+        h = swiglu(h) if self.swiglu else self.gelu(h)  # with LoRA on c_proj: its own input kept
         return self.dropout(self.c_proj(h))
 
 

@@ -8,9 +8,10 @@ Triton, so sample.py and a CPU run never load it.
 import torch
 
 
-def _chunk_loss_and_grads(hc, yc, weight, acc, want_h, want_w):
-    """Summed loss of one row chunk and its gradients for hc and weight (None where not wanted).
-    A function of its own so the chunk's (rows, V) logits are freed when it returns."""
+def _chunk_loss_and_grads(hc, yc, weight, acc, want_h, grad_w, want_w):
+    """Summed loss of one row chunk, its gradient for hc (None where not wanted) and the weight's gradient
+    so far (grad_w, None before the first chunk) plus this chunk's. A function of its own so the chunk's
+    (rows, V) logits are freed when it returns."""
     logits = (hc @ weight.t()).to(acc)  # (rows, V)
     lse = torch.logsumexp(logits, dim=-1)  # (rows,)
     loss = (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
@@ -19,12 +20,20 @@ def _chunk_loss_and_grads(hc, yc, weight, acc, want_h, want_w):
     dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in place ...
     dlogits[torch.arange(len(yc), device=yc.device), yc] -= 1.0  # ... minus the one-hot target
     dlogits = dlogits.to(hc.dtype)
-    return loss, dlogits @ weight if want_h else None, dlogits.t() @ hc if want_w else None
+    if want_w:  # the first chunk's product is the buffer; later ones add into it with no (V, C) temporary
+        if grad_w is None:
+            grad_w = (dlogits.t() @ hc).to(acc)
+        elif hc.dtype == acc:
+            grad_w.addmm_(dlogits.t(), hc)
+        else:
+            grad_w += dlogits.t() @ hc
+    return loss, dlogits @ weight if want_h else None, grad_w
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Loss and gradients computed together, one row chunk at a time, so that only one (chunk, V) block
-    of logits is ever alive and the backward keeps just the (n, C) and (V, C) gradients."""
+    of logits is ever alive and the backward keeps just the (n, C) and (V, C) gradients, which it scales
+    in place (so one backward per forward)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, keep, chunk_size, grad_enabled):
@@ -34,27 +43,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp16 inputs, fp64 stays fp64
         loss_sum = torch.zeros((), device=h.device, dtype=acc)
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if want_w else None
+        grad_w = None
         for s in range(0, h.size(0), chunk_size):
-            loss, gh, gw = _chunk_loss_and_grads(h[s:s + chunk_size], y[s:s + chunk_size], weight, acc, want_h, want_w)
+            loss, gh, grad_w = _chunk_loss_and_grads(h[s:s + chunk_size], y[s:s + chunk_size], weight, acc, want_h,
+                                                     grad_w, want_w)
             loss_sum += loss
             if want_h:
                 grad_h[s:s + chunk_size] = gh
-            if want_w:
-                grad_w += gw
-        ctx.save_for_backward(keep, grad_h, grad_w)
+        ctx.save_for_backward(keep)
+        ctx.grads = (grad_h, grad_w)  # scaled in place by the backward, so not saved tensors
         ctx.hidden_shape, ctx.n, ctx.weight_dtype = hidden.shape, h.size(0), weight.dtype
         return loss_sum / ctx.n
 
     @staticmethod
     def backward(ctx, grad_loss):
-        keep, grad_h, grad_w = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy supports one backward per forward (its gradients are computed "
+                               "in the forward and scaled in place)")
+        (grad_h, grad_w), ctx.grads = ctx.grads, None
+        (keep,) = ctx.saved_tensors
         scale = grad_loss / ctx.n
         grad_hidden = grad_weight = None
         if grad_h is not None:  # masked rows get exactly zero gradient
-            grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, keep, grad_h * scale.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_weight = (grad_w * scale).to(ctx.weight_dtype)
+            grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, keep, grad_h.mul_(scale.to(grad_h.dtype)))
+        if grad_w is not None:  # in place: a (V, C) copy would stand beside it at the backward's start
+            grad_weight = grad_w.mul_(scale).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 

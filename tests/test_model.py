@@ -705,6 +705,16 @@ def test_linear_cross_entropy_matches_torch(chunk_size):
         assert abs(linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size).item() - ref.item()) < 1e-10
 
 
+def test_linear_cross_entropy_refuses_a_second_backward():
+    """Its gradients are computed in the forward and scaled in place by the backward (no (V, C) copy at the
+    backward's start), so a retained graph's second backward must fail rather than scale them twice."""
+    hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.randint(0, 11, (6,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
 def test_linear_cross_entropy_all_masked_is_zero_with_zero_grads():
     hidden = torch.randn(6, 8, requires_grad=True)
     weight = torch.randn(11, 8, requires_grad=True)
