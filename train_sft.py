@@ -209,7 +209,8 @@ def prepare_model(cfg, n_vocab, saved_state, device):
 
 
 def make_optimizer(model, cfg, fused, total_steps=1):
-    """AdamW; weight decay on matrices only; LoRA factors may have their own learning rate.
+    """AdamW (main asks for torch's fused one, one pass over each tensor and faster on a CPU too, unless DeepSpeed's
+    offload steps its own CPU copy); weight decay on matrices only; LoRA factors may have their own learning rate.
     With --sparse_density, sparse.SparseAdamW: the chosen matrices train at their selected entries,
     the other matrices are frozen, and the 1-D parameters (biases, LayerNorms) train densely."""
     matrices = []
@@ -612,7 +613,6 @@ def main(argv, options=None):
     n_params = model.num_params(non_embedding=False)  # counted before an engine may shard the parameters
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     speed = Throughput(model.flops_per_token(cfg["max_seq_len"]), peak_flops(device), world)
-    # torch's fused AdamW (one pass per tensor) is faster on a CPU too; DeepSpeed's offload steps its own CPU copy
     optimizer = make_optimizer(model, cfg, fused=not cfg["offload"], total_steps=total_steps)
     dtype = getattr(torch, cfg["dtype"])
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()

@@ -8,12 +8,12 @@ BLOCKS lists each generated block: its page, its name (the markers' word) and th
 renders it. README's headline: one row per claim, each naming its file and machine: the fused loss
 kernel's anchor row (ce_<device>.json), the training step against the compiled loop
 (train_<device>.json), the two engines at every ZeRO stage (engines_cpu.json, engines_124m_cpu.json),
-TRL (trl_cpu.json), sparse fine-tuning (sparse_cpu.json) and the demo (demo_cpu.json, and
+TRL on a real model (trl_SmolLM2-135M-Instruct.Q4_1_cpu.json; the 16M GPT-2's trl_cpu.json in docs/), sparse fine-tuning (sparse_cpu.json) and the demo (demo_cpu.json, and
 demo_llama_cpu.json and smollm2_cpu_cpu.json beside it where they exist). docs/benchmarks.md's full tables, per device (newest
 files first): the fused loss against its peers at every shape (Qwen2.5-0.5B's head in a table of its
 own), where its time goes (profile_ce_<device>.json), training steps (train_<device>.json;
 train_qwen2_5_0_5b_<device>.json at Qwen2.5-0.5B's shape) and the GPU suite's steps
-(gpu_suite_<device>.json); the demo runs, TRL side by side and the engines at GPT-2 124M's shape.
+(gpu_suite_<device>.json); the demo runs, TRL side by side (the GPT-2 init and the real model) and the engines at GPT-2 124M's shape.
 docs/engines.md's engine table, docs/sparse.md's two tables, and the measured paragraphs of
 docs/checkpoints.md and docs/data.md. tests/test_gpu_suite.py checks that
 every page holds exactly this output for the committed files, and tests/test_docs.py that no table
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))  # options.py, for the option table
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+TRL_REAL_MODEL = "trl_SmolLM2-135M-Instruct.Q4_1_cpu.json"  # bench/compare_trl.py --init_from=<the GGUF>
 
 
 def begin_marker(name, source="bench/results/"):
@@ -348,6 +349,23 @@ def trl_headline(name, data):
             machine_words(data), name)
 
 
+def trl_real_model_headline(name, data):
+    """train_sft.py against TRL's SFTTrainer, full fine-tuning of a real pretrained model on chats."""
+    ours, trl = data["systems"]["project"], data["systems"]["trl"]
+    ratios, checked, opts = data["ratios_project_over_trl"], data["verification"], data["options"]
+    return (f"against TRL {versions_of(data)['trl']}'s `SFTTrainer`: full fine-tuning of "
+            f"{Path(opts['init_from']).name.split('.')[0]} (float32) on {opts['rows']} chats of a few hundred tokens, "
+            f"batch {opts['batch_size']}, the same trained positions ({checked['identical_rows']:,} of "
+            f"{checked['rows_compared']:,} rows), median of {opts['pairs']} alternating pairs",
+            f"**{ratios['train.trained_tokens_per_cpu_s']['median']:.2f}x** its trained tokens per CPU-second "
+            f"({ours['train']['trained_tokens_per_cpu_s']['median']:.1f} against "
+            f"{trl['train']['trained_tokens_per_cpu_s']['median']:.1f}) at **{ratios['train.peak_rss_mib']['median']:.2f}x** "
+            f"its peak memory ({ours['train']['peak_rss_mib']['median']:,.0f} against "
+            f"{trl['train']['peak_rss_mib']['median']:,.0f} MiB); eval loss {eval_loss_words(ours['eval'])} against "
+            f"{eval_loss_words(trl['eval'])} over batch orders",
+            machine_words(data), name)
+
+
 def sparse_headline(name, data):
     """Sparse with embeddings against full fine-tuning, and sparse of the blocks against LoRA at the same count."""
     rows = {r["variant"]: r for r in data["results"]}
@@ -412,7 +430,7 @@ def render_headline(results_dir=RESULTS):
     for kind, headline in (("ce", ce_headline), ("train", train_headline)):
         rows += [headline(*devices[d][kind]) for d in newest_first if kind in devices[d]]
     for file_name, headline in (("engines_cpu.json", engines_headline), ("engines_124m_cpu.json", engines_at_scale_headline),
-                                ("trl_cpu.json", trl_headline), ("sparse_cpu.json", sparse_headline)):
+                                (TRL_REAL_MODEL, trl_real_model_headline), ("sparse_cpu.json", sparse_headline)):
         path = results_dir / file_name
         if path.exists():
             rows.append(headline(file_name, json.loads(path.read_text())))
@@ -478,9 +496,10 @@ def ratio(value):
     return f"{value:.3f}x" if value < 0.1 else f"{value:.2f}x"
 
 
-def render_trl(results_dir=RESULTS):
-    """docs/benchmarks.md's TRL table: each figure's median (min) over the pairs, and project / TRL."""
-    data = read_result(results_dir, "trl_cpu.json")
+def render_trl(results_dir=RESULTS, name="trl_cpu.json"):
+    """docs/benchmarks.md's TRL table (name: the GPT-2 init's file, or a real model's): each figure's median
+    (min) over the pairs, and project / TRL."""
+    data = read_result(results_dir, name)
     ours, trl, ratios = data["systems"]["project"], data["systems"]["trl"], data["ratios_project_over_trl"]
     found, pairs = versions_of(data), data["options"]["pairs"]
     spread = {who: system["train"]["trained_tokens_per_s"]["runs"] for who, system in (("ours", ours), ("trl", trl))}
@@ -504,11 +523,18 @@ def render_trl(results_dir=RESULTS):
         shown = ratio(ratios[f"{part}.{figure}"]["median"])
         shown = f"**{shown}**" if figure == "trained_tokens_per_s" else shown
         lines.append(f"| {words} | {cells[0]} | {cells[1]} | {shown} |")
-    loss = [system["eval"]["loss"]["median"] for system in (ours, trl)]
+    loss = [eval_loss_words(system["eval"]) for system in (ours, trl)]
     lines.append(f"| eval loss after {data['options']['rows'] // data['options']['batch_size']} steps "
-                 f"({data['data']['eval_rows']:,} held-out rows) | {loss[0]:.3f} | {loss[1]:.3f} | "
-                 f"{loss[0] / loss[1]:.3f}x |")
+                 f"({data['data']['eval_rows']:,} held-out rows) | {loss[0]} | {loss[1]} | "
+                 f"{ours['eval']['loss']['median'] / trl['eval']['loss']['median']:.3f}x |")
     return lines
+
+
+def eval_loss_words(evaluation):
+    """The median eval loss, and where the pairs ran in other batch orders, the spread over them."""
+    spread = evaluation.get("batch_order_spread")
+    words = f"{evaluation['loss']['median']:.3f}"
+    return f"{words} (spread {spread:.3f})" if spread is not None and len(evaluation["loss"]["runs"]) > 1 else words
 
 
 def variant_words(variant):
@@ -662,6 +688,7 @@ BLOCKS = [
     (BENCHMARKS, "results", "bench/results/", lambda d: render(d).splitlines()[2:-2]),
     (BENCHMARKS, "demos", "bench/results/", lambda d: render_demos(d).splitlines()[2:-2]),
     (BENCHMARKS, "trl", "bench/results/", render_trl),
+    (BENCHMARKS, "trl_real_model", "bench/results/", lambda d: render_trl(d, TRL_REAL_MODEL)),
     (BENCHMARKS, "engines_124m", "bench/results/", render_engines_124m),
     (BENCHMARKS, "cpu", "bench/results/", render_cpu),
     (ROOT / "docs" / "engines.md", "engines", "bench/results/", render_engines),
