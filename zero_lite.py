@@ -25,9 +25,10 @@ of the world size, so that rank r owns slice r of it: its shard.
            produced a unit's last gradient, copies the unit's gradients into a bucket, drops them and launches
            its reduce-scatter while the backward goes on with earlier blocks. Only the gradient shard is kept;
            the buckets (two at a time, plus the root's) are reused from step to step, not allocated anew.
-  stage 3  as 2, and the weights are sharded too: a unit's flat buffer exists only while its forward or
-           backward runs (gathered just before, freed after, the next unit's gather prefetched); in between
-           its parameters are empty tensors.
+  stage 3  as 2, and the weights are sharded too: a unit's flat buffer is gathered just before its forward
+           or backward runs (the next unit's gather prefetched) and let go after; in between its parameters
+           are empty tensors. Autograd keeps what a block's matrix products save for their backward, the
+           transposed weights among them, so the buffer a block's forward gathered lives until its backward.
 
 Weights are fp32 at every stage (bfloat16 and float16 mean autocast), so they are the master weights and a
 rank's master shard is a view of its own slice: no extra copy. Before the boundary micro-batch nothing
@@ -368,8 +369,9 @@ class Engine:
     def _install_gather_hooks(self):
         """Stage 3: each block gathers its weights just before its forward and frees them after; a hook on the
         block's output gathers them again just before its backward. Each gather prefetches the unit that runs
-        next. The root unit is gathered when the token embedding runs (first in every forward and in generate)
-        and freed once its gradients are reduced, or at the next step."""
+        next. The last block stays gathered from its forward into its backward, which comes right after the head.
+        The root unit is gathered when the token embedding runs (first in every forward and in generate) and freed
+        once its gradients are reduced, or at the next step."""
         root = self.units[0] if self.units and self.units[0].name == "root" else None
         if root is not None:
             self.module.transformer.wte.register_forward_pre_hook(lambda module, args: root.gather(self.world))
@@ -385,9 +387,11 @@ class Engine:
             following.gather(self.world, wait=False)
 
     def _after_forward(self, unit, preceding, module, args, output):
-        unit.free()
         if output.requires_grad:
             output.register_hook(partial(self._before_backward, unit, preceding))
+            if unit is self.blocks[-1][1]:  # the backward starts with it, right after the head: no gather again
+                return
+        unit.free()
 
     def _before_backward(self, unit, preceding, grad):
         unit.gather(self.world)
