@@ -27,8 +27,9 @@ of the world size, so that rank r owns slice r of it: its shard.
            the buckets (two at a time, plus the root's) are reused from step to step, not allocated anew.
   stage 3  as 2, and the weights are sharded too: a unit's flat buffer is gathered just before its forward
            or backward runs (the next unit's gather prefetched) and let go after; in between its parameters
-           are empty tensors. Autograd keeps what a block's matrix products save for their backward, the
-           transposed weights among them, so the buffer a block's forward gathered lives until its backward.
+           are empty tensors. What the forward saves for the backward from a block's weights (a matrix
+           product's transposed weight) is kept as a place in the unit's buffer rather than as a tensor, which
+           would keep the whole buffer alive until the block's backward.
 
 Weights are fp32 at every stage (bfloat16 and float16 mean autocast), so they are the master weights and a
 rank's master shard is a view of its own slice: no extra copy. Before the boundary micro-batch nothing
@@ -403,8 +404,27 @@ class Engine:
     def __call__(self, idx, labels, segment_ids=None, boundary=True):
         """The micro-batch's mean loss over its trained tokens; boundary marks the step's last micro-batch."""
         self.boundary = boundary
-        with self.autocast:
+        saved = (torch.autograd.graph.saved_tensors_hooks(self._save, self._restore) if self.stage == 3
+                 else contextlib.nullcontext())
+        with self.autocast, saved:
             return self._forward(idx, labels, segment_ids=segment_ids)
+
+    def _save(self, tensor):
+        """Stage 3, for each tensor the forward saves for the backward: one that views a block's gathered weights
+        (a matrix product saves the transposed weight) is kept as where it lies in the unit's flat buffer, so
+        that the buffer can go after the block's forward; the backward gathers it again before it is read."""
+        storage = tensor.untyped_storage().data_ptr()
+        for _, unit in self.blocks:
+            if unit.gathered and unit.flat.untyped_storage().data_ptr() == storage:
+                return unit, tensor.storage_offset(), tensor.shape, tensor.stride()
+        return tensor
+
+    def _restore(self, saved):
+        if torch.is_tensor(saved):
+            return saved
+        unit, offset, shape, stride = saved
+        unit.gather(self.world)  # _before_backward has started it
+        return unit.flat.as_strided(shape, stride, offset)
 
     def backward(self, loss):
         """Accumulates gradients; after the boundary micro-batch they are the mean over ranks (at stages 1-3:

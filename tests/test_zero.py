@@ -304,7 +304,7 @@ def test_gloo_reduce_scatter_and_gather_by_messages_give_the_collectives_results
 
 
 def sharded_engine(model, stage):
-    """A stage 1-3 engine with weight decay on every parameter, so that an update of the unused one would show.
+    """A stage 0-3 engine with weight decay on every parameter, so that an update of the unused one would show.
     AdamW's eps is large enough that gradients which are rounding noise around zero (attention's key bias) make
     no steps: Adam would turn noise that differs between one and two ranks into full steps of opposite signs."""
     groups = [{"params": list(model.parameters()), "lr": 1e-2, "base_lr": 1e-2, "weight_decay": 0.1}]
@@ -345,3 +345,35 @@ def test_sharded_stages_on_two_ranks_give_one_ranks_weights_with_an_unused_param
                                        msg=f"stage {stage}: {name}")
         torch.testing.assert_close(two[stage]["weights"]["unused"], torch.full((3,), (1 - 1e-2 * 0.1) ** 2))
         assert abs(two[stage]["memory"]["total"] / zero_lite.zero_formula_bytes(n, n, stage, 2) - 1) < 0.1
+
+
+def test_stage3_lets_go_of_each_blocks_weights_after_its_forward(monkeypatch):
+    """Autograd saves a block's transposed weights for its backward. Stage 3 saves them as places in the unit's
+    buffer instead, so that after the forward no block's gathered buffer is alive but the last one's (its
+    backward comes first); the backward gathers them again and two steps end at stage 0's weights."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    released, free = {}, zero_lite.Unit.free
+
+    def recording_free(unit):
+        if unit.gathered:
+            released[unit.name] = StorageWeakRef(unit.flat.untyped_storage())
+        free(unit)
+    monkeypatch.setattr(zero_lite.Unit, "free", recording_free)
+    def three_blocks():  # so that one block is freed between two others
+        torch.manual_seed(0)
+        return GPT(GPTConfig(block_size=48, vocab_size=320, n_layer=3, n_head=2, n_embd=32))
+    engines = {stage: sharded_engine(three_blocks(), stage) for stage in (0, 3)}
+    released.clear()  # making the engine frees every unit once
+    torch.manual_seed(2)
+    for step in range(2):
+        idx = torch.randint(0, 320, (2, 12))
+        for stage, engine in engines.items():
+            loss = engine(idx, idx)
+            if stage == 3 and step == 0:
+                assert sorted(released) == ["h.0", "h.1"] and all(ref.expired() for ref in released.values())
+                assert engines[3].units[-1].gathered
+            engine.backward(loss)
+            engine.step(1.0, torch.tensor(True))
+    ours = engines[3].full_state_dict()
+    for name, weight in engines[0].module.state_dict().items():
+        torch.testing.assert_close(ours[name], weight, msg=name)
