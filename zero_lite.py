@@ -121,9 +121,9 @@ def make_buckets(params, bucket_bytes):
 # ----------------------------------------------------------------------------- collectives (stages 1-3)
 #
 # On gloo (the CPU backend) all_gather_single and reduce_scatter_single copy their buffers through staging
-# tensors and, on 2 ranks at a GPT-2 block's size (28 MB), take 2-3x as long as point-to-point messages that
-# carry the same bytes straight from and into the tensors (bench/compare_engines.py --preset=gpt2_124m_cpu
-# shows the whole step). Other backends (NCCL) get the collectives, which they implement well.
+# tensors, and at a GPT-2 block's size they take longer than point-to-point messages and broadcasts that carry
+# the same bytes straight from and into the tensors (bench/compare_engines.py --preset=gpt2_124m_cpu shows the
+# whole step). Other backends (NCCL) get the collectives, which they implement well.
 
 
 def start_gather(flat, shard, rank, world):
@@ -139,8 +139,9 @@ def start_gather(flat, shard, rank, world):
 
 def start_reduce_scatter(bucket, shard, rank, world, inbox):
     """Starts making shard the sum over ranks of their slice `rank` of bucket (shard may be this rank's slice of
-    bucket itself). inbox: world - 1 tensors like shard that receive the other ranks' slices (on gloo only).
-    Returns a function that waits and leaves the sum in shard."""
+    bucket itself). inbox (gloo only): world - 1 tensors like shard that receive the other ranks' slices, one of
+    which may be shard itself when it is not a slice of bucket. Returns a function that waits and leaves the sum
+    in shard."""
     if dist.get_backend() != "gloo":
         work = dist.reduce_scatter_single(shard, bucket, async_op=True)
         return work.wait
@@ -506,9 +507,11 @@ class Engine:
             shard.copy_(bucket[:shard.numel()])  # a no-op when shard is bucket's own view
             self.pending.append((lambda: None, lent))
             return
-        aliased = shard.data_ptr() == bucket.chunk(self.world)[self.rank].data_ptr()
-        inbox = [self._borrow(shard.numel()) for _ in range(self.world - (1 if aliased else 2))]
-        inbox += [] if aliased else [shard]  # shard holds nothing yet: it can take one rank's slice
+        inbox = []
+        if dist.get_backend() == "gloo":
+            aliased = shard.data_ptr() == bucket.chunk(self.world)[self.rank].data_ptr()
+            inbox = [self._borrow(shard.numel()) for _ in range(self.world - (1 if aliased else 2))]
+            inbox += [] if aliased else [shard]  # shard holds nothing yet: it can take one rank's slice
         finish = start_reduce_scatter(bucket, shard, self.rank, self.world, inbox)
         self.pending.append((finish, [*lent, *(box for box in inbox if box is not shard)]))
 
@@ -595,7 +598,8 @@ class Engine:
     def _gather_weights(self):
         """Stages 1-2: every rank updated its shard; all-gathers write all shards into every flat buffer."""
         if self.world > 1:
-            works = [work for unit in self.units for work in start_gather(unit.flat, unit.shard, self.rank, self.world)]
+            works = [work for unit in self.units
+                     for work in start_gather(unit.flat, unit.shard, self.rank, self.world)]
             for work in works:
                 work.wait()
 
