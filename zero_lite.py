@@ -22,11 +22,14 @@ of the world size, so that rank r owns slice r of it: its shard.
            receives the sum over ranks of its own slice), the rank updates its shard of the weights, and an
            all-gather brings every rank all the updated weights.
   stage 2  as 1, without full gradient buffers: a hook on every parameter notices when the backward has
-           produced a unit's last gradient, copies the unit's gradients into a bucket and launches its
-           reduce-scatter while the backward goes on with earlier blocks. Only the gradient shard is kept.
-  stage 3  as 2, and the weights are sharded too: a unit's flat buffer exists only while its forward or
-           backward runs (gathered just before, freed after, the next unit's gather prefetched); in between
-           its parameters are empty tensors.
+           produced a unit's last gradient, copies the unit's gradients into a bucket, drops them and launches
+           its reduce-scatter while the backward goes on with earlier blocks. Only the gradient shard is kept;
+           the buckets (two at a time, plus the root's) are reused from step to step, not allocated anew.
+  stage 3  as 2, and the weights are sharded too: a unit's flat buffer is gathered just before its forward
+           or backward runs (the next unit's gather prefetched) and let go after; in between its parameters
+           are empty tensors. What the forward saves for the backward from a block's weights (a matrix
+           product's transposed weight) is kept as a place in the unit's buffer rather than as a tensor, which
+           would keep the whole buffer alive until the block's backward.
 
 Weights are fp32 at every stage (bfloat16 and float16 mean autocast), so they are the master weights and a
 rank's master shard is a view of its own slice: no extra copy. Before the boundary micro-batch nothing
@@ -125,6 +128,50 @@ def make_buckets(params, bucket_bytes):
     return buckets + ([Bucket(current)] if current else [])
 
 
+# ----------------------------------------------------------------------------- collectives (stages 1-3)
+#
+# On gloo (the CPU backend) all_gather_single and reduce_scatter_single copy their buffers through staging
+# tensors, and at a GPT-2 block's size they take longer than point-to-point messages and broadcasts that carry
+# the same bytes straight from and into the tensors (bench/compare_engines.py --preset=gpt2_124m_cpu shows the
+# whole step). Other backends (NCCL) get the collectives, which they implement well.
+
+
+def start_gather(flat, shard, rank, world):
+    """Starts filling flat with every rank's shard in rank order (shard may be this rank's slice of flat);
+    returns the works to wait for. On gloo, one broadcast per rank, each straight into its slice of flat."""
+    if dist.get_backend() != "gloo":
+        return [dist.all_gather_single(flat, shard, async_op=True)]
+    slices = flat.chunk(world)  # flat holds world shards of equal size
+    if slices[rank].data_ptr() != shard.data_ptr():
+        slices[rank].copy_(shard)
+    return [dist.broadcast(part, src=src, async_op=True) for src, part in enumerate(slices)]
+
+
+def start_reduce_scatter(bucket, shard, rank, world, inbox):
+    """Starts making shard the sum over ranks of their slice `rank` of bucket (shard may be this rank's slice of
+    bucket itself). inbox (gloo only): world - 1 tensors like shard that receive the other ranks' slices, one of
+    which may be shard itself when it is not a slice of bucket. Returns a function that waits and leaves the sum
+    in shard."""
+    if dist.get_backend() != "gloo":
+        work = dist.reduce_scatter_single(shard, bucket, async_op=True)
+        return work.wait
+    slices = bucket.chunk(world)
+    peers = [r for r in range(world) if r != rank]
+    works = dist.batch_isend_irecv([dist.P2POp(dist.isend, slices[peer], peer) for peer in peers]
+                                   + [dist.P2POp(dist.irecv, box, peer) for box, peer in zip(inbox, peers)])
+
+    def finish():
+        for work in works:
+            work.wait()
+        parts = [slices[rank], *inbox]
+        if all(part.data_ptr() != shard.data_ptr() for part in parts):
+            shard.copy_(parts.pop(0))
+        for part in parts:
+            if part.data_ptr() != shard.data_ptr():  # shard is one of the parts already
+                shard.add_(part)
+    return finish
+
+
 # ----------------------------------------------------------------------------- units (stages 1-3)
 
 
@@ -150,11 +197,11 @@ class Unit:
             begin, _ = self.segments.get(group_of[p], (offset, offset))
             self.segments[group_of[p]] = (begin, offset + p.numel())
             offset += p.numel()
-        self.begin = rank * self.shard_size  # where this rank's shard starts in the flat buffer
+        self.rank, self.begin = rank, rank * self.shard_size  # where this rank's shard starts in flat
         self.shard = self.flat[self.begin:self.begin + self.shard_size]
         self.grad_flat = None  # stage 1: every parameter's .grad is a view of it
         self.grad_shard = None  # the gradient of the shard, summed over ranks at the boundary
-        self.handle = None  # stage 3: an all-gather in flight (a prefetch)
+        self.handle = None  # stage 3: the works of a gather in flight (a prefetch)
         self.gathered = True
         self.arrived = 0  # stages 2-3: gradients the current backward has produced; -1 once handled
 
@@ -170,12 +217,13 @@ class Unit:
             if world == 1:
                 self.flat.copy_(self.shard)
             else:
-                self.handle = dist.all_gather_single(self.flat, self.shard, async_op=True)
+                self.handle = start_gather(self.flat, self.shard, self.rank, world)
             for p, offset, shape in zip(self.params, self.offsets, self.shapes):
                 p.data = self.flat[offset:offset + shape.numel()].view(shape)  # read only after the wait
             self.gathered = True
         if wait and self.handle is not None:
-            self.handle.wait()
+            for work in self.handle:
+                work.wait()
             self.handle = None
 
     def free(self):
@@ -183,7 +231,8 @@ class Unit:
         parameters, not their data, so nothing holds it). Reading a freed parameter finds no elements."""
         if self.gathered:
             if self.handle is not None:
-                self.handle.wait()
+                for work in self.handle:
+                    work.wait()
                 self.handle = None
             for p in self.params:
                 p.data = self.shard.new_empty(0)
@@ -244,7 +293,8 @@ class Engine:
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0 ** initial_scale_power,
                                            enabled=dtype == torch.float16)
         self.boundary = True
-        self.pending = []  # stages 1-3: collectives launched during the backward, with the buffer each reads
+        self.pending = []  # stages 1-3: (finish, borrowed buffers) of the reductions launched during the backward
+        self.spare = {}  # stages 1-3: size -> buffers lent to reductions and given back, reused every step
         if self.world > 1:  # every rank starts from rank 0's weights, as DDP does
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor.data, src=0)
@@ -331,8 +381,9 @@ class Engine:
     def _install_gather_hooks(self):
         """Stage 3: each block gathers its weights just before its forward and frees them after; a hook on the
         block's output gathers them again just before its backward. Each gather prefetches the unit that runs
-        next. The root unit is gathered when the token embedding runs (first in every forward and in generate)
-        and freed once its gradients are reduced, or at the next step."""
+        next. The last block stays gathered from its forward into its backward, which comes right after the head.
+        The root unit is gathered when the token embedding runs (first in every forward and in generate) and freed
+        once its gradients are reduced, or at the next step."""
         root = self.units[0] if self.units and self.units[0].name == "root" else None
         if root is not None:
             self.module.transformer.wte.register_forward_pre_hook(lambda module, args: root.gather(self.world))
@@ -348,9 +399,11 @@ class Engine:
             following.gather(self.world, wait=False)
 
     def _after_forward(self, unit, preceding, module, args, output):
-        unit.free()
         if output.requires_grad:
             output.register_hook(partial(self._before_backward, unit, preceding))
+            if unit is self.blocks[-1][1]:  # the backward starts with it, right after the head: no gather again
+                return
+        unit.free()
 
     def _before_backward(self, unit, preceding, grad):
         unit.gather(self.world)
@@ -362,8 +415,27 @@ class Engine:
     def __call__(self, idx, labels, segment_ids=None, boundary=True):
         """The micro-batch's mean loss over its trained tokens; boundary marks the step's last micro-batch."""
         self.boundary = boundary
-        with self.autocast:
+        saved = (torch.autograd.graph.saved_tensors_hooks(self._save, self._restore) if self.stage == 3
+                 else contextlib.nullcontext())
+        with self.autocast, saved:
             return self._forward(idx, labels, segment_ids=segment_ids)
+
+    def _save(self, tensor):
+        """Stage 3, for each tensor the forward saves for the backward: one that views a block's gathered weights
+        (a matrix product saves the transposed weight) is kept as where it lies in the unit's flat buffer, so
+        that the buffer can go after the block's forward; the backward gathers it again before it is read."""
+        storage = tensor.untyped_storage().data_ptr()
+        for _, unit in self.blocks:
+            if unit.gathered and unit.flat.untyped_storage().data_ptr() == storage:
+                return unit, tensor.storage_offset(), tensor.shape, tensor.stride()
+        return tensor
+
+    def _restore(self, saved):
+        if torch.is_tensor(saved):
+            return saved
+        unit, offset, shape, stride = saved
+        unit.gather(self.world)  # _before_backward has started it
+        return unit.flat.as_strided(shape, stride, offset)
 
     def backward(self, loss):
         """Accumulates gradients; after the boundary micro-batch they are the mean over ranks (at stages 1-3:
@@ -374,9 +446,7 @@ class Engine:
                 self._unit_backward_done(unit)
             unit.arrived = 0
         if self.boundary and self.stage >= 1:
-            for work, _ in self.pending:
-                work.wait()
-            self.pending = []
+            self._finish_reductions(keep=0)
             for unit in self.units:
                 unit.grad_shard.div_(self.world)
         if self.buckets:
@@ -420,26 +490,53 @@ class Engine:
     def _unit_backward_done(self, unit):
         """A unit's gradients for this micro-batch are complete. At the boundary their reduce-scatter starts and
         runs while the backward goes on with earlier units: at stage 1 in place in the unit's gradient buffer, at
-        stages 2-3 from a bucket they are copied into. At stage 3 the weights are freed."""
+        stages 2-3 from a bucket they are copied into (whereupon autograd's full-size gradients go). At stage 3
+        the weights are freed."""
         unit.arrived = -1
         if self.boundary and self.stage == 1:
             self._reduce_scatter(unit.grad_flat, unit.grad_shard)
         elif self.boundary:
-            bucket = torch.zeros(unit.shard_size * self.world, device=self.device)
-            for p, offset in zip(unit.params, unit.offsets):
-                if p.grad is not None:
-                    bucket[offset:offset + p.grad.numel()].copy_(p.grad.reshape(-1))
-                    p.grad = None
-            self._reduce_scatter(bucket, unit.grad_shard)
+            self._finish_reductions(keep=1)  # so that at most two buckets are lent at a time
+            bucket = self._borrow(unit.shard_size * self.world)
+            for p, offset, shape in zip(unit.params, unit.offsets, unit.shapes):  # (stage 3: p may be freed)
+                part = bucket[offset:offset + shape.numel()]
+                if p.grad is None:  # no gradient in the whole step: it counts as zero
+                    part.zero_()
+                else:
+                    part.copy_(p.grad.reshape(-1))
+                p.grad = None
+            bucket[unit.numel:].zero_()  # the padding
+            self._reduce_scatter(bucket, unit.grad_shard, lent=[bucket])
         if self.stage == 3:
             unit.free()
 
-    def _reduce_scatter(self, bucket, shard):
-        """shard = this rank's slice of the sum over ranks of bucket (shard may be a view into bucket)."""
+    def _reduce_scatter(self, bucket, shard, lent=()):
+        """Starts making shard this rank's slice of the sum over ranks of bucket (shard may be a view into bucket);
+        _finish_reductions completes it and takes back the buffers in lent."""
         if self.world == 1:
             shard.copy_(bucket[:shard.numel()])  # a no-op when shard is bucket's own view
-        else:
-            self.pending.append((dist.reduce_scatter_single(shard, bucket, async_op=True), bucket))
+            self.pending.append((lambda: None, lent))
+            return
+        inbox = []
+        if dist.get_backend() == "gloo":
+            aliased = shard.data_ptr() == bucket.chunk(self.world)[self.rank].data_ptr()
+            inbox = [self._borrow(shard.numel()) for _ in range(self.world - (1 if aliased else 2))]
+            inbox += [] if aliased else [shard]  # shard holds nothing yet: it can take one rank's slice
+        finish = start_reduce_scatter(bucket, shard, self.rank, self.world, inbox)
+        self.pending.append((finish, [*lent, *(box for box in inbox if box is not shard)]))
+
+    def _finish_reductions(self, keep):
+        """Waits for all but the `keep` latest reductions and takes back the buffers they borrowed."""
+        while len(self.pending) > keep:
+            finish, lent = self.pending.pop(0)
+            finish()
+            for buffer in lent:
+                self.spare.setdefault(buffer.numel(), []).append(buffer)
+
+    def _borrow(self, numel):
+        """A 1-d fp32 buffer of numel elements, with whatever it held: one given back earlier, or a new one."""
+        spare = self.spare.get(numel)
+        return spare.pop() if spare else torch.empty(numel, device=self.device)
 
     def step(self, lr_multiplier, loss_is_finite):
         """Sets the learning rates, clips by the global norm, updates unless the loss or the norm is
@@ -513,9 +610,10 @@ class Engine:
     def _gather_weights(self):
         """Stages 1-2: every rank updated its shard; all-gathers write all shards into every flat buffer."""
         if self.world > 1:
-            work = [dist.all_gather_single(unit.flat, unit.shard, async_op=True) for unit in self.units]
-            for w in work:
-                w.wait()
+            works = [work for unit in self.units
+                     for work in start_gather(unit.flat, unit.shard, self.rank, self.world)]
+            for work in works:
+                work.wait()
 
     # ------------------------------------------------------------------------- state
 

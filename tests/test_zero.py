@@ -274,3 +274,121 @@ def test_stage0_sends_nothing_before_the_boundary_and_launches_buckets_inside_th
     launched_in_backward = len(engine.buckets) - 1  # all but the unused parameter's
     assert len(engine.buckets) > 3
     assert events == ["all_reduce"] * launched_in_backward + ["backward returned", "all_reduce"]
+
+
+# ----------------------------------------------------------------------------- stages 1-3 on several ranks, spawned
+
+
+def on_ranks(world, tmp_path, function, *args):
+    """function(rank, world, *args) in `world` spawned processes joined by a gloo group; a failure in any raises."""
+    torch.multiprocessing.spawn(join_group, args=(world, str(tmp_path / "store"), function, args), nprocs=world)
+
+
+def join_group(rank, world, store, function, args):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        function(rank, world, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def check_gather_and_reduce_scatter(rank, world):
+    """Each rank's bucket holds (rank + 1) x 0..n-1: the reduce-scatter must leave every rank the sum of its slice,
+    into a separate shard (which may take a slice) and into the bucket's own slice; the gather every rank's
+    shard in rank order."""
+    n = 5 * world
+    bucket = torch.arange(n, dtype=torch.float32) * (rank + 1)
+    expected = torch.arange(n, dtype=torch.float32).chunk(world)[rank] * sum(range(1, world + 1))
+    shard = torch.full((5,), 7.0)  # what it holds beforehand must not count
+    inbox = [shard] + [torch.empty(5) for _ in range(world - 2)]
+    zero_lite.start_reduce_scatter(bucket, shard, rank, world, inbox)()
+    assert torch.equal(shard, expected)
+    own = bucket.chunk(world)[rank]
+    zero_lite.start_reduce_scatter(bucket, own, rank, world, [torch.empty(5) for _ in range(world - 1)])()
+    assert torch.equal(own, expected)
+    flat = torch.full((n,), -1.0)
+    for work in zero_lite.start_gather(flat, torch.full((5,), float(rank)), rank, world):
+        work.wait()
+    assert torch.equal(flat, torch.arange(world, dtype=torch.float32).repeat_interleave(5))
+
+
+def test_gloo_reduce_scatter_and_gather_by_messages_give_the_collectives_results(tmp_path):
+    """On 3 ranks, so that a rank receives from two (the engine's own 2-rank runs are below)."""
+    on_ranks(3, tmp_path, check_gather_and_reduce_scatter)
+
+
+def sharded_engine(model, stage):
+    """A stage 0-3 engine with weight decay on every parameter, so that an update of the unused one would show.
+    AdamW's eps is large enough that gradients which are rounding noise around zero (attention's key bias) make
+    no steps: Adam would turn noise that differs between one and two ranks into full steps of opposite signs."""
+    groups = [{"params": list(model.parameters()), "lr": 1e-2, "base_lr": 1e-2, "weight_decay": 0.1}]
+    return zero_lite.Engine(model, torch.optim.AdamW(groups, eps=1e-5), stage=stage, grad_clip=1.0)
+
+
+def train_two_steps(rank, world, out):
+    """At stages 1, 2 and 3: two steps over four micro-batches each, rank r taking micro-batches r, r + world,
+    ...; rank 0 saves each stage's weights and memory report into out."""
+    results = {}
+    for stage in (1, 2, 3):
+        torch.manual_seed(1)
+        steps = [[torch.randint(0, 320, (2, 12)) for _ in range(4)] for _ in range(2)]
+        engine = sharded_engine(tiny_with_an_unused_parameter(), stage)
+        for batches in steps:
+            mine = batches[rank::world]
+            for i, idx in enumerate(mine):
+                engine.backward(engine(idx, idx, boundary=i == len(mine) - 1) / len(mine))
+            engine.step(1.0, torch.tensor(True))
+        results[stage] = {"weights": engine.full_state_dict(), "memory": engine.memory_report()}
+    if rank == 0:
+        torch.save(results, out)
+
+
+def test_sharded_stages_on_two_ranks_give_one_ranks_weights_with_an_unused_parameter(tmp_path):
+    """Accumulation over two micro-batches, a parameter that never gets a gradient, the reductions launched from
+    the gradient hooks into reused buffers: two ranks end where one rank does on all their micro-batches (the
+    same mean over the four), the unused parameter where weight decay alone takes it, and the model state at
+    the ZeRO formula."""
+    on_ranks(2, tmp_path, train_two_steps, str(tmp_path / "two.pt"))
+    train_two_steps(0, 1, str(tmp_path / "one.pt"))  # world 1: no process group, nothing sent
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    n = sum(p.numel() for p in tiny_with_an_unused_parameter().parameters())
+    for stage in (1, 2, 3):
+        assert two[stage]["weights"].keys() == one[stage]["weights"].keys()
+        for name, weight in one[stage]["weights"].items():
+            torch.testing.assert_close(two[stage]["weights"][name], weight, rtol=1e-5, atol=1e-6,
+                                       msg=f"stage {stage}: {name}")
+        torch.testing.assert_close(two[stage]["weights"]["unused"], torch.full((3,), (1 - 1e-2 * 0.1) ** 2))
+        assert abs(two[stage]["memory"]["total"] / zero_lite.zero_formula_bytes(n, n, stage, 2) - 1) < 0.1
+
+
+def test_stage3_lets_go_of_each_blocks_weights_after_its_forward(monkeypatch):
+    """Autograd saves a block's transposed weights for its backward. Stage 3 saves them as places in the unit's
+    buffer instead, so that after the forward no block's gathered buffer is alive but the last one's (its
+    backward comes first); the backward gathers them again and two steps end at stage 0's weights."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    released, free = {}, zero_lite.Unit.free
+
+    def recording_free(unit):
+        if unit.gathered:
+            released[unit.name] = StorageWeakRef(unit.flat.untyped_storage())
+        free(unit)
+    monkeypatch.setattr(zero_lite.Unit, "free", recording_free)
+    def three_blocks():  # so that one block is freed between two others
+        torch.manual_seed(0)
+        return GPT(GPTConfig(block_size=48, vocab_size=320, n_layer=3, n_head=2, n_embd=32))
+    engines = {stage: sharded_engine(three_blocks(), stage) for stage in (0, 3)}
+    released.clear()  # making the engine frees every unit once
+    torch.manual_seed(2)
+    for step in range(2):
+        idx = torch.randint(0, 320, (2, 12))
+        for stage, engine in engines.items():
+            loss = engine(idx, idx)
+            if stage == 3 and step == 0:
+                assert sorted(released) == ["h.0", "h.1"] and all(ref.expired() for ref in released.values())
+                assert engines[3].units[-1].gathered
+            engine.backward(loss)
+            engine.step(1.0, torch.tensor(True))
+    ours = engines[3].full_state_dict()
+    for name, weight in engines[0].module.state_dict().items():
+        torch.testing.assert_close(ours[name], weight, msg=name)
