@@ -488,14 +488,16 @@ class LoRALinear(nn.Module):
         return self.lora_scaling * (self.lora_right_weight @ self.lora_left_weight).t()
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
-        # The low-rank product accumulates onto y inside one GEMM, alpha doing the scaling: no full-size
-        # temporaries for the product, its scaling and the sum, forward or backward.
-        low_rank = self.lora_dropout(x) @ self.lora_right_weight  # (..., r)
-        return torch.addmm(y.flatten(0, -2), low_rank.flatten(0, -2), self.lora_left_weight,
-                           alpha=self.lora_scaling).view_as(y)
+            return F.linear(x, self.weight, self.bias)
+        # The low-rank product accumulates onto the frozen projection's output in place, inside one GEMM whose
+        # alpha is the scaling: no full-size product, scaled copy or sum, forward or backward. The projection's
+        # output is made 2-D (rows, out) and is no view, so the in-place update costs autograd no copy either.
+        rows = x.flatten(0, -2)
+        y = F.linear(rows, self.weight, self.bias)
+        low_rank = self.lora_dropout(rows) @ self.lora_right_weight  # (rows, r)
+        left = self.lora_left_weight.to(y.dtype)  # under autocast y is bfloat16, and an in-place op casts nothing
+        return y.addmm_(low_rank.to(y.dtype), left, alpha=self.lora_scaling).view(*x.shape[:-1], -1)
 
 
 def apply_lora(model, lora_dim, lora_scaling=1.0, lora_dropout=0.0, module_name="h."):

@@ -41,7 +41,6 @@ interface in deepspeed_engine.py.
 """
 
 import contextlib
-import ctypes
 import glob
 import os
 import re
@@ -78,15 +77,6 @@ def optimizer_state_bytes(optimizer):
     held = sum(saved_bytes(t for t in state.values() if torch.is_tensor(t)) for state in optimizer.state.values())
     fresh = [p for group in optimizer.param_groups for p in group["params"] if not optimizer.state.get(p)]
     return held + sum(2 * p.numel() * p.element_size() + 4 + 3 * TENSOR_RECORD_BYTES for p in fresh)
-
-
-def trim_host_heap():
-    """Hands the heap memory that glibc keeps after frees back to the system (malloc_trim; a no-op where the C
-    library has none). On a CPU the backward frees the activations, most of them a few MiB each, which glibc keeps
-    in its heap, scattered among live gradients; the optimizer step's own temporaries would otherwise come on top."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 # ----------------------------------------------------------------------------- buckets (stage 0)
@@ -543,8 +533,6 @@ class Engine:
         NaN/Inf, zeroes the gradients. Returns (pre-clip norm as a 0-dim tensor, whether it updated)."""
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_multiplier
-        if self.device.type == "cpu":
-            trim_host_heap()
         grads = self._gradients()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)  # the dense gradients; the sparse ones are the optimizer's own

@@ -551,6 +551,22 @@ def test_lora_linear_matches_its_formula_values_and_gradients(shape):
         torch.testing.assert_close(got, want)
 
 
+def test_lora_linear_runs_under_bfloat16_autocast_as_its_formula_does():
+    """Autocast makes the projection bfloat16 while the factors stay float32: the in-place accumulation casts them."""
+    gen = torch.Generator().manual_seed(3)
+    layer = LoRALinear(torch.nn.Linear(16, 12), lora_dim=4)
+    with torch.no_grad():
+        layer.lora_left_weight.copy_(torch.randn(4, 12, generator=gen))
+    x = torch.randn(2, 5, 16, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        plain = F.linear(x, layer.weight, layer.bias) + (x @ layer.lora_right_weight @ layer.lora_left_weight) / 4
+    assert out.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(out, plain, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert layer.lora_left_weight.grad.dtype == torch.float32 and x.grad.shape == x.shape
+
+
 def test_lora_merge_equals_lora_and_unmerge_restores_weights():
     model = lora_model()
     randomize_lora(model)

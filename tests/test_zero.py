@@ -212,21 +212,6 @@ def test_make_buckets_cuts_at_the_size_splits_dtypes_and_views_one_buffer():
                 ).data_ptr()
 
 
-def test_a_cpu_step_hands_the_freed_heap_back_before_the_update(monkeypatch):
-    """The backward's freed activations go back to the system (malloc_trim) before AdamW's temporaries exist,
-    once per step, and the step is otherwise the same."""
-    zero_lite.trim_host_heap()  # the real call: present on glibc, a no-op elsewhere
-    events = []
-    monkeypatch.setattr(zero_lite, "trim_host_heap", lambda: events.append("trim"))
-    torch.manual_seed(1)
-    engine = stage0_engine(tiny_model())
-    update = engine.optimizer.step
-    monkeypatch.setattr(engine.optimizer, "step", lambda: events.append("update") or update())
-    batches = [torch.randint(0, 320, (2, 12)) for _ in range(2)]
-    accumulate(engine, batches)
-    assert events == ["trim", "update"]
-
-
 @pytest.mark.parametrize("bucket_bytes", [1, 1000, 50_000, 2**30])
 def test_bucketed_stage0_gives_the_gradients_and_weights_of_the_plain_path(process_group, monkeypatch,
                                                                            bucket_bytes):
