@@ -7,7 +7,8 @@ files (and docs/options.md's option table, rendered from options.OPTIONS).
 BLOCKS lists each generated block: its page, its name (the markers' word) and the function that
 renders it. README's headline: one row per claim, each naming its file and machine: the fused loss
 kernel's anchor row (ce_<device>.json), the training step against the compiled loop
-(train_<device>.json), the two engines at every ZeRO stage (engines_cpu.json, engines_124m_cpu.json),
+(train_<device>.json), the two engines at every ZeRO stage at GPT-2 124M's shape (engines_124m_cpu.json;
+the demo model's engines_cpu.json is docs/engines.md's),
 TRL on a real model (trl_SmolLM2-135M-Instruct.Q4_1_cpu.json; the 16M GPT-2's trl_cpu.json in docs/), sparse fine-tuning (sparse_cpu.json) and the demo (demo_cpu.json, and
 demo_llama_cpu.json and smollm2_cpu_cpu.json beside it where they exist). docs/benchmarks.md's full tables, per device (newest
 files first): the fused loss against its peers at every shape (Qwen2.5-0.5B's head in a table of its
@@ -287,23 +288,6 @@ def train_headline(name, data):
             f"**{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x**{older}", data["device"], name)
 
 
-def engines_headline(name, data):
-    """Native and DeepSpeed at every stage: the same losses, and each one's tokens/s."""
-    by_engine = {}
-    for r in data["rows"]:
-        by_engine.setdefault(r["engine"], []).append(r)
-    opts = data["options"]
-    parts = []
-    for engine, rows in by_engine.items():
-        stages = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in rows)
-        largest = max(r["max_loss_difference"] for r in rows)
-        parts.append(f"{engine} stages {rows[0]['stage']}-{rows[-1]['stage']}: losses within {largest:.1e} of "
-                     f"native stage 0, tokens/s {stages}")
-    return (f"engines, the same {opts['steps']}-step run of the demo model ({opts['dtype']}), ZeRO stages "
-            f"{opts['stages'].replace(',', ', ')}", "; ".join(parts) + " (a hint, not a speed claim)",
-            f"{data['device']}, {opts['nproc']} gloo ranks", name)
-
-
 def engines_at_scale_headline(name, data):
     """Native against DeepSpeed at each stage, at a real model's size: model state per rank and tokens/s."""
     rows = {(r["engine"], r["stage"]): r for r in data["rows"]}
@@ -429,7 +413,7 @@ def render_headline(results_dir=RESULTS):
     rows = []
     for kind, headline in (("ce", ce_headline), ("train", train_headline)):
         rows += [headline(*devices[d][kind]) for d in newest_first if kind in devices[d]]
-    for file_name, headline in (("engines_cpu.json", engines_headline), ("engines_124m_cpu.json", engines_at_scale_headline),
+    for file_name, headline in (("engines_124m_cpu.json", engines_at_scale_headline),
                                 (TRL_REAL_MODEL, trl_real_model_headline), ("sparse_cpu.json", sparse_headline)):
         path = results_dir / file_name
         if path.exists():
