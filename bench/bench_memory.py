@@ -11,11 +11,11 @@ It runs train_sft.main with those options in this process and wraps the trainer'
 model load, the optimizer, the engine, each step's forward, backward and optimizer step, the final
 checkpoint, export and eval). Around each phase it reads /proc/self/status: the resident memory at its
 end (VmRSS) and the peak during it (VmHWM, reset before the phase by writing 5 to /proc/self/clear_refs),
-so a phase's peak is its own, not an earlier one's. The first step and the last step are recorded apart
-(the first allocates AdamW's work tensors; the last is the steady state). Linux only.
+so a phase's peak is its own, not an earlier one's. Every step's three phases are recorded, so the first
+step and the steady ones can be told apart. Linux only.
 
-Writes bench/results/memory_<label>.json with the phases, the process's overall peak and the model state
-that the ZeRO formula counts (fp32 params + grads + two AdamW moments), with load average and provenance.
+Writes bench/results/memory_<label>.json with the phases, the process's overall peak and the resident
+memory once the engine exists (the model state, AdamW's moments made), with load average and provenance.
 """
 import json
 import sys
@@ -49,10 +49,7 @@ class PhaseLog:
         self.phases, self.overall_peak = [], 0.0
 
     def mark(self, name):
-        """A point without a span (e.g. after the imports)."""
-        self._record(name)
-
-    def _record(self, name):
+        """The phase that just ended (or a point, such as after the imports): its resident memory and peak."""
         peak = status_mib("VmHWM")
         self.overall_peak = max(self.overall_peak, peak)
         self.phases.append({"phase": name, "rss_mib": round(status_mib("VmRSS"), 1), "peak_mib": round(peak, 1)})
@@ -69,7 +66,7 @@ class PhaseLog:
             self.overall_peak = max(self.overall_peak, status_mib("VmHWM"))
             reset_peak()
             result = original(*args, **kwargs)
-            self._record(name(calls[0]) if callable(name) else name)
+            self.mark(name(calls[0]) if callable(name) else name)
             return result
         setattr(owner, attribute, wrapped)
 
