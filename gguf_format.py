@@ -7,8 +7,11 @@ undoing the row order llama.cpp's converter gives a Llama's q and k for its rota
 metadata is read here too (tokenizer.py builds the tokenizer from it). Anything the GPT would compute
 differently, or a tensor type that cannot be dequantized, is refused in one sentence naming the file.
 """
+import math
+import struct
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -51,64 +54,161 @@ MISSING = object()
 
 # ----------------------------------------------------------------------------- reading
 
-class PlainGGUFReader(gguf.GGUFReader):
-    """gguf.GGUFReader over a plain ndarray view of its memory map. The reader slices the map once per
-    metadata value, and every slice of a numpy memmap runs the subclass's bookkeeping: with a vocabulary
-    and its merges (about 100,000 strings) that alone took most of a minute. The view shares the map."""
+class GGUFTensor(NamedTuple):
+    """One tensor of a GGUF file: shape lists the fastest dimension first, as GGUF does; data is its bytes
+    in the file's memory map (typed for plain float and int types, raw bytes for block-quantized ones)."""
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple
+    data: np.ndarray
 
-    def _get(self, offset, dtype, count=1, override_order=None):
-        if isinstance(self.data, np.memmap):
-            self.data = self.data.view(np.ndarray)
-        return super()._get(offset, dtype, count, override_order)
+
+class GGUFFile(NamedTuple):
+    """What load_gguf and read_tokenizer_metadata need of a GGUF file: its metadata as plain Python values
+    (numbers, strings and lists) and its tensors."""
+    metadata: dict
+    tensors: list
+
+
+# GGUF's metadata types that are one fixed-size number, as struct (and numpy) type codes.
+NUMBER_CODES = {gguf.GGUFValueType.UINT8: "B", gguf.GGUFValueType.INT8: "b", gguf.GGUFValueType.UINT16: "H",
+                gguf.GGUFValueType.INT16: "h", gguf.GGUFValueType.UINT32: "I", gguf.GGUFValueType.INT32: "i",
+                gguf.GGUFValueType.UINT64: "Q", gguf.GGUFValueType.INT64: "q", gguf.GGUFValueType.FLOAT32: "f",
+                gguf.GGUFValueType.FLOAT64: "d", gguf.GGUFValueType.BOOL: "?"}
+# Tensor types stored as plain numpy arrays; every other type is read as raw bytes for gguf.quants.dequantize.
+PLAIN_TENSOR_DTYPES = {gguf.GGMLQuantizationType.F32: "f4", gguf.GGMLQuantizationType.F16: "f2",
+                       gguf.GGMLQuantizationType.F64: "f8", gguf.GGMLQuantizationType.I8: "i1",
+                       gguf.GGMLQuantizationType.I16: "i2", gguf.GGMLQuantizationType.I32: "i4",
+                       gguf.GGMLQuantizationType.I64: "i8"}
+
+
+class GGUFCursor:
+    """Reads GGUF's little (or big) endian values one after another from a buffer. gguf.GGUFReader makes a
+    numpy view of every value it reads, which for a vocabulary and its merges (about 100,000 strings) takes
+    seconds; struct and one numpy view per number array take a fraction of that."""
+
+    def __init__(self, buffer, order="<"):
+        self.buffer, self.order, self.offset = buffer, order, 0
+
+    def number(self, code):
+        (value,) = struct.unpack_from(self.order + code, self.buffer, self.offset)
+        self.offset += struct.calcsize(code)
+        return value
+
+    def string(self):
+        length = self.number("Q")
+        if self.offset + length > len(self.buffer):
+            raise ValueError(f"a string of {length} bytes at offset {self.offset} runs past the end of the file")
+        text = bytes(self.buffer[self.offset:self.offset + length]).decode("utf-8")
+        self.offset += length
+        return text
+
+    def value(self, value_type):
+        """One metadata value of GGUF type value_type: a number, a string or a list."""
+        value_type = gguf.GGUFValueType(value_type)
+        if value_type == gguf.GGUFValueType.STRING:
+            return self.string()
+        if value_type != gguf.GGUFValueType.ARRAY:
+            return self.number(NUMBER_CODES[value_type])
+        item_type, count = gguf.GGUFValueType(self.number("I")), self.number("Q")
+        if item_type not in NUMBER_CODES:
+            return [self.value(item_type) for _ in range(count)]
+        items = np.frombuffer(self.buffer, np.dtype(self.order + NUMBER_CODES[item_type]), count, self.offset)
+        self.offset += items.nbytes
+        return items.tolist()
+
+
+def read_gguf(path):
+    """The metadata and tensors of the GGUF file at path (versions 2 and 3, either byte order). The tensor
+    data stays in the file's memory map until it is dequantized."""
+    data = np.memmap(path, mode="r").view(np.ndarray)  # a plain view: slicing a memmap runs its bookkeeping
+    cursor = GGUFCursor(memoryview(data))
+    if cursor.number("I") != gguf.GGUF_MAGIC:
+        raise ValueError("it does not start with GGUF's magic bytes")
+    version = cursor.number("I")
+    if version & 0xFFFF == 0:  # written on a machine of the other byte order
+        cursor.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not one this reader knows (2 or 3)")
+    tensor_count, metadata_count = cursor.number("Q"), cursor.number("Q")
+    metadata = {}
+    for _ in range(metadata_count):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.number("I"))
+    infos = [(cursor.string(), [cursor.number("Q") for _ in range(cursor.number("I"))], cursor.number("I"),
+              cursor.number("Q")) for _ in range(tensor_count)]
+    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment is {alignment!r}, not a power of two")
+    names = [info[0] for info in infos]
+    if len(set(names)) < len(names):
+        raise ValueError(f"tensor {next(n for n in names if names.count(n) > 1)} appears twice")
+    start = -(-cursor.offset // alignment) * alignment
+    return GGUFFile(metadata, [tensor_view(data, start, info, cursor.order) for info in infos])
+
+
+def tensor_view(data, start, info, order):
+    """A GGUFTensor over data from its info (name, shape fastest first, type, offset from start)."""
+    name, shape, type_number, offset = info
+    tensor_type = gguf.GGMLQuantizationType(type_number)
+    rows = tuple(reversed(shape))  # numpy's order: slowest dimension first
+    if tensor_type in PLAIN_TENSOR_DTYPES:
+        dtype = np.dtype(order + PLAIN_TENSOR_DTYPES[tensor_type])
+    else:
+        dtype, rows = np.dtype(np.uint8), gguf.quants.quant_shape_to_byte_shape(rows, tensor_type)
+    size = math.prod(rows) * dtype.itemsize
+    if start + offset + size > len(data):
+        raise ValueError(f"tensor {name} runs past the end of the file")
+    array = data[start + offset:start + offset + size].view(dtype).reshape(rows)
+    return GGUFTensor(name, tensor_type, tuple(shape), array)
 
 
 def open_gguf(path):
-    """A gguf.GGUFReader over path; a missing, truncated or foreign file is named in one sentence."""
+    """The GGUFFile at path; a missing, truncated or foreign file is named in one sentence."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is not a file on disk (GGUF files are read locally; nothing is downloaded)")
     try:
-        return PlainGGUFReader(path)
-    except Exception as e:  # numpy, struct and gguf's own errors share no useful base class
+        return read_gguf(path)
+    except Exception as e:  # numpy, struct, enum and our own errors share no useful base class
         raise ValueError(f"{path} is not a readable GGUF file (truncated, or another format): "
                          f"{type(e).__name__}: {e}") from None
 
 
-def metadata_value(reader, key, path, default=MISSING):
+def metadata_value(gguf_file, key, path, default=MISSING):
     """The value of metadata key (a number, string or list); a required key that is absent is an error."""
-    field = reader.fields.get(key)
-    if field is None:
+    if key not in gguf_file.metadata:
         if default is MISSING:
             raise ValueError(f"{path}: metadata {key} is missing")
         return default
-    return field.contents()
+    return gguf_file.metadata[key]
 
 
 def load_gguf(path, **overrides):
     """A GPT from a GGUF file of architecture llama, qwen2, qwen3 or gpt2, every tensor dequantized to
     float32. overrides may set dropout, attn_window and gradient_checkpointing, as for a Hugging Face
     directory (see hf_format.load_pretrained)."""
-    reader = open_gguf(path)
-    config = gguf_config(reader, path)
+    gguf_file = open_gguf(path)
+    config = gguf_config(gguf_file, path)
     window = sliding_window_override(config, overrides.pop("attn_window", 0), path)
-    model = GPT(replace(config, attn_window=window, **overrides))
-    load_gguf_tensors(model, reader, path)
+    model = GPT(replace(config, attn_window=window, **overrides), init_weights=False)
+    load_gguf_tensors(model, gguf_file, path)
     return model
 
 
-def gguf_config(reader, path):
+def gguf_config(gguf_file, path):
     """GPTConfig from a GGUF file's metadata; refuses what this GPT would compute differently."""
-    architecture = metadata_value(reader, "general.architecture", path)
+    architecture = metadata_value(gguf_file, "general.architecture", path)
     if architecture not in GGUF_FAMILIES:
         raise ValueError(f"{path}: architecture {architecture!r} is not supported (only "
                          f"{', '.join(GGUF_FAMILIES)} GGUF files are read)")
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in gguf_file.tensors}
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: tensor token_embd.weight (the token embedding) is missing")
     vocab_size = int(tensors["token_embd.weight"].shape[1])  # GGUF lists shapes fastest dimension first
 
     def value(name, default=MISSING):
-        number = metadata_value(reader, f"{architecture}.{name}", path, default)
+        number = metadata_value(gguf_file, f"{architecture}.{name}", path, default)
         if not isinstance(number, (int, float)) or isinstance(number, bool):
             raise ValueError(f"{path}: metadata {architecture}.{name} is {number!r}, not one number")
         return number
@@ -129,11 +229,11 @@ def gguf_config(reader, path):
         if value(name, wanted) != wanted:
             raise ValueError(f"{path}: {architecture}.{name} is {value(name)}, but this model needs it equal to "
                              f"the head size {head_dim} (partial rotary or other value widths are not supported)")
-    scaling = metadata_value(reader, f"{architecture}.rope.scaling.type", path, "none")
+    scaling = metadata_value(gguf_file, f"{architecture}.rope.scaling.type", path, "none")
     if scaling != "none" or "rope_freqs.weight" in tensors:
         what = f"rope scaling {scaling!r}" if scaling != "none" else "per-frequency rotary factors (rope_freqs)"
         raise ValueError(f"{path}: {what} is not supported (only plain rotary positions from GGUF)")
-    name = str(metadata_value(reader, "general.name", path, ""))
+    name = str(metadata_value(gguf_file, "general.name", path, ""))
     family = "mistral" if architecture == "llama" and "mistral" in name.lower() else GGUF_FAMILIES[architecture]
     return family_config(family, **sizes, n_kv_head=value("attention.head_count_kv", n_head), head_dim=head_dim,
                          intermediate_size=value("feed_forward_length"),
@@ -186,10 +286,10 @@ def dequantized(tensor, path):
 
 
 @torch.no_grad()
-def load_gguf_tensors(model, reader, path):
+def load_gguf_tensors(model, gguf_file, path):
     """Dequantize the file's tensors into model, after checking that they are exactly the ones it needs."""
     cfg = model.config
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in gguf_file.tensors}
     ours = model.state_dict()
     names = gguf_tensor_names(cfg, ours)
     wanted = {name for parts in names.values() for name in parts}
@@ -223,21 +323,20 @@ def read_tokenizer_metadata(path):
     """The tokenizer a GGUF file describes, as plain values: model and pre (llama.cpp's names for the
     algorithm and the pre-tokenizer), tokens, token_type, merges, the special ids it names (bos, eos, unk,
     pad, eot, eom) and the chat template (None when absent). A file without tokenizer metadata is an error."""
-    reader = open_gguf(path)
-    fields = reader.fields
-    if "tokenizer.ggml.model" not in fields or "tokenizer.ggml.tokens" not in fields:
+    gguf_file = open_gguf(path)
+    if not {"tokenizer.ggml.model", "tokenizer.ggml.tokens"} <= gguf_file.metadata.keys():
         raise ValueError(f"{path} holds no tokenizer (no tokenizer.ggml.model and tokenizer.ggml.tokens metadata); "
                          "give --tokenizer a tokenizer that matches it")
-    special = {role: metadata_value(reader, f"tokenizer.ggml.{key}_token_id", path, None)
+    special = {role: metadata_value(gguf_file, f"tokenizer.ggml.{key}_token_id", path, None)
                for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"),
                                  ("eot", "eot"), ("eom", "eom"))}
-    return dict(model=metadata_value(reader, "tokenizer.ggml.model", path),
-                pre=metadata_value(reader, "tokenizer.ggml.pre", path, "default"),
-                tokens=metadata_value(reader, "tokenizer.ggml.tokens", path),
-                token_type=metadata_value(reader, "tokenizer.ggml.token_type", path, None),
-                merges=metadata_value(reader, "tokenizer.ggml.merges", path, []),
+    return dict(model=metadata_value(gguf_file, "tokenizer.ggml.model", path),
+                pre=metadata_value(gguf_file, "tokenizer.ggml.pre", path, "default"),
+                tokens=metadata_value(gguf_file, "tokenizer.ggml.tokens", path),
+                token_type=metadata_value(gguf_file, "tokenizer.ggml.token_type", path, None),
+                merges=metadata_value(gguf_file, "tokenizer.ggml.merges", path, []),
                 special_ids={role: i for role, i in special.items() if i is not None},
-                chat_template=metadata_value(reader, "tokenizer.chat_template", path, None))
+                chat_template=metadata_value(gguf_file, "tokenizer.chat_template", path, None))
 
 
 # ----------------------------------------------------------------------------- writing

@@ -62,7 +62,7 @@ def load_pretrained(path, **overrides):
     config_file = path / "config.json"
     config = read_hf_config(config_file)
     window = sliding_window_override(config, overrides.pop("attn_window", 0), config_file)
-    model = GPT(replace(config, attn_window=window, **overrides))
+    model = GPT(replace(config, attn_window=window, **overrides), init_weights=False)
     weights_file, tensors = read_hf_weights(path)
     load_hf_tensors(model, tensors, weights_file, config_file)
     return model

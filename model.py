@@ -251,7 +251,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, init_weights=True):
+        """init_weights=False leaves out GPT-2's initialisation, for a loader that overwrites every parameter
+        (filling SmolLM2-135M's with random numbers costs most of a second on a CPU)."""
         super().__init__()
         check_config(config)
         self.config = config
@@ -268,6 +270,8 @@ class GPT(nn.Module):
         if config.tie_word_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # the output layer reuses the token embedding
         self.loss_fn = linear_cross_entropy  # the trainer may swap in sft_kernels.fused_masked_linear_cross_entropy
+        if not init_weights:
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: residual writes scaled so the stream's variance stays put

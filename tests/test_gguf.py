@@ -188,6 +188,47 @@ def test_every_tensor_type_dequantizes_as_transformers_does(tiny_tokenizer, tmp_
     assert (logits - transformers_logits(path, idx)).abs().max() < 1e-4
 
 
+
+V = gguf.GGUFValueType
+# (value, its GGUF type, the item type of an array): every metadata type, each at a value its width needs.
+EVERY_VALUE_TYPE = {"u8": (200, V.UINT8), "i8": (-100, V.INT8), "u16": (60000, V.UINT16), "i16": (-30000, V.INT16),
+                    "u32": (4_000_000_000, V.UINT32), "i32": (-2_000_000_000, V.INT32),
+                    "u64": (2 ** 63 + 5, V.UINT64), "i64": (-2 ** 62, V.INT64), "f32": (-0.375, V.FLOAT32),
+                    "f64": (1e-300, V.FLOAT64), "yes": (True, V.BOOL), "no": (False, V.BOOL),
+                    "text": ("héllo ▁ 世界\n", V.STRING), "empty": ("", V.STRING),
+                    "ints": ([3, -1, 7], V.ARRAY, V.INT32), "floats": ([0.25, -2.0], V.ARRAY, V.FLOAT32),
+                    "words": (["a", "", "ü b", "<|im_end|>"], V.ARRAY, V.STRING),
+                    "nested": ([[1, 2], [3]], V.ARRAY, V.ARRAY)}
+
+
+@pytest.mark.parametrize("endian", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG])
+def test_gguf_metadata_and_tensors_read_back_as_written(endian, tmp_path):
+    """read_gguf against the values gguf.GGUFWriter wrote, in either byte order: every metadata type and
+    arrays of numbers, strings and arrays; plain tensors (any shape) and a block-quantized one as stored."""
+    path, rng = str(tmp_path / "values.gguf"), np.random.default_rng(0)
+    writer = gguf.GGUFWriter(path, "llama", endianess=endian)
+    for key, (value, *types) in EVERY_VALUE_TYPE.items():
+        writer.add_key_value(f"test.{key}", value, *types)
+    tensors = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float16),
+               "c": rng.integers(-9, 9, (2, 3, 4)).astype(np.int32)}
+    if endian == gguf.GGUFEndian.LITTLE:  # a quantized block's scale has no big-endian form in gguf
+        tensors["q"] = gguf.quants.quantize(rng.standard_normal((2, 64)).astype(np.float32), Q.Q8_0)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array.copy(), raw_dtype=Q.Q8_0 if name == "q" else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    read = gguf_format.read_gguf(path)
+    assert read.metadata == {"general.architecture": "llama",
+                             **{f"test.{key}": value for key, (value, *_) in EVERY_VALUE_TYPE.items()}}
+    assert [t.name for t in read.tensors] == list(tensors)
+    for tensor, array in zip(read.tensors, tensors.values()):
+        assert tensor.data.shape == array.shape and np.array_equal(tensor.data, array), tensor.name
+    assert read.tensors[-1].tensor_type == (Q.Q8_0 if "q" in tensors else Q.I32)
+    assert read.tensors[0].shape == (5, 3)  # GGUF lists the fastest dimension first
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 def real_text():
@@ -234,6 +275,7 @@ def bad_files(tmp_path, tiny_tokenizer):
                       tiny_tokenizer)
     data = open(good, "rb").read()
     (tmp_path / "truncated.gguf").write_bytes(data[:len(data) // 3])
+    (tmp_path / "version.gguf").write_bytes(data[:4] + (4).to_bytes(4, "little") + data[8:])
     (tmp_path / "foreign.gguf").write_bytes(b"PK\x03\x04" + os.urandom(200))
     unknown_arch = write_gguf(tmp_path / "arch.gguf", random_model("llama", len(tiny_tokenizer[0]), n_layer=1),
                               tiny_tokenizer)
@@ -246,6 +288,7 @@ def bad_files(tmp_path, tiny_tokenizer):
     odd_type = write_odd_tensor_type(tmp_path / "type.gguf", tiny_tokenizer)
     return {"truncated": (str(tmp_path / "truncated.gguf"), "is not a readable GGUF file"),
             "foreign": (str(tmp_path / "foreign.gguf"), "is not a readable GGUF file"),
+            "version": (str(tmp_path / "version.gguf"), "GGUF version 4 is not one this reader knows"),
             "architecture": (str(tmp_path / "arch.gguf"), "architecture 'bloom' is not supported"),
             "tensor type": (odd_type, "is of type Q8_K, which cannot be dequantized"),
             "no tokenizer": (no_tokenizer, "holds no tokenizer"),
@@ -256,7 +299,7 @@ def write_odd_tensor_type(path, tiny_tokenizer):
     """A Llama whose ffn_down is stored as Q8_K, a type gguf reads but cannot dequantize."""
     model = random_model("llama", len(tiny_tokenizer[0]), n_layer=1, n_embd=256, intermediate_size=256)
     write_gguf(path, model, tiny_tokenizer)
-    reader = gguf_format.open_gguf(path)
+    reader = gguf.GGUFReader(path)  # gguf's own reader keeps each value's type, which the rewrite needs
     writer = gguf.GGUFWriter(str(path) + ".tmp", "llama")
     for field in reader.fields.values():
         if not field.name.startswith(("GGUF.", "general.architecture")):
