@@ -38,7 +38,6 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sft_kernels.sparse_adam import check_indices, reference_sparse_adamw_, sparse_adamw_
 
 DELTA_FORMAT = "sparse-delta-v1"
 
@@ -127,6 +126,7 @@ class SparseAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def _set_indices(self, weight, indices):
         """A fresh state for these entries: delta and moments 0, base read from the weight."""
+        from sft_kernels.sparse_adam import check_indices  # imported where used: it imports Triton (70 MiB)
         check_indices(indices, weight.numel(), f"indices of {self.name_of(weight)}")
         indices = indices.to(weight.device)
         self.state[weight] = {
@@ -170,6 +170,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def _sparse_update(self, weight, grad, group):
         state = self.state[weight]
         beta1, beta2 = group["betas"]
+        from sft_kernels.sparse_adam import reference_sparse_adamw_, sparse_adamw_
         use_kernel = weight.device.type == "cuda" if self.kernel is None else self.kernel
         update = sparse_adamw_ if use_kernel else reference_sparse_adamw_
         update(weight.data, state["indices"], grad, state["delta"], state["exp_avg"], state["exp_avg_sq"],
@@ -319,6 +320,7 @@ def load_delta(model, path):
     """Adds a saved delta onto a model holding its base weights; returns the matrices' names.
     Raises ValueError naming the file and tensor when a shape or the base does not fit; then the
     model is unchanged (everything is checked before anything is written)."""
+    from sft_kernels.sparse_adam import check_indices
     try:
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}

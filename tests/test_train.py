@@ -149,6 +149,16 @@ def test_triton_kernel_on_cpu_without_interpreter_is_refused(tmp_path, data_file
     assert proc.returncode == 2 and "--kernels=triton needs a CUDA device" in proc.stderr
 
 
+def test_the_trainer_imports_no_triton_until_a_kernel_runs():
+    """Triton costs a run about 70 MiB and 0.2 s: the loss kernel (--kernels=triton) and the sparse update
+    import it where they run, so importing the trainer must not."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, train_sft; print(sorted(sys.modules))"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("triton", "sft_kernels.cross_entropy", "sft_kernels.sparse_adam"):
+        assert f"'{name}'" not in proc.stdout, name
+
+
 def test_init_from_a_hugging_face_directory(tmp_path, data_file):
     """An unpadded vocabulary (GPT-2's 50257; here the byte tokenizer's 257) loads and trains."""
     from model import GPT, GPTConfig
