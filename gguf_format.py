@@ -1,4 +1,5 @@
-"""GGUF, llama.cpp's one-file format (also run by Ollama and LM Studio), read and written through `gguf`,
+"""GGUF, llama.cpp's one-file format (also run by Ollama and LM Studio), read by a small reader of its own
+(GGUFCursor: `gguf`'s reader takes seconds over a vocabulary) and written and dequantized through `gguf`,
 llama.cpp's own Python package. model.py's GPT.from_pretrained delegates here for a `.gguf` path.
 
 Reading turns the metadata into a GPTConfig (architectures llama, qwen2, qwen3 and gpt2 as GGUF names
