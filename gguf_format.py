@@ -135,9 +135,10 @@ def read_gguf(path):
     metadata = {}
     for _ in range(metadata_count):
         key = cursor.string()
+        if key in metadata:
+            raise ValueError(f"metadata key {key} appears twice")
         metadata[key] = cursor.value(cursor.number("I"))
-    infos = [(cursor.string(), [cursor.number("Q") for _ in range(cursor.number("I"))], cursor.number("I"),
-              cursor.number("Q")) for _ in range(tensor_count)]
+    infos = [tensor_info(cursor) for _ in range(tensor_count)]
     alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise ValueError(f"general.alignment is {alignment!r}, not a power of two")
@@ -146,6 +147,13 @@ def read_gguf(path):
         raise ValueError(f"tensor {next(n for n in names if names.count(n) > 1)} appears twice")
     start = -(-cursor.offset // alignment) * alignment
     return GGUFFile(metadata, [tensor_view(data, start, info, cursor.order) for info in infos])
+
+
+def tensor_info(cursor):
+    """(name, shape with the fastest dimension first, type number, data offset) of the tensor at cursor."""
+    name, dimensions = cursor.string(), cursor.number("I")
+    shape = [cursor.number("Q") for _ in range(dimensions)]
+    return name, shape, cursor.number("I"), cursor.number("Q")
 
 
 def tensor_view(data, start, info, order):
