@@ -169,3 +169,47 @@ def test_llama_model_loss_and_gradients_unchanged():
     assert torch.equal(loss, plain_loss)
     for name, p in model.named_parameters():
         torch.testing.assert_close(lean[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def model_loss_and_grads(model, idx, labels, autocast_dtype=None):
+    """The loss and every trainable parameter's gradient (float32, on the CPU) of one forward and backward."""
+    model.zero_grad()
+    device = idx.device.type
+    with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = model(idx, labels)
+    loss.backward()
+    return loss.float().cpu(), {name: p.grad.float().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("lora", [False, True])
+def test_lean_functions_on_cuda_give_the_cpu_loss_and_gradients(lora, monkeypatch):
+    """The lean norm, SwiGLU(+down projection), LoRA's in-place adapter and the chunked loss, as the trainer runs
+    them on a GPU: in float32 the CPU's loss and gradients, under bfloat16 autocast the same to bfloat16's
+    precision, every gradient finite."""
+    config = family_config("llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96,
+                           vocab_size=101, block_size=32, qk_norm=True)
+    torch.manual_seed(0)
+    model = GPT(config)
+    if lora:
+        apply_lora(model, 4)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+            if "lora_left" in name:
+                torch.nn.init.normal_(p, std=0.1)  # off its zero init, so the adapter's path counts
+    idx = torch.randint(0, 101, (3, 29))
+    labels = torch.randint(0, 101, (3, 29))
+    labels[:, :11] = -100
+    cpu_loss, cpu_grads = model_loss_and_grads(model, idx, labels)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # a trainer in this process may have set it
+    model.cuda()
+    cuda_loss, cuda_grads = model_loss_and_grads(model, idx.cuda(), labels.cuda())
+    bf16_loss, bf16_grads = model_loss_and_grads(model, idx.cuda(), labels.cuda(), torch.bfloat16)
+    torch.testing.assert_close(cuda_loss, cpu_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bf16_loss, cpu_loss, rtol=3e-2, atol=1e-2)
+    for name, grad in cpu_grads.items():
+        torch.testing.assert_close(cuda_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+        scale = grad.abs().max().clamp_min(1e-6)
+        assert torch.isfinite(bf16_grads[name]).all(), name
+        assert (bf16_grads[name] - grad).abs().max() <= 0.1 * scale, name
