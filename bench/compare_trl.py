@@ -27,8 +27,10 @@ and trained positions are compared between the two systems' prepared data.
 Each pair (project, then TRL; alternating, so a noisy machine slows both) measures, each in its own
 process: data preparation (all rows of the file) and training (the first --rows rows, one epoch,
 --rows / --batch_size steps, so both train exactly the same labelled positions). Measured from outside:
-- data preparation: wall and CPU seconds around the preparation call, and the process's peak resident
-  memory (with its memory before preparation, after imports, for reference);
+- data preparation: wall and CPU seconds from loading the tokenizer (the project: out of the model
+  file, a GGUF's metadata included; TRL: AutoTokenizer from the tokenizer.json written for it) to the
+  tokenized, labelled rows, and the process's peak resident memory (with its memory before preparation,
+  after imports, for reference);
 - training: wall time from the line each trainer prints when its loop starts (project: its "model state
   at start" line; TRL: a callback at on_train_begin) to the arrival of its last step's line, both
   timestamped by this process; trained tokens per second = the labelled positions of the trained rows
@@ -215,13 +217,17 @@ def trl_config(spec, output_dir, max_steps):
 
 
 def load_trl_model(spec):
-    """The saved init and the converted tokenizer, as a TRL user loads them."""
+    """The saved init, as a TRL user loads it."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(spec["seed"])
-    model = AutoModelForCausalLM.from_pretrained(spec["init_dir"], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_dir"])
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(spec["init_dir"], dtype=torch.float32)
+
+
+def load_trl_tokenizer(spec):
+    """The converted tokenizer, as a TRL user loads it."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(spec["tokenizer_dir"])
 
 
 def trl_check(spec):
@@ -236,11 +242,11 @@ def trl_check(spec):
 
 
 def trl_prep(spec):
-    """TRL's data preparation, timed: the file to prompt/completion rows, then SFTTrainer's own
-    tokenizing and labelling (its _prepare_dataset, timed by a wrapper that changes nothing). The
-    prepared rows are written for the comparison with the project's."""
+    """TRL's data preparation, timed: the tokenizer's load and the file to prompt/completion rows, then
+    SFTTrainer's own tokenizing and labelling (its _prepare_dataset, timed by a wrapper that changes
+    nothing). The prepared rows are written for the comparison with the project's."""
     from trl import SFTTrainer
-    model, tokenizer = load_trl_model(spec)
+    model = load_trl_model(spec)
     timed = {}
     original = SFTTrainer._prepare_dataset
 
@@ -252,12 +258,13 @@ def trl_prep(spec):
     SFTTrainer._prepare_dataset = prepare_timed
     rss_before = rss_mib("VmRSS")
     started, cpu = time.perf_counter(), time.process_time()
+    tokenizer = load_trl_tokenizer(spec)  # timed: the project's preparation loads its tokenizer too
     dataset = trl_dataset(spec, spec["train_file"], 0)
     load_wall, load_cpu = time.perf_counter() - started, time.process_time() - cpu
     trainer = SFTTrainer(model=model, args=trl_config(spec, spec["output_dir"], 1), train_dataset=dataset,
                          processing_class=tokenizer)
     report = {"wall_s": load_wall + timed["wall_s"], "cpu_s": load_cpu + timed["cpu_s"],
-              "load_and_format_wall_s": load_wall, "rss_before_mib": rss_before, "peak_rss_mib": rss_mib("VmHWM")}
+              "tokenizer_and_format_wall_s": load_wall, "rss_before_mib": rss_before, "peak_rss_mib": rss_mib("VmHWM")}
     with open(spec["rows_file"], "w") as f:
         for row in trainer.train_dataset:
             f.write(json.dumps([row["input_ids"], row["labels"]]) + "\n")
@@ -281,7 +288,7 @@ def trl_train(spec):
                 torch.cuda.synchronize()
             print(f"trl: step {state.global_step}", flush=True)
 
-    model, tokenizer = load_trl_model(spec)
+    model, tokenizer = load_trl_model(spec), load_trl_tokenizer(spec)
     dataset = trl_dataset(spec, spec["train_file"], spec["rows"])
     steps = spec["rows"] // spec["batch_size"]
     trainer = SFTTrainer(model=model, args=trl_config(spec, spec["output_dir"], steps), train_dataset=dataset,
@@ -299,7 +306,8 @@ WORKERS = {"trl_check": trl_check, "trl_prep": trl_prep, "trl_train": trl_train}
 # ----------------------------------------------------------------------------- the project side (.venv)
 
 def project_prep(spec):
-    """The project's data preparation, timed: prepare_data tokenizes the file into a fresh cache."""
+    """The project's data preparation, timed: prepare_data loads the tokenizer and tokenizes the file into a
+    fresh cache."""
     sys.path.insert(0, str(ROOT))
     from data import prepare_data
     rss_before = rss_mib("VmRSS")
