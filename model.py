@@ -283,20 +283,25 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def num_params(self, non_embedding=True):
+    def num_params(self, non_embedding=True, trained_only=False):
         """Parameter count; non_embedding leaves out the lookup tables, which cost no matmul: the position
-        table, and the token embedding when the head is untied (a tied wte counts: it is also the head)."""
-        n = sum(p.numel() for p in self.parameters())
+        table, and the token embedding when the head is untied (a tied wte counts: it is also the head);
+        trained_only counts only the parameters that require a gradient."""
+        tables = []
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel() if self.config.positions == "learned" else 0
-            n -= 0 if self.config.tie_word_embeddings else self.transformer.wte.weight.numel()
-        return n
+            tables += [self.transformer.wpe.weight] if self.config.positions == "learned" else []
+            tables += [] if self.config.tie_word_embeddings else [self.transformer.wte.weight]
+        return sum(p.numel() for p in self.parameters()
+                   if (p.requires_grad or not trained_only) and not any(p is table for table in tables))
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token, 6N plus attention (PaLM appendix B), for MFU; a window shortens the span."""
+        """Training FLOPs per token for MFU, PaLM's (appendix B) 6N plus attention: 2 per weight for the
+        forward, 2 for the gradient of its input and 2 for its own gradient, which a frozen weight (LoRA's
+        base) does not compute, so it counts 4. A window shortens the attention span."""
         cfg = self.config
         span = min(seq_len, cfg.attn_window) if cfg.attn_window > 0 else seq_len
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * span
+        weights = 4 * self.num_params() + 2 * self.num_params(trained_only=True)
+        return weights + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * span
 
     def head_weight(self):
         """The output head's weight as the loss sees it: tied or untied, with an unmerged LoRA delta added."""

@@ -18,10 +18,10 @@
      lora16        LoRA rank 16 on every block Linear, only the LoRA factors trained
      full_unfused  full fine-tuning with torch's one-tensor-at-a-time AdamW in place of the trainer's fused one:
                    that lever's effect, measured in the same run
-   MFU = model FLOPs per position (model.flops_per_token(seq_len): 6N plus attention, the head counted
-   at every position, as on a GPU) x positions per second / the peak. mfu_of_cpu_time is the same with
-   CPU seconds per thread for both the step and the peak: on a loaded machine, where wall time counts
-   the waits for a core, it is the steadier figure.
+   MFU = model FLOPs per position (model.flops_per_token(seq_len): 6 per trained weight, 4 per frozen
+   one, plus attention, the head counted at every position, as on a GPU) x positions per second / the
+   peak. mfu_of_cpu_time is the same with CPU seconds per thread for both the step and the peak: on a
+   loaded machine, where wall time counts the waits for a core, it is the steadier figure.
 Load average before and after, both recorded: on a shared machine the figures are noisy.
 
 Writes bench/results/cpu_<machine>.json (model.cpu_peak_path()), whose matmul_peak_flops the trainer's

@@ -186,6 +186,18 @@ def test_num_params_and_flops_per_family(hf_dirs, family):
     assert isinstance(ours.transformer.wte, nn.Embedding)  # where the trainer hooks NEFTune
 
 
+def test_flops_count_a_frozen_weight_without_its_own_gradient(hf_dirs):
+    """MFU's FLOPs: 6 per trained weight, 4 per frozen one (forward and its input's gradient, no weight
+    gradient): with LoRA on every block Linear the base counts 4, the factors 6, the tied head 4."""
+    model = GPT.from_pretrained(hf_dirs["llama"])
+    attention = model.flops_per_token(16) - 6 * model.num_params()
+    apply_lora(model, 2)
+    only_optimize_lora(model)
+    factors = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    assert model.num_params(trained_only=True) == factors
+    assert model.flops_per_token(16) == 4 * (model.num_params() - factors) + 6 * factors + attention
+
+
 def test_sharded_safetensors_and_pytorch_model_bin_load(tmp_path):
     hf = hf_model("qwen2", seed=2)  # tied: a .bin holds lm_head.weight too, equal to the embedding
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
