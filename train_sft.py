@@ -18,6 +18,7 @@ one seam: zero_lite.py (native) and deepspeed_engine.py.
 
 import contextlib
 import ctypes
+import gc
 import json
 import math
 import os
@@ -569,6 +570,7 @@ def export(run, weights, model, optimizer):
 
 def close_process_group():
     if dist.is_initialized():
+        gc.collect()  # the engines' gradient hooks make reference cycles: only the collector frees them
         dist.barrier()
         dist.destroy_process_group()
 
@@ -695,8 +697,8 @@ def main(argv, options=None):
     if not failure and not stopping:
         export(run, weights, model, optimizer)
         result = run_eval(run, engine, eval_set, tokenizer, step)
-    # Released before the process group: dropped later (when main returns), the engine's last reference
-    # to the group would destroy it while holding the GIL that gloo's threads wait for.
+    # Released (here, and by close_process_group's collector) before the process group: dropped later, the
+    # engine's last reference to the group would destroy it while holding the GIL that gloo's threads wait for.
     del engine
     close_process_group()
     raise_if_stopped(run, failure, (signals.received or signal.SIGTERM) if stopping else 0, step)

@@ -3,6 +3,7 @@ stage 0, model state within 10% of the ZeRO formula, resume at the same and at a
 and bad input. The runs on 2 ranks are the session's sweep (conftest.engine_sweep: torchrun with gloo);
 the others are real train_sft.py processes, or in this process on one rank (conftest.train_here)."""
 
+import gc
 import json
 import os
 import re
@@ -274,7 +275,8 @@ def join_group(rank, world, store, function, args):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         function(rank, world, *args)
-    finally:
+    finally:  # the engines' gradient hooks make reference cycles; freed after the group, they aborted the exit
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
