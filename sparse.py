@@ -38,7 +38,6 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-
 DELTA_FORMAT = "sparse-delta-v1"
 
 
@@ -168,9 +167,9 @@ class SparseAdamW(torch.optim.Optimizer):
         self.collecting = self._regrow_due(step + 1)
 
     def _sparse_update(self, weight, grad, group):
+        from sft_kernels.sparse_adam import reference_sparse_adamw_, sparse_adamw_
         state = self.state[weight]
         beta1, beta2 = group["betas"]
-        from sft_kernels.sparse_adam import reference_sparse_adamw_, sparse_adamw_
         use_kernel = weight.device.type == "cuda" if self.kernel is None else self.kernel
         update = sparse_adamw_ if use_kernel else reference_sparse_adamw_
         update(weight.data, state["indices"], grad, state["delta"], state["exp_avg"], state["exp_avg_sq"],

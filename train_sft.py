@@ -613,7 +613,7 @@ def main(argv, options=None):
     # Model: from scratch, a Hugging Face directory or a checkpoint; then the engine that trains it.
     model = prepare_model(cfg, tokenizer.n_vocab, saved_state, device)
     n_params = model.num_params(non_embedding=False)  # counted before an engine may shard the parameters
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trained = model.num_params(non_embedding=False, trained_only=True)
     speed = Throughput(model.flops_per_token(cfg["max_seq_len"]), peak_flops(device), world)
     optimizer = make_optimizer(model, cfg, fused=not cfg["offload"], total_steps=total_steps)
     dtype = getattr(torch, cfg["dtype"])

@@ -211,7 +211,12 @@ class Unit:
             for p, offset, shape in zip(self.params, self.offsets, self.shapes):
                 p.data = self.flat[offset:offset + shape.numel()].view(shape)  # read only after the wait
             self.gathered = True
-        if wait and self.handle is not None:
+        if wait:
+            self.wait_for_gather()
+
+    def wait_for_gather(self):
+        """Waits for a gather in flight, if any (a prefetch)."""
+        if self.handle is not None:
             for work in self.handle:
                 work.wait()
             self.handle = None
@@ -220,10 +225,7 @@ class Unit:
         """Stage 3: the parameters become empty tensors and the flat buffer goes (autograd keeps the
         parameters, not their data, so nothing holds it). Reading a freed parameter finds no elements."""
         if self.gathered:
-            if self.handle is not None:
-                for work in self.handle:
-                    work.wait()
-                self.handle = None
+            self.wait_for_gather()
             for p in self.params:
                 p.data = self.shard.new_empty(0)
             self.flat, self.gathered = None, False
